@@ -1,0 +1,42 @@
+"""`restok` command line: profiles and the params schema.
+
+    restok profile imagenet256     # write workflow/params/imagenet256.yaml (over default.yaml) into params.yaml
+    restok validate [params.yaml]  # check a params file against the schema, as every stage does first
+    restok schema                  # regenerate workflow/schemas/params.schema.yaml from src/restok/config.py
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from restok import config
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="restok", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    prof = sub.add_parser("profile", help="write a params profile into params.yaml")
+    prof.add_argument("name")
+    prof.add_argument("--out", default="params.yaml")
+    val = sub.add_parser("validate", help="validate a params file")
+    val.add_argument("path", nargs="?", default="params.yaml")
+    sub.add_parser("schema", help="regenerate the JSON schema from the dataclasses")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "profile":
+            print(f"wrote profile {args.name!r} to {config.write_profile(args.name, args.out)}")
+        elif args.cmd == "validate":
+            config.load_params(args.path)
+            print(f"{args.path}: ok")
+        else:
+            config.SCHEMA_PATH.write_text(config.schema_text())
+            print(f"wrote {config.SCHEMA_PATH}")
+    except config.ParamsError as e:
+        print(f"restok: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""params.yaml -> frozen dataclasses, validated at the boundary.
+
+Every section of params.yaml is a frozen dataclass registered in `SECTIONS`. `load_params` checks the whole
+file before any stage does work: unknown keys, missing keys, wrong types, enum values and ranges (field metadata
+`minimum`/`maximum`, plus each dataclass's `__post_init__`) all raise `ParamsError` naming `file:key`, the value
+and what is allowed. The JSON schema that Snakemake validates against (`workflow/schemas/params.schema.yaml`) is
+generated from the same dataclasses (`restok schema`), and a test keeps the committed file in sync.
+
+A stage declares the sections it reads (`PARAMS` in its module, the same list as its dvc.yaml `params:`) and gets
+only those back, so it cannot read a key that DVC does not track for it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+PROFILES_DIR = REPO / "workflow" / "params"
+SCHEMA_PATH = REPO / "workflow" / "schemas" / "params.schema.yaml"
+
+
+class ParamsError(ValueError):
+    """A params file failed validation; the message names file:key, the value and what is allowed."""
+
+
+def rng(minimum=None, maximum=None, help: str = "") -> dict:
+    """Field metadata: numeric bounds (inclusive) and a description, used by validation and the schema."""
+    return {"minimum": minimum, "maximum": maximum, "help": help}
+
+
+# ----------------------------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class BuiltinData:
+    """The synthetic class-conditional dataset (restok.data.builtin)."""
+    train_per_class: int = field(default=300, metadata=rng(1, help="training images per class"))
+    val_per_class: int = field(default=100, metadata=rng(1, help="validation images per class"))
+    seed: int = field(default=0, metadata=rng(0, help="generator seed: same seed, same images"))
+
+
+@dataclass(frozen=True)
+class WdsData:
+    """Existing webdataset shards (data.source: wds), e.g. the public imagenet-1k-wds layout."""
+    train: str | None = field(default=None, metadata=rng(help="brace pattern of the train shards"))
+    val: str | None = field(default=None, metadata=rng(help="brace pattern of the validation shards"))
+
+
+@dataclass(frozen=True)
+class Data:
+    source: Literal["builtin", "imagenet", "folder", "wds"] = field(
+        default="builtin", metadata=rng(help="where images come from"))
+    root: str | None = field(default=None, metadata=rng(
+        help="imagenet: the ILSVRC2012 folder (train/<wnid>/*.JPEG, val/); folder: a class-per-folder tree"))
+    val_labels: str | None = field(default=None, metadata=rng(
+        help="imagenet with a flat val/ folder: LOC_val_solution.csv or a 'file label' text file"))
+    val_fraction: float = field(default=0.1, metadata=rng(0.0, 0.9, help=(
+        "folder source without train/ and val/ subfolders: share of each class held out for validation")))
+    resolution: int = field(default=64, metadata=rng(16, 1024, help="training/eval image side in pixels"))
+    num_classes: int = field(default=10, metadata=rng(2, 1000, help="builtin: classes to generate; others: checked"))
+    builtin: BuiltinData = BuiltinData()
+    wds: WdsData = WdsData()
+
+    def __post_init__(self):
+        if self.source in ("imagenet", "folder") and not self.root:
+            raise ValueError(f"data.root is required for data.source={self.source!r}")
+        if self.source == "wds" and not (self.wds.train and self.wds.val):
+            raise ValueError("data.wds.train and data.wds.val are required for data.source='wds'")
+        if self.resolution % 8:
+            raise ValueError(f"data.resolution must be a multiple of 8, got {self.resolution}")
+
+
+@dataclass(frozen=True)
+class Shard:
+    samples_per_shard: int = field(default=1000, metadata=rng(1, help="images per tar shard"))
+    workers: int = field(default=2, metadata=rng(1, 256, help="CPU processes encoding shards in parallel"))
+    image_format: Literal["png", "jpg"] = field(default="png", metadata=rng(help="encoding of stored images"))
+    jpeg_quality: int = field(default=95, metadata=rng(50, 100, help="JPEG quality when image_format is jpg"))
+    shuffle_seed: int = field(default=0, metadata=rng(0, help="order of train images across shards"))
+
+
+@dataclass(frozen=True)
+class RuleResources:
+    """Compute resources of one Snakemake rule (also what the SLURM profiles request)."""
+    gpus: int = field(default=0, metadata=rng(0, 64, help="GPUs per node (torchrun --nproc_per_node)"))
+    nodes: int = field(default=1, metadata=rng(1, 1024, help="nodes (torchrun --nnodes)"))
+    cpus: int = field(default=2, metadata=rng(1, 1024, help="CPU cores per node"))
+    mem_mb: int = field(default=4000, metadata=rng(100, help="memory per node in MB"))
+    runtime: int = field(default=60, metadata=rng(1, help="wall-clock limit in minutes"))
+
+
+@dataclass(frozen=True)
+class Resources:
+    shard: RuleResources = RuleResources()
+
+
+# Top-level keys of params.yaml and their types. A stage's PARAMS lists the ones it reads.
+SECTIONS: dict[str, Any] = {
+    "profile": str,
+    "data": Data,
+    "shard": Shard,
+    "resources": Resources,
+}
+
+
+# --------------------------------------------------------------------------------------------- validation
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return {type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(tp, value, where: str):
+    """Check `value` against type `tp`; returns the converted value or raises ParamsError."""
+    origin = typing.get_origin(tp)
+    bad = ParamsError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(arg, value, where)
+            except ParamsError:
+                continue
+        raise bad
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (arg, *rest) = typing.get_args(tp)
+        items = [_convert(arg, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if tp is type(None):
+        if value is not None:
+            raise bad
+        return None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp in (str, bool) and not isinstance(value, tp):
+        raise bad
+    return value
+
+
+def build(cls, data, where: str):
+    """Build dataclass `cls` from a mapping, refusing unknown and missing keys. `where` prefixes messages."""
+    if not isinstance(data, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ParamsError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    missing = sorted(set(fields) - set(data))
+    if missing:
+        raise ParamsError(f"{where}: missing key(s) {missing} (every value lives in params.yaml)")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}"
+        value = _convert(hints[name], data[name], key)
+        lo, hi = f.metadata.get("minimum"), f.metadata.get("maximum")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                raise ParamsError(f"{key}: {value!r} is out of range [{lo}, {hi}]")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ParamsError(f"{where.split(':')[0]}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Params:
+    """The validated sections a stage asked for; attribute access by section name."""
+    path: str
+    sections: dict[str, Any]
+
+    def __getattr__(self, name):
+        try:
+            return self.sections[name]
+        except KeyError:
+            raise AttributeError(f"section {name!r} was not declared by this stage (declared: "
+                                 f"{sorted(self.sections)}); add it to the stage's PARAMS and dvc.yaml") from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def validate(data: dict, path: str | Path) -> dict[str, Any]:
+    """Validate a whole params tree; returns {section: dataclass | value}."""
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ParamsError(f"{path}: unknown top-level key(s) {unknown}; allowed: {sorted(SECTIONS)}")
+    missing = sorted(set(SECTIONS) - set(data))
+    if missing:
+        raise ParamsError(f"{path}: missing top-level key(s) {missing}")
+    return {name: _convert(tp, data[name], f"{path}:{name}") for name, tp in SECTIONS.items()}
+
+
+def load_params(path: str | Path = "params.yaml", sections: tuple[str, ...] | None = None) -> Params:
+    """Validate the whole file, then return only `sections` (all when None)."""
+    tree = validate(read_yaml(path), path)
+    wanted = tuple(SECTIONS) if sections is None else sections
+    return Params(str(path), {name: tree[name] for name in wanted})
+
+
+# ------------------------------------------------------------------------------------------------ profiles
+def deep_merge(base: dict, over: dict, where: str = "") -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = deep_merge(base[key], value, f"{where}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def profile_tree(name: str) -> dict:
+    """`default.yaml` merged with `<name>.yaml` (an overlay of only the keys it changes)."""
+    base = read_yaml(PROFILES_DIR / "default.yaml")
+    if name == "default":
+        return base
+    path = PROFILES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+        raise ParamsError(f"unknown profile {name!r}; known: {known}")
+    tree = deep_merge(base, read_yaml(path))
+    tree["profile"] = name
+    return tree
+
+
+def write_profile(name: str, dest: str | Path = "params.yaml") -> Path:
+    """Validate profile `name` and write it as the params file (atomically)."""
+    tree = profile_tree(name)
+    validate(tree, f"workflow/params/{name}.yaml")
+    dest = Path(dest)
+    header = (f"# Profile '{name}', written by `restok profile {name}` from workflow/params/. Edit freely;\n"
+              f"# every key is validated against workflow/schemas/params.schema.yaml before a stage runs.\n")
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_text(header + yaml.safe_dump(tree, sort_keys=False))
+    tmp.replace(dest)
+    return dest
+
+
+# -------------------------------------------------------------------------------------------------- schema
+def _schema(tp, meta: dict | None = None) -> dict:
+    meta = meta or {}
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        out: dict = {"enum": list(typing.get_args(tp))}
+    elif origin in (typing.Union, types.UnionType):
+        out = {"anyOf": [_schema(a) for a in typing.get_args(tp)]}
+    elif origin in (list, tuple):
+        out = {"type": "array", "items": _schema(typing.get_args(tp)[0])}
+    elif dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        fs = dataclasses.fields(tp)
+        out = {"type": "object", "additionalProperties": False, "required": [f.name for f in fs],
+               "properties": {f.name: _schema(hints[f.name], dict(f.metadata)) for f in fs}}
+        if tp.__doc__ and not tp.__doc__.startswith(tp.__name__ + "("):
+            out["description"] = " ".join(tp.__doc__.split())
+    else:
+        out = {"type": {int: "integer", float: "number", str: "string", bool: "boolean",
+                        type(None): "null"}[tp]}
+    if meta.get("minimum") is not None:
+        out["minimum"] = meta["minimum"]
+    if meta.get("maximum") is not None:
+        out["maximum"] = meta["maximum"]
+    if meta.get("help"):
+        out["description"] = meta["help"]
+    return out
+
+
+def json_schema() -> dict:
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "description": "restok-pipeline params.yaml. Generated by `restok schema` from src/restok/config.py.",
+        "type": "object",
+        "additionalProperties": False,
+        "required": list(SECTIONS),
+        "properties": {name: _schema(tp) for name, tp in SECTIONS.items()},
+    }
+
+
+def schema_text() -> str:
+    return ("# Generated by `restok schema` from src/restok/config.py; do not edit by hand.\n"
+            + yaml.safe_dump(json_schema(), sort_keys=False))

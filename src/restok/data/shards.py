@@ -1,0 +1,115 @@
+"""Webdataset shards: writing them (the `shard` stage) and reading them back (every later stage).
+
+Layout: `data/shard/<split>/<split>-%06d.tar`, samples with `__key__` (digits), the image (`png` or `jpg`) and
+`cls`, and `data/shard/<split>/manifest.json`: the source, what was stored (train: short side ceil(res/0.8);
+val: the eval view), the shards with their sample counts and sha256, the class histogram and every skipped file
+with its reason. A shard is written under `*.tar.tmp` and renamed when complete; the manifest is written last,
+so a split without a manifest is unfinished and no reader takes it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+
+from restok.data.views import eval_view, to_uint8_tensor, train_stored
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def encode_image(img: Image.Image, fmt: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "png":
+        img.save(buf, format="PNG")
+    else:
+        img.save(buf, format="JPEG", quality=quality, subsampling=0)
+    return buf.getvalue()
+
+
+def write_shard(path: Path, samples: list[dict]) -> dict:
+    """Write `samples` to `path` atomically (mtime 0, so equal samples give equal bytes); returns its entry."""
+    tmp = path.with_name(path.name + ".tmp")
+    with wds.TarWriter(str(tmp), mtime=0) as sink:
+        for s in samples:
+            sink.write(s)
+    os.replace(tmp, path)
+    return {"path": path.name, "samples": len(samples), "sha256": sha256_file(path)}
+
+
+def store_transform(img: Image.Image, split: str, res: int) -> Image.Image:
+    return train_stored(img, res) if split == "train" else eval_view(img, res)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------- read
+class ShardsNotReady(FileNotFoundError):
+    pass
+
+
+def read_manifest(shard_dir: str | Path, split: str) -> dict:
+    path = Path(shard_dir) / split / MANIFEST
+    if not path.is_file():
+        raise ShardsNotReady(f"{path} is missing: the shard stage has not finished for split {split!r} "
+                             f"(run `dvc repro shard`)")
+    return json.loads(path.read_text())
+
+
+def shard_paths(shard_dir: str | Path, manifest: dict) -> list[str]:
+    """Absolute paths (or URLs, for external wds shards) of a split's shards."""
+    base = Path(shard_dir) / manifest["split"]
+    return [s["path"] if manifest["external"] else str(base / s["path"]) for s in manifest["shards"]]
+
+
+def decode_image(sample: dict) -> Image.Image:
+    for ext in ("png", "jpg", "jpeg", "webp"):
+        if ext in sample:
+            with Image.open(io.BytesIO(sample[ext])) as im:
+                return im.convert("RGB")
+    raise KeyError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image field")
+
+
+def iter_split(shard_dir: str | Path, split: str, paths: list[str] | None = None) -> Iterator[tuple[str, Image.Image, int]]:
+    """Yield (key, stored PIL image, label) in shard order. External (wds) shards get the store transform here."""
+    manifest = read_manifest(shard_dir, split)
+    res = manifest["resolution"]
+    for url in paths if paths is not None else shard_paths(shard_dir, manifest):
+        for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False):
+            img = decode_image(sample)
+            if manifest["external"]:
+                img = store_transform(img, split, res)
+            yield f"{Path(url).stem}/{sample['__key__']}", img, int(sample["cls"])
+
+
+def iter_split_uint8(shard_dir, split, paths=None):
+    for key, img, label in iter_split(shard_dir, split, paths):
+        yield key, to_uint8_tensor(img), label
+
+
+def count_tar(path: str) -> tuple[int, list[int]]:
+    """Samples in an external shard and their labels (one pass over the tar headers and cls members)."""
+    labels = []
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.name.endswith(".cls"):
+                labels.append(int(tar.extractfile(member).read().decode().strip()))
+    return len(labels), labels

@@ -1,0 +1,155 @@
+"""Stage `shard`: raw images -> webdataset tar shards per split, in parallel over CPU worker processes.
+
+    python -m restok.stages.shard --params params.yaml --out data/shard --results results/shard
+
+Train images are stored with the short side at ceil(res / 0.8), aspect kept, so the training crops and the
+ten-crop are taken at read time; val images are stored already in the eval view (res x res). Train order is
+shuffled (seeded) across shards. Unreadable images are counted, listed in the manifest with the reason and
+skipped. With `data.source: wds` nothing is copied: the manifest lists the external shards (sha256, counts).
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torchvision.utils import make_grid, save_image
+
+from restok.config import load_params
+from restok.data.shards import (MANIFEST, count_tar, encode_image, iter_split_uint8, sha256_file, shard_paths,
+                                store_transform, write_json_atomic, write_shard)
+from restok.data.sources import Item, list_items, load_image
+from restok.train.log import console, progress
+
+PARAMS = ("profile", "data", "shard")
+SPLITS = ("train", "val")
+
+
+def _pool(n: int):
+    """Worker processes; fork (no re-import of torch per worker) where the platform has it."""
+    methods = mp.get_all_start_methods()
+    return mp.get_context("fork" if "fork" in methods else "spawn").Pool(n)
+
+
+def _encode_shard(job):
+    """Worker: load, transform and encode one shard's items; returns (entry, labels, skipped)."""
+    path, items, split, data, cfg = job
+    samples, labels, skipped = [], [], []
+    for it in items:
+        try:
+            img = store_transform(load_image(it, data), split, data.resolution)
+        except Exception as e:  # any decode failure: counted and listed, never silent
+            skipped.append({"path": it.path or it.key, "reason": f"{type(e).__name__}: {e}"})
+            continue
+        samples.append({"__key__": it.key, cfg.image_format: encode_image(img, cfg.image_format, cfg.jpeg_quality),
+                        "cls": it.label})
+        labels.append(it.label)
+    return write_shard(Path(path), samples), labels, skipped
+
+
+def shard_local(split: str, items: list[Item], names: list[str], out: Path, p) -> dict:
+    data, cfg = p.data, p.shard
+    if split == "train":
+        order = np.random.default_rng(cfg.shuffle_seed).permutation(len(items))
+        items = [items[i] for i in order]
+    n = cfg.samples_per_shard
+    jobs = [(str(out / f"{split}-{k:06d}.tar"), items[i:i + n], split, data, cfg)
+            for k, i in enumerate(range(0, len(items), n))]
+    entries, hist, skipped = [], Counter(), []
+    with _pool(min(cfg.workers, max(1, len(jobs)))) as pool, progress(len(jobs), f"shard {split}") as bar:
+        for entry, labels, skip in pool.imap(_encode_shard, jobs):  # imap keeps shard order
+            entries.append(entry)
+            hist.update(labels)
+            skipped += skip
+            bar.advance(1)
+    return {"shards": entries, "external": False, "num_samples": sum(e["samples"] for e in entries),
+            "class_histogram": [hist[c] for c in range(len(names))], "skipped": skipped}
+
+
+def _scan_external(url: str):
+    n, labels = count_tar(url)
+    return {"path": url, "samples": n, "sha256": sha256_file(url)}, labels
+
+
+def shard_external(split: str, pattern: str, names: list[str], p) -> dict:
+    urls = list(wds.shardlists.expand_urls(pattern))
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(f"data.wds.{split}={pattern!r}: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+    entries, hist = [], Counter()
+    with _pool(p.shard.workers) as pool, progress(len(urls), f"scan {split}") as bar:
+        for entry, labels in pool.imap(_scan_external, urls):
+            entries.append(entry)
+            hist.update(labels)
+            bar.advance(1)
+    k = max(hist) + 1 if hist else 0
+    return {"shards": entries, "external": True, "num_samples": sum(e["samples"] for e in entries),
+            "class_histogram": [hist[c] for c in range(max(k, len(names)))], "skipped": []}
+
+
+def sample_grid(shard_dir: Path, split: str, num_classes: int, per_class: int = 8) -> torch.Tensor:
+    """Up to `per_class` val images of each class, one row per class."""
+    rows = {c: [] for c in range(num_classes)}
+    for _, img, label in iter_split_uint8(shard_dir, split):
+        if len(rows[label]) < per_class:
+            rows[label].append(img)
+        if all(len(r) == per_class for r in rows.values()):
+            break
+    blank = torch.zeros_like(next(r[0] for r in rows.values() if r))
+    tiles = [r[i] if i < len(r) else blank for r in rows.values() for i in range(per_class)]
+    return make_grid(torch.stack(tiles).float() / 255, nrow=per_class, padding=1)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default="data/shard")
+    ap.add_argument("--results", default="results/shard")
+    args = ap.parse_args(argv)
+    p = load_params(args.params, PARAMS)
+    data = p.data
+    listings = {} if data.source == "wds" else {s: list_items(data, s) for s in SPLITS}  # layout errors before work
+    if data.source == "wds":
+        names = [str(c) for c in range(data.num_classes)]
+
+    out, results = Path(args.out), Path(args.results)
+    t0 = time.time()
+    summary = {"profile": p.profile, "source": data.source, "resolution": data.resolution, "splits": {}}
+    for split in SPLITS:
+        split_dir = out / split
+        if split_dir.exists():
+            shutil.rmtree(split_dir)  # never mix a previous run's shards with this one's
+        split_dir.mkdir(parents=True)
+        if data.source == "wds":
+            body = shard_external(split, getattr(data.wds, split), names, p)
+        else:
+            items, names = listings[split]
+            body = shard_local(split, items, names, split_dir, p)
+        manifest = {"split": split, "source": data.source, "root": data.root, "resolution": data.resolution,
+                    "stored": ("short_side=ceil(res/0.8)" if split == "train" else "eval_view(res)"),
+                    "num_classes": len(names), "class_names": names, **body}
+        write_json_atomic(split_dir / MANIFEST, manifest)
+        summary["splits"][split] = {"num_samples": body["num_samples"], "num_shards": len(body["shards"]),
+                                    "num_skipped": len(body["skipped"]), "class_histogram": body["class_histogram"]}
+        console.print(f"shard {split}: {body['num_samples']} images in {len(body['shards'])} shards, "
+                      f"{len(body['skipped'])} skipped")
+        for s in body["skipped"][:10]:
+            console.print(f"  skipped {s['path']}: {s['reason']}")
+    summary["seconds"] = round(time.time() - t0, 2)
+
+    results.mkdir(parents=True, exist_ok=True)
+    grid = sample_grid(out, "val", data.num_classes)
+    tmp = results / "samples.tmp.png"
+    save_image(grid, tmp)
+    tmp.replace(results / "samples.png")
+    write_json_atomic(results / "summary.json", summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""`dvc repro` on the smoke profile: builds, is a no-op the second time, reruns exactly what a param touches."""
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from .conftest import run
+from .test_graphs import dvc_graph
+
+
+def changed_stages(ws) -> set[str]:
+    out = json.loads(run(["dvc", "status", "--json"], ws).stdout or "{}")
+    return {name.split(":")[-1] for name in out}
+
+
+def perturb_first_leaf(tree: dict) -> dict:
+    """A copy of `tree` with its first leaf changed (type kept where it matters to nobody but DVC's hash)."""
+    out = dict(tree)
+    key, value = next(iter(out.items()))
+    if isinstance(value, dict):
+        out[key] = perturb_first_leaf(value)
+    elif isinstance(value, bool):
+        out[key] = not value
+    elif isinstance(value, (int, float)):
+        out[key] = value + 1
+    else:
+        out[key] = f"{value}-changed"
+    return out
+
+
+def test_repro_builds_then_is_a_noop(smoke_ws):
+    run(["dvc", "repro"], smoke_ws)
+    manifest = json.loads((smoke_ws / "data/shard/train/manifest.json").read_text())
+    assert manifest["num_samples"] == 4 * 12 and manifest["class_histogram"] == [12] * 4
+    assert (smoke_ws / "results/shard/samples.png").stat().st_size > 0
+    again = run(["dvc", "repro"], smoke_ws)
+    assert "Data and pipelines are up to date" in again.stdout + again.stderr
+    assert changed_stages(smoke_ws) == set()
+
+
+def test_a_param_change_reruns_only_the_stages_that_declare_it(smoke_ws):
+    params_path = smoke_ws / "params.yaml"
+    original = params_path.read_text()
+    tree = yaml.safe_load(original)
+    graph = dvc_graph()
+    try:
+        for section in tree:
+            if not isinstance(tree[section], dict):
+                continue
+            params_path.write_text(yaml.safe_dump({**tree, section: perturb_first_leaf(tree[section])}))
+            declaring = {name for name, st in graph.items() if section in st["params"]}
+            assert changed_stages(smoke_ws) == declaring, f"changing {section}.* must flag exactly {declaring}"
+    finally:
+        params_path.write_text(original)
+    assert changed_stages(smoke_ws) == set()
+
+
+def test_changed_resolution_reruns_shard(smoke_ws):
+    tree = yaml.safe_load((smoke_ws / "params.yaml").read_text())
+    tree["data"]["resolution"] = 40
+    (smoke_ws / "params.yaml").write_text(yaml.safe_dump(tree))
+    assert "shard" in changed_stages(smoke_ws)
+    out = run(["dvc", "repro"], smoke_ws)
+    assert "Running stage 'shard'" in out.stdout
+    manifest = json.loads((smoke_ws / "data/shard/val/manifest.json").read_text())
+    assert manifest["resolution"] == 40
