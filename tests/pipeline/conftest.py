@@ -19,8 +19,8 @@ BIN = Path(sys.executable).parent
 
 def run(cmd: list[str] | str, cwd: Path, check: bool = True, env: dict | None = None, timeout: int = 900):
     """Run a command in the workspace with the venv first on PATH; returns the CompletedProcess."""
-    full_env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
-                    HF_HUB_OFFLINE="1", **(env or {}))
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+                "HF_HUB_OFFLINE": "1", **(env or {})}
     p = subprocess.run(cmd, cwd=cwd, shell=isinstance(cmd, str), capture_output=True, text=True, env=full_env,
                        timeout=timeout)
     if check and p.returncode != 0:

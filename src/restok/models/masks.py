@@ -15,9 +15,9 @@ import torch
 
 def group_ids(group_sizes: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
     """Group index of every position: (sum(group_sizes),) long."""
-    sizes = torch.as_tensor(list(group_sizes), dtype=torch.long, device=device)
-    if (sizes <= 0).any():
+    if any(int(s) <= 0 for s in group_sizes):
         raise ValueError(f"group sizes must be positive, got {list(group_sizes)}")
+    sizes = torch.as_tensor([int(s) for s in group_sizes], dtype=torch.long, device=device)
     return torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)
 
 

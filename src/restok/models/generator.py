@@ -1,0 +1,339 @@
+"""HAR generator: a class-conditional LlamaGen GPT that predicts a ResTok code sequence level by level.
+
+Spec: generator.md §1-2 and §6, restok.md fact 9 and §4 #7. The codes t_0..t_{T-1} come in level order. HAR
+predicts the first A = `ar_token_num` codes one at a time, then every remaining level (A, 2A, ..., T/2 codes) in
+one block whose inputs are the previous level's codes followed by learnable special query tokens. Attention is
+block-causal over the sampling blocks and bidirectional inside a block; position p always predicts t_p; RoPE is
+1D on the sequence index. For T = 128, A = 4 the blocks are {0} {1} {2} {3} {4-7} {8-15} {16-31} {32-63} {64-127}:
+
+    position  0 | 1  | 2  | 3  | 4   5  6  7  | 8 .. 11  12 .. 15 | ...
+    input     c | t0 | t1 | t2 | t3  S0 S1 S2 | t4 .. t7 S3 .. S6  | ...
+
+`mode="ar"` is the paper's plain next-token baseline on the same codes: input [c, t_0..t_{T-2}], causal mask,
+one block per position. The layout, the mask and the RoPE tables are built once at construction as buffers.
+Inference with a KV cache lives in `restok.sampling`; it calls `forward_cached` once per block.
+Parameter names differ from the official ones; `restok.convert.official` maps them 1:1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from restok.models.masks import group_causal_mask
+from restok.models.rope import apply_rope
+
+MODES = ("har", "ar")
+CLASS, TOKEN, SPECIAL = 0, 1, 2  # what an input position holds
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Model-only config of the generator (params section `generator`); defaults = the paper's GPT-L.
+
+    `ffn_hidden` None applies LlamaGen's rule round_up(int(2 * 4 * dim / 3), ffn_multiple_of) (2816 for 1024).
+    `spe_token_num` None means num_tokens - 1, the official table size (only num_tokens / 2 - 1 rows are used,
+    the rest are kept for checkpoint shape). The class table has num_classes + 1 rows (last = null class for
+    CFG) when class_dropout_prob > 0, as in the official LabelEmbedder.
+    """
+
+    dim: int = 1024
+    n_layer: int = 24
+    n_head: int = 16
+    ffn_hidden: int | None = None
+    ffn_multiple_of: int = 256
+    vocab_size: int = 8192
+    num_tokens: int = 128
+    ar_token_num: int = 4
+    spe_token_num: int | None = None
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    token_dropout: float = 0.1
+    attn_dropout: float = 0.0
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    init_std: float = 0.02
+    mode: str = "har"
+
+    def __post_init__(self):
+        for name in ("dim", "n_layer", "n_head", "ffn_multiple_of", "vocab_size", "num_classes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"generator.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.n_head or (self.dim // self.n_head) % 2:
+            raise ValueError(f"generator.dim={self.dim} must split into n_head={self.n_head} heads of even width")
+        if self.mode not in MODES:
+            raise ValueError(f"generator.mode={self.mode!r}; allowed: {', '.join(MODES)}")
+        if not _is_power_of_two(self.num_tokens) or self.num_tokens < 2:
+            raise ValueError(f"generator.num_tokens must be a power of two >= 2, got {self.num_tokens}")
+        if not _is_power_of_two(self.ar_token_num) or self.ar_token_num >= self.num_tokens:
+            raise ValueError(f"generator.ar_token_num must be a power of two below num_tokens={self.num_tokens}, "
+                             f"got {self.ar_token_num}")
+        if self.mode == "ar" and self.spe_token_num not in (None, 0):
+            raise ValueError(f"generator.spe_token_num={self.spe_token_num} but mode 'ar' has no special tokens; "
+                             "remove the key")
+        if self.mode == "har" and self.spe_token_num is not None and self.spe_token_num < self.num_tokens // 2 - 1:
+            raise ValueError(f"generator.spe_token_num must be >= num_tokens/2 - 1 = {self.num_tokens // 2 - 1} "
+                             f"(the specials HAR uses), got {self.spe_token_num}")
+        if self.ffn_hidden is not None and self.ffn_hidden < 1:
+            raise ValueError(f"generator.ffn_hidden must be >= 1 or null, got {self.ffn_hidden}")
+        for name in ("class_dropout_prob", "token_dropout", "attn_dropout", "resid_dropout", "ffn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"generator.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.rope_base <= 1 or self.norm_eps <= 0 or self.init_std <= 0:
+            raise ValueError(f"generator.rope_base must be > 1 and norm_eps, init_std > 0; got {self.rope_base}, "
+                             f"{self.norm_eps}, {self.init_std}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        m = self.ffn_multiple_of
+        return -(-int(2 * 4 * self.dim / 3) // m) * m
+
+    @property
+    def num_special(self) -> int:
+        if self.mode == "ar":
+            return 0
+        return self.num_tokens - 1 if self.spe_token_num is None else self.spe_token_num
+
+    @property
+    def null_class(self) -> int | None:
+        """Row of the null (unconditional) class, or None when the model was built without label dropout."""
+        return self.num_classes if self.class_dropout_prob > 0 else None
+
+    @property
+    def block_sizes(self) -> list[int]:
+        """Sampling blocks (= inference passes): [1] * A + [A, 2A, ..., T/2] for HAR, [1] * T for AR."""
+        if self.mode == "ar":
+            return [1] * self.num_tokens
+        sizes, k = [1] * self.ar_token_num, self.ar_token_num
+        while k < self.num_tokens:
+            sizes.append(k)
+            k *= 2
+        return sizes
+
+    @property
+    def cache_len(self) -> int:
+        """KV-cache slots: round_up(1 + T, 8) as the official sampler (136 for 128); slots >= T are never written."""
+        return -(-(self.num_tokens + 1) // 8) * 8
+
+
+# LlamaGen GPT sizes (layers / heads / width); the rest of the config comes from overrides.
+GENERATOR_PRESETS: dict[str, dict] = {
+    "har-smoke": dict(dim=64, n_layer=2, n_head=4),
+    "har-tiny": dict(dim=192, n_layer=4, n_head=4),
+    "har-B": dict(dim=768, n_layer=12, n_head=12),
+    "har-L": dict(dim=1024, n_layer=24, n_head=16),
+    "har-XL": dict(dim=1280, n_layer=36, n_head=20),
+}
+
+
+def generator_config(name: str, **overrides) -> GeneratorConfig:
+    """Preset by registry name, e.g. generator_config("har-L") (326.264M params at 128 tokens, 1000 classes)."""
+    if name not in GENERATOR_PRESETS:
+        raise ValueError(f"unknown generator preset {name!r}; choose one of {', '.join(GENERATOR_PRESETS)}")
+    return replace(GeneratorConfig(), **{**GENERATOR_PRESETS[name], **overrides})
+
+
+def input_layout(cfg: GeneratorConfig) -> tuple[list[int], list[int], list[int]]:
+    """What each input position holds: (kind, token index or -1, special index or -1), each of length T.
+
+    HAR (generator.md §2.2): position 0 = class; positions 1..A hold t_0..t_{A-1}; a block starting at k >= A
+    holds, for k = A, t_{A-1} then S_0..S_{A-2}; for k > A, t_{k/2}..t_{k-1} then S_{k/2-1}..S_{k-2}
+    (special at position p is S_{p-k-1}). AR: position p >= 1 holds t_{p-1}.
+    """
+    T, A = cfg.num_tokens, cfg.ar_token_num
+    kind, token, special = [CLASS] + [TOKEN] * (T - 1), [-1] + list(range(T - 1)), [-1] * T
+    if cfg.mode == "ar":
+        return kind, token, special
+    k = A
+    while k < T:
+        n_real = 1 if k == A else k // 2
+        for p in range(k + n_real, 2 * k):
+            kind[p], token[p], special[p] = SPECIAL, -1, p - k - 1
+        for p in range(k, k + n_real):
+            token[p] = p - 1 if k == A else p - k // 2
+        k *= 2
+    return kind, token, special
+
+
+def rope_1d(num_pos: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (num_pos, head_dim/2) float32 for angles p * base^(-2i/head_dim), computed in float64."""
+    freqs = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
+    angles = torch.arange(num_pos, dtype=torch.float64)[:, None] * freqs  # (P, hd/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) in fp32, cast back, times a learnable weight (LlamaGen)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class SwiGLU(nn.Module):
+    """w_down(SiLU(w_gate x) * w_up x), no biases, dropout on the output."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.w_gate = nn.Linear(dim, hidden, bias=False)
+        self.w_up = nn.Linear(dim, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, dim, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.w_down(F.silu(self.w_gate(x)) * self.w_up(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with 1D RoPE and a boolean mask; optionally writes into a static KV cache."""
+
+    def __init__(self, dim: int, n_head: int, attn_dropout: float, resid_dropout: float):
+        super().__init__()
+        self.n_head = n_head
+        self.attn_dropout = attn_dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # output rows: q, k, v (official wqkv layout)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.drop = nn.Dropout(resid_dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                pos: torch.Tensor | None = None) -> torch.Tensor:
+        B, n, D = x.shape
+        q, k, v = self.qkv(x).view(B, n, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, n, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:  # write this pass's keys/values at their positions, attend over the whole cache
+            k_cache, v_cache = kv  # (B, H, cache_len, hd)
+            k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
+            k, v = k_cache, v_cache
+        p = self.attn_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, n, hd)
+        return self.drop(self.proj(out.transpose(1, 2).reshape(B, n, D)))
+
+
+class Block(nn.Module):
+    """h = x + Attn(RMSNorm(x)); out = h + FFN(RMSNorm(h))."""
+
+    def __init__(self, cfg: GeneratorConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.n_head, cfg.attn_dropout, cfg.resid_dropout)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden_dim, cfg.ffn_dropout)
+
+    def forward(self, x, cos, sin, mask, kv=None, pos=None):
+        h = x + self.attn(self.attn_norm(x), cos, sin, mask, kv, pos)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding table; in training each label becomes the null row with probability `dropout_prob`."""
+
+    def __init__(self, num_classes: int, dim: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.table = nn.Embedding(num_classes + (dropout_prob > 0), dim)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:  # important: this is what trains the CFG null class
+            drop = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.table(labels)  # (B, D)
+
+
+class HARGenerator(nn.Module):
+    """LlamaGen-style decoder over ResTok codes, HAR (default) or plain AR.
+
+    Args:
+        cfg: the model config; `cfg.mode` picks the HAR layout or the plain AR baseline.
+    """
+
+    def __init__(self, cfg: GeneratorConfig):
+        super().__init__()
+        self.cfg = cfg
+        T = cfg.num_tokens
+        self.cls_emb = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.special_emb = nn.Embedding(cfg.num_special, cfg.dim) if cfg.num_special else None
+        self.tok_drop = nn.Dropout(cfg.token_dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+        kind, token, special = input_layout(cfg)
+        self.register_buffer("slot_kind", torch.tensor(kind), persistent=False)  # (T,)
+        self.register_buffer("slot_token", torch.tensor(token).clamp(min=0), persistent=False)  # (T,)
+        self.register_buffer("slot_special", torch.tensor(special).clamp(min=0), persistent=False)  # (T,)
+        self.register_buffer("positions", torch.arange(T), persistent=False)  # (T,)
+        # built on CPU (its size check reads a value), then moved to the default device (e.g. meta for counting)
+        mask = group_causal_mask(cfg.block_sizes, torch.device("cpu")).to(self.positions.device)  # (T, T) bool
+        self.register_buffer("attn_mask", mask, persistent=False)
+        self.register_buffer("cache_mask", F.pad(mask, (0, cfg.cache_len - T)), persistent=False)  # (T, cache_len)
+        cos, sin = rope_1d(T, cfg.head_dim, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (T, hd/2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Linear and Embedding weights N(0, init_std), norms 1; the output head starts at zero (LlamaGen)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=self.cfg.init_std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        nn.init.zeros_(self.head.weight)
+
+    def embed(self, codes: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (B, n, D) of positions pos (n,) built from codes (B, T) and labels (B,).
+
+        Only codes that the layout places at `pos` are read, so at inference the not-yet-sampled codes may hold
+        anything.
+        """
+        kind = self.slot_kind[pos][:, None]  # (n, 1)
+        tok = self.tok_emb(codes[:, self.slot_token[pos]])  # (B, n, D)
+        x = torch.where(kind == TOKEN, tok, self.cls_emb(labels)[:, None])  # (B, n, D)
+        if self.special_emb is not None:
+            x = torch.where(kind == SPECIAL, self.special_emb(self.slot_special[pos]), x)
+        return x
+
+    def _trunk(self, x, cos, sin, mask, kv=None, pos=None) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, None if kv is None else kv[i], pos)
+        return self.head(self.norm(x)).float()  # (B, n, V) logits in fp32
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced pass. codes (B, T) long, labels (B,) long -> logits (B, T, V) fp32, mean CE loss.
+
+        Position p is scored against codes[:, p] (both modes).
+        """
+        x = self.tok_drop(self.embed(codes, labels, self.positions))  # (B, T, D)
+        logits = self._trunk(x, self.rope_cos, self.rope_sin, self.attn_mask)  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+        return logits, loss
+
+    def forward_cached(self, codes: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor,
+                       kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One inference pass over positions pos (n,) long; writes their keys/values into kv (one (k, v) pair of
+        (B, H, cache_len, hd) per layer) and returns their logits (B, n, V) fp32. Shapes depend only on n."""
+        x = self.embed(codes, labels, pos)  # (B, n, D)
+        return self._trunk(x, self.rope_cos[pos], self.rope_sin[pos], self.cache_mask[pos], kv, pos)

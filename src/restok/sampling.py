@@ -1,0 +1,204 @@
+"""Sampling from the HAR (or plain AR) generator with a static KV cache, CFG schedules and top-k/top-p.
+
+Spec: generator.md §3-6, restok.md fact 10 and §4 #8, #9, #19. One forward pass per sampling block: 9 passes for
+128 codes with HAR (6 for 16), T passes for plain AR. With guidance the conditional and the unconditional (null
+class) rows run as one 2B batch and share the sampled codes; the combined logits are
+uncond + s_k * (cond - uncond) with s_k from the schedule at ratio k / (passes - 1).
+Whether the 2B batch runs is decided once, from the configured scale (> 1), for every pass; the official code
+re-decides per step and crashes when a schedule returns <= 1 after the prefill.
+
+Seeding: every sample draws its T uniforms from its own `torch.Generator` seeded with its seed, and a code is
+drawn by inverting the CDF of its filtered distribution with the uniform of its position. A sample's codes thus
+depend only on (seed, label), not on the batch or process it runs in (bit-exact on CPU; on GPU up to
+batch-size-dependent matmul rounding).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from restok.models.generator import HARGenerator
+
+CFG_SCHEDULES = ("constant", "linear", "linear_re", "linear_constant", "triangular", "rectangular", "step",
+                 "cosine", "cosine_re")
+_EPS = 1e-4  # the official schedules add it to keep s > 1 so that the CFG branch runs
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling knobs (params section `sample`); defaults are the reported setting (generator.md §4)."""
+
+    cfg_scale: float = 3.75
+    cfg_schedule: str = "step"
+    window_start: float = 0.25  # step: guidance from this ratio on; rectangular: window start (official 0.05)
+    window_end: float = 1.0  # rectangular only
+    peak: float = 0.5  # linear_constant and triangular
+    min_cfg_scale: float = 1.0  # step and rectangular outside the window
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.95
+    greedy: bool = False
+
+    def __post_init__(self):
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"sample.cfg_schedule={self.cfg_schedule!r}; allowed: {', '.join(CFG_SCHEDULES)}")
+        if self.cfg_scale <= 0 or self.min_cfg_scale <= 0:
+            raise ValueError(f"sample.cfg_scale and min_cfg_scale must be > 0, got {self.cfg_scale}, "
+                             f"{self.min_cfg_scale}")
+        if not 0.0 <= self.window_start <= self.window_end or not 0.0 < self.peak < 1.0:
+            raise ValueError(f"sample: need 0 <= window_start <= window_end and 0 < peak < 1, got "
+                             f"{self.window_start}, {self.window_end}, {self.peak}")
+        if self.temperature <= 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"sample: need temperature > 0, top_k >= 0, 0 < top_p <= 1; got {self.temperature}, "
+                             f"{self.top_k}, {self.top_p}")
+
+
+def cfg_schedule_scale(schedule: str, ratio: float, cfg_scale: float, *, window_start: float = 0.25,
+                       window_end: float = 1.0, peak: float = 0.5, min_cfg_scale: float = 1.0) -> float:
+    """Guidance scale at ratio r in [0, 1] (generator.md §4), float64 arithmetic as the official code.
+
+    `cosine` is 1 + (s-1)(1 - cos(pi r))/2 and `cosine_re` 1 + (s-1)(1 + cos(pi r))/2; the official versions
+    raise NameError (`math` is never imported in its generate.py), so these two have no official reference.
+    The official `sigmoid` is not implemented there at all and is not offered here.
+    """
+    s = cfg_scale
+    low = min_cfg_scale if min_cfg_scale != 1.0 else min_cfg_scale + _EPS  # step/rectangular outside the window
+    if schedule == "constant":
+        return s
+    if schedule == "linear":
+        return 1.0 + (s - 1.0) * ratio + _EPS
+    if schedule == "linear_re":
+        return 1.0 + (s - 1.0) * (1.0 - ratio) + _EPS
+    if schedule == "linear_constant":
+        return 1.0 + (s - 1.0) * (ratio / peak) if ratio < peak else s
+    if schedule == "triangular":
+        if ratio < peak:
+            return 1.0 + (s - 1.0) * (ratio / peak) + _EPS
+        return 1.0 + (s - 1.0) * ((1.0 - ratio) / (1.0 - peak)) + _EPS
+    if schedule == "rectangular":
+        return s if window_start <= ratio <= window_end else low
+    if schedule == "step":
+        return s if s == 1.0 or ratio >= window_start else low
+    if schedule == "cosine":
+        return 1.0 + (s - 1.0) * (0.5 * (1.0 - math.cos(math.pi * ratio)))
+    if schedule == "cosine_re":
+        return 1.0 + (s - 1.0) * (0.5 * (1.0 + math.cos(math.pi * ratio)))
+    raise ValueError(f"unknown cfg schedule {schedule!r}; allowed: {', '.join(CFG_SCHEDULES)}")
+
+
+def schedule_scales(sampling: SamplingConfig, num_passes: int) -> list[float]:
+    """Scale of every pass k = 0..num_passes-1 at ratio k / (num_passes - 1) (restok.md §4 #8)."""
+    ratios = [k / max(num_passes - 1, 1) for k in range(num_passes)]
+    return [cfg_schedule_scale(sampling.cfg_schedule, r, sampling.cfg_scale, window_start=sampling.window_start,
+                               window_end=sampling.window_end, peak=sampling.peak,
+                               min_cfg_scale=sampling.min_cfg_scale) for r in ratios]
+
+
+def combine_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """uncond + (cond - uncond) * scale."""
+    return uncond + (cond - uncond) * scale
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf what top-k and then top-p remove, along the last dim (not in place).
+
+    Top-p keeps every token up to and including the first whose cumulative probability (sorted descending)
+    exceeds top_p, and always the top-1.
+    """
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = F.pad((cum > top_p)[..., :-1], (1, 0), value=False)  # shift right: keep the first crossing
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), -math.inf)
+    return logits
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                    top_p: float = 1.0) -> torch.Tensor:
+    """Temperature, then top-k/top-p filtering, then softmax (generator.md §5); zero outside the kept set."""
+    return filter_logits(logits / max(temperature, 1e-5), top_k, top_p).softmax(-1)
+
+
+def draw_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: probs (..., V), uniforms (...) in [0, 1) -> indices (...) long; never a zero-prob index."""
+    cdf = probs.double().cumsum(-1)  # (..., V)
+    target = (uniforms.double() * cdf[..., -1]).unsqueeze(-1)  # (..., 1)
+    return torch.searchsorted(cdf[..., :-1].contiguous(), target, right=True).squeeze(-1)
+
+
+def per_sample_uniforms(seeds: Sequence[int] | torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(B, T) float64 uniforms, row i from a CPU torch.Generator seeded with seeds[i]."""
+    rows = [torch.rand(num_tokens, dtype=torch.float64, generator=torch.Generator().manual_seed(int(s)))
+            for s in seeds]
+    return torch.stack(rows)
+
+
+def allocate_kv_cache(model: HARGenerator, batch: int, dtype: torch.dtype,
+                      device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer a (k, v) pair of zeros (batch, H, cache_len, hd)."""
+    cfg = model.cfg
+    shape = (batch, cfg.n_head, cfg.cache_len, cfg.head_dim)
+    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(cfg.n_layer)]
+
+
+@torch.no_grad()
+def generate(model: HARGenerator, labels: torch.Tensor, sampling: SamplingConfig, *,
+             seeds: Sequence[int] | torch.Tensor | None = None, generator: torch.Generator | None = None,
+             cache_dtype: torch.dtype | None = None,
+             return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sample codes (B, T) long for class labels (B,), one forward pass per sampling block.
+
+    Args:
+        model: the generator, in eval mode.
+        labels: class ids (B,) long on the model's device.
+        sampling: guidance schedule, temperature, top-k/top-p, greedy.
+        seeds: one seed per sample (batch-split independent draws); if None, uniforms come from `generator`
+            (a CPU torch.Generator, or the global RNG when None). Unused when sampling.greedy.
+        cache_dtype: KV-cache dtype (default: the model's parameter dtype; bf16 under bf16 autocast).
+        return_logits: also return the (CFG-combined) logits (B, T, V) fp32 each code was drawn from.
+    """
+    if model.training:
+        raise ValueError("generate() needs model.eval() (dropout and label dropout must be off)")
+    cfg, device = model.cfg, labels.device
+    B, T = labels.shape[0], cfg.num_tokens
+    use_cfg = sampling.cfg_scale > 1.0
+    if use_cfg and cfg.null_class is None:
+        raise ValueError(f"sample.cfg_scale={sampling.cfg_scale} needs a null class, but the generator was built "
+                         "with class_dropout_prob=0; set cfg_scale to 1")
+    rows = 2 * B if use_cfg else B
+    row_labels = torch.cat([labels, torch.full_like(labels, cfg.null_class)]) if use_cfg else labels  # (rows,)
+    kv = allocate_kv_cache(model, rows, cache_dtype or next(model.parameters()).dtype, device)
+
+    uniforms = None
+    if not sampling.greedy:
+        uniforms = per_sample_uniforms(seeds, T) if seeds is not None else \
+            torch.rand(B, T, dtype=torch.float64, generator=generator)
+        uniforms = uniforms.to(device)  # (B, T)
+
+    codes = torch.zeros(B, T, dtype=torch.long, device=device)
+    logits_out = torch.empty(B, T, cfg.vocab_size, device=device) if return_logits else None
+    scales = schedule_scales(sampling, len(cfg.block_sizes))
+    start = 0
+    for size, scale in zip(cfg.block_sizes, scales):
+        pos = torch.arange(start, start + size, device=device)  # (n,)
+        logits = model.forward_cached(codes.repeat(rows // B, 1), row_labels, pos, kv)  # (rows, n, V)
+        if use_cfg:
+            logits = combine_cfg(*logits.chunk(2), scale)  # (B, n, V)
+        probs = logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+        if sampling.greedy:
+            new = probs.argmax(-1)
+        else:
+            new = draw_from_probs(probs, uniforms[:, start:start + size])
+        codes[:, start:start + size] = new  # position p predicts t_p
+        if return_logits:
+            logits_out[:, start:start + size] = logits
+        start += size
+    return (codes, logits_out) if return_logits else codes
