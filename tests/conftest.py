@@ -30,3 +30,23 @@ def vectors():
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smoke_params(tmp_path_factory) -> Path:
+    """The smoke profile written to a params file (workflow/params/smoke.yaml over default.yaml)."""
+    from restok.config import write_profile
+    return write_profile("smoke", tmp_path_factory.mktemp("params") / "params.yaml")
+
+
+@pytest.fixture(scope="session")
+def smoke_shards(tmp_path_factory, smoke_params) -> Path:
+    """data/shard of the smoke profile (4 classes, 32 px, 48 train / 24 val images), built once per session."""
+    from restok.stages import shard
+    root = tmp_path_factory.mktemp("smoke")
+    shard.main(["--params", str(smoke_params), "--out", str(root / "data/shard"),
+                "--results", str(root / "results/shard")])
+    return root / "data/shard"

@@ -20,6 +20,11 @@ from typing import Any, Literal
 
 import yaml
 
+from restok.losses.recon import LossConfig
+from restok.models.generator import GeneratorConfig
+from restok.models.tokenizer import TokenizerConfig
+from restok.sampling import SamplingConfig
+
 REPO = Path(__file__).resolve().parents[2]
 PROFILES_DIR = REPO / "workflow" / "params"
 SCHEMA_PATH = REPO / "workflow" / "schemas" / "params.schema.yaml"
@@ -84,6 +89,122 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class Vf:
+    """The frozen vision foundation model (teacher) for VF alignment (spec training-and-eval.md 2.5)."""
+    teacher: str = field(default="vit_small_patch16_dinov3.lvd1689m", metadata=rng(
+        help="timm model name; the paper: vit_large_patch16_dinov3.lvd1689m"))
+    weights: str | None = field(default="random-init", metadata=rng(help=(
+        "null: timm's hub cache (downloads when online); a path: a local weights file; 'random-init': a seeded "
+        "random teacher of the same architecture (offline demo, recorded next to every metric)")))
+    mode: Literal["cache", "online"] = field(default="cache", metadata=rng(help=(
+        "cache: cache_features stores the teacher features once; online: train_tokenizer runs the teacher")))
+    grid: int = field(default=8, metadata=rng(1, 64, help=(
+        "teacher patch grid side: each view is resized to 16 * grid px so the teacher's patch grid equals the "
+        "tokenizer's image-token grid (16 at the paper's 256 px); train_tokenizer checks it")))
+
+
+@dataclass(frozen=True)
+class CacheFeatures:
+    views_per_image: int = field(default=4, metadata=rng(1, help="fixed, seeded augmentation views per image"))
+    batch_size: int = field(default=64, metadata=rng(1))
+    seed: int = field(default=0, metadata=rng(0, help="seed of the views"))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass(frozen=True)
+class Optim:
+    """AdamW with linear warmup and cosine decay to end_lr (spec training-and-eval.md 3.2-3.3)."""
+    lr: float = field(default=1e-4, metadata=rng(0.0))
+    end_lr: float = field(default=1e-5, metadata=rng(0.0))
+    warmup_steps: int = field(default=5000, metadata=rng(0))
+    weight_decay: float = field(default=1e-4, metadata=rng(0.0))
+    betas: tuple[float, ...] = (0.9, 0.95)
+    grad_clip: float = field(default=1.0, metadata=rng(0.0, help="max global grad norm (0 = off)"))
+
+    def __post_init__(self):
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+
+
+@dataclass(frozen=True)
+class Loop:
+    """What every training stage shares: steps, batch, checkpoints, logging, precision."""
+    max_steps: int = field(default=1000, metadata=rng(1))
+    batch_size: int = field(default=32, metadata=rng(1, help="global batch (split over torchrun processes)"))
+    ema_decay: float = field(default=0.9999, metadata=rng(0.0, 1.0))
+    ckpt_every_steps: int = field(default=200, metadata=rng(1, help="resume checkpoint interval"))
+    keep_ckpts: int = field(default=2, metadata=rng(1))
+    log_every_steps: int = field(default=20, metadata=rng(1))
+    seed: int = field(default=0, metadata=rng(0))
+    workers: int = field(default=2, metadata=rng(0, help="data loader processes per training process"))
+    precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata=rng(
+        help="auto: bf16 autocast on CUDA, fp32 on CPU"))
+    compile: bool = field(default=False, metadata=rng(help="torch.compile the model (pays on GPU)"))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass(frozen=True)
+class TrainTokenizer:
+    loop: Loop = Loop()
+    optim: Optim = Optim()
+    disc_lr: float = field(default=1e-4, metadata=rng(0.0, help="discriminator heads' learning rate"))
+    loss: LossConfig = LossConfig()
+    eval_images: int = field(default=500, metadata=rng(1, help="val images for PSNR/SSIM/codebook stats"))
+
+
+@dataclass(frozen=True)
+class ExtractLatents:
+    views: Literal["ten_crop", "center_flip"] = field(default="ten_crop", metadata=rng(
+        help="ten_crop: 10 views per train image (paper); center_flip: centre crop and its flip"))
+    crop_range: float = field(default=1.1, metadata=rng(1.0, 2.0, help="ten_crop: crop from floor(res * this)"))
+    batch_size: int = field(default=64, metadata=rng(1))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass(frozen=True)
+class TrainGenerator:
+    loop: Loop = Loop()
+    optim: Optim = Optim()
+    val_batches: int = field(default=4, metadata=rng(0, help="val batches for the val loss at each log step"))
+
+
+@dataclass(frozen=True)
+class Sample:
+    per_class: int = field(default=50, metadata=rng(1, help="images per class (class-balanced)"))
+    batch_size: int = field(default=50, metadata=rng(1))
+    seed: int = field(default=0, metadata=rng(0, help="image i uses seed + i: same images on any process count"))
+    sampling: SamplingConfig = SamplingConfig()
+    grid_per_class: int = field(default=8, metadata=rng(1, help="images per class in the PNG grid"))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass(frozen=True)
+class Fid:
+    """The feature extractor behind FID/IS/precision/recall, shared by reference_stats, score and cfg_search."""
+    extractor: Literal["inception-v3-compat", "inception-v3-compat-random-init"] = field(
+        default="inception-v3-compat-random-init", metadata=rng(help=(
+            "inception-v3-compat: the 2015 Inception weights (torch-fidelity; the paper's numbers); "
+            "-random-init: same network, seeded random weights (offline demo, never a paper number)")))
+    weights: str | None = field(default=None, metadata=rng(
+        help="local Inception weights file; null = torch-fidelity's cache/download"))
+    reference: Literal["val", "adm"] = field(default="val", metadata=rng(
+        help="val: statistics of our val split; adm: the ADM reference batch (adm_batch)"))
+    adm_batch: str | None = field(default=None, metadata=rng(help="path to VIRTUAL_imagenet256_labeled.npz"))
+    batch_size: int = field(default=50, metadata=rng(1))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self):
+        if self.reference == "adm" and not self.adm_batch:
+            raise ValueError("fid.adm_batch is required when fid.reference is 'adm'")
+
+
+@dataclass(frozen=True)
+class CfgSearch:
+    scales: tuple[float, ...] = field(default=(1.0, 1.5, 2.0, 3.0), metadata=rng(help="CFG scales tried"))
+    per_class: int = field(default=10, metadata=rng(1, help="samples per class for each scale"))
+
+
+@dataclass(frozen=True)
 class RuleResources:
     """Compute resources of one Snakemake rule (also what the SLURM profiles request)."""
     gpus: int = field(default=0, metadata=rng(0, 64, help="GPUs per node (torchrun --nproc_per_node)"))
@@ -93,18 +214,61 @@ class RuleResources:
     runtime: int = field(default=60, metadata=rng(1, help="wall-clock limit in minutes"))
 
 
-@dataclass(frozen=True)
-class Resources:
-    shard: RuleResources = RuleResources()
+STAGES = ("shard", "cache_features", "train_tokenizer", "extract_latents", "train_generator", "sample",
+          "reference_stats", "score", "cfg_search")
+Resources = dataclasses.make_dataclass(
+    "Resources", [(name, RuleResources, field(default=RuleResources())) for name in STAGES], frozen=True)
+Resources.__doc__ = "Per-rule compute for Snakemake (local and SLURM). DVC does not read it."
+
+
+def without(cls, *names: str):
+    """A params-section dataclass with the fields of model config `cls` except `names` (filled from artifacts)."""
+    hints = typing.get_type_hints(cls)
+    fs = [(f.name, hints[f.name], field(default=f.default, metadata=f.metadata))
+          for f in dataclasses.fields(cls) if f.name not in names]
+    out = dataclasses.make_dataclass(f"{cls.__name__}Params", fs, frozen=True)
+    out.__doc__ = f"{cls.__name__} fields; {', '.join(names)} come from upstream artifacts."
+    return out
+
+
+TokenizerParams = without(TokenizerConfig, "resolution", "vf_dim")
+GeneratorParams = without(GeneratorConfig, "vocab_size", "num_tokens", "num_classes")
+
+
+def tokenizer_config(section, resolution: int, vf_dim: int | None) -> TokenizerConfig:
+    return TokenizerConfig(resolution=resolution, vf_dim=vf_dim, **dataclasses.asdict(section))
+
+
+def generator_config(section, vocab_size: int, num_tokens: int, num_classes: int) -> GeneratorConfig:
+    return GeneratorConfig(vocab_size=vocab_size, num_tokens=num_tokens, num_classes=num_classes,
+                           **dataclasses.asdict(section))
 
 
 # Top-level keys of params.yaml and their types. A stage's PARAMS lists the ones it reads.
 SECTIONS: dict[str, Any] = {
     "profile": str,
     "data": Data,
+    "vf": Vf,
+    "tokenizer": TokenizerParams,
+    "generator": GeneratorParams,
+    "fid": Fid,
     "shard": Shard,
+    "cache_features": CacheFeatures,
+    "train_tokenizer": TrainTokenizer,
+    "extract_latents": ExtractLatents,
+    "train_generator": TrainGenerator,
+    "sample": Sample,
+    "cfg_search": CfgSearch,
     "resources": Resources,
 }
+
+
+def _cross_check(tree: dict, path) -> None:
+    """Rules that span sections, checked before any stage runs."""
+    try:
+        tokenizer_config(tree["tokenizer"], tree["data"].resolution, 8 if tree["tokenizer"].vf_align else None)
+    except ValueError as e:
+        raise ParamsError(f"{path}:tokenizer (with data.resolution={tree['data'].resolution}): {e}") from None
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -223,7 +387,9 @@ def validate(data: dict, path: str | Path) -> dict[str, Any]:
     missing = sorted(set(SECTIONS) - set(data))
     if missing:
         raise ParamsError(f"{path}: missing top-level key(s) {missing}")
-    return {name: _convert(tp, data[name], f"{path}:{name}") for name, tp in SECTIONS.items()}
+    tree = {name: _convert(tp, data[name], f"{path}:{name}") for name, tp in SECTIONS.items()}
+    _cross_check(tree, path)
+    return tree
 
 
 def load_params(path: str | Path = "params.yaml", sections: tuple[str, ...] | None = None) -> Params:

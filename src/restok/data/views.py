@@ -3,11 +3,12 @@
 - `train_stored`: short side resized to ceil(res / 0.8), aspect kept, not cropped (320 for 256).
 - `eval_view`: the ADM evaluation transform (box-downsample while the short side is >= 2x the target, bicubic
   resize of the short side to res, centre crop res), as in guided-diffusion's `center_crop_arr`.
-- `train_view_boxes`: the training augmentation views (random square crop whose side is drawn from [res, stored
-  short side], then resized to res, random horizontal flip), drawn from a seeded generator so the feature cache
-  and the tokenizer trainer see exactly the same views.
-- `ten_crop_boxes`: the generator's code-extraction views (centre + 4 corners of a crop of the resized image, and
-  their flips).
+- `train_view_boxes`: the training augmentation (ADM `random_crop_arr`, spec training-and-eval.md 3.1: draw s from
+  the integers res..ceil(res/0.8), resize the short side to s, take a random res x res crop, flip with p = 0.5),
+  expressed as a square box in stored pixels (side = res * short / s) plus a flip bit and drawn from a seeded
+  generator, so the feature cache and the tokenizer trainer see exactly the same views.
+- `ten_crop_views`: the generator's code-extraction views (spec generator.md 7: ADM centre crop to
+  floor(res * crop_range), then the 4 corners and the centre at res, and the same of the flipped image).
 A view is (left, top, side, flip) in stored-image pixels; `apply_view` turns it into a (3, res, res) uint8 tensor.
 """
 from __future__ import annotations
@@ -52,28 +53,30 @@ def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
 def train_view_boxes(size: tuple[int, int], res: int, n: int, rng: np.random.Generator) -> np.ndarray:
     """n random views of an image of `size` (w, h): int array (n, 4) of (left, top, side, flip)."""
     w, h = size
-    hi = min(w, h)
-    side = rng.integers(min(res, hi), hi + 1, size=n)
+    short = min(w, h)
+    s = rng.integers(res, stored_train_side(res) + 1, size=n)
+    side = np.clip(np.round(res * short / s).astype(np.int64), min(res, short), short)
     left = (rng.random(n) * (w - side + 1)).astype(np.int64)
     top = (rng.random(n) * (h - side + 1)).astype(np.int64)
     flip = rng.integers(0, 2, size=n)
     return np.stack([left, top, side, flip], axis=1)
 
 
-def ten_crop_boxes(size: tuple[int, int], crop: int) -> np.ndarray:
-    """Centre and four corner crops of side `crop`, each with and without flip: (10, 4)."""
-    w, h = size
-    crop = min(crop, w, h)
-    corners = [((w - crop) // 2, (h - crop) // 2), (0, 0), (w - crop, 0), (0, h - crop), (w - crop, h - crop)]
-    return np.array([(x, y, crop, f) for f in (0, 1) for x, y in corners], dtype=np.int64)
+def ten_crop_views(img: Image.Image, res: int, crop_range: float) -> torch.Tensor:
+    """Centre + 4 corner crops of the ADM centre crop at floor(res * crop_range), then of its flip: (10, 3, res, res)."""
+    big = eval_view(img, int(res * crop_range))
+    d = big.size[0] - res
+    corners = [(d // 2, d // 2), (0, 0), (d, 0), (0, d), (d, d)]
+    views = [(x, y, res, f) for f in (0, 1) for x, y in corners]
+    return torch.stack([apply_view(big, v, res) for v in views])
 
 
 def apply_view(img: Image.Image, view, res: int) -> torch.Tensor:
     """Crop the square view, resize to res (bicubic, antialiased), flip: (3, res, res) uint8."""
     left, top, side, flip = (int(v) for v in view)
     out = img.crop((left, top, left + side, top + side))
+    if flip:  # flip after the crop: the box is in unflipped coordinates
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
     if side != res:
         out = out.resize((res, res), Image.BICUBIC)
-    if flip:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return to_uint8_tensor(out)

@@ -1,0 +1,103 @@
+"""params.yaml validation: the dataclasses and the generated JSON schema agree, and bad values are refused with
+messages that name the file, the key and the value, before anything is written."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jsonschema
+import pytest
+import yaml
+
+from restok import config
+from restok.config import ParamsError, load_params, profile_tree, write_profile
+
+PROFILES = sorted(p.stem for p in config.PROFILES_DIR.glob("*.yaml"))
+
+
+def test_schema_file_is_generated_from_the_dataclasses():
+    assert config.SCHEMA_PATH.read_text() == config.schema_text(), "run `restok schema` and commit the result"
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_every_profile_validates_in_both(name, tmp_path):
+    path = write_profile(name, tmp_path / "params.yaml")
+    load_params(path)
+    jsonschema.validate(yaml.safe_load(path.read_text()), config.json_schema())
+
+
+def test_committed_params_yaml_is_the_default_profile():
+    assert yaml.safe_load((config.REPO / "params.yaml").read_text()) == profile_tree("default")
+
+
+def _write(tmp_path, mutate) -> str:
+    tree = profile_tree("default")
+    mutate(tree)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+BAD = {
+    "wrong type": (lambda t: t["data"].__setitem__("resolution", "big"), "data.resolution", "'big'"),
+    "unknown key": (lambda t: t["shard"].__setitem__("workerz", 2), "shard", "workerz"),
+    "missing key": (lambda t: t["shard"].pop("workers"), "shard", "workers"),
+    "bad enum": (lambda t: t["data"].__setitem__("source", "s3"), "data.source", "'s3'"),
+    "out of range": (lambda t: t["data"].__setitem__("resolution", 4), "data.resolution", "4"),
+    "nested": (lambda t: t["train_tokenizer"]["optim"].__setitem__("lr", "fast"), "train_tokenizer.optim.lr", "fast"),
+    "model rule": (lambda t: t["tokenizer"].__setitem__("merge_op", "max"), "tokenizer", "merge_op"),
+    "cross-section": (lambda t: t["data"].__setitem__("resolution", 56), "tokenizer", "resolution=56"),
+    "needs a root": (lambda t: t["data"].__setitem__("source", "folder"), "data.root", "folder"),
+    "unknown section": (lambda t: t.__setitem__("trainer", {}), "trainer", "allowed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_params_are_refused_naming_file_and_key(case, tmp_path):
+    mutate, key, value = BAD[case]
+    path = _write(tmp_path, mutate)
+    with pytest.raises(ParamsError) as e:
+        load_params(path)
+    msg = str(e.value)
+    assert path in msg and key in msg and value in msg, msg
+
+
+def test_schema_refuses_what_the_dataclasses_refuse(tmp_path):
+    for case in ("wrong type", "unknown key", "missing key", "bad enum", "out of range", "unknown section"):
+        tree = profile_tree("default")
+        BAD[case][0](tree)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(tree, config.json_schema())
+
+
+def test_stage_refuses_bad_params_before_writing_anything(tmp_path):
+    path = _write(tmp_path, lambda t: t["shard"].__setitem__("samples_per_shard", 0))
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "restok.stages.shard", "--params", path, "--out", str(out / "data"),
+                        "--results", str(out / "results")], capture_output=True, text=True)
+    assert p.returncode != 0 and "shard.samples_per_shard" in p.stderr
+    assert not out.exists()
+
+
+def test_missing_data_root_is_named(tmp_path):
+    path = _write(tmp_path, lambda t: t["data"].update(source="folder", root=str(tmp_path / "nope")))
+    from restok.stages import shard
+    with pytest.raises(ValueError, match="data.root=.*nope.*not found"):
+        shard.main(["--params", path, "--out", str(tmp_path / "d"), "--results", str(tmp_path / "r")])
+    assert not (tmp_path / "d").exists()
+
+
+def test_profile_section_view_refuses_undeclared_sections(tmp_path):
+    p = load_params(config.REPO / "params.yaml", ("profile", "data"))
+    with pytest.raises(AttributeError, match="not declared"):
+        _ = p.shard
+
+
+def test_cli_profile_and_validate(tmp_path):
+    out = tmp_path / "p.yaml"
+    r = subprocess.run([sys.executable, "-m", "restok.cli", "profile", "smoke", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and yaml.safe_load(out.read_text())["profile"] == "smoke"
+    bad = _write(tmp_path, lambda t: t["data"].__setitem__("num_classes", 1))
+    r = subprocess.run([sys.executable, "-m", "restok.cli", "validate", bad], capture_output=True, text=True)
+    assert r.returncode == 2 and "data.num_classes" in r.stderr

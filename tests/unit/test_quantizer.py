@@ -1,0 +1,82 @@
+"""VectorQuantizer against the official quantiser vectors (tests/data/README.md §3) plus its invariants.
+
+Run: .venv/bin/python -m pytest tests/unit/test_quantizer.py -q
+The stored arrays use the official B x C x 1 x L layout; ours is (B, L, C), so every array is transposed once.
+"""
+import numpy as np
+import pytest
+import torch
+
+from restok.models.quantizer import VectorQuantizer
+
+CASES = {"tiny_": True, "tiny_nol2_": False, "L_": True}  # prefix -> use_l2_norm
+
+
+def _rows(a: np.ndarray) -> torch.Tensor:
+    """(B, C, 1, L) -> (B, L, C)."""
+    return torch.from_numpy(a[:, :, 0, :]).transpose(1, 2).contiguous()
+
+
+def _quantizer(q, p, use_l2):
+    codebook = torch.from_numpy(q[f"{p}codebook"])
+    vq = VectorQuantizer(codebook.shape[0], codebook.shape[1], 0.25, use_l2_norm=use_l2)
+    with torch.no_grad():
+        vq.codebook.copy_(codebook)
+    return vq
+
+
+@pytest.mark.parametrize("p", CASES)
+def test_codes_vectors_losses(vectors, p):
+    q = vectors("quantizer")
+    vq = _quantizer(q, p, CASES[p])
+    z_q, codes, losses = vq(_rows(q[f"{p}z"]))
+    assert torch.equal(codes, torch.from_numpy(q[f"{p}codes"][:, 0]).long())
+    torch.testing.assert_close(z_q, _rows(q[f"{p}z_q"]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(vq.lookup(codes), torch.from_numpy(q[f"{p}decoded_from_codes"]), atol=1e-6, rtol=0)
+    for key in ("commitment", "codebook"):
+        assert losses[key].dtype == torch.float32
+        np.testing.assert_allclose(losses[key].item(), q[f"{p}{key}_loss"][0], atol=1e-6, rtol=0)
+    total = losses["commitment"] + losses["codebook"]
+    np.testing.assert_allclose(total.item(), q[f"{p}quantizer_loss"][0], atol=1e-6, rtol=0)
+    assert q[f"{p}entropy_loss"][0] == 0  # no entropy term exists in our quantiser
+
+
+def test_distances(vectors):
+    q = vectors("quantizer")
+    vq = _quantizer(q, "tiny_", True)
+    d = vq.distances(_rows(q["tiny_z"]))  # (B, L, K)
+    want = torch.from_numpy(q["tiny_distances"][:, :, 0, :]).transpose(1, 2)
+    torch.testing.assert_close(d, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("p", ["tiny_", "tiny_nol2_"])
+def test_straight_through_gradients(vectors, p):
+    q = vectors("quantizer")
+    vq = _quantizer(q, p, CASES[p])
+    z = _rows(q[f"{p}z"]).requires_grad_(True)
+    z_q, _, losses = vq(z)
+    loss = (z_q * _rows(q[f"{p}upstream_grad"])).sum() + losses["commitment"] + losses["codebook"]
+    loss.backward()
+    torch.testing.assert_close(z.grad, _rows(q[f"{p}grad_z"]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(vq.codebook.grad, torch.from_numpy(q[f"{p}grad_codebook"]), atol=1e-6, rtol=0)
+
+
+def test_unit_norm_and_argmax_cosine():
+    vq = VectorQuantizer(32, 8)
+    with torch.no_grad():
+        vq.codebook.normal_()
+    z = torch.randn(3, 10, 8) * 5
+    z_q, codes, _ = vq(z)
+    torch.testing.assert_close(z_q.norm(dim=-1), torch.ones(3, 10))
+    cosine = torch.nn.functional.normalize(z, dim=-1) @ torch.nn.functional.normalize(vq.codebook, dim=-1).T
+    assert torch.equal(codes, cosine.argmax(-1))
+    torch.testing.assert_close(vq.lookup(codes), z_q, atol=1e-6, rtol=0)
+
+
+def test_fp32_under_bf16_autocast():
+    vq = VectorQuantizer(16, 8)
+    z = torch.randn(2, 4, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_q, codes, losses = vq(z)
+    assert z_q.dtype == torch.float32 and losses["codebook"].dtype == torch.float32
+    assert codes.dtype == torch.long and codes.shape == (2, 4)
