@@ -1,0 +1,215 @@
+"""The tokenizer's training objective, training-and-eval.md §2.1-2.5.
+
+L_G = MSE + w_lpips * LPIPS + L_VQ + w_enc * L_vf,enc + w_dec * L_vf,dec + [step >= start] * w_gan * L_adv,
+all in fp32 (autocast off). Paper weights: 1, 1, 1, 1, 1 and 0.5 from step 20,000.
+
+- MSE: mean over all B*3*H*W elements (§2.2).
+- LPIPS (§2.3): the `lpips` package's VGG16 metric (its linear heads ship in the wheel; the trunk is torchvision's
+  `vgg16-397923af.pth` from $TORCH_HOME/hub/checkpoints or a file named in params). In training mode both images get
+  the same random "padding and trimming": replicate-pad 15 px, crop 0..15 px from each side (one draw per call,
+  shared by the batch), bicubic-resize back.
+- VF terms: `restok.losses.vf`; adversarial term: `restok.losses.gan`.
+A term whose weight is 0 builds no module, so an offline profile never needs the VGG or DINO weights.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import lpips
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from restok.losses.gan import GANLoss, parse_diffaug_policy
+from restok.losses.vf import vf_cls_loss, vf_patch_loss
+from restok.models.teacher import RANDOM_INIT, MissingWeightsError, freeze, missing_weights_message
+
+PARAMS_SECTION = "train_tokenizer.loss"
+VGG16_FILE = "vgg16-397923af.pth"
+PAD_PX = 15
+
+
+def mse_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(x_hat.float(), x.float())
+
+
+def vgg16_cache_path() -> Path:
+    """Where torchvision keeps the VGG16 ImageNet weights ($TORCH_HOME is read at call time)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+
+
+def pad_crop_resize(
+    a: torch.Tensor, b: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random replicate-pad / crop / bicubic-resize of two (B, 3, H, W) images; generator on the CPU."""
+    H, W = a.shape[-2:]
+    top, bottom, left, right = torch.randint(0, PAD_PX + 1, (4,), generator=generator).tolist()
+    both = F.pad(torch.cat([a, b]), (PAD_PX,) * 4, mode="replicate")  # (2B, 3, H + 30, W + 30)
+    both = both[..., top : H + 2 * PAD_PX - bottom, left : W + 2 * PAD_PX - right]
+    both = F.interpolate(both, size=(H, W), mode="bicubic", align_corners=False)
+    return both.chunk(2)
+
+
+class LPIPSLoss(nn.Module):
+    """Frozen LPIPS-VGG16 of two [0, 1] images, batch mean; random pad-crop-resize of both in training mode.
+
+    Args:
+        weights: torchvision VGG16 state-dict file, None for $TORCH_HOME/hub/checkpoints/vgg16-397923af.pth,
+            or "random-init" (seeded random trunk, demo only).
+        seed: seed of the random trunk.
+        params_key: params key naming the weights, for error messages.
+    """
+
+    def __init__(self, weights: str | None = None, *, seed: int = 0,
+                 params_key: str = f"{PARAMS_SECTION}.lpips_weights"):
+        super().__init__()
+        path = None if weights == RANDOM_INIT else Path(weights or vgg16_cache_path()).expanduser().resolve()
+        if path is not None and not path.is_file():
+            reason = "not downloaded: no network" if weights is None else "file does not exist"
+            message = missing_weights_message("vgg16/lpips", [str(path)], reason, str(vgg16_cache_path()), params_key)
+            raise MissingWeightsError(message)
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            torch.manual_seed(seed)
+            warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")  # lpips' `pretrained=`
+            net = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)  # heads from the wheel, trunk filled below
+        if path is not None:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            trunk = {}
+            for key in net.net.state_dict():  # lpips keeps VGG16's `features.<i>` layers as `slice<k>.<i>`
+                source = f"features.{key.split('.', 1)[1]}"
+                if source not in state:
+                    raise ValueError(f"{params_key}: {path} is not a torchvision VGG16 state dict (no {source})")
+                trunk[key] = state[source]
+            net.net.load_state_dict(trunk)
+        self.net = freeze(net)
+        self.provenance = {"model": "lpips-vgg16", "weights": f"file:{path}" if path else f"{RANDOM_INIT}(seed={seed})"}
+
+    def train(self, mode: bool = True) -> LPIPSLoss:
+        super().train(mode)  # `training` switches the pad-crop augmentation
+        self.net.eval()  # the heads' dropout stays off
+        return self
+
+    def forward(self, x: torch.Tensor, x_hat: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x, x_hat = x.float(), x_hat.float()
+            if self.training:
+                x, x_hat = pad_crop_resize(x, x_hat, generator)
+            return self.net(x_hat, x, normalize=True).mean()  # (B, 1, 1, 1) -> scalar
+
+
+def _check_weights_file(name: str, value: str | None) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"{PARAMS_SECTION}.{name}={value!r}: must be null (hub cache), a file path or 'random-init'")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights and frozen-model choices of the tokenizer objective (params section `train_tokenizer.loss`)."""
+
+    lpips_weight: float = 1.0
+    lpips_weights: str | None = None  # VGG16 file; null = $TORCH_HOME/hub/checkpoints; "random-init" = demo
+    vf_margin: float = 0.25
+    vf_enc_weight: float = 1.0
+    vf_dec_weight: float = 1.0
+    gan_weight: float = 0.5  # discriminator_weight 0.5 x discriminator_factor 1.0
+    gan_start_step: int = 20_000
+    disc_model: str = "vit_small_patch16_224.dino"
+    disc_weights: str | None = None  # file; null = HF hub cache; "random-init" = demo
+    lecam_weight: float = 0.001
+    lecam_decay: float = 0.999
+    diffaug_policy: str = "color,translation,cutout_0.2"
+    diffaug_prob: float = 0.5
+    init_seed: int = 0  # seed of any "random-init" weights
+
+    def __post_init__(self):
+        for name in ("lpips_weight", "vf_enc_weight", "vf_dec_weight", "gan_weight", "lecam_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{PARAMS_SECTION}.{name}={value!r}: must be a number >= 0 (0 switches the term off)")
+        if not 0.0 <= self.vf_margin < 2.0:
+            raise ValueError(f"{PARAMS_SECTION}.vf_margin={self.vf_margin}: must be in [0, 2)")
+        if not isinstance(self.gan_start_step, int) or self.gan_start_step < 0:
+            raise ValueError(f"{PARAMS_SECTION}.gan_start_step={self.gan_start_step!r}: must be an integer >= 0")
+        if not 0.0 <= self.lecam_decay < 1.0:
+            raise ValueError(f"{PARAMS_SECTION}.lecam_decay={self.lecam_decay}: must be in [0, 1)")
+        if not 0.0 <= self.diffaug_prob <= 1.0:
+            raise ValueError(f"{PARAMS_SECTION}.diffaug_prob={self.diffaug_prob}: must be in [0, 1]")
+        if not isinstance(self.disc_model, str) or not self.disc_model:
+            raise ValueError(f"{PARAMS_SECTION}.disc_model={self.disc_model!r}: must be a timm model name")
+        _check_weights_file("lpips_weights", self.lpips_weights)
+        _check_weights_file("disc_weights", self.disc_weights)
+        parse_diffaug_policy(self.diffaug_policy)
+
+
+class TokenizerLoss(nn.Module):
+    """L_G of §2.1: returns (total, detached fp32 components); no host syncs.
+
+    Args:
+        cfg: the loss config; a term with weight 0 builds nothing.
+    """
+
+    def __init__(self, cfg: LossConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.lpips = (
+            LPIPSLoss(cfg.lpips_weights, seed=cfg.init_seed) if cfg.lpips_weight > 0 else None
+        )
+        self.gan = (
+            GANLoss(
+                disc_model=cfg.disc_model, disc_weights=cfg.disc_weights, seed=cfg.init_seed,
+                start_step=cfg.gan_start_step, lecam_weight=cfg.lecam_weight, lecam_decay=cfg.lecam_decay,
+                diffaug_policy=cfg.diffaug_policy, diffaug_prob=cfg.diffaug_prob,
+                params_key=f"{PARAMS_SECTION}.disc_weights",
+            )
+            if cfg.gan_weight > 0
+            else None
+        )
+
+    @property
+    def provenance(self) -> dict:
+        """Weights sources of the frozen models in use (for metrics.json)."""
+        built = {"lpips": self.lpips, "discriminator": self.gan}
+        return {name: module.provenance for name, module in built.items() if module is not None}
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        x_hat: torch.Tensor,
+        quant_loss: torch.Tensor,
+        *,
+        step: int,
+        enc_tokens_proj: torch.Tensor | None = None,
+        dec_feat_proj: torch.Tensor | None = None,
+        teacher_cls: torch.Tensor | None = None,
+        teacher_patches: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x, x_hat (B, 3, H, W) in [0, 1]; quant_loss scalar; enc_tokens_proj (B, N, Dt); dec_feat_proj and
+        teacher_patches (B, P, Dt); teacher_cls (B, Dt). VF inputs are needed only when their weight is > 0."""
+        cfg = self.cfg
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            terms = {"mse": (1.0, mse_loss(x, x_hat)), "quant": (1.0, quant_loss.float())}
+            if self.lpips is not None:
+                terms["lpips"] = (cfg.lpips_weight, self.lpips(x, x_hat, generator))
+            if cfg.vf_enc_weight > 0:
+                _require(enc_tokens_proj=enc_tokens_proj, teacher_cls=teacher_cls)
+                terms["vf_enc"] = (cfg.vf_enc_weight, vf_cls_loss(enc_tokens_proj, teacher_cls, cfg.vf_margin))
+            if cfg.vf_dec_weight > 0:
+                _require(dec_feat_proj=dec_feat_proj, teacher_patches=teacher_patches)
+                terms["vf_dec"] = (cfg.vf_dec_weight, vf_patch_loss(dec_feat_proj, teacher_patches, cfg.vf_margin))
+            if self.gan is not None:
+                active = self.gan.active(step)
+                g_loss = self.gan.generator_loss(x_hat, generator) if active else x.new_zeros((), dtype=torch.float32)
+                terms["gan_g"] = (cfg.gan_weight if active else 0.0, g_loss)
+            total = sum(weight * value for weight, value in terms.values())
+        logs = {name: value.detach() for name, (_, value) in terms.items()}
+        logs["total"] = total.detach()
+        return total, logs
+
+
+def _require(**tensors: torch.Tensor | None) -> None:
+    missing = [name for name, t in tensors.items() if t is None]
+    if missing:
+        raise ValueError(f"TokenizerLoss needs {', '.join(missing)} while its VF weight is > 0 in {PARAMS_SECTION}")

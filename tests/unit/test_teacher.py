@@ -1,0 +1,126 @@
+"""Teacher (frozen timm DINOv3) loading and features.
+
+Run: .venv/bin/python -m pytest tests/unit/test_teacher.py -q
+
+Pretrained weights cannot be had offline, so the tests write a weights file from a randomly initialised timm model
+and load it through the real paths (a local file via pretrained_cfg_overlay, and a seeded HF cache with the
+production `pretrained=True` call; ecosystem.md §7-8). The loaded teacher must reproduce that model's own forward.
+"""
+import shutil
+
+import pytest
+import timm
+import torch
+from huggingface_hub import constants as hf_constants
+from safetensors.torch import save_file
+
+from restok.models import teacher as teacher_mod
+from restok.models.teacher import MissingWeightsError, Teacher, load_timm_model
+
+NAME = "vit_small_patch16_dinov3.lvd1689m"
+MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A random DINOv3-S and its weights saved as safetensors (a stand-in for the real checkpoint)."""
+    torch.manual_seed(1)
+    model = timm.create_model(NAME, pretrained=False).eval()
+    path = tmp_path_factory.mktemp("weights") / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model, path
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def _reference(model, img):
+    with torch.no_grad():
+        tokens = model.forward_features((img - MEAN) / STD)
+    return tokens[:, 0], tokens[:, 5:]
+
+
+@pytest.fixture(scope="module")
+def file_teacher(source):
+    return Teacher(NAME, str(source[1]))
+
+
+def test_weights_file_reproduces_source(source, file_teacher):
+    model, path = source
+    img = torch.rand(2, 3, 32, 48)
+    cls, patches = file_teacher(img, grid=(2, 3))
+    ref_cls, ref_patches = _reference(model, img)
+    assert cls.shape == (2, 384) and patches.shape == (2, 6, 384)
+    torch.testing.assert_close(cls, ref_cls, rtol=0, atol=0)
+    torch.testing.assert_close(patches, ref_patches, rtol=0, atol=0)
+    assert file_teacher.provenance == {"model": NAME, "weights": f"file:{path.resolve()}"}
+
+
+def test_seeded_hub_cache_loads_with_pretrained_true(source, hf_cache):
+    model, path = source
+    snapshot = hf_cache / f"models--timm--{NAME}" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    shutil.copy(path, snapshot / "model.safetensors")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    teacher = Teacher(NAME)
+    img = torch.rand(2, 3, 32, 32)
+    cls, patches = teacher(img)
+    ref_cls, ref_patches = _reference(model, img)
+    torch.testing.assert_close(cls, ref_cls, rtol=0, atol=0)
+    torch.testing.assert_close(patches, ref_patches, rtol=0, atol=0)
+    assert teacher.provenance == {"model": NAME, "weights": "hub"}
+
+
+def test_grid_resize_shapes_and_frozen(file_teacher):
+    teacher = file_teacher.train()
+    img = torch.rand(3, 3, 40, 40, requires_grad=True)
+    cls, patches = teacher(img, grid=(3, 2))
+    assert teacher.feat_dim == 384 and teacher.num_prefix_tokens == 5
+    assert cls.shape == (3, 384) and patches.shape == (3, 3 * 2, 384)
+    assert not teacher.model.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert not patches.requires_grad
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        teacher(img)
+
+
+def test_missing_hub_weights_raise_before_building(hf_cache, monkeypatch):
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("create_model called before the weights check")
+
+    monkeypatch.setattr(teacher_mod.timm, "create_model", must_not_build)
+    with pytest.raises(MissingWeightsError) as err:
+        Teacher(NAME, params_key="vf.weights")
+    message = str(err.value)
+    assert message.startswith(f"restok: pretrained weights for {NAME} not found")
+    assert str(hf_cache / f"models--timm--{NAME}") in message
+    assert "HF_HUB_OFFLINE=1" in message and "vf.weights=<file>" in message and "Pretrained weights" in message
+    assert isinstance(err.value, FileNotFoundError)
+
+
+def test_missing_weights_file(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(MissingWeightsError, match=str(missing)):
+        load_timm_model(NAME, str(missing), params_key="vf.weights")
+
+
+def test_random_init_is_seeded_labelled_and_leaves_global_rng(source):
+    state = torch.get_rng_state()
+    same, prov = load_timm_model(NAME, "random-init", seed=1)  # the fixture model was built after manual_seed(1)
+    assert torch.equal(torch.get_rng_state(), state)
+    other, _ = load_timm_model(NAME, "random-init", seed=2)
+    assert prov == {"model": NAME, "weights": "random-init(seed=1)"}
+    for (name, p), q in zip(source[0].state_dict().items(), same.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(same.patch_embed.proj.weight, other.patch_embed.proj.weight)
+    assert not same.training and not any(p.requires_grad for p in same.parameters())
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown timm model"):
+        load_timm_model("not_a_model", "random-init")
