@@ -1,0 +1,282 @@
+"""Evaluation metrics (spec training-and-eval.md section 5; torch-fidelity glue per notes/ecosystem.md sections 5, 8).
+
+- PSNR and SSIM on [0, 1] images (data range 1; SSIM with the standard 11x11 Gaussian window, sigma 1.5).
+- Codebook usage, entropy (bits) and perplexity per latent level.
+- FID, Inception Score and precision/recall from torch-fidelity's InceptionV3 ("inception-v3-compat": the TF
+  2015-12-05 graph with the pytorch-fid weights, TF1 bilinear resize to 299, uint8 input). Precision/recall use the
+  Inception pool3 features with k = 3, as the ADM evaluator does (torch-fidelity's default VGG16 is not comparable).
+
+Every FID/IS/PR dict carries the extractor and its weights source. The offline default profile has no Inception
+weights, so it may name "inception-v3-compat-random-init": the same architecture with seeded random weights. Its
+numbers only rank models against each other inside one run; the name in every result keeps them from being read as
+a real FID. Nothing falls back to it silently: a missing weights file is an error before any work.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch_fidelity import FeatureExtractorInceptionV3
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
+
+INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_ENV = "RESTOK_INCEPTION_WEIGHTS"
+EXTRACTORS = ("inception-v3-compat", "inception-v3-compat-random-init")
+FEATURES = ("2048", "logits_unbiased")  # pool3 features (FID, PR) and 1008-way logits without bias (IS)
+
+
+# ----------------------------------------------------------------------------------------------- pixel metrics
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of (B, C, H, W) images in [0, 1]: -10 log10 MSE -> (B,). Identical images give inf."""
+    mse = (x.float() - y.float()).square().flatten(1).mean(1)  # (B,)
+    return -10.0 * torch.log10(mse)
+
+
+def _gaussian_window(size: int, sigma: float, channels: int, device: torch.device) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
+    g = torch.exp(-coords.square() / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()  # (C, 1, k, k)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004) of (B, C, H, W) images in [0, 1] -> (B,).
+
+    Gaussian-weighted local statistics over valid positions only (no padding), K1 = 0.01, K2 = 0.03, data range 1,
+    averaged over channels and positions, as skimage (gaussian_weights=True) and pytorch-msssim compute it.
+    Computed in float64: var = E[x^2] - E[x]^2 in float32 loses about 1e-4 of the result against C2 = 9e-4.
+    """
+    if min(x.shape[-2:]) < window_size:
+        raise ValueError(f"SSIM needs images of at least {window_size}x{window_size}, got {tuple(x.shape[-2:])}")
+    c1, c2 = 0.01**2, 0.03**2
+    x, y = x.double(), y.double()
+    channels = x.shape[1]
+    w = _gaussian_window(window_size, sigma, channels, x.device)
+    stats = F.conv2d(torch.cat([x, y, x * x, y * y, x * y]), w, groups=channels)  # (5B, C, H', W')
+    mu_x, mu_y, xx, yy, xy = stats.chunk(5)
+    var_x, var_y, cov = xx - mu_x.square(), yy - mu_y.square(), xy - mu_x * mu_y
+    luminance = (2 * mu_x * mu_y + c1) / (mu_x.square() + mu_y.square() + c1)
+    contrast_structure = (2 * cov + c2) / (var_x + var_y + c2)
+    return (luminance * contrast_structure).flatten(1).mean(1).float()
+
+
+# ------------------------------------------------------------------------------------------------- codebook
+def codebook_stats(codes: torch.Tensor, level_sizes: Sequence[int], codebook_size: int) -> dict:
+    """Code usage per latent level and over all positions.
+
+    Args:
+        codes: (N, L) integer code indices, L = sum(level_sizes) positions in level order.
+        level_sizes: tokens per level, e.g. [1, 1, 2, 4, 8, 16, 32, 64].
+        codebook_size: K, e.g. 8192 (the entropy can reach log2 K = 13 bits).
+
+    Returns {"level_0": {...}, ..., "all": {...}}, each with `tokens` (positions in the level), `usage` (distinct codes
+    used / K), `entropy_bits` (-sum p log2 p over the code frequencies) and `perplexity` (2 ** entropy_bits).
+    """
+    if codes.ndim != 2 or codes.shape[1] != sum(level_sizes):
+        raise ValueError(f"codes must be (N, {sum(level_sizes)}) for level sizes {list(level_sizes)}, "
+                         f"got {tuple(codes.shape)}")
+    if codes.numel() and (codes.min() < 0 or codes.max() >= codebook_size):
+        raise ValueError(f"codes must lie in [0, {codebook_size}), got [{int(codes.min())}, {int(codes.max())}]")
+    out = {}
+    start = 0
+    for level, size in enumerate(level_sizes):
+        out[f"level_{level}"] = _usage(codes[:, start:start + size], codebook_size)
+        start += size
+    out["all"] = _usage(codes, codebook_size)
+    return out
+
+
+def _usage(codes: torch.Tensor, codebook_size: int) -> dict:
+    counts = torch.bincount(codes.reshape(-1).long(), minlength=codebook_size).double()  # (K,)
+    p = counts[counts > 0] / counts.sum()
+    entropy = float(-(p * torch.log2(p)).sum())
+    return {"tokens": codes.shape[1], "usage": int((counts > 0).sum()) / codebook_size,
+            "entropy_bits": entropy, "perplexity": 2.0**entropy}
+
+
+# ------------------------------------------------------------------------------------------ Inception weights
+def inception_cache_path() -> Path:
+    """Where torch-fidelity's download lands: $TORCH_HOME/hub/checkpoints/<name> (torch.hub.get_dir())."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_NAME
+
+
+def resolve_inception_weights(weights_file: str | None = None) -> Path:
+    """The InceptionV3 (pt_inception-2015-12-05) weights file to use; call it before any work.
+
+    Looks at `weights_file` (from params) if given, else at $RESTOK_INCEPTION_WEIGHTS if set, else at
+    torch-fidelity's cache path. Raises FileNotFoundError naming every place it looked and how to provide the file.
+    """
+    env_file = os.environ.get(INCEPTION_WEIGHTS_ENV)
+    candidate = Path(weights_file or env_file or inception_cache_path()).expanduser()
+    if candidate.is_file():
+        return candidate
+    looked = [str(candidate)] if weights_file or env_file else [f"{INCEPTION_WEIGHTS_ENV} (unset)", str(candidate)]
+    raise FileNotFoundError(
+        f"restok: pretrained weights for inception-2015-12-05 not found (looked in: {', '.join(looked)}; "
+        f"offline, no download). Put the file {INCEPTION_WEIGHTS_NAME} (from torch-fidelity's v0.2.0 release) at "
+        f"{inception_cache_path()} or set {INCEPTION_WEIGHTS_ENV}=<file>; see README, \"Pretrained weights\". "
+        f"For an offline demo, the extractor \"inception-v3-compat-random-init\" gives numbers that are not an FID.")
+
+
+class _SeededInceptionV3(FeatureExtractorInceptionV3):
+    """torch-fidelity's InceptionV3 with seeded random weights instead of the pretrained ones.
+
+    torch-fidelity's constructor ends by loading the "weights" it is given; here they are the init recipe
+    {"seed": s}: Kaiming-normal convolutions and N(0, 0.01) for the classifier, from a generator seeded with s.
+    (PyTorch's default init leaves features near 1e-10 and every FID near 0; notes/ecosystem.md section 8.)
+    """
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        generator = torch.Generator().manual_seed(state_dict["seed"])
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu", generator=generator)
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.01, generator=generator)
+                nn.init.zeros_(module.bias)
+
+
+# ------------------------------------------------------------------------------------------- feature extraction
+@dataclass(frozen=True)
+class Features:
+    """Inception features of one image set and what produced them."""
+
+    pool: torch.Tensor  # (N, 2048) float32, pool3
+    logits: torch.Tensor  # (N, 1008) float32, unbiased logits
+    provenance: dict  # extractor, extractor_weights, extractor_weights_sha256
+
+
+class InceptionExtractor:
+    """torch-fidelity's FeatureExtractorInceptionV3 with its provenance.
+
+    Args:
+        name: "inception-v3-compat" (real weights, resolved by `resolve_inception_weights`) or
+            "inception-v3-compat-random-init" (offline demo, seeded random weights: not an FID).
+        weights_file: explicit weights path for the real extractor (params); None looks in the default places.
+        device: where the network runs.
+        seed: the seed of the random-init extractor.
+    """
+
+    def __init__(self, name: str = "inception-v3-compat", weights_file: str | None = None,
+                 device: str | torch.device = "cpu", seed: int = 0):
+        if name not in EXTRACTORS:
+            raise ValueError(f"feature extractor {name!r} is not allowed; use one of {EXTRACTORS}")
+        if name == "inception-v3-compat":
+            weights = resolve_inception_weights(weights_file)
+            self.provenance = {"extractor": name, "extractor_weights": str(weights),
+                               "extractor_weights_sha256": _sha256(weights)}
+            self.net = FeatureExtractorInceptionV3(name, list(FEATURES), feature_extractor_weights_path=str(weights))
+        else:
+            self.provenance = {"extractor": name,
+                               "extractor_weights": f"random-init(seed={seed}); not a real FID/IS/PR",
+                               "extractor_weights_sha256": ""}
+            recipe = io.BytesIO()
+            torch.save({"seed": seed}, recipe)
+            recipe.seek(0)
+            self.net = _SeededInceptionV3(name, list(FEATURES), feature_extractor_weights_path=recipe)
+        self.net = self.net.to(device).eval()
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def extract(self, batches: Iterable[torch.Tensor]) -> Features:
+        """Features of uint8 (B, 3, H, W) batches with values 0..255; any H, W (resized to 299 inside)."""
+        pools, logits = [], []
+        for images in batches:
+            if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(f"Inception input must be uint8 (B, 3, H, W), "
+                                 f"got {images.dtype} {tuple(images.shape)}")
+            pool, logit = self.net(images.to(self.device))
+            pools.append(pool.cpu())
+            logits.append(logit.cpu())
+        if not pools:
+            raise ValueError("no images were given to the Inception extractor")
+        return Features(pool=torch.cat(pools), logits=torch.cat(logits), provenance=dict(self.provenance))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- FID / IS / PR
+def statistics(features: Features) -> dict:
+    """FID statistics in float64: mu (D,), sigma (D, D) with the unbiased covariance, plus the provenance."""
+    pool = features.pool.double().numpy()
+    if len(pool) < 2:
+        raise ValueError(f"FID statistics need at least 2 images, got {len(pool)}")
+    return {"mu": pool.mean(0), "sigma": np.cov(pool, rowvar=False), **features.provenance}
+
+
+def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Frechet distance |mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr (s1 s2)^(1/2), in float64.
+
+    tr (s1 s2)^(1/2) is taken from symmetric eigendecompositions: with s1 = V W V^T, s1 s2 has the eigenvalues of
+    the PSD matrix W^(1/2) V^T s2 V W^(1/2). Two `eigh` calls replace scipy's sqrtm (ADM) or torch-fidelity's general
+    `eigvals`, several times faster at 2048 dims, finite when N < 2048 (singular covariances), equal to both to 1e-9.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"FID statistics disagree in shape: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+    w, v = np.linalg.eigh(sigma1)
+    root_w = np.sqrt(np.clip(w, 0.0, None))
+    inner = root_w[:, None] * (v.T @ sigma2 @ v) * root_w[None, :]  # (D, D) symmetric PSD
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(inner), 0.0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+
+
+def frechet_distance(stats_a: dict, stats_b: dict) -> dict:
+    """FID between two `statistics` dicts (e.g. reconstructions vs val images); refuses different extractors."""
+    _check_same_extractor(stats_a, stats_b)
+    fid = fid_from_stats(stats_a["mu"], stats_a["sigma"], stats_b["mu"], stats_b["sigma"])
+    return {"fid": fid, **_provenance(stats_a)}
+
+
+def inception_score(features: Features, splits: int = 10) -> dict:
+    """IS from the 1008-way unbiased logits, mean and std over `splits` splits (5,000 images each at 50k)."""
+    if len(features.logits) < splits:
+        raise ValueError(f"Inception Score with {splits} splits needs at least {splits} images, "
+                         f"got {len(features.logits)}")
+    isc = isc_features_to_metric(features.logits, splits=splits, shuffle=True, rng_seed=2020)
+    return {"inception_score_mean": isc["inception_score_mean"], "inception_score_std": isc["inception_score_std"],
+            **features.provenance}
+
+
+def precision_recall(real: Features, fake: Features, k: int = 3) -> dict:
+    """Precision/recall (Kynkaanniemi et al.) on Inception pool3 features with k nearest neighbours, as the ADM
+    evaluator computes them against its reference batch; torch-fidelity's prc on these features."""
+    _check_same_extractor(real.provenance, fake.provenance)
+    if min(len(real.pool), len(fake.pool)) <= k:
+        raise ValueError(f"precision/recall with k={k} need more than {k} images per set, "
+                         f"got {len(real.pool)} real and {len(fake.pool)} generated")
+    prc = prc_features_to_metric(real.pool, fake.pool, prc_neighborhood=k, prc_batch_size=10000,
+                                 save_cpu_ram=False, verbose=False)
+    return {"precision": prc["precision"], "recall": prc["recall"], "prc_neighborhood": k,
+            "prc_features": "inception-pool3-2048", **real.provenance}
+
+
+def _provenance(stats: dict) -> dict:
+    return {key: stats[key] for key in ("extractor", "extractor_weights", "extractor_weights_sha256") if key in stats}
+
+
+def _check_same_extractor(a: dict, b: dict) -> None:
+    same_name = a.get("extractor") == b.get("extractor")
+    sha_a, sha_b = a.get("extractor_weights_sha256"), b.get("extractor_weights_sha256")
+    if not same_name or (sha_a and sha_b and sha_a != sha_b):
+        raise ValueError(f"features come from different extractors ({_provenance(a)} vs {_provenance(b)}); "
+                         f"compute both sets with the same extractor and weights")
+

@@ -1,0 +1,56 @@
+"""AdamW with the weight-decay parameter groups of spec training-and-eval.md sections 3.2 and 4.
+
+No weight decay for a parameter if it has ndim < 2 or its name contains any of NO_DECAY_KEYWORDS. This rule is the
+same for the tokenizer (wd 1e-4), the discriminator heads (wd 1e-4) and the HAR generator (wd 0.05): it excludes
+norms, biases, layer scales, level embeddings, mask/query tokens, the codebook, token/class embeddings and RoPE tables.
+Frozen parameters (requires_grad False: DINOv3, LPIPS, the discriminator's DINO) are left out.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+NO_DECAY_KEYWORDS = ("ln", "bias", "latent_tokens", "mask_token", "embedding", "norm", "gamma", "embed",
+                     "mask_latent_token", "rope", "freqs_cis")
+
+
+def spec_no_decay(name: str) -> bool:
+    """The spec's name rule: True if `name` contains one of NO_DECAY_KEYWORDS (as a substring, as the paper code)."""
+    return any(keyword in name for keyword in NO_DECAY_KEYWORDS)
+
+
+def param_groups(model: nn.Module, weight_decay: float,
+                 no_decay_names: Callable[[str], bool] = spec_no_decay) -> list[dict]:
+    """Two AdamW groups, [decay, no_decay], each with `param_names` (kept in the optimizer's state_dict).
+
+    A parameter goes to the no-decay group if it has ndim < 2 or `no_decay_names(name)` is True.
+    """
+    groups = {True: {"params": [], "param_names": [], "weight_decay": weight_decay},
+              False: {"params": [], "param_names": [], "weight_decay": 0.0}}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group = groups[param.ndim >= 2 and not no_decay_names(name)]
+        group["params"].append(param)
+        group["param_names"].append(name)
+    return [group for group in (groups[True], groups[False]) if group["params"]]
+
+
+def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
+          no_decay_names: Callable[[str], bool] = spec_no_decay) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model, ...)`: fused kernels on CUDA, foreach on CPU. eps is PyTorch's default.
+
+    Args:
+        model: the model whose trainable parameters are optimised (may be DDP-wrapped).
+        lr: initial learning rate; the loop overwrites it every step with `lr.lr_at`.
+        weight_decay: decay of the decay group (1e-4 tokenizer and discriminator, 0.05 generator).
+        betas: (0.9, 0.95) in the paper for all three optimisers.
+        no_decay_names: name predicate for the no-decay group (the spec's rule by default).
+    """
+    groups = param_groups(model, weight_decay, no_decay_names)
+    if not groups:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters to optimise")
+    on_cuda = all(p.is_cuda for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=on_cuda or None, foreach=None if on_cuda else True)

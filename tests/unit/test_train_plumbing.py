@@ -1,0 +1,300 @@
+"""Training plumbing: lr schedule, EMA, AdamW groups, atomic checkpoints and exact resume, curves, progress, dist.
+
+Run: .venv/bin/python -m pytest tests/unit/test_train_plumbing.py -q
+The resume test is the unit-level half of the kill -9 goal: 3 steps, checkpoint, fresh objects with scrambled RNG,
+restore, 3 more steps must equal 6 uninterrupted steps bit for bit on CPU (dropout, data noise from torch, numpy and
+random all depend on the restored RNG streams). The DDP paths run in a one-process gloo group.
+"""
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from restok.train import ckpt, dist, log, optim
+from restok.train.ema import EMA, ema_decay
+from restok.train.lr import lr_at
+
+
+# ------------------------------------------------------------------------------------------------------- lr
+@pytest.mark.parametrize("step, expected", [(0, 0.0), (2_500, 5e-5), (5_000, 1e-4), (750_000, 2.3306e-5),
+                                            (1_000_000, 1e-5), (1_200_000, 1e-5)])
+def test_lr_tokenizer_schedule_matches_spec(step, expected):
+    got = lr_at(step, base_lr=1e-4, warmup_steps=5_000, max_steps=1_000_000, schedule="cosine", end_lr=1e-5)
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-12)
+
+
+def test_lr_constant_and_midpoint():
+    assert lr_at(10, 1.0, 20, 100, "constant") == 0.5
+    assert lr_at(90, 1.0, 20, 100, "constant") == 1.0
+    assert lr_at(60, 1.0, 20, 100, "cosine", end_lr=0.2) == pytest.approx(0.6)  # halfway down the cosine
+    with pytest.raises(ValueError, match="schedule='linear'"):
+        lr_at(0, 1.0, 0, 10, "linear")
+    with pytest.raises(ValueError, match="warmup_steps"):
+        lr_at(0, 1.0, 10, 10)
+
+
+# ------------------------------------------------------------------------------------------------------ EMA
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.norm = nn.BatchNorm1d(8)
+        self.drop = nn.Dropout(0.2)
+        self.fc2 = nn.Linear(8, 2)
+        self.frozen = nn.Parameter(torch.randn(3), requires_grad=False)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.norm(self.fc1(x)))))
+
+
+def test_ema_decay_warmup_values():
+    assert [ema_decay(k, 0.9999) for k in range(1, 5)] == [0.0, 2 / 11, 3 / 12, 4 / 13]
+    assert ema_decay(10**6, 0.9999) == 0.9999
+
+
+def test_ema_math_frozen_and_buffers():
+    model = Tiny()
+    ema = EMA(model, max_decay=0.5)
+    history = []
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.train()(torch.randn(5, 4))  # moves BatchNorm running stats
+        history.append({k: v.clone() for k, v in model.state_dict().items()})
+        ema.update(model)
+    expected = history[0]["fc1.weight"]  # k = 1 copies
+    for k in range(2, 5):
+        decay = min(0.5, k / (9 + k))
+        expected = expected - (1 - decay) * (expected - history[k - 1]["fc1.weight"])
+    torch.testing.assert_close(ema.model.fc1.weight, expected, rtol=0, atol=1e-6)
+    assert torch.equal(ema.model.frozen, model.frozen)  # frozen: copied
+    assert torch.equal(ema.model.norm.running_mean, model.norm.running_mean)  # buffers: copied
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+    restored = EMA(Tiny(), max_decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == 4 and restored.max_decay == 0.5
+    assert torch.equal(restored.model.fc2.bias, ema.model.fc2.bias)
+
+
+@pytest.fixture
+def gloo_group(tmp_path):
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    torch_dist.destroy_process_group()
+
+
+def test_ema_and_capture_with_ddp(gloo_group):
+    model = Tiny()
+    plain = EMA(model)
+    wrapped = nn.parallel.DistributedDataParallel(model)
+    ema = EMA(wrapped)
+    assert set(ema.model.state_dict()) == set(model.state_dict())  # no "module." prefix
+    model(torch.randn(3, 4))
+    ema.update(wrapped)
+    plain.update(model)
+    for a, b in zip(ema.model.state_dict().values(), plain.model.state_dict().values()):
+        assert torch.equal(a, b)
+    state = ckpt.capture(0, wrapped, {}, ema)
+    assert set(state["model"]) == set(model.state_dict()) and len(state["rng"]) == 1
+    assert dist.is_dist() and torch.equal(dist.all_reduce_mean(torch.tensor([2.0, 4.0])), torch.tensor([2.0, 4.0]))
+
+
+# --------------------------------------------------------------------------------------------- AdamW groups
+class Named(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn_qkv = nn.Linear(8, 24)
+        self.ln_post = nn.LayerNorm(8)
+        self.tok_embeddings = nn.Embedding(10, 8)
+        self.latent_tokens = nn.Parameter(torch.zeros(4, 8))
+        self.mask_token = nn.Parameter(torch.zeros(1, 8))
+        self.conv_out = nn.Conv2d(8, 8, 3)
+        self.ls_gamma = nn.Parameter(torch.ones(8))
+        self.teacher = nn.Linear(8, 8).requires_grad_(False)
+
+
+def test_param_groups_membership():
+    decay, no_decay = optim.param_groups(Named(), weight_decay=0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert decay["param_names"] == ["attn_qkv.weight", "conv_out.weight"]
+    assert sorted(no_decay["param_names"]) == sorted(["attn_qkv.bias", "ln_post.weight", "ln_post.bias",
+                                                      "tok_embeddings.weight", "latent_tokens", "mask_token",
+                                                      "conv_out.bias", "ls_gamma"])
+    only_ndim = optim.param_groups(Named(), 0.1, no_decay_names=lambda name: False)
+    assert "latent_tokens" in only_ndim[0]["param_names"] and "ls_gamma" in only_ndim[1]["param_names"]
+
+
+def test_adamw_cpu_uses_foreach():
+    opt = optim.adamw(Named(), lr=1e-4, weight_decay=1e-4)
+    group = opt.param_groups[0]
+    assert group["foreach"] and not group["fused"] and group["betas"] == (0.9, 0.95)
+    assert sum(len(g["params"]) for g in opt.param_groups) == 10  # the frozen teacher is left out
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def test_latest_ignores_tmp_of_killed_writer(tmp_path):
+    state = {"step": 1, "w": torch.arange(3)}
+    ckpt.save(tmp_path, state, step=1)
+    (tmp_path / "step_000000002.pt.tmp.4242").write_bytes(b"\x80\x02half a pickle")  # killed before os.replace
+    assert ckpt.latest(tmp_path).name == "step_000000001.pt"
+    assert torch.equal(ckpt.load(ckpt.latest(tmp_path))["w"], torch.arange(3))
+    ckpt.save(tmp_path, state, step=3)  # the next save clears stale temporaries
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000001.pt", "step_000000003.pt"]
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="mid-write"):
+        ckpt.save_atomic({"x": Unpicklable()}, tmp_path / "step_000000004.pt")
+    assert list(tmp_path.iterdir()) == [] and ckpt.latest(tmp_path) is None
+
+
+def test_keep_last_k(tmp_path):
+    for step in (10, 20, 30, 40):
+        ckpt.save(tmp_path, {"step": step}, step, keep=2)
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["step_000000030.pt", "step_000000040.pt"]
+    assert ckpt.load(ckpt.latest(tmp_path))["step"] == 40
+    assert ckpt.latest(tmp_path / "missing") is None
+
+
+def _train(model, opt, ema, start, stop):
+    """Steps depend on torch (data, dropout), numpy and python RNG streams."""
+    for step in range(start, stop):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, 1e-2, warmup_steps=2, max_steps=10)
+        x = torch.randn(6, 4) + float(np.random.rand()) + random.random()
+        loss = model.train()(x).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update(model)
+
+
+def _build():
+    model = Tiny()
+    return model, optim.adamw(model, lr=1e-2, weight_decay=0.1), EMA(model, 0.9)
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+    dist.seed_everything(7)
+    model, opt, ema = _build()
+    _train(model, opt, ema, 0, 6)
+    reference = (model.state_dict(), ema.state_dict()["model"], opt.state_dict())
+
+    dist.seed_everything(7)
+    model, opt, ema = _build()
+    _train(model, opt, ema, 0, 3)
+    ckpt.save(tmp_path, ckpt.capture(3, model, {"model": opt}, ema, data={"samples_seen": 18}), step=3)
+
+    dist.seed_everything(123)  # a restarted process: different streams and weights until restored
+    model, opt, ema = _build()
+    step, data = ckpt.restore(ckpt.load(ckpt.latest(tmp_path)), model, {"model": opt}, ema)
+    assert step == 3 and data == {"samples_seen": 18} and ema.num_updates == 3
+    _train(model, opt, ema, step, 6)
+
+    for got, want in zip((model.state_dict(), ema.state_dict()["model"]), reference[:2]):
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+    got_opt, want_opt = opt.state_dict(), reference[2]
+    for index, slots in want_opt["state"].items():
+        for name, value in slots.items():
+            assert torch.equal(got_opt["state"][index][name], value), (index, name)
+    assert got_opt["param_groups"] == want_opt["param_groups"]
+
+
+def test_restore_refuses_other_optimizers(tmp_path):
+    model, opt, ema = _build()
+    state = ckpt.capture(0, model, {"tokenizer": opt}, ema)
+    with pytest.raises(ValueError, match="discriminator"):
+        ckpt.restore(state, model, {"tokenizer": opt, "discriminator": opt}, ema)
+
+
+def test_artifact_roundtrip_and_refusals(tmp_path):
+    model = Tiny()
+    path = tmp_path / "tokenizer.pt"
+    config = {"width": 8, "levels": [1, 1, 2], "name": "tiny"}
+    ckpt.save_artifact(path, model.state_dict(), config, {"step": 3, "params_sha256": "ab" * 32})
+    state_dict, got_config, provenance = ckpt.load_artifact(path)
+    assert got_config == config and provenance["step"] == 3
+    assert torch.equal(state_dict["fc1.weight"], model.fc1.weight)
+    with pytest.raises(TypeError, match=r"config.width"):
+        ckpt.save_artifact(tmp_path / "bad.pt", {}, {"width": np.int64(8)}, {})
+    ckpt.save_atomic({"step": 1}, tmp_path / "not_artifact.pt")
+    with pytest.raises(ValueError, match="not a restok model artifact"):
+        ckpt.load_artifact(tmp_path / "not_artifact.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        ckpt.load_artifact(tmp_path / "missing.pt")
+
+
+# ------------------------------------------------------------------------------------------ curves, progress
+def test_curve_writer_resume_truncates(tmp_path):
+    path = tmp_path / "curve.tsv"
+    with log.CurveWriter(path, ["loss", "lr"]) as curve:
+        for step in range(1, 6):
+            curve.write(step, loss=1.0 / step, lr=1e-4)
+    with open(path, "a") as f:
+        f.write("6\t0.16")  # half-written row of a killed run
+    with log.CurveWriter(path, ["loss", "lr"], resume_step=3) as curve:
+        curve.write(4, loss=0.5, lr=2e-4)
+    lines = path.read_text().splitlines()
+    assert lines == ["step\tloss\tlr", "1\t1\t0.0001", "2\t0.5\t0.0001", "3\t0.333333\t0.0001", "4\t0.5\t0.0002"]
+    with pytest.raises(ValueError, match="header"):
+        log.CurveWriter(path, ["loss"], resume_step=3)
+    with pytest.raises(ValueError, match="expected"):
+        log.CurveWriter(path, ["loss", "lr"]).write(1, loss=0.1)
+    log.CurveWriter(path, ["loss", "lr"]).close()  # a fresh run starts over
+    assert path.read_text() == "step\tloss\tlr\n"
+
+
+def test_progress_plain_lines_when_not_interactive():
+    assert not log.console.is_interactive  # pytest captures stdout: the Snakemake/SLURM case
+    with log.console.capture() as captured:
+        with log.progress(10, "encode", every=4) as bar:
+            for _ in range(10):
+                bar.advance(1, loss=0.25)
+    lines = captured.get().splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["encode: 4/10", "encode: 8/10", "encode: 10/10"]
+    assert all(line.endswith("loss 0.25") and "\x1b" not in line for line in lines)
+
+
+def test_print0_only_on_rank0(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    with log.console.capture() as captured:
+        log.print0("hidden")
+    monkeypatch.setenv("RANK", "0")
+    with log.console.capture() as shown:
+        log.print0("shown")
+    assert captured.get() == "" and shown.get().strip() == "shown"
+
+
+# ------------------------------------------------------------------------------------------------------ dist
+def test_single_process_without_torchrun_env(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    info = dist.init_distributed(device="cpu")
+    assert (info.rank, info.world_size, info.is_main, info.device.type) == (0, 1, True, "cpu")
+    assert not dist.is_dist()
+    value = torch.tensor([1.5])
+    mean = dist.all_reduce_mean(value)
+    assert torch.equal(mean, value) and mean is not value
+    dist.barrier()
+    dist.cleanup()
+    with pytest.raises(ValueError, match="device='tpu'"):
+        dist.init_distributed(device="tpu")
+
+
+def test_seed_everything_offsets_by_rank():
+    draws = []
+    for rank in (0, 1, 0):
+        assert dist.seed_everything(5, rank) == 5 + rank
+        draws.append((torch.rand(1).item(), float(np.random.rand()), random.random()))
+    assert draws[0] == draws[2] and all(not math.isclose(a, b) for a, b in zip(draws[0], draws[1]))
