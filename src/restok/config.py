@@ -214,6 +214,17 @@ class RuleResources:
     runtime: int = field(default=60, metadata=rng(1, help="wall-clock limit in minutes"))
 
 
+Override = dict[str, str | int | float | bool | None]
+
+
+@dataclass(frozen=True)
+class Ablations:
+    """The paper's ablations as named variants: dotted-key overrides on this params file (`restok ablate`)."""
+    seeds: int = field(default=1, metadata=rng(1, 10, help="runs per variant; each sets both training seeds"))
+    variants: dict[str, Override] = field(default_factory=dict, metadata=rng(
+        help="variant name -> {dotted.key: value}; each variant is validated as a whole params file"))
+
+
 STAGES = ("shard", "cache_features", "train_tokenizer", "extract_latents", "train_generator", "sample",
           "reference_stats", "score", "cfg_search")
 Resources = dataclasses.make_dataclass(
@@ -259,12 +270,48 @@ SECTIONS: dict[str, Any] = {
     "train_generator": TrainGenerator,
     "sample": Sample,
     "cfg_search": CfgSearch,
+    "ablations": Ablations,
     "resources": Resources,
 }
 
 
-def _cross_check(tree: dict, path) -> None:
+def set_dotted(tree: dict, key: str, value, where: str = "") -> None:
+    """tree["a"]["b"]["c"] = value for key "a.b.c"; refuses keys that do not exist."""
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            raise ParamsError(f"{where}{key}: no such params key")
+        node = node[part]
+    if leaf not in node:
+        raise ParamsError(f"{where}{key}: no such params key")
+    node[leaf] = value
+
+
+def variant_tree(tree: dict, variant: str, seed: int | None = None) -> dict:
+    """The params tree of ablation `variant` (and seed): overrides applied, `ablations` itself unchanged."""
+    import copy
+    out = copy.deepcopy(tree)
+    variants = tree["ablations"]["variants"]
+    if variant not in variants:
+        raise ParamsError(f"ablations.variants: no variant {variant!r}; known: {sorted(variants)}")
+    for key, value in variants[variant].items():
+        set_dotted(out, key, value, f"ablations.variants.{variant}: ")
+    if seed is not None:
+        for stage in ("train_tokenizer", "train_generator"):
+            out[stage]["loop"]["seed"] = seed
+    return out
+
+
+def _cross_check(tree: dict, path, raw: dict | None = None) -> None:
     """Rules that span sections, checked before any stage runs."""
+    if raw is not None:
+        for name in tree["ablations"].variants:
+            try:
+                variant = variant_tree(raw, name)
+            except ParamsError as e:
+                raise ParamsError(f"{path}:{e}") from None
+            validate(variant, f"{path}:ablations.variants.{name}", check_variants=False)
     try:
         tokenizer_config(tree["tokenizer"], tree["data"].resolution, 8 if tree["tokenizer"].vf_align else None)
     except ValueError as e:
@@ -278,6 +325,8 @@ def _type_name(tp) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is dict:
+        return f"mapping of {_type_name(typing.get_args(tp)[1])}"
     if origin in (list, tuple):
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if dataclasses.is_dataclass(tp):
@@ -300,6 +349,11 @@ def _convert(tp, value, where: str):
             except ParamsError:
                 continue
         raise bad
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad
+        val_tp = typing.get_args(tp)[1]
+        return {k: _convert(val_tp, v, f"{where}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise bad
@@ -379,7 +433,7 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def validate(data: dict, path: str | Path) -> dict[str, Any]:
+def validate(data: dict, path: str | Path, check_variants: bool = True) -> dict[str, Any]:
     """Validate a whole params tree; returns {section: dataclass | value}."""
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
@@ -388,7 +442,7 @@ def validate(data: dict, path: str | Path) -> dict[str, Any]:
     if missing:
         raise ParamsError(f"{path}: missing top-level key(s) {missing}")
     tree = {name: _convert(tp, data[name], f"{path}:{name}") for name, tp in SECTIONS.items()}
-    _cross_check(tree, path)
+    _cross_check(tree, path, data if check_variants else None)
     return tree
 
 
@@ -447,6 +501,8 @@ def _schema(tp, meta: dict | None = None) -> dict:
         out = {"anyOf": [_schema(a) for a in typing.get_args(tp)]}
     elif origin in (list, tuple):
         out = {"type": "array", "items": _schema(typing.get_args(tp)[0])}
+    elif origin is dict:
+        out = {"type": "object", "additionalProperties": _schema(typing.get_args(tp)[1])}
     elif dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
         fs = dataclasses.fields(tp)

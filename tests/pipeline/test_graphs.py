@@ -7,6 +7,7 @@ declares, so later stages are checked as they land.
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,8 @@ def smk_graph() -> dict:
         for rule in wf._workflow.rules:
             if rule.name == "all":
                 continue
-            cmd = rule.shellcmd.split(" > {log}")[0].strip()
+            # the rule adds a log redirection and, for distributed stages, the launcher's env (src/restok/launch.py)
+            cmd = re.sub(r"^(RESTOK_\w+=\S+\s+)+", "", rule.shellcmd.split(" > {log}")[0].strip())
             graph[rule.name] = {"cmd": cmd, "deps": {str(f) for f in rule.input},
                                 "params": set(rule.params.keys()), "outs": {str(f) for f in rule.output}}
         return graph
