@@ -312,10 +312,15 @@ def _cross_check(tree: dict, path, raw: dict | None = None) -> None:
             except ParamsError as e:
                 raise ParamsError(f"{path}:{e}") from None
             validate(variant, f"{path}:ablations.variants.{name}", check_variants=False)
+    data, tok_section = tree["data"], tree["tokenizer"]
     try:
-        tokenizer_config(tree["tokenizer"], tree["data"].resolution, 8 if tree["tokenizer"].vf_align else None)
+        tok = tokenizer_config(tok_section, data.resolution, 8 if tok_section.vf_align else None)
     except ValueError as e:
-        raise ParamsError(f"{path}:tokenizer (with data.resolution={tree['data'].resolution}): {e}") from None
+        raise ParamsError(f"{path}:tokenizer (with data.resolution={data.resolution}): {e}") from None
+    try:
+        generator_config(tree["generator"], tok.codebook_size, tok.num_tokens, data.num_classes)
+    except ValueError as e:
+        raise ParamsError(f"{path}:generator (with the tokenizer's {tok.num_tokens} tokens): {e}") from None
 
 
 # --------------------------------------------------------------------------------------------- validation
