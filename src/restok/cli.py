@@ -3,6 +3,7 @@
     restok profile imagenet256     # write workflow/params/imagenet256.yaml (over default.yaml) into params.yaml
     restok validate [params.yaml]  # check a params file against the schema, as every stage does first
     restok schema                  # regenerate workflow/schemas/params.schema.yaml from src/restok/config.py
+    restok ablate [--dry]          # the ablation grid as DVC experiments, then results/ablations.md (restok.ablate)
 """
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from restok import config
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ablate"]:
+        from restok import ablate
+        return ablate.main(argv[1:])
     ap = argparse.ArgumentParser(prog="restok", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -22,6 +27,7 @@ def main(argv=None) -> int:
     val = sub.add_parser("validate", help="validate a params file")
     val.add_argument("path", nargs="?", default="params.yaml")
     sub.add_parser("schema", help="regenerate the JSON schema from the dataclasses")
+    sub.add_parser("ablate", help="run the ablation grid (see `restok ablate --help`)")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "profile":

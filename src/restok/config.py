@@ -288,8 +288,9 @@ def set_dotted(tree: dict, key: str, value, where: str = "") -> None:
     node[leaf] = value
 
 
-def variant_tree(tree: dict, variant: str, seed: int | None = None) -> dict:
-    """The params tree of ablation `variant` (and seed): overrides applied, `ablations` itself unchanged."""
+def variant_tree(tree: dict, variant: str, seed_offset: int = 0) -> dict:
+    """The params tree of ablation `variant`: its overrides applied, and `seed_offset` added to both training seeds
+    (the k-th repeat of a variant); `ablations` itself is unchanged."""
     import copy
     out = copy.deepcopy(tree)
     variants = tree["ablations"]["variants"]
@@ -297,9 +298,8 @@ def variant_tree(tree: dict, variant: str, seed: int | None = None) -> dict:
         raise ParamsError(f"ablations.variants: no variant {variant!r}; known: {sorted(variants)}")
     for key, value in variants[variant].items():
         set_dotted(out, key, value, f"ablations.variants.{variant}: ")
-    if seed is not None:
-        for stage in ("train_tokenizer", "train_generator"):
-            out[stage]["loop"]["seed"] = seed
+    for stage in ("train_tokenizer", "train_generator"):
+        out[stage]["loop"]["seed"] += seed_offset
     return out
 
 

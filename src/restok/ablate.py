@@ -1,0 +1,383 @@
+"""The paper's ablations in one command: DVC experiments or a Snakemake target, and the table comparing them.
+
+    restok ablate                 # queue every variant x seed as a DVC experiment, run them, write the table
+    restok ablate --dry           # only print the dvc commands
+    restok ablate table           # (re)write the table from finished DVC experiments
+    snakemake ablations -c2       # the same grid with Snakemake (data/ablations/<run>/, results/ablations/<run>/)
+
+Variants are named sets of params overrides (`ablations.variants` in params.yaml, validated as whole params files);
+`ablations.seeds` repeats each with both training seeds shifted. A run reruns only the stages whose declared params
+(dvc.yaml `params:`) it changes, and everything downstream of them; the rest is reused from the base run: with DVC
+through its run-cache, with Snakemake because the variant graph below points those inputs at the base outputs.
+
+The table (`results/ablations.{md,json}`, `ablations.png`, `ablations_grids.png`) has one row per variant and the
+comparisons the paper makes, computed from the runs: per-level codebook entropy with vs without the residuals, HAR
+in its few steps vs plain AR in one step per token, hierarchical vs flat latent queries at the same token budget.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from restok.config import ParamsError, read_yaml, validate, variant_tree
+
+PREFIX = "abl-"  # DVC experiment names
+
+
+# ------------------------------------------------------------------------------------------------- the runs
+def runs(tree: dict) -> dict[str, dict]:
+    """Run name -> params tree, for every variant and seed (`name` alone when seeds == 1, else `name-s<k>`)."""
+    ab = tree["ablations"]
+    out = {}
+    for name in ab["variants"]:
+        for k in range(ab["seeds"]):
+            out[name if ab["seeds"] == 1 else f"{name}-s{k}"] = variant_tree(tree, name, k)
+    return out
+
+
+def variant_of(run: str) -> str:
+    return run.rsplit("-s", 1)[0] if "-s" in run and run.rsplit("-s", 1)[1].isdigit() else run
+
+
+def overrides(base: dict, tree: dict, prefix: str = "") -> dict[str, object]:
+    """Dotted keys whose values differ between two params trees (leaves only)."""
+    out = {}
+    for key, value in tree.items():
+        if key == "ablations":
+            continue
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out.update(overrides(base[key], value, f"{prefix}{key}."))
+        elif base.get(key) != value:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the graph
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    cmd: str
+    deps: tuple[str, ...]
+    params: tuple[str, ...]
+    outs: tuple[str, ...]  # outs + metrics + plots, persist ones excluded
+
+
+class Graph:
+    """The stage graph of dvc.yaml, and how an ablation run maps onto it."""
+
+    def __init__(self, dvc_yaml: str | Path = "dvc.yaml"):
+        stages = yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
+        self.stages: dict[str, Stage] = {}
+        for name, st in stages.items():
+            outs = []
+            for kind in ("outs", "metrics", "plots"):
+                for o in st.get(kind, []):
+                    path, opts = (o, {}) if isinstance(o, str) else next(iter(o.items()))
+                    if not opts.get("persist"):
+                        outs.append(path)
+            self.stages[name] = Stage(name, st["cmd"], tuple(st.get("deps", [])), tuple(st.get("params", [])),
+                                      tuple(outs))
+
+    def producer(self, path: str) -> str | None:
+        """The stage whose out is `path` or contains it."""
+        for st in self.stages.values():
+            if any(path == o or path.startswith(o.rstrip("/") + "/") or o.startswith(path.rstrip("/") + "/")
+                   for o in st.outs):
+                return st.name
+        return None
+
+    def upstream(self, stage: str) -> list[str]:
+        return sorted({p for d in self.stages[stage].deps if (p := self.producer(d)) and p != stage})
+
+    def own(self, base: dict, tree: dict) -> set[str]:
+        """Stages a run must recompute: its params differ from the base run's, or an upstream stage is recomputed."""
+        own: set[str] = set()
+        changed = True
+        while changed:
+            changed = False
+            for name, st in self.stages.items():
+                if name not in own and (any(base.get(s) != tree.get(s) for s in st.params)
+                                        or own.intersection(self.upstream(name))):
+                    own.add(name)
+                    changed = True
+        return own
+
+    def path(self, path: str, run: str, own: set[str]) -> str:
+        """Where a run reads or writes `path`: under ablations/<run>/ when its producer is recomputed."""
+        stage = self.producer(path)
+        if stage is None or stage not in own:
+            return path
+        head, _, rest = path.partition("/")
+        return f"{head}/ablations/{run}" + (f"/{rest}" if rest else "")
+
+    def command(self, stage: str, run: str, own: set[str]) -> str:
+        """The stage's dvc.yaml command for a run: its params file and every artifact path redirected."""
+        out = []
+        for tok in shlex.split(self.stages[stage].cmd):
+            if tok == "params.yaml":
+                tok = f"data/ablations/{run}/params.yaml"
+            elif tok.split("/")[0] in ("data", "results"):
+                tok = self.path(tok, run, own) if tok != "results" else f"results/ablations/{run}"
+            out.append(tok)
+        return shlex.join(out)
+
+
+# ------------------------------------------------------------------------------------------------ DVC path
+def dvc_queue_commands(tree: dict) -> list[list[str]]:
+    cmds = []
+    for run, run_tree in runs(tree).items():
+        cmd = ["dvc", "exp", "run", "--queue", "-n", PREFIX + run]
+        for key, value in overrides(tree, run_tree).items():
+            cmd += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
+        cmds.append(cmd)
+    return cmds
+
+
+def _sh(cmd: list[str], capture: bool = False) -> str:
+    print("+", shlex.join(cmd), flush=True)
+    p = subprocess.run(cmd, text=True, capture_output=capture)
+    if p.returncode:
+        raise SystemExit(f"restok ablate: `{shlex.join(cmd)}` failed ({p.returncode})\n{p.stderr if capture else ''}")
+    return p.stdout if capture else ""
+
+
+def collect_dvc(tree: dict) -> dict[str, dict]:
+    """run -> {"metrics", "scores", "grid" (PNG bytes or None)} from the finished DVC experiments."""
+    exps = json.loads(_sh(["dvc", "exp", "show", "--json", "--no-pager"], capture=True) or "[]")
+    found = {}
+
+    def visit(node):
+        if isinstance(node, dict):
+            name = node.get("name") or ""
+            if name.startswith(PREFIX) and node.get("rev"):
+                found[name.removeprefix(PREFIX)] = node["rev"]
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(exps)
+    out = {}
+    for run in runs(tree):
+        if run not in found:
+            continue
+        rev = found[run]
+        read = lambda path: subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True)  # noqa: E731
+        metrics, scores, grid = (read(p) for p in ("results/metrics.json", "results/score/metrics.json",
+                                                   "results/sample/grid.png"))
+        if metrics.returncode == 0:
+            out[run] = {"metrics": json.loads(metrics.stdout),
+                        "scores": json.loads(scores.stdout) if scores.returncode == 0 else {},
+                        "grid": grid.stdout if grid.returncode == 0 else None}
+    return out
+
+
+def collect_files(tree: dict, graph: Graph) -> dict[str, dict]:
+    """run -> results, read from the Snakemake layout (base paths for what a run reuses)."""
+    out = {}
+    for run, run_tree in runs(tree).items():
+        own = graph.own(tree, run_tree)
+        metrics = Path(graph.path("results/metrics.json", run, own))
+        if metrics.is_file():
+            scores = Path(graph.path("results/score/metrics.json", run, own))
+            grid = Path(graph.path("results/sample/grid.png", run, own))
+            out[run] = {"metrics": json.loads(metrics.read_text()),
+                        "scores": json.loads(scores.read_text()) if scores.is_file() else {},
+                        "grid": grid.read_bytes() if grid.is_file() else None}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- the table
+COLUMNS = (("rFID", "rFID"), ("gFID", "gFID"), ("IS", "IS"), ("PSNR_dB", "PSNR"),
+           ("codebook_usage", "usage"), ("codebook_entropy_bits", "entropy (bits)"),
+           ("sampling_steps", "steps"), ("generate_images_per_s", "img/s"),
+           ("train_tokenizer_seconds", "tok train s"), ("train_generator_seconds", "gen train s"))
+
+
+def level_entropy(scores: dict) -> list[float] | None:
+    """Per-level codebook entropy (bits) from score's codebook stats, coarse level first."""
+    book = scores.get("codebook") or {}
+    levels = book.get("levels") if isinstance(book.get("levels"), dict) else book
+    keys = sorted((k for k in levels if k.startswith("level_")), key=lambda k: int(k.split("_")[1]))
+    return [levels[k]["entropy_bits"] for k in keys] or None
+
+
+def _mean_std(values: list) -> tuple[float | None, float | None]:
+    vals = [float(v) for v in values if isinstance(v, (int, float))]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+    return mean, std
+
+
+def summarise(tree: dict, results: dict[str, dict]) -> dict:
+    """One row per variant (mean and spread over seeds) and the computed comparisons."""
+    rows = {}
+    for variant in tree["ablations"]["variants"]:
+        got = [r for run, r in results.items() if variant_of(run) == variant]
+        if not got:
+            continue
+        row = {"variant": variant, "runs": len(got), "overrides": tree["ablations"]["variants"][variant]}
+        for key, _ in COLUMNS:
+            row[key], row[f"{key}_std"] = _mean_std([r["metrics"].get(key) for r in got])
+        levels = [level_entropy(r["scores"]) for r in got]
+        levels = [lv for lv in levels if lv]
+        row["entropy_per_level"] = [sum(col) / len(col) for col in zip(*levels)] if levels else None
+        first = got[0]["metrics"]
+        for key in ("extractor", "extractor_weights", "teacher", "teacher_weights", "profile"):
+            row[key] = first.get(key)
+        rows[variant] = row
+
+    def delta(a: str, b: str, key: str):
+        if a in rows and b in rows and rows[a].get(key) is not None and rows[b].get(key) is not None:
+            return {"variant": rows[a][key], "versus": rows[b][key], "difference": rows[a][key] - rows[b][key]}
+        return None
+
+    comparisons = {}
+    for without in ("no_residuals", "no_residual_latents", "no_residual_image_tokens"):
+        if "restok" in rows and without in rows and rows["restok"]["entropy_per_level"] \
+                and rows[without]["entropy_per_level"]:
+            comparisons[f"entropy per level: restok vs {without}"] = {
+                "restok": rows["restok"]["entropy_per_level"], without: rows[without]["entropy_per_level"],
+                "difference": [a - b for a, b in zip(rows["restok"]["entropy_per_level"],
+                                                     rows[without]["entropy_per_level"])]}
+    for a, b, key, label in (("restok", "plain_ar", "gFID", "gFID: HAR vs plain AR"),
+                             ("restok", "plain_ar", "sampling_steps", "sampling steps: HAR vs plain AR"),
+                             ("restok", "flat_queries", "rFID", "rFID: hierarchical vs flat queries"),
+                             ("restok", "flat_queries", "gFID", "gFID: hierarchical vs flat queries"),
+                             ("restok", "no_residuals", "gFID", "gFID: with vs without residuals"),
+                             ("restok", "no_vf_alignment", "gFID", "gFID: with vs without VF alignment")):
+        if (d := delta(a, b, key)) is not None:
+            comparisons[label] = d
+    return {"rows": list(rows.values()), "comparisons": comparisons}
+
+
+def _fmt(value, std=None) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text + (f" ± {std:.2g}" if std is not None else "")
+
+
+def write_table(summary: dict, results: dict[str, dict], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = summary["rows"]
+    lines = ["# Ablations", "",
+             "Generated by `restok ablate` (or `snakemake ablations`); one row per variant, mean ± std over seeds.",
+             ""]
+    demo = sorted({str(r.get(k)) for r in rows for k in ("extractor", "extractor_weights", "teacher_weights")
+                   if r.get(k) and "random-init" in str(r.get(k))})
+    if demo:
+        lines += [f"> **Demo numbers, not paper numbers**: produced with random-init weights ({', '.join(demo)}).", ""]
+    head = ["variant", "runs", *(label for _, label in COLUMNS), "entropy per level", "extractor", "teacher weights"]
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [r["variant"], str(r["runs"]), *(_fmt(r[k], r[f"{k}_std"]) for k, _ in COLUMNS),
+                 " / ".join(f"{v:.2f}" for v in r["entropy_per_level"]) if r["entropy_per_level"] else "-",
+                 str(r.get("extractor")), str(r.get("teacher_weights"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Comparisons (computed from the runs above)", ""]
+    for label, d in summary["comparisons"].items():
+        if "variant" in d:
+            lines.append(f"- {label}: {_fmt(d['variant'])} vs {_fmt(d['versus'])} (difference {_fmt(d['difference'])})")
+        else:
+            lines.append(f"- {label}: difference per level " + ", ".join(f"{x:+.3f}" for x in d["difference"]))
+    lines += ["", "![headline metrics per variant](ablations.png)", "", "![samples per variant](ablations_grids.png)", ""]
+    (out_dir / "ablations.md").write_text("\n".join(lines))
+    (out_dir / "ablations.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _figures(rows, results, out_dir)
+
+
+def _figures(rows: list[dict], results: dict[str, dict], out_dir: Path) -> None:
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    names = [r["variant"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key in zip(axes, ("gFID", "rFID")):
+        vals = [r[key] if r[key] is not None else float("nan") for r in rows]
+        errs = [r[f"{key}_std"] or 0.0 for r in rows]
+        ax.bar(range(len(names)), vals, yerr=errs, color="#4c72b0")
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{key} per variant (lower is better)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "ablations.png", dpi=110)
+    plt.close(fig)
+
+    grids = [(r["variant"], next((v["grid"] for run, v in results.items()
+                                  if variant_of(run) == r["variant"] and v.get("grid")), None)) for r in rows]
+    grids = [(n, Image.open(io.BytesIO(g))) for n, g in grids if g]
+    if grids:
+        fig, axes = plt.subplots(1, len(grids), figsize=(3 * len(grids), 3.4), squeeze=False)
+        for ax, (name, img) in zip(axes[0], grids):
+            ax.imshow(img)
+            ax.set_title(name, fontsize=9)
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(out_dir / "ablations_grids.png", dpi=110)
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="restok ablate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", nargs="?", default="run", choices=("run", "table", "params"))
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--results", default="results", help="where ablations.{md,json,png} go")
+    ap.add_argument("--from", dest="source", default="dvc", choices=("dvc", "files"),
+                    help="table: read DVC experiments, or the Snakemake layout")
+    ap.add_argument("--run", help="params: the run whose params file to write")
+    ap.add_argument("--out", help="params: where to write it")
+    ap.add_argument("--dry", action="store_true", help="run: print the dvc commands only")
+    args = ap.parse_args(argv)
+    try:
+        tree = read_yaml(args.params)
+        validate(tree, args.params)
+    except ParamsError as e:
+        print(f"restok: {e}", file=sys.stderr)
+        return 2
+    if args.action == "params":
+        all_runs = runs(tree)
+        if args.run not in all_runs:
+            print(f"restok: no ablation run {args.run!r}; known: {sorted(all_runs)}", file=sys.stderr)
+            return 2
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(all_runs[args.run], sort_keys=False))
+        tmp.replace(out)
+        return 0
+    if args.action == "run":
+        cmds = dvc_queue_commands(tree)
+        if args.dry:
+            print("\n".join(shlex.join(c) for c in cmds + [["dvc", "exp", "run", "--run-all", "-j", "1"]]))
+            return 0
+        for cmd in cmds:
+            _sh(cmd)
+        _sh(["dvc", "exp", "run", "--run-all", "-j", "1"])
+    results = collect_dvc(tree) if args.source == "dvc" else collect_files(tree, Graph())
+    if not results:
+        print("restok: no finished ablation runs found", file=sys.stderr)
+        return 1
+    write_table(summarise(tree, results), results, Path(args.results))
+    print(f"wrote {Path(args.results) / 'ablations.md'} ({len(results)} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
