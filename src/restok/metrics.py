@@ -214,26 +214,39 @@ def _sha256(path: Path) -> str:
 def statistics(features: Features) -> dict:
     """FID statistics in float64: mu (D,), sigma (D, D) with the unbiased covariance, plus the provenance."""
     pool = features.pool.double().numpy()
-    if len(pool) < 2:
-        raise ValueError(f"FID statistics need at least 2 images, got {len(pool)}")
-    return {"mu": pool.mean(0), "sigma": np.cov(pool, rowvar=False), **features.provenance}
+    n, d = pool.shape
+    if n < 2:
+        raise ValueError(f"FID statistics need at least 2 images, got {n}")
+    mu = pool.mean(0)
+    out = {"mu": mu, "sigma": np.cov(pool, rowvar=False), **features.provenance}
+    if n <= d:  # sigma = factor^T factor has rank < n: fid_from_stats can work in n dims instead of d
+        out["factor"] = (pool - mu) / np.sqrt(n - 1)
+    return out
 
 
-def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                   factor1: np.ndarray | None = None) -> float:
     """Frechet distance |mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr (s1 s2)^(1/2), in float64.
 
     tr (s1 s2)^(1/2) is taken from symmetric eigendecompositions: with s1 = V W V^T, s1 s2 has the eigenvalues of
     the PSD matrix W^(1/2) V^T s2 V W^(1/2). Two `eigh` calls replace scipy's sqrtm (ADM) or torch-fidelity's general
     `eigvals`, several times faster at 2048 dims, finite when N < 2048 (singular covariances), equal to both to 1e-9.
+    With `factor1` (N x D, sigma1 = factor1^T factor1, from `statistics` when N <= D) the same trace comes exactly
+    from the N x N matrix factor1 s2 factor1^T, which has the nonzero eigenvalues of s1^(1/2) s2 s1^(1/2): a
+    fraction of a second instead of seconds on a CPU for the few hundred images of the small profiles.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
         raise ValueError(f"FID statistics disagree in shape: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
-    w, v = np.linalg.eigh(sigma1)
-    root_w = np.sqrt(np.clip(w, 0.0, None))
-    inner = root_w[:, None] * (v.T @ sigma2 @ v) * root_w[None, :]  # (D, D) symmetric PSD
+    if factor1 is not None:
+        factor1 = np.asarray(factor1, np.float64)
+        inner = factor1 @ sigma2 @ factor1.T  # (N, N) symmetric PSD
+    else:
+        w, v = np.linalg.eigh(sigma1)
+        root_w = np.sqrt(np.clip(w, 0.0, None))
+        inner = root_w[:, None] * (v.T @ sigma2 @ v) * root_w[None, :]  # (D, D) symmetric PSD
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(inner), 0.0, None)).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
@@ -242,7 +255,7 @@ def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2:
 def frechet_distance(stats_a: dict, stats_b: dict) -> dict:
     """FID between two `statistics` dicts (e.g. reconstructions vs val images); refuses different extractors."""
     _check_same_extractor(stats_a, stats_b)
-    fid = fid_from_stats(stats_a["mu"], stats_a["sigma"], stats_b["mu"], stats_b["sigma"])
+    fid = fid_from_stats(stats_a["mu"], stats_a["sigma"], stats_b["mu"], stats_b["sigma"], stats_a.get("factor"))
     return {"fid": fid, **_provenance(stats_a)}
 
 

@@ -97,6 +97,16 @@ def test_fid_from_stats_matches_closed_form_scipy_and_torch_fidelity():
         metrics.fid_from_stats(m1, s1, m2[:3], s2)
 
 
+def test_low_rank_fid_path_equals_the_full_one():
+    rng = np.random.default_rng(1)
+    few, ref = rng.normal(size=(40, 96)) * 2 + 0.5, rng.normal(size=(500, 96))
+    stats = metrics.statistics(metrics.Features(torch.from_numpy(few), torch.zeros(40, 4), {}))
+    assert stats["factor"].shape == (40, 96)
+    m2, s2 = ref.mean(0), np.cov(ref, rowvar=False)
+    full = metrics.fid_from_stats(stats["mu"], stats["sigma"], m2, s2)
+    assert metrics.fid_from_stats(stats["mu"], stats["sigma"], m2, s2, stats["factor"]) == pytest.approx(full, rel=1e-7)
+
+
 # ------------------------------------------------------------------------------------------ weights resolution
 @pytest.fixture
 def empty_torch_home(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import webdataset as wds
 from PIL import Image
 
@@ -53,6 +54,13 @@ def write_shard(path: Path, samples: list[dict]) -> dict:
 
 def store_transform(img: Image.Image, split: str, res: int) -> Image.Image:
     return train_stored(img, res) if split == "train" else eval_view(img, res)
+
+
+def write_npz_atomic(path: Path, **arrays) -> None:
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -93,7 +101,9 @@ def iter_split(shard_dir: str | Path, split: str, paths: list[str] | None = None
     manifest = read_manifest(shard_dir, split)
     res = manifest["resolution"]
     for url in paths if paths is not None else shard_paths(shard_dir, manifest):
-        for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False):
+        # a plain reader of the given shards: no splitting by torchrun rank or DataLoader worker
+        for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None,
+                                     workersplitter=None):
             img = decode_image(sample)
             if manifest["external"]:
                 img = store_transform(img, split, res)

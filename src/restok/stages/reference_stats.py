@@ -1,0 +1,137 @@
+"""Stage `reference_stats`: Inception statistics that gFID, precision/recall and rFID are measured against
+(spec training-and-eval.md sections 5.1-5.2; notes/ecosystem.md section 5).
+
+    python -m restok.stages.reference_stats --params params.yaml --shards data/shard --out data/reference_stats
+
+The Inception weights are resolved before any work: fid.extractor "inception-v3-compat" takes fid.weights, else
+$RESTOK_INCEPTION_WEIGHTS, else torch-fidelity's cache path, and stops with a message when none exists;
+"inception-v3-compat-random-init" is the explicit offline demo (numbers that only rank runs, never an FID).
+
+data/reference_stats/stats.npz holds
+- the gFID reference: `mu`, `sigma` (pool3, 2048-d, float64) and `features` (pool3 of at most MAX_FEATURES images,
+  the precision/recall reference, as the ADM evaluator's 10k reference batch), `reference`, `count`:
+  with fid.reference "val" these come from the val split; with "adm" `mu`/`sigma` are the ADM batch's own (the whole
+  ImageNet train set, computed by the TF evaluator) and `features` those of its `arr_0` images;
+- the rFID reference, always the val split: `val_mu`, `val_sigma`, `val_count` (spec 5.1: rFID is the distance
+  between the val images and their reconstructions, so `score` only has to extract the reconstructions);
+- provenance: `extractor`, `extractor_weights`, `extractor_weights_sha256`, `profile`.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from restok.config import load_params
+from restok.data.shards import iter_split_uint8, read_manifest, write_npz_atomic
+from restok.metrics import Features, InceptionExtractor, statistics
+from restok.train.log import console, progress
+
+PARAMS = ("profile", "fid")
+MAX_FEATURES = 10_000  # reference images kept for precision/recall (the ADM reference batch size)
+PROVENANCE_KEYS = ("extractor", "extractor_weights", "extractor_weights_sha256")
+
+
+def fid_device(device: str) -> torch.device:
+    return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def build_extractor(fid) -> InceptionExtractor:
+    """The extractor named by params `fid`; missing real weights raise here, before any work."""
+    if fid.reference == "adm" and fid.extractor != "inception-v3-compat":
+        raise ValueError(f"fid.reference 'adm' needs fid.extractor 'inception-v3-compat' (the ADM statistics come "
+                         f"from the real Inception weights), got {fid.extractor!r}")
+    return InceptionExtractor(fid.extractor, weights_file=fid.weights, device=fid_device(fid.device))
+
+
+def batches(images: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Stack (3, H, W) uint8 images into (B, 3, H, W) batches."""
+    batch = []
+    for img in images:
+        batch.append(img)
+        if len(batch) == batch_size:
+            yield torch.stack(batch)
+            batch = []
+    if batch:
+        yield torch.stack(batch)
+
+
+def val_images(shard_dir: str | Path) -> tuple[int, Iterator[torch.Tensor]]:
+    """(count, iterator of (3, H, W) uint8 val images in shard order)."""
+    count = read_manifest(shard_dir, "val")["num_samples"]
+    return count, (img for _, img, _ in iter_split_uint8(shard_dir, "val"))
+
+
+def extract(extractor: InceptionExtractor, images: Iterator[torch.Tensor], count: int, batch_size: int,
+            desc: str) -> Features:
+    """Inception features of uint8 images, with a progress bar in images/s."""
+    def tracked():
+        with progress(count, desc) as bar:
+            for batch in batches(images, batch_size):
+                yield batch
+                bar.advance(len(batch))
+    return extractor.extract(tracked())
+
+
+def spread(count: int, cap: int) -> np.ndarray:
+    """At most `cap` indices spread evenly over range(count) (val shards may be sorted by class)."""
+    return np.unique(np.arange(min(count, cap)) * count // min(count, cap)) if count else np.zeros(0, int)
+
+
+def load_stats(path: str | Path, extractor: str) -> dict:
+    """stats.npz as a dict, refused unless it was made by `extractor` (params fid.extractor)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run the reference_stats stage first")
+    with np.load(path) as npz:
+        stats = {key: npz[key].item() if npz[key].ndim == 0 else npz[key] for key in npz.files}
+    if stats["extractor"] != extractor:
+        raise ValueError(f"{path} was computed with extractor {stats['extractor']!r} but params fid.extractor is "
+                         f"{extractor!r}; rerun reference_stats with the same extractor")
+    return stats
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--shards", default="data/shard")
+    ap.add_argument("--out", default="data/reference_stats")
+    args = ap.parse_args(argv)
+    p = load_params(args.params, PARAMS)
+    fid = p.fid
+    if fid.reference == "adm" and not Path(fid.adm_batch).is_file():
+        raise FileNotFoundError(f"fid.adm_batch={fid.adm_batch!r} does not exist (VIRTUAL_imagenet256_labeled.npz "
+                                f"from openai/guided-diffusion's evaluations)")
+    extractor = build_extractor(fid)
+    read_manifest(args.shards, "val")  # the val split must exist before any work
+
+    out = Path(args.out)
+    (out / "stats.npz").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    count, images = val_images(args.shards)
+    val = extract(extractor, images, count, fid.batch_size, "inception val")
+    val_stats = statistics(val)
+    if fid.reference == "val":
+        ref = {"mu": val_stats["mu"], "sigma": val_stats["sigma"], "reference": "val",
+               "features": val.pool[spread(len(val.pool), MAX_FEATURES)].numpy(), "count": len(val.pool)}
+    else:
+        with np.load(fid.adm_batch) as adm:
+            keep = spread(len(adm["arr_0"]), MAX_FEATURES)
+            arr = torch.from_numpy(adm["arr_0"][keep]).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
+            ref = {"mu": adm["mu"].astype(np.float64), "sigma": adm["sigma"].astype(np.float64),
+                   "reference": f"adm:{Path(fid.adm_batch).name}", "count": len(adm["arr_0"])}
+        ref["features"] = extract(extractor, iter(arr), len(arr), fid.batch_size, "inception adm").pool.numpy()
+    provenance = {key: extractor.provenance[key] for key in PROVENANCE_KEYS}
+    write_npz_atomic(out / "stats.npz", **ref, val_mu=val_stats["mu"], val_sigma=val_stats["sigma"],
+                     val_count=len(val.pool), profile=p.profile, **provenance)
+    console.print(f"reference_stats: {ref['reference']} ({ref['count']} images, {len(ref['features'])} features kept)"
+                  f" with {provenance['extractor']} in {time.perf_counter() - t0:.1f} s -> {out / 'stats.npz'}")
+
+
+if __name__ == "__main__":
+    main()

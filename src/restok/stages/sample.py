@@ -1,0 +1,203 @@
+"""Stage `sample`: class-balanced images from the EMA generator, decoded by the EMA tokenizer (spec generator.md
+sections 3-5, training-and-eval.md section 5.2).
+
+    python -m restok.stages.sample --params params.yaml --generator data/train_generator/generator.pt \
+        --tokenizer data/train_tokenizer/tokenizer.pt --out data/sample --results results/sample
+    RESTOK_NPROC_PER_NODE=2 python -m restok.stages.sample ...        # the same images on 2 processes
+
+Both models are rebuilt from the configs stored in their artifacts; the generator's vocabulary and token count must
+equal the tokenizer's codebook size and token count. Image i (class i // sample.per_class) draws its codes with seed
+sample.seed + i through the KV-cache sampler (CFG schedule, top-k/top-p from sample.sampling), so a rerun gives the
+same images, and so does any number of processes: each rank takes a contiguous run of whole global batches, rank 0
+gathers and writes. Decoding is fp32, images = uint8(clamp(255 x, 0, 255)) (truncation, as the official script).
+
+Writes data/sample/samples.npz (ADM layout: arr_0 uint8 N x H x W x 3, arr_1 int64 labels), results/sample/grid.png
+(one row per class) and results/sample/summary.json (sampling steps, images/s of generation and of decoding).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torchvision.utils import make_grid, save_image
+
+from restok.config import load_params
+from restok.data.shards import write_json_atomic, write_npz_atomic
+from restok.launch import relaunch_if_requested
+from restok.models.generator import GeneratorConfig, HARGenerator
+from restok.models.tokenizer import ResTok, TokenizerConfig
+from restok.sampling import SamplingConfig, generate, schedule_scales
+from restok.train.ckpt import load_artifact
+from restok.train.dist import DistInfo, barrier, cleanup, init_distributed, is_dist
+from restok.train.log import console, print0, progress
+
+PARAMS = ("profile", "sample")
+
+
+# ------------------------------------------------------------------------------------------------- models
+def build_tokenizer(state: dict, config: dict, device: torch.device) -> ResTok:
+    """The tokenizer of an artifact's (state_dict, config), eval mode, fp32."""
+    model = ResTok(TokenizerConfig(**config))
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | Path, device: torch.device) -> tuple[ResTok, dict]:
+    """(EMA tokenizer rebuilt from the config stored in a tokenizer.pt artifact, its provenance)."""
+    state, config, provenance = load_artifact(path)
+    return build_tokenizer(state, config, device), provenance
+
+
+def load_models(generator_path: str | Path, tokenizer_path: str | Path,
+                device: torch.device) -> tuple[HARGenerator, ResTok, dict]:
+    """Generator and tokenizer rebuilt from their artifacts, after checking that they belong together.
+
+    Returns (generator, tokenizer, {"generator": provenance, "tokenizer": provenance}).
+    """
+    g_state, g_config, g_prov = load_artifact(generator_path)
+    t_state, t_config, t_prov = load_artifact(tokenizer_path)
+    g_cfg, t_cfg = GeneratorConfig(**g_config), TokenizerConfig(**t_config)
+    for what, g_value, t_value in (("vocab_size vs codebook_size", g_cfg.vocab_size, t_cfg.codebook_size),
+                                   ("num_tokens vs tokens", g_cfg.num_tokens, t_cfg.num_tokens)):
+        if g_value != t_value:
+            raise ValueError(f"generator {what}: {generator_path} has {g_value} but {tokenizer_path} has {t_value}; "
+                             f"the generator was trained on codes of another tokenizer")
+    generator = HARGenerator(g_cfg)
+    generator.load_state_dict(g_state)
+    tokenizer = build_tokenizer(t_state, t_config, device)
+    return generator.to(device).eval(), tokenizer, {"generator": g_prov, "tokenizer": t_prov}
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+def rank_share(n_images: int, batch_size: int, rank: int, world_size: int) -> range:
+    """Global image indices of this rank: a contiguous run of whole global batches, so that every batch holds the
+    same images on any process count."""
+    n_batches = -(-n_images // batch_size)
+    lo, hi = n_batches * rank // world_size, n_batches * (rank + 1) // world_size
+    return range(min(lo * batch_size, n_images), min(hi * batch_size, n_images))
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Decoded images (B, 3, H, W) ~[0, 1] -> (B, H, W, 3) uint8, clamp(255 x, 0, 255) truncated."""
+    return (x.float() * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # timing only, between batches
+
+
+@torch.no_grad()
+def sample_images(generator: HARGenerator, tokenizer: ResTok, sampling: SamplingConfig, indices: range,
+                  per_class: int, seed: int, batch_size: int, device: torch.device,
+                  desc: str = "sample") -> tuple[np.ndarray, dict]:
+    """Images of global indices `indices` (image i: class i // per_class, seed seed + i), batch by batch.
+
+    Returns (uint8 (n, H, W, 3) array, {"generate_seconds", "decode_seconds"}).
+    """
+    out, t_gen, t_dec = [], 0.0, 0.0
+    with progress(len(indices), desc) as bar:
+        for start in range(indices.start, indices.stop, batch_size):
+            idx = torch.arange(start, min(start + batch_size, indices.stop))  # (B,) global image indices
+            t0 = time.perf_counter()
+            codes = generate(generator, (idx // per_class).to(device), sampling, seeds=(seed + idx).tolist())  # (B, L)
+            _sync(device)
+            t1 = time.perf_counter()
+            images = to_uint8(tokenizer.decode(codes))  # (B, H, W, 3)
+            out.append(images.cpu().numpy())
+            t2 = time.perf_counter()
+            t_gen, t_dec = t_gen + t1 - t0, t_dec + t2 - t1
+            bar.advance(len(idx), img_s=(bar.done + len(idx)) / max(t_gen + t_dec, 1e-9))
+    res = tokenizer.cfg.resolution
+    images = np.concatenate(out) if out else np.zeros((0, res, res, 3), np.uint8)
+    return images, {"generate_seconds": t_gen, "decode_seconds": t_dec}
+
+
+def gather_to_main(obj, info: DistInfo) -> list | None:
+    """[obj of rank 0, obj of rank 1, ...] on rank 0 (None elsewhere); [obj] without a process group."""
+    if not is_dist():
+        return [obj]
+    out = [None] * info.world_size if info.is_main else None
+    torch_dist.gather_object(obj, out, dst=0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- outputs
+def write_grid(path: Path, images: np.ndarray, labels: np.ndarray, num_classes: int, per_row: int) -> None:
+    """One row per class with its first `per_row` images (black tiles where a class has fewer)."""
+    tiles = torch.zeros(num_classes, per_row, *images.shape[1:], dtype=torch.uint8)  # (C, n, H, W, 3)
+    for c in range(num_classes):
+        mine = torch.from_numpy(images[labels == c][:per_row])
+        tiles[c, :len(mine)] = mine
+    grid = make_grid(tiles.flatten(0, 1).permute(0, 3, 1, 2).float() / 255, nrow=per_row, padding=1)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    save_image(grid, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    relaunch_if_requested("restok.stages.sample", argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--generator", default="data/train_generator/generator.pt")
+    ap.add_argument("--tokenizer", default="data/train_tokenizer/tokenizer.pt")
+    ap.add_argument("--out", default="data/sample")
+    ap.add_argument("--results", default="results/sample")
+    args = ap.parse_args(argv)
+    p = load_params(args.params, PARAMS)
+    cfg = p.sample
+    info = init_distributed(cfg.device)
+    generator, tokenizer, provenance = load_models(args.generator, args.tokenizer, info.device)
+
+    out, results = Path(args.out), Path(args.results)
+    if info.is_main:  # a rerun never leaves the previous run's files next to a half-done one
+        for stale in [out / "samples.npz", results / "summary.json", results / "grid.png", *out.glob("*.tmp*")]:
+            stale.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        results.mkdir(parents=True, exist_ok=True)
+
+    num_classes = generator.cfg.num_classes
+    n_images = num_classes * cfg.per_class
+    steps = len(generator.cfg.block_sizes)
+    print0(f"sample: {n_images} images ({num_classes} classes x {cfg.per_class}) in {steps} sampling steps on "
+           f"{info.world_size} process(es), cfg {cfg.sampling.cfg_scale} ({cfg.sampling.cfg_schedule})")
+    t0 = time.perf_counter()
+    share = rank_share(n_images, cfg.batch_size, info.rank, info.world_size)
+    images, timing = sample_images(generator, tokenizer, cfg.sampling, share, cfg.per_class, cfg.seed,
+                                   cfg.batch_size, info.device)
+    parts = gather_to_main((images, timing), info)
+    if info.is_main:
+        images = np.concatenate([part[0] for part in parts])  # (N, H, W, 3) in global index order
+        labels = np.arange(n_images, dtype=np.int64) // cfg.per_class  # (N,)
+        write_npz_atomic(out / "samples.npz", arr_0=images, arr_1=labels)
+        write_grid(results / "grid.png", images, labels, num_classes, min(cfg.grid_per_class, cfg.per_class))
+        gen_s = max(part[1]["generate_seconds"] for part in parts)  # the slowest rank bounds the wall time
+        dec_s = max(part[1]["decode_seconds"] for part in parts)
+        summary = {
+            "profile": p.profile, "num_images": n_images, "num_classes": num_classes, "per_class": cfg.per_class,
+            "resolution": tokenizer.cfg.resolution, "num_tokens": generator.cfg.num_tokens,
+            "sampling_steps": steps, "block_sizes": generator.cfg.block_sizes, "generator_mode": generator.cfg.mode,
+            "cfg": dataclasses.asdict(cfg.sampling), "cfg_scale_per_step": schedule_scales(cfg.sampling, steps),
+            "seed": cfg.seed, "batch_size": cfg.batch_size, "world_size": info.world_size,
+            "device": str(info.device), "precision": "fp32",
+            "generate_seconds": round(gen_s, 3), "decode_seconds": round(dec_s, 3),
+            "generate_images_per_s": round(n_images / max(gen_s, 1e-9), 3),
+            "decode_images_per_s": round(n_images / max(dec_s, 1e-9), 3),
+            "seconds": round(time.perf_counter() - t0, 3), **provenance,
+        }
+        write_json_atomic(results / "summary.json", summary)
+        console.print(f"sample: wrote {out / 'samples.npz'} ({images.shape}); generation "
+                      f"{summary['generate_images_per_s']:.3g} img/s, "
+                      f"decoding {summary['decode_images_per_s']:.3g} img/s")
+    barrier()
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()

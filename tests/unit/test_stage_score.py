@@ -1,0 +1,180 @@
+"""Stages `reference_stats`, `score` and `cfg_search` through the real torch-fidelity Inception path, offline.
+
+Run: .venv/bin/python -m pytest tests/unit/test_stage_score.py -q
+No pretrained Inception weights exist offline: a fixture writes a weights file from the seeded random-init extractor
+(torch-fidelity's InceptionV3 with re-initialised convolutions and linears, notes/ecosystem.md section 8) and puts it
+at torch-fidelity's cache path under a temporary TORCH_HOME, so fid.extractor "inception-v3-compat" loads it with the
+production code; one test points fid.weights at the file instead. Such weights give no real FID, so the tests check
+orderings (real-like samples score better than noise), never absolute values. Images are the smoke profile's
+24 val images at 32 px and a few samples (Inception runs at 299 px on CPU).
+"""
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from restok import metrics
+from restok.data.shards import iter_split_uint8
+from restok.stages import cfg_search, reference_stats, score
+from tests.unit.test_stage_sample import make_artifacts
+
+
+def write_params(base: Path, dest: Path, **fid) -> Path:
+    tree = yaml.safe_load(base.read_text())
+    tree["fid"].update(fid)
+    dest.write_text(yaml.safe_dump(tree))
+    return dest
+
+
+def val_array(shards: Path) -> np.ndarray:
+    """The smoke val images as (N, H, W, 3) uint8."""
+    return np.stack([img.permute(1, 2, 0).numpy() for _, img, _ in iter_split_uint8(shards, "val")])
+
+
+def write_samples(path: Path, images: np.ndarray) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    np.savez(path / "samples.npz", arr_0=images, arr_1=np.arange(len(images)) % 4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, smoke_params, smoke_shards):
+    """TORCH_HOME with fixture Inception weights at torch-fidelity's cache path, artifacts and val statistics."""
+    root = tmp_path_factory.mktemp("score")
+    demo = metrics.InceptionExtractor("inception-v3-compat-random-init", seed=0)
+    weights = root / "inception-fixture.pth"
+    torch.save(demo.net.state_dict(), weights)
+    cache = root / "torch_home/hub/checkpoints" / metrics.INCEPTION_WEIGHTS_NAME
+    cache.parent.mkdir(parents=True)
+    shutil.copy(weights, cache)
+    gen, tok = make_artifacts(smoke_params, root / "artifacts", teacher_weights="random-init(seed=0)")
+    params = write_params(smoke_params, root / "params.yaml", extractor="inception-v3-compat")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(root / "torch_home"))
+        mp.delenv(metrics.INCEPTION_WEIGHTS_ENV, raising=False)
+        reference_stats.main(["--params", str(params), "--shards", str(smoke_shards),
+                              "--out", str(root / "data/reference_stats")])
+        yield SimpleNamespace(root=root, params=params, weights=weights, cache=cache, gen=gen, tok=tok,
+                              shards=smoke_shards, ref=root / "data/reference_stats")
+
+
+def run_score(env, samples: Path, results: Path, params: Path | None = None) -> dict:
+    score.main(["--params", str(params or env.params), "--samples", str(samples), "--reference", str(env.ref),
+                "--tokenizer", str(env.tok), "--shards", str(env.shards), "--results", str(results)])
+    return json.loads((results / "score/metrics.json").read_text())
+
+
+def test_reference_stats_of_val(env):
+    with np.load(env.ref / "stats.npz") as npz:
+        stats = dict(npz)
+    assert stats["extractor"] == "inception-v3-compat" and str(stats["extractor_weights"]) == str(env.cache)
+    assert stats["reference"] == "val" and stats["count"] == 24 and stats["val_count"] == 24
+    assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048) and stats["mu"].dtype == np.float64
+    assert stats["features"].shape == (24, 2048)  # every val image kept for precision/recall (below the cap)
+    np.testing.assert_allclose(stats["mu"], stats["features"].astype(np.float64).mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(stats["val_mu"], stats["mu"])
+    assert list(reference_stats.spread(10, 4)) == [0, 2, 5, 7] and list(reference_stats.spread(3, 10)) == [0, 1, 2]
+
+
+def test_score_ranks_real_like_above_noise_and_writes_headline(env, tmp_path):
+    real = val_array(env.shards)[::2]  # 12 of the 24 val images, 3 per class
+    rng = np.random.default_rng(0)
+    real_like = np.clip(real[:, :, ::-1].astype(int) + rng.integers(-8, 9, real.shape), 0, 255).astype(np.uint8)
+    noise = rng.integers(0, 256, real.shape, dtype=np.uint8)
+    results = tmp_path / "results"
+    (results / "train_tokenizer").mkdir(parents=True)
+    (results / "train_tokenizer/metrics.json").write_text(json.dumps({"train_seconds": 12.5, "other": 1}))
+    (results / "sample").mkdir()
+    (results / "sample/summary.json").write_text(json.dumps({"sampling_steps": 6, "generate_images_per_s": 3.5}))
+    Image.new("RGB", (4, 4)).save(results / "sample/grid.png")
+    good = run_score(env, write_samples(tmp_path / "real_like", real_like), results)
+    head = json.loads((results / "metrics.json").read_text())
+    ref = reference_stats.load_stats(env.ref / "stats.npz", "inception-v3-compat")
+    extractor = metrics.InceptionExtractor("inception-v3-compat")  # the cached fixture weights, as score loads them
+    bad = score.score_samples(write_samples(tmp_path / "noise", noise) / "samples.npz", extractor, 16, ref)
+
+    assert 0 <= good["gfid"]["fid"] < bad["gfid"]["fid"]
+    assert good["precision_recall"]["recall"] > bad["precision_recall"]["recall"]
+    for name in ("gfid", "inception_score", "precision_recall", "rfid"):
+        assert good[name]["extractor"] == "inception-v3-compat" and good[name]["extractor_weights"] == str(env.cache)
+    assert good["precision_recall"]["prc_neighborhood"] == 3 and good["inception_score"]["inception_score_mean"] >= 1
+    assert good["gfid"]["num_samples"] == 12 and good["gfid"]["reference"] == "val"
+    assert good["rfid"]["num_images"] == 24 and good["rfid"]["fid"] >= 0 and np.isfinite(good["psnr"]["mean_db"])
+    assert 0 < good["codebook"]["usage"] <= 1
+
+    assert head["gFID"] == good["gfid"]["fid"] and head["rFID"] == good["rfid"]["fid"]
+    assert head["train_tokenizer_seconds"] == 12.5 and head["train_generator_seconds"] is None  # missing: null
+    assert head["sampling_steps"] == 6 and head["teacher_weights"] == "random-init(seed=0)"
+    assert head["random_init"] == ["teacher"]
+    readme = (results / "README.md").read_text()
+    assert "WARNING: NOT REAL METRICS" in readme and "![samples, one row per class](sample/grid.png)" in readme
+    assert "| gFID |" in readme and "| train_generator (s) | n/a |" in readme
+
+
+def test_extractor_mismatch_is_refused(env, tmp_path):
+    """Statistics recorded as made by the random-init demo extractor are refused under the real one."""
+    with np.load(env.ref / "stats.npz") as npz:
+        stats = dict(npz)
+    (tmp_path / "ref").mkdir()
+    np.savez(tmp_path / "ref/stats.npz", **{**stats, "extractor": "inception-v3-compat-random-init"})
+    samples = write_samples(tmp_path / "samples", val_array(env.shards))
+    with pytest.raises(ValueError, match="computed with extractor 'inception-v3-compat-random-init' but params "
+                                         "fid.extractor is 'inception-v3-compat'"):
+        score.main(["--params", str(env.params), "--samples", str(samples), "--reference", str(tmp_path / "ref"),
+                    "--tokenizer", str(env.tok), "--shards", str(env.shards), "--results", str(tmp_path / "res")])
+    assert not (tmp_path / "res").exists()
+
+
+def test_missing_weights_stop_every_stage_before_work(env, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
+    missing = "pretrained weights for inception-2015-12-05 not found"
+    with pytest.raises(FileNotFoundError, match=missing):
+        reference_stats.main(["--params", str(env.params), "--shards", str(env.shards), "--out", str(tmp_path / "r")])
+    with pytest.raises(FileNotFoundError, match=missing):
+        run_score(env, tmp_path / "no_samples", tmp_path / "results")
+    with pytest.raises(FileNotFoundError, match=missing):
+        cfg_search.main(["--params", str(env.params), "--generator", str(env.gen), "--tokenizer", str(env.tok),
+                         "--reference", str(env.ref), "--results", str(tmp_path / "cfg")])
+    assert not any((tmp_path / name).exists() for name in ("r", "results", "cfg"))
+
+
+def test_adm_reference_with_weights_file(env, tmp_path, monkeypatch, smoke_params):
+    """fid.weights names the file (empty cache); the ADM batch gives mu/sigma and the arr_0 features."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(2048, 64))
+    adm = tmp_path / "VIRTUAL_fixture.npz"
+    np.savez(adm, arr_0=val_array(env.shards)[:6], mu=rng.normal(size=2048).astype(np.float32), sigma=a @ a.T)
+    params = write_params(smoke_params, tmp_path / "adm.yaml", extractor="inception-v3-compat",
+                          weights=str(env.weights), reference="adm", adm_batch=str(adm))
+    reference_stats.main(["--params", str(params), "--shards", str(env.shards), "--out", str(tmp_path / "ref")])
+    with np.load(tmp_path / "ref/stats.npz") as stats, np.load(adm) as batch, np.load(env.ref / "stats.npz") as val:
+        assert str(stats["extractor_weights"]) == str(env.weights)
+        assert str(stats["reference"]) == "adm:VIRTUAL_fixture.npz"
+        np.testing.assert_array_equal(stats["mu"], batch["mu"].astype(np.float64))
+        np.testing.assert_array_equal(stats["sigma"], batch["sigma"])
+        assert stats["features"].shape == (6, 2048) and stats["count"] == 6
+        np.testing.assert_allclose(stats["features"], val["features"][:6], rtol=1e-4, atol=1e-5)  # same weights
+        np.testing.assert_allclose(stats["val_mu"], val["val_mu"], rtol=1e-5, atol=1e-6)  # rFID reference is val
+    demo = write_params(params, tmp_path / "adm_demo.yaml", extractor="inception-v3-compat-random-init")
+    with pytest.raises(ValueError, match="fid.reference 'adm' needs fid.extractor 'inception-v3-compat'"):
+        reference_stats.main(["--params", str(demo), "--shards", str(env.shards), "--out", str(tmp_path / "r2")])
+
+
+def test_cfg_search_writes_curve_and_best_scale(env, tmp_path):
+    results = tmp_path / "cfg"
+    args = ["--params", str(env.params), "--generator", str(env.gen), "--tokenizer", str(env.tok),
+            "--reference", str(env.ref), "--results", str(results)]
+    cfg_search.main(args)
+    out = json.loads((results / "cfg_search.json").read_text())
+    assert set(out["fid"]) == {"1", "2"} and out["num_images_per_scale"] == 8  # smoke: scales [1, 2], 4 x 2 images
+    assert out["best_scale"] == min((float(s) for s in out["fid"]), key=lambda s: out["fid"][f"{s:g}"])
+    assert out["fid"]["1"] != out["fid"]["2"] and all(v > 0 for v in out["fid"].values())
+    assert out["extractor"] == "inception-v3-compat" and out["sampling"]["cfg_schedule"] == "step"
+    assert Image.open(results / "fid_vs_scale.png").size[0] > 100
