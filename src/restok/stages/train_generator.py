@@ -1,0 +1,238 @@
+"""Stage `train_generator`: the HAR (or plain AR) generator trained on the cached token levels only.
+
+    python -m restok.stages.train_generator --params params.yaml --latents data/extract_latents \
+        --out data/train_generator --results results/train_generator
+    RESTOK_NPROC_PER_NODE=8 python -m restok.stages.train_generator ...     # torchrun, one process per GPU
+
+Spec: generator.md section 8, training-and-eval.md section 4. The tokenizer is never loaded: the data are the codes
+of `extract_latents` (N x views x L) and their labels. Every step draws a global batch from a seeded permutation of
+the images (one per epoch, drop_last) and, for each sample, one of its views uniformly at random; both are pure
+functions of (seed, step), so a resumed run and any process count read the same samples (each rank takes its slice
+of the global batch). Label dropout for CFG happens inside the model. AdamW with the spec's no-decay groups, linear
+warmup + cosine LR, gradient clipping, EMA, bf16 autocast and fused AdamW on CUDA, DDP under torchrun.
+Checkpoints every `loop.ckpt_every_steps` go to `<out>/ckpt/` (atomic, resume after kill -9 is exact on CPU).
+
+Outputs: `<out>/generator.pt` (EMA weights, config dict, provenance); `results/.../metrics.json` (final train loss,
+val loss and per-level top-1 accuracy of the EMA model on all val codes, throughput) and `curve.tsv`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch import nn
+
+from restok.config import generator_config, load_params
+from restok.data.shards import write_json_atomic
+from restok.launch import relaunch_if_requested
+from restok.models.generator import HARGenerator
+from restok.train import ckpt
+from restok.train.dist import all_reduce_mean, barrier, cleanup, init_distributed, is_dist, seed_everything
+from restok.train.ema import EMA
+from restok.train.log import CurveWriter, print0, progress
+from restok.train.lr import lr_at
+from restok.train.optim import adamw
+
+PARAMS = ("profile", "generator", "train_generator")
+
+
+class Latents:
+    """One split of extract_latents: codes (N, views, L) as a memmap, labels (N,), meta.json."""
+
+    def __init__(self, root: Path, split: str):
+        d = root / split
+        if not (d / "meta.json").is_file():
+            raise FileNotFoundError(f"{d / 'meta.json'} is missing: extract_latents has not finished {split!r}")
+        self.meta = json.loads((d / "meta.json").read_text())
+        self.codes = np.load(d / "codes.npy", mmap_mode="r")  # (N, V, L)
+        self.labels = np.load(d / "labels.npy")  # (N,)
+        self.num, self.views, self.tokens = self.codes.shape
+
+    def batch(self, index: np.ndarray, view: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes (b, L) long and labels (b,) long of (image, view) pairs, copied to `device` without a sync."""
+        codes = torch.from_numpy(self.codes[index, view].astype(np.int64))  # (b, L)
+        labels = torch.from_numpy(self.labels[index].astype(np.int64))  # (b,)
+        if device.type == "cuda":
+            codes, labels = codes.pin_memory(), labels.pin_memory()
+        return codes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+class StepSampler:
+    """Global batch of step s: images from a seeded per-epoch permutation (drop_last), one random view each."""
+
+    def __init__(self, num: int, views: int, batch: int, seed: int):
+        if batch > num:
+            raise ValueError(f"train_generator.loop.batch_size={batch} exceeds the {num} training images")
+        self.num, self.views, self.batch, self.seed = num, views, batch, seed
+        self.steps_per_epoch = num // batch
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num)
+        index = self._perm[i * self.batch:(i + 1) * self.batch]
+        view = np.random.default_rng([self.seed, epoch, i, 1]).integers(0, self.views, self.batch)
+        return index, view
+
+
+@torch.no_grad()
+def evaluate(model: HARGenerator, val: Latents, num: int, batch: int, level_sizes: list[int], device, autocast,
+             rank: int, world: int) -> dict:
+    """Mean CE and per-level top-1 accuracy over the first `num` val sequences (view 0), split over ranks."""
+    ce_sum = torch.zeros(val.tokens, dtype=torch.float64, device=device)  # (L,)
+    hit_sum = torch.zeros(val.tokens, dtype=torch.float64, device=device)  # (L,)
+    for start in range(rank * batch, num, world * batch):
+        index = np.arange(start, min(start + batch, num))
+        codes, labels = val.batch(index, np.zeros_like(index), device)
+        with autocast:
+            logits, _ = model(codes, labels)  # (b, L, V)
+        ce_sum += F.cross_entropy(logits.transpose(1, 2), codes, reduction="none").sum(0)
+        hit_sum += (logits.argmax(-1) == codes).sum(0)
+    stats = torch.stack([ce_sum, hit_sum])  # (2, L)
+    if is_dist():
+        torch_dist.all_reduce(stats)
+    ce, acc = (stats / num).cpu().numpy()  # per position
+    bounds = np.cumsum([0, *level_sizes])
+    return {"loss": float(ce.mean()), "accuracy": float(acc.mean()),
+            "accuracy_per_level": {f"level_{i}": float(acc[a:b].mean())
+                                   for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))}}
+
+
+def main(argv=None):
+    relaunch_if_requested("restok.stages.train_generator", argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--latents", default="data/extract_latents", help="output of extract_latents")
+    ap.add_argument("--out", default="data/train_generator")
+    ap.add_argument("--results", default="results/train_generator")
+    args = ap.parse_args(argv)
+    p = load_params(args.params, PARAMS)
+    loop, opt_cfg = p.train_generator.loop, p.train_generator.optim
+
+    latents = Path(args.latents)
+    train, val = Latents(latents, "train"), Latents(latents, "val")
+    for key in ("codebook_size", "num_tokens", "num_classes", "level_sizes"):
+        if train.meta[key] != val.meta[key]:
+            raise ValueError(f"{latents}/train/meta.json has {key}={train.meta[key]} but {latents}/val/meta.json "
+                             f"has {val.meta[key]}; re-run extract_latents")
+    cfg = generator_config(p.generator, train.meta["codebook_size"], train.meta["num_tokens"],
+                           train.meta["num_classes"])
+
+    info = init_distributed(loop.device)
+    device, rank, world = info.device, info.rank, info.world_size
+    if loop.batch_size % world:
+        raise ValueError(f"{args.params}:train_generator.loop.batch_size={loop.batch_size} must be divisible by the "
+                         f"{world} processes")
+    local = loop.batch_size // world
+    use_bf16 = loop.precision == "bf16" or (loop.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left on CUDA
+
+    torch.manual_seed(loop.seed)  # the same initial weights on every rank
+    model = HARGenerator(cfg).to(device)
+    seed_everything(loop.seed, rank)  # then one dropout stream per rank
+    ema = EMA(model, loop.ema_decay)
+    opt = adamw(model, opt_cfg.lr, opt_cfg.weight_decay, tuple(opt_cfg.betas))
+    out, results = Path(args.out), Path(args.results)
+    step, final_loss, resume = 0, None, ckpt.latest(out / "ckpt")
+    if resume:
+        state = ckpt.load(resume)
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"{resume} was written for generator config {state['config']}, this run builds "
+                             f"{asdict(cfg)}; delete {out / 'ckpt'} to start over")
+        step, _ = ckpt.restore(state, model, {"generator": opt}, ema)
+        final_loss = state["train_loss"]
+        print0(f"resumed from {resume} at step {step}")
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = torch.compile(net) if loop.compile else net
+    sampler = StepSampler(train.num, train.views, loop.batch_size, loop.seed)
+    print0(f"train_generator: {cfg.mode} {sum(t.numel() for t in model.parameters()) / 1e6:.2f}M params, "
+           f"{train.num} images x {train.views} views, {device} x {world}, bf16={use_bf16}, steps {step}.."
+           f"{loop.max_steps}")
+
+    val_num = min(val.num, p.train_generator.val_batches * loop.batch_size)
+    level_sizes = train.meta["level_sizes"]
+    columns = ["loss", "val_loss", "lr"] if val_num else ["loss", "lr"]
+    curve = CurveWriter(results / "curve.tsv", columns, resume_step=step if resume else None) if info.is_main \
+        else None
+    loss_sum, loss_steps, train_secs, first_step = torch.zeros((), device=device), 0, 0.0, step
+    net.train()
+    t0 = time.perf_counter()
+    with progress(loop.max_steps, "train_generator") as bar:
+        bar.advance(step)
+        while step < loop.max_steps:
+            lr = lr_at(step, opt_cfg.lr, opt_cfg.warmup_steps, loop.max_steps, "cosine", opt_cfg.end_lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            index, view = sampler(step)
+            codes, labels = train.batch(index[rank * local:(rank + 1) * local], view[rank * local:(rank + 1) * local],
+                                        device)
+            with autocast:
+                _, loss = net(codes, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if opt_cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip, foreach=True)
+            opt.step()
+            ema.update(model)
+            loss_sum += loss.detach()
+            loss_steps += 1
+            step += 1
+            bar.advance(1)
+
+            if step % loop.log_every_steps == 0 or step == loop.max_steps:
+                train_secs += time.perf_counter() - t0
+                final_loss = all_reduce_mean(loss_sum / loss_steps).item()
+                row = {"loss": final_loss, "lr": lr}
+                if val_num:
+                    row["val_loss"] = evaluate(ema.model, val, val_num, local, level_sizes, device, autocast,
+                                               rank, world)["loss"]
+                if curve:
+                    curve.write(step, **row)
+                print0(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items()))
+                loss_sum, loss_steps = torch.zeros((), device=device), 0
+                t0 = time.perf_counter()
+            if step % loop.ckpt_every_steps == 0 or step == loop.max_steps:
+                train_secs += time.perf_counter() - t0
+                state = ckpt.capture(step, model, {"generator": opt}, ema, data={"step": step}, config=asdict(cfg),
+                                     train_loss=final_loss)
+                if info.is_main:
+                    ckpt.save(out / "ckpt", state, step, keep=loop.keep_ckpts)
+                barrier()
+                t0 = time.perf_counter()
+
+    final = evaluate(ema.model, val, val.num, local, level_sizes, device, autocast, rank, world)
+    if info.is_main:
+        curve.close()
+        params_hash = hashlib.sha256(json.dumps({k: asdict(p.sections[k]) for k in PARAMS[1:]}, sort_keys=True).encode()
+                                     ).hexdigest()
+        provenance = {"stage": "train_generator", "profile": p.profile, "step": step, "params_sha256": params_hash,
+                      "weights": "ema", "latents": {"train_meta": train.meta, "val_num_images": val.num}}
+        ckpt.save_artifact(out / "generator.pt", ema.model.state_dict(), asdict(cfg), provenance)
+        sequences = (step - first_step) * loop.batch_size
+        metrics = {"profile": p.profile, "mode": cfg.mode, "steps": step, "final_train_loss": final_loss,
+                   "val_loss": final["loss"], "val_accuracy": final["accuracy"],
+                   "val_accuracy_per_level": final["accuracy_per_level"], "val_sequences": val.num,
+                   "sequences_per_s": round(sequences / train_secs, 2) if train_secs else None,
+                   "train_seconds": round(train_secs, 2), "steps_this_run": step - first_step,
+                   "world_size": world, "device": device.type, "bf16": use_bf16, "compile": loop.compile,
+                   "params_M": round(sum(t.numel() for t in model.parameters()) / 1e6, 3),
+                   "tokenizer": train.meta["tokenizer"]}
+        results.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(results / "metrics.json", metrics)
+    barrier()
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()
