@@ -2,11 +2,12 @@
 
 Run: .venv/bin/python -m pytest tests/unit/test_stage_train_generator.py -q
 Covers the outputs and their numbers (val loss recomputed from generator.pt), the seeded view sampler, refusing a
-checkpoint of another config, SIGKILL after the first checkpoint + rerun giving a generator.pt byte-identical to an
+checkpoint of another run (not resumed: it starts over), SIGKILL after the first checkpoint + rerun giving a generator.pt byte-identical to an
 uninterrupted run (CPU, one process), and DDP with 2 CPU processes (gloo) through the torchrun relaunch.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,13 +109,22 @@ def test_sampler_is_seeded_and_covers_epochs():
         train_generator.StepSampler(10, 1, 11, 0)
 
 
-def test_refuses_checkpoint_of_another_config(trained, latents, tmp_path, smoke_params):
+def test_checkpoints_of_another_run_are_not_resumed(trained, latents, tmp_path, smoke_params, capsys):
+    """A changed param (here the learning rate) must not resume the old run's checkpoints: it starts over and ends
+    exactly where a fresh run with the new params ends."""
     tree = yaml.safe_load(smoke_params.read_text())
-    tree["generator"]["dim"] = 64
+    tree["train_generator"]["optim"]["lr"] *= 3
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tree))
-    with pytest.raises(ValueError, match="delete .*ckpt"):
-        train_generator.main(_args(params, latents, trained))
+    previous = tmp_path / "previous"
+    shutil.copytree(trained, previous)  # the finished run of the old params, with its checkpoints
+    train_generator.main(_args(params, latents, previous))
+    assert "starting over" in capsys.readouterr().out
+    fresh = tmp_path / "fresh"
+    train_generator.main(_args(params, latents, fresh))
+    a, _, _ = load_artifact(previous / "data" / "generator.pt")
+    b, _, _ = load_artifact(fresh / "data" / "generator.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _cmd(params, latents, root):

@@ -144,12 +144,11 @@ def main(argv=None):
     ema = EMA(model, loop.ema_decay)
     opt = adamw(model, opt_cfg.lr, opt_cfg.weight_decay, tuple(opt_cfg.betas))
     out, results = Path(args.out), Path(args.results)
-    step, final_loss, resume = 0, None, ckpt.latest(out / "ckpt")
+    run_id = ckpt.fingerprint(asdict(cfg), asdict(p.train_generator), train.meta, world)
+    step, final_loss, resume = 0, None, ckpt.resume_point(out / "ckpt", run_id, info.is_main)
+    barrier()
     if resume:
         state = ckpt.load(resume)
-        if state["config"] != asdict(cfg):
-            raise ValueError(f"{resume} was written for generator config {state['config']}, this run builds "
-                             f"{asdict(cfg)}; delete {out / 'ckpt'} to start over")
         step, _ = ckpt.restore(state, model, {"generator": opt}, ema)
         final_loss = state["train_loss"]
         print0(f"resumed from {resume} at step {step}")
@@ -205,7 +204,7 @@ def main(argv=None):
             if step % loop.ckpt_every_steps == 0 or step == loop.max_steps:
                 train_secs += time.perf_counter() - t0
                 state = ckpt.capture(step, model, {"generator": opt}, ema, data={"step": step}, config=asdict(cfg),
-                                     train_loss=final_loss)
+                                     fingerprint=run_id, train_loss=final_loss)
                 if info.is_main:
                     ckpt.save(out / "ckpt", state, step, keep=loop.keep_ckpts)
                 barrier()

@@ -16,9 +16,12 @@ Loop usage (rank 0 saves, every rank restores its own RNG stream):
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +141,28 @@ def save(ckpt_dir: str | Path, state: dict, step: int, keep: int = 2) -> Path:
     for stale in ckpt_dir.glob("*.tmp.*"):  # left by a writer killed mid-write
         stale.unlink(missing_ok=True)
     return path
+
+
+def fingerprint(*parts) -> str:
+    """A short hash of what a training run is (model config, training params, input artifacts' identity)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def resume_point(ckpt_dir: str | Path, run_fingerprint: str, is_main: bool = True) -> Path | None:
+    """The newest checkpoint of *this* run, or None. Checkpoints of another run (a changed param or upstream
+    artifact; DVC and Snakemake keep the folder across reruns) are removed so training starts over cleanly."""
+    path = latest(ckpt_dir)
+    if path is None:
+        return None
+    found = load(path).get("fingerprint")
+    if found == run_fingerprint:
+        return path
+    if is_main:
+        print(f"{ckpt_dir}: checkpoints belong to another run (fingerprint {found} != {run_fingerprint}); "
+              f"starting over", flush=True)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return None
 
 
 def latest(ckpt_dir: str | Path) -> Path | None:
