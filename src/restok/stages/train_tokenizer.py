@@ -1,0 +1,456 @@
+"""Stage `train_tokenizer`: train ResTok with MSE + LPIPS + VQ + VF alignment (+ GAN), keep an EMA, evaluate it.
+
+    python -m restok.stages.train_tokenizer --params params.yaml --shards data/shard \
+        --features data/cache_features --out data/train_tokenizer --results results/train_tokenizer
+    torchrun --standalone --nproc_per_node=8 -m restok.stages.train_tokenizer ...    # or RESTOK_NPROC_PER_NODE=8
+
+Spec: training-and-eval.md 2 (losses), 3 (procedure), 5.1 (reconstruction metrics). One iteration (3.5): tokenizer
+forward under bf16 autocast on CUDA (VQ, pixel decoder and losses in fp32; fp32 on CPU), L_G backward, global
+grad-norm clip, AdamW step (weight-decay groups of 3.2, warmup + cosine LR of 3.3); from `gan_start_step` the
+discriminator step on (x, sg(x_hat)) with its own optimiser and step counter; then the EMA update (3.4).
+
+Data: each sample is one training view of one train image. With cached features (`vf.mode: cache`) it is one of
+the image's cached views, chosen by a generator seeded with (seed, epoch, image), and the VF loss compares the
+tokenizer with the teacher's features of exactly that crop; without them a fresh view is drawn the same way.
+Shards are read by random access (tar member offsets), so the order is a pure function of (seed, epoch): every
+epoch is one seeded permutation of all images split over the ranks, and a resumed run (kill -9 included) continues
+at the same sample with the same model, optimisers, EMA and RNG, bit for bit on CPU.
+
+Outputs: data/train_tokenizer/tokenizer.pt (EMA weights, model config, provenance), ckpt/ (resume state),
+results/train_tokenizer/metrics.json (PSNR/SSIM/codebook stats of the EMA on `eval_images` val images, a
+mean-image PSNR baseline, PSNR per token prefix, which losses and weights were used), curve.tsv, recon.png
+(originals, then reconstructions from 1, 2, 4, ..., L tokens, one row each).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import time
+from itertools import accumulate
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.utils import save_image
+
+from restok.config import load_params, tokenizer_config
+from restok.data.shards import MANIFEST, decode_image, iter_split_uint8, read_manifest, sha256_file, shard_paths
+from restok.data.shards import store_transform, write_json_atomic
+from restok.data.views import apply_view, train_view_boxes
+from restok.launch import relaunch_if_requested
+from restok.losses.recon import TokenizerLoss
+from restok.metrics import codebook_stats, psnr, ssim
+from restok.models.teacher import Teacher
+from restok.models.tokenizer import ResTok
+from restok.train import ckpt, dist, optim
+from restok.train.ema import EMA
+from restok.train.log import CurveWriter, console, print0, progress
+from restok.train.lr import lr_at
+
+PARAMS = ("profile", "vf", "tokenizer", "train_tokenizer")
+FEATURES_FORMAT = "restok-features-v1"  # written by restok.stages.cache_features
+IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
+
+
+# --------------------------------------------------------------------------------------------------- data
+class TarIndex:
+    """Random access to an uncompressed tar's samples: key -> {field: (offset, size)} (webdataset naming)."""
+
+    def __init__(self, path: str | Path):
+        self.path, self.members, self._file = str(path), {}, (None, None)
+        with tarfile.open(self.path) as tar:  # reads the headers only; member data is skipped by seeking
+            for m in tar:
+                if m.isfile():
+                    folder, base = os.path.split(m.name)
+                    stem, _, field = base.partition(".")
+                    self.members.setdefault(os.path.join(folder, stem), {})[field] = (m.offset_data, m.size)
+        self.keys = list(self.members)
+
+    def _handle(self):
+        pid, handle = self._file
+        if pid != os.getpid():  # one handle per process (DataLoader workers fork)
+            self._file = (os.getpid(), open(self.path, "rb"))
+        return self._file[1]
+
+    def read(self, key: str, field: str) -> bytes:
+        offset, size = self.members[key][field]
+        f = self._handle()
+        f.seek(offset)
+        return f.read(size)
+
+    def npy_row(self, key: str, field: str, row: int) -> np.ndarray:
+        """Row `row` of the .npy member (V, ...) without reading the other rows."""
+        offset, _ = self.members[key][field]
+        f = self._handle()
+        f.seek(offset)
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        shape, _, dtype = read_header[version](f)
+        count = int(np.prod(shape[1:]))
+        f.seek(f.tell() + row * count * dtype.itemsize)
+        return np.frombuffer(f.read(count * dtype.itemsize), dtype=dtype).reshape(shape[1:])
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": (None, None)}
+
+
+class ViewDataset(Dataset):
+    """(image index, draw seed) -> (view uint8 (3, res, res), teacher CLS (D,), teacher patches (P, D)).
+
+    With cached features the view is one of the image's cached views (chosen with the draw seed) and the teacher
+    tensors are its cached fp16 features; without, a fresh `train_view_boxes` view and empty tensors.
+    """
+
+    def __init__(self, shard_dir: str, image_manifest: dict, features_dir: str | None, views: int):
+        self.res, self.external, self.views = image_manifest["resolution"], image_manifest["external"], views
+        self.images = [TarIndex(p) for p in shard_paths(shard_dir, image_manifest)]
+        self.features = None
+        if features_dir is not None:
+            names = [Path(p).name for p in shard_paths(shard_dir, image_manifest)]
+            self.features = [TarIndex(Path(features_dir) / name) for name in names]
+            for img, feat in zip(self.images, self.features):
+                if img.keys != feat.keys:
+                    raise ValueError(f"{feat.path} holds {len(feat.keys)} samples that do not match the "
+                                     f"{len(img.keys)} of {img.path}; rerun cache_features (dvc repro cache_features)")
+        self.records = [(s, key) for s, index in enumerate(self.images) for key in index.keys]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, item):
+        index, draw = item
+        shard, key = self.records[index]
+        rng = np.random.default_rng(draw)
+        fields = self.images[shard].members[key]
+        field = next(f for f in IMAGE_FIELDS if f in fields)
+        img = decode_image({field: self.images[shard].read(key, field), "__key__": key})
+        if self.external:
+            img = store_transform(img, "train", self.res)
+        if self.features is None:
+            box, cls, patches = train_view_boxes(img.size, self.res, 1, rng)[0], torch.empty(0), torch.empty(0)
+        else:
+            feat, v = self.features[shard], int(rng.integers(self.views))
+            box = feat.npy_row(key, "views.npy", v)
+            cls = torch.from_numpy(feat.npy_row(key, "cls.npy", v).copy())  # (D,) fp16
+            patches = torch.from_numpy(feat.npy_row(key, "patches.npy", v).copy())  # (P, D) fp16
+        return apply_view(img, box, self.res), cls, patches
+
+
+class EpochSampler(Sampler):
+    """Infinite: epoch e is the permutation rng(seed, e) of all images, cut to a multiple of the world size and
+    split by rank; yields (image, (seed, e, image)) from item `start` of this rank's stream (the data position)."""
+
+    def __init__(self, n: int, rank: int, world: int, seed: int, start: int):
+        self.n, self.rank, self.world, self.seed, self.start = n, rank, world, seed, start
+        self.per_rank = n // world
+        if self.per_rank == 0:
+            raise ValueError(f"{n} training images cannot be split over {world} processes")
+
+    def __iter__(self):
+        epoch, offset = divmod(self.start, self.per_rank)
+        while True:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.n)[: self.per_rank * self.world]
+            for i in order[self.rank :: self.world][offset:].tolist():
+                yield i, (self.seed, epoch, i)
+            epoch, offset = epoch + 1, 0
+
+
+def collate(batch):
+    views, cls, patches = zip(*batch)
+    return torch.stack(views), torch.stack(cls), torch.stack(patches)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def vf_setup(p, shards: str, features: str) -> dict:
+    """Which VF source the run uses: {"need", "cached", "dim", "provenance", "reason"}; refuses stale caches."""
+    vf, cfg, loss = p.vf, p.tokenizer, p.train_tokenizer.loss
+    manifest_path = Path(features) / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} is missing: run cache_features first (dvc repro cache_features)")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FEATURES_FORMAT:
+        raise ValueError(f"{manifest_path} has format {manifest.get('format')!r}, expected {FEATURES_FORMAT!r}")
+    if not cfg.vf_align:
+        return {"need": False, "cached": False, "dim": None, "reason": "off (tokenizer.vf_align false)"}
+    need = loss.vf_enc_weight > 0 or loss.vf_dec_weight > 0
+    if vf.mode == "online" or not need:
+        with torch.device("meta"):  # the width only; weights are loaded below when the teacher runs
+            dim = timm.create_model(vf.teacher).num_features
+        return {"need": need, "cached": False, "dim": dim, "reason": "online teacher" if need else "off (weight 0)"}
+    image_sha = sha256_file(Path(shards) / "train" / MANIFEST)
+    facts = {"cached": (manifest["cached"], True), "teacher": (manifest["teacher"], vf.teacher),
+             "grid": (manifest.get("grid"), vf.grid), "image_shards_manifest_sha256":
+             (manifest["image_shards_manifest_sha256"], image_sha)}
+    for name, (found, expected) in facts.items():
+        if found != expected:
+            raise ValueError(f"{manifest_path} says {name}={found!r} but {p.path} / {shards} give {expected!r}; "
+                             f"rerun cache_features (dvc repro cache_features)")
+    return {"need": True, "cached": True, "dim": manifest["dim"], "provenance": manifest["provenance"],
+            "views": manifest["views_per_image"], "manifest_sha256": sha256_file(manifest_path)}
+
+
+def params_hash(p) -> str:
+    tree = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in p.sections.items()}
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def evaluate(model: ResTok, shards: str, n: int, device: torch.device, batch: int, show: int = 8):
+    """EMA model in fp32 on the first `n` val images (spec 5.1): PSNR/SSIM after clamping and 8-bit rounding,
+    codebook usage, PSNR of each token prefix, the mean-image baseline; and the recon.png tiles."""
+    model.eval()
+    images = []
+    for _, img, _ in iter_split_uint8(shards, "val"):
+        images.append(img)
+        if len(images) == n:
+            break
+    x_all = torch.stack(images).float() / 255  # (N, 3, H, W)
+    prefixes = list(accumulate(model.level_sizes))
+    sums = {"psnr": 0.0, "ssim": 0.0, **{k: 0.0 for k in prefixes}}
+    codes_all, tiles = [], [[] for _ in range(len(prefixes) + 1)]
+    for i in range(0, len(x_all), batch):
+        x = x_all[i : i + batch].to(device)
+        codes = model.encode(x)  # (b, L)
+        codes_all.append(codes.cpu())
+        for j, k in enumerate(prefixes):
+            recon = (model.decode(codes, k).clamp(0, 1) * 255).round() / 255
+            sums[k] += float(psnr(recon, x).sum())
+            if k == prefixes[-1]:
+                sums["psnr"] += float(psnr(recon, x).sum())
+                sums["ssim"] += float(ssim(recon, x).sum())
+            if i == 0:
+                tiles[j + 1] = recon[:show].cpu()
+        if i == 0:
+            tiles[0] = x[:show].cpu()
+    count = len(x_all)
+    mean_image = x_all.mean(0, keepdim=True).expand_as(x_all)
+    stats = codebook_stats(torch.cat(codes_all), model.level_sizes, model.cfg.codebook_size)
+    metrics = {"eval_images": count, "psnr": sums["psnr"] / count, "ssim": sums["ssim"] / count,
+               "mean_image_psnr": float(psnr(mean_image, x_all).mean()),
+               "psnr_by_prefix": {str(k): sums[k] / count for k in prefixes}, "codebook": stats}
+    return metrics, torch.cat(tiles), prefixes
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    relaunch_if_requested("restok.stages.train_tokenizer", argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--shards", default="data/shard")
+    ap.add_argument("--features", default="data/cache_features")
+    ap.add_argument("--out", default="data/train_tokenizer")
+    ap.add_argument("--results", default="results/train_tokenizer")
+    args = ap.parse_args(argv)
+    p = load_params(args.params, PARAMS)
+    tt, loop, opt_cfg = p.train_tokenizer, p.train_tokenizer.loop, p.train_tokenizer.optim
+    image_manifest = read_manifest(args.shards, "train")
+    res = image_manifest["resolution"]
+    vfs = vf_setup(p, args.shards, args.features)
+    cfg = tokenizer_config(p.tokenizer, res, vfs["dim"])
+    if vfs["need"] and cfg.grid != (p.vf.grid, p.vf.grid):
+        raise ValueError(f"{p.path}: vf.grid={p.vf.grid} but the tokenizer's image-token grid is {cfg.grid[0]} "
+                         f"(data resolution {res} from {args.shards}/train/{MANIFEST}); set vf.grid={cfg.grid[0]}")
+    loss_cfg = tt.loss if cfg.vf_align else dataclasses.replace(tt.loss, vf_enc_weight=0.0, vf_dec_weight=0.0)
+    teacher = Teacher(p.vf.teacher, p.vf.weights) if vfs["need"] and not vfs["cached"] else None
+    dist.seed_everything(loop.seed)
+    loss_fn = TokenizerLoss(loss_cfg)  # LPIPS / discriminator weights checked here, before any work
+
+    info = dist.init_distributed(loop.device)
+    device = info.device
+    if loop.batch_size % info.world_size:
+        raise ValueError(f"{p.path}: train_tokenizer.loop.batch_size={loop.batch_size} is not divisible by the "
+                         f"{info.world_size} processes")
+    local_bs = loop.batch_size // info.world_size
+    out, results, ckpt_dir = Path(args.out), Path(args.results), Path(args.out) / "ckpt"
+    run_hash = hashlib.sha256(f"{params_hash(p)}{vfs.get('manifest_sha256')}{image_manifest['shards']}".encode())
+    run_hash = run_hash.hexdigest()
+
+    dist.seed_everything(loop.seed)  # the same init on every rank
+    model = ResTok(cfg).to(device)
+    ema = EMA(model, loop.ema_decay)
+    loss_fn = loss_fn.to(device).train()
+    teacher = teacher.to(device) if teacher is not None else None
+    opts = {"tokenizer": optim.adamw(model, opt_cfg.lr, opt_cfg.weight_decay, tuple(opt_cfg.betas))}
+    if loss_fn.gan is not None:
+        opts["discriminator"] = optim.adamw(loss_fn.gan.discriminator, tt.disc_lr, opt_cfg.weight_decay,
+                                            tuple(opt_cfg.betas))
+    dist.seed_everything(loop.seed, info.rank)
+    step, resumed = 0, None
+    latest = ckpt.latest(ckpt_dir)
+    if latest is not None:
+        state = ckpt.load(latest)
+        if state.get("run_hash") == run_hash:
+            step, _ = ckpt.restore(state, model, opts, ema)
+            if loss_fn.gan is not None:
+                loss_fn.gan.load_state_dict(state["gan"])
+            resumed = step
+        else:
+            print0(f"train_tokenizer: {ckpt_dir} belongs to other params or data; starting over")
+    dist.barrier()
+    if info.is_main:
+        if resumed is None and ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
+        for stale in (out / "tokenizer.pt", results / "metrics.json", results / "recon.png"):
+            stale.unlink(missing_ok=True)
+    dist.barrier()
+
+    dataset = ViewDataset(args.shards, image_manifest, args.features if vfs["cached"] else None, vfs.get("views", 1))
+    sampler = EpochSampler(len(dataset), info.rank, info.world_size, loop.seed, step * local_bs)
+    loader = iter(DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=loop.workers,
+                             collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
+                             generator=torch.Generator().manual_seed(loop.seed)))  # not the global RNG: resume
+    net = torch.compile(model) if loop.compile else model
+    if info.world_size > 1:
+        unused = cfg.vf_align and not (loss_cfg.vf_enc_weight > 0 and loss_cfg.vf_dec_weight > 0)
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=unused)
+    bf16 = loop.precision == "bf16" or (loop.precision == "auto" and device.type == "cuda")
+    disc_params = [q for q in loss_fn.gan.discriminator.parameters() if q.requires_grad] if loss_fn.gan else []
+    columns = ["loss", *loss_terms(loss_cfg), *(["d_loss"] if loss_fn.gan else []), "lr"]
+    curve = CurveWriter(results / "curve.tsv", columns, resumed) if info.is_main else None
+    print0(f"train_tokenizer: {sum(q.numel() for q in model.parameters()) / 1e6:.2f}M params, device {device}, "
+           f"world {info.world_size}, bf16 {bf16}, VF {vfs['reason'] if 'reason' in vfs else 'cached'}, "
+           + (f"resumed from step {resumed}" if resumed is not None else "fresh start"))
+
+    acc, acc_n, t_start, start_step, logged = None, 0, time.time(), step, step
+    with progress(loop.max_steps - step, "train_tokenizer", every=loop.log_every_steps) as bar:
+        while step < loop.max_steps:
+            views, t_cls, t_patches = next(loader)
+            x = views.to(device, non_blocking=True).float() / 255  # (B, 3, H, W) in [0, 1]
+            if teacher is not None:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    t_cls, t_patches = teacher(x, grid=(p.vf.grid, p.vf.grid))
+            t_cls = t_cls.to(device, non_blocking=True).float() if vfs["need"] else None
+            t_patches = t_patches.to(device, non_blocking=True).float() if vfs["need"] else None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                o = net(x)
+            loss, logs = loss_fn(x, o.recon, o.quant_loss, step=step, teacher_cls=t_cls, teacher_patches=t_patches,
+                                 enc_tokens_proj=o.enc_cls_feat[:, None] if o.enc_cls_feat is not None else None,
+                                 dec_feat_proj=o.dec_patch_feat)
+            lr = lr_at(step, opt_cfg.lr, opt_cfg.warmup_steps, loop.max_steps, end_lr=opt_cfg.end_lr)
+            apply_step(opts["tokenizer"], loss, model.parameters(), lr, opt_cfg.grad_clip)
+            values = [loss.detach(), *(logs[c] for c in columns[1:-1] if c != "d_loss")]
+            if loss_fn.gan is not None:
+                d_loss = torch.zeros((), device=device)
+                if loss_fn.gan.active(step):
+                    d_loss, _ = loss_fn.gan.discriminator_loss(x, o.recon.detach())
+                    apply_step(opts["discriminator"], d_loss, disc_params, disc_lr(step, tt, loop), opt_cfg.grad_clip,
+                               average_grads=True)
+                values.append(d_loss.detach())
+            ema.update(model)
+            step += 1
+            row = torch.stack([v.float() for v in values])
+            acc, acc_n = (row if acc is None else acc + row), acc_n + 1
+            if step % loop.log_every_steps == 0 or step == loop.max_steps:
+                mean = dist.all_reduce_mean(acc / acc_n).tolist()
+                if curve is not None:
+                    curve.write(step, **dict(zip(columns, [*mean, lr])))
+                acc, acc_n = None, 0
+                bar.advance(step - logged, **dict(zip(columns, mean)))
+                logged = step
+            if step % loop.ckpt_every_steps == 0 or step == loop.max_steps:
+                extra = {"gan": loss_fn.gan.state_dict()} if loss_fn.gan is not None else {}
+                state = ckpt.capture(step, model, opts, ema, data={"samples_per_rank": step * local_bs},
+                                     run_hash=run_hash, **extra)
+                if info.is_main:
+                    ckpt.save(ckpt_dir, state, step, keep=loop.keep_ckpts)
+                dist.barrier()
+    train_seconds = time.time() - t_start
+    if curve is not None:
+        curve.close()
+
+    if info.is_main:
+        metrics, tiles, prefixes = evaluate(ema.model, args.shards, tt.eval_images, device, local_bs)
+        results.mkdir(parents=True, exist_ok=True)
+        tmp = results / "recon.tmp.png"
+        save_image(tiles, tmp, nrow=len(tiles) // (len(prefixes) + 1), padding=1)
+        tmp.replace(results / "recon.png")
+        teacher_info = (vfs.get("provenance") or (teacher.provenance if teacher is not None else None))
+        losses = loss_report(loss_cfg, cfg, vfs, loss_fn, tt.loop.max_steps)
+        provenance = {"params_hash": params_hash(p), "step": step, "profile": p.profile, "teacher": teacher_info,
+                      "losses": losses, "features_manifest_sha256": vfs.get("manifest_sha256")}
+        state_dict = {k: v.detach().cpu() for k, v in ema.model.state_dict().items()}
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.save_artifact(out / "tokenizer.pt", state_dict, dataclasses.asdict(cfg), provenance)
+        trained = step - start_step
+        metrics.update({
+            "profile": p.profile, "step": step, "teacher": teacher_info, "losses": losses,
+            "psnr_minus_mean_image_psnr": metrics["psnr"] - metrics["mean_image_psnr"],
+            "train_seconds": round(train_seconds, 2), "steps_this_run": trained,
+            "train_images_per_second": round(trained * loop.batch_size / max(train_seconds, 1e-9), 2),
+            "world_size": info.world_size, "device": str(device), "bf16": bf16, "resumed_from_step": resumed,
+            "recon_png_rows": ["original", *[f"{k} tokens" for k in prefixes]],
+            "num_params_millions": round(sum(q.numel() for q in model.parameters()) / 1e6, 3)})
+        write_json_atomic(results / "metrics.json", metrics)
+        console.print(f"train_tokenizer: EMA PSNR {metrics['psnr']:.2f} dB (mean image {metrics['mean_image_psnr']:.2f}"
+                      f" dB), SSIM {metrics['ssim']:.3f}, {metrics['train_images_per_second']} img/s, "
+                      f"{train_seconds:.1f} s")
+    dist.barrier()
+    dist.cleanup()
+
+
+def loss_terms(loss_cfg) -> list[str]:
+    """The loss components TokenizerLoss logs for this config, in its order."""
+    terms = ["mse", "quant"]
+    terms += ["lpips"] if loss_cfg.lpips_weight > 0 else []
+    terms += ["vf_enc"] if loss_cfg.vf_enc_weight > 0 else []
+    terms += ["vf_dec"] if loss_cfg.vf_dec_weight > 0 else []
+    return terms + (["gan_g"] if loss_cfg.gan_weight > 0 else [])
+
+
+def loss_report(loss_cfg, cfg, vfs: dict, loss_fn: TokenizerLoss, max_steps: int) -> dict:
+    """Each term: its weight and the weights source of its frozen model, or why it is off."""
+    built = loss_fn.provenance
+    off = "off (tokenizer.vf_align false)" if not cfg.vf_align else "off (weight 0)"
+    report = {"mse": "on (weight 1)", "vq": f"on (weight 1, commitment {cfg.commitment_cost})"}
+    report["lpips"] = (f"on (weight {loss_cfg.lpips_weight}, {built['lpips']['weights']})"
+                       if loss_cfg.lpips_weight > 0 else "off (weight 0)")
+    source = "cached" if vfs["cached"] else "online"
+    for name in ("vf_enc", "vf_dec"):
+        weight = getattr(loss_cfg, f"{name}_weight")
+        report[name] = f"on (weight {weight}, teacher features {source})" if weight > 0 else off
+    if loss_cfg.gan_weight == 0:
+        report["gan"] = "off (weight 0)"
+    elif loss_cfg.gan_start_step >= max_steps:
+        report["gan"] = f"off (gan_start_step {loss_cfg.gan_start_step} >= max_steps {max_steps})"
+    else:
+        report["gan"] = (f"on from step {loss_cfg.gan_start_step} (weight {loss_cfg.gan_weight}, "
+                         f"{built['discriminator']['model']} {built['discriminator']['weights']})")
+    return report
+
+
+def apply_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, lr: float, clip: float,
+               average_grads: bool = False) -> None:
+    """zero_grad, backward, (average gradients over ranks), clip the global norm, set the LR, step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [q for q in params if q.grad is not None]
+    if average_grads and dist.is_dist():  # parameters outside DDP (the discriminator heads)
+        for q in params:
+            torch.distributed.all_reduce(q.grad, op=torch.distributed.ReduceOp.AVG)
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+
+
+def disc_lr(step: int, tt, loop) -> float:
+    """Discriminator LR: the same warmup + cosine rule on its own counter (step - gan_start_step, spec 3.3); its
+    end LR keeps the tokenizer's end/base ratio."""
+    total = loop.max_steps - tt.loss.gan_start_step
+    end = tt.optim.end_lr * tt.disc_lr / tt.optim.lr if tt.optim.lr > 0 else 0.0
+    return lr_at(step - tt.loss.gan_start_step, tt.disc_lr, min(tt.optim.warmup_steps, total - 1), total, end_lr=end)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Stage train_tokenizer on the smoke profile: outputs, the cached-view loader, kill -9 resume, DDP on 2 CPU ranks.
+
+Run: .venv/bin/python -m pytest tests/unit/test_stage_train_tokenizer.py -q
+
+The features come from the real cache_features stage with a seeded random-init teacher (no weights offline). The
+resume test runs the stage as a subprocess with every loss on (LPIPS and the DINO discriminator with random-init
+weights, GAN from step 3), SIGKILLs it once the first checkpoint exists, reruns it, and compares the final
+tokenizer.pt tensors bit for bit with an uninterrupted run.
+"""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+import yaml
+from PIL import Image
+
+from restok.config import deep_merge
+from restok.data.shards import iter_split
+from restok.data.views import apply_view
+from restok.models.tokenizer import ResTok, TokenizerConfig
+from restok.stages import cache_features, train_tokenizer
+from restok.train.ckpt import load_artifact
+
+
+def _params(smoke_params, tmp: Path, over: dict) -> Path:
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(deep_merge(yaml.safe_load(Path(smoke_params).read_text()), over)))
+    return path
+
+
+def _args(params: Path, shards: Path, features: Path, root: Path) -> list[str]:
+    return ["--params", str(params), "--shards", str(shards), "--features", str(features),
+            "--out", str(root / "data/train_tokenizer"), "--results", str(root / "results/train_tokenizer")]
+
+
+@pytest.fixture(scope="module")
+def features(smoke_params, smoke_shards, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("features")
+    cache_features.main(["--params", str(smoke_params), "--shards", str(smoke_shards),
+                         "--out", str(root / "cache"), "--results", str(root / "results")])
+    return root / "cache"
+
+
+@pytest.fixture(scope="module")
+def trained(smoke_params, smoke_shards, features, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("trained")
+    train_tokenizer.main(_args(smoke_params, smoke_shards, features, root))
+    return root
+
+
+def test_outputs(trained):
+    state_dict, config, provenance = load_artifact(trained / "data/train_tokenizer/tokenizer.pt")
+    model = ResTok(TokenizerConfig(**config))
+    model.load_state_dict(state_dict)  # strict: the artifact rebuilds from its own config
+    assert config["resolution"] == 32 and config["vf_dim"] == 384
+    assert provenance["step"] == 6 and provenance["profile"] == "smoke" and len(provenance["params_hash"]) == 64
+    assert provenance["teacher"] == {"model": "vit_small_patch16_dinov3.lvd1689m", "weights": "random-init(seed=0)"}
+
+    metrics = json.loads((trained / "results/train_tokenizer/metrics.json").read_text())
+    assert metrics["losses"]["lpips"] == "off (weight 0)" and metrics["losses"]["gan"] == "off (weight 0)"
+    assert metrics["losses"]["vf_enc"].startswith("on") and "cached" in metrics["losses"]["vf_dec"]
+    assert metrics["eval_images"] == 8 and metrics["step"] == 6 and metrics["profile"] == "smoke"
+    assert np.isfinite(metrics["psnr"]) and 0 < metrics["ssim"] < 1 and np.isfinite(metrics["mean_image_psnr"])
+    assert list(metrics["psnr_by_prefix"]) == ["1", "2", "4", "8", "16"]
+    assert set(metrics["codebook"]) == {f"level_{i}" for i in range(5)} | {"all"}
+    assert metrics["train_images_per_second"] > 0
+
+    lines = (trained / "results/train_tokenizer/curve.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["step", "loss", "mse", "quant", "vf_enc", "vf_dec", "lr"]
+    assert [int(line.split("\t")[0]) for line in lines[1:]] == [2, 4, 6]
+
+    with Image.open(trained / "results/train_tokenizer/recon.png") as png:  # 8 columns; original + 5 prefix rows
+        assert png.size == (8 * 33 + 1, 6 * 33 + 1)
+
+
+def test_loader_crops_the_cached_view(smoke_shards, features):
+    manifest = json.loads((smoke_shards / "train/manifest.json").read_text())
+    dataset = train_tokenizer.ViewDataset(str(smoke_shards), manifest, str(features), views=2)
+    stored = {key.rsplit("/", 1)[-1]: img for key, img, _ in iter_split(smoke_shards, "train")}
+    index = 5
+    shard, key = dataset.records[index]
+    feature_shard = features / Path(dataset.images[shard].path).name
+    cached = next(s for s in wds.WebDataset(str(feature_shard), shardshuffle=False) if s["__key__"] == key)
+    boxes, cls = (np.load(io.BytesIO(cached[f])) for f in ("views.npy", "cls.npy"))
+    seen = set()
+    for epoch in range(6):
+        draw = (0, epoch, index)
+        view, t_cls, t_patches = dataset[index, draw]
+        v = int(np.random.default_rng(draw).integers(2))
+        seen.add(v)
+        assert torch.equal(view, apply_view(stored[key], boxes[v], 32))  # the crop of exactly that view
+        assert torch.equal(t_cls, torch.from_numpy(cls[v])) and t_patches.shape == (64, 384)
+    assert seen == {0, 1}
+
+
+def test_sampler_resumes_at_the_data_position():
+    full = train_tokenizer.EpochSampler(10, rank=1, world=2, seed=3, start=0)
+    stream = [item for item, _ in zip(full, range(17))]
+    resumed = train_tokenizer.EpochSampler(10, rank=1, world=2, seed=3, start=7)
+    assert [item for item, _ in zip(resumed, range(10))] == stream[7:]
+    assert sorted(i for i, _ in stream[:5]) != sorted(i for i, _ in stream[5:10])  # epochs reshuffle
+
+
+def test_refuses_features_of_other_params(smoke_params, smoke_shards, features, tmp_path):
+    params = _params(smoke_params, tmp_path, {"vf": {"grid": 4}})
+    with pytest.raises(ValueError, match="grid=8"):
+        train_tokenizer.main(_args(params, smoke_shards, features, tmp_path))
+    with pytest.raises(FileNotFoundError, match="cache_features"):
+        train_tokenizer.main(_args(smoke_params, smoke_shards, tmp_path / "nowhere", tmp_path))
+
+
+def _launch(args: list[str], log: Path, nproc: int = 1) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    cmd = [sys.executable, "-m", "restok.stages.train_tokenizer", *args]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "restok.stages.train_tokenizer", *args]
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+
+
+def test_kill9_resume_is_bitwise_identical(smoke_params, smoke_shards, features, tmp_path):
+    loss = {"lpips_weight": 1.0, "lpips_weights": "random-init", "gan_weight": 0.5, "gan_start_step": 3,
+            "disc_model": "vit_tiny_patch16_224.augreg_in21k", "disc_weights": "random-init"}
+    params = _params(smoke_params, tmp_path, {"train_tokenizer": {
+        "loss": loss, "loop": {"max_steps": 6, "ckpt_every_steps": 2, "log_every_steps": 1}}})
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    runner = _launch(_args(params, smoke_shards, features, straight), tmp_path / "straight.log")
+    victim = _launch(_args(params, smoke_shards, features, killed), tmp_path / "killed.log")
+    ckpt_dir = killed / "data/train_tokenizer/ckpt"
+    while not list(ckpt_dir.glob("step_*.pt")) and victim.poll() is None:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (killed / "data/train_tokenizer/tokenizer.pt").exists()  # killed mid-run
+    assert runner.wait() == 0, (tmp_path / "straight.log").read_text()
+    rerun = _launch(_args(params, smoke_shards, features, killed), tmp_path / "rerun.log")
+    assert rerun.wait() == 0, (tmp_path / "rerun.log").read_text()
+    assert "resumed from step 2" in (tmp_path / "rerun.log").read_text()
+
+    a, _, prov_a = load_artifact(straight / "data/train_tokenizer/tokenizer.pt")
+    b, _, prov_b = load_artifact(killed / "data/train_tokenizer/tokenizer.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert prov_a == prov_b and "random-init" in prov_a["losses"]["gan"]
+    curve = [(root / "results/train_tokenizer/curve.tsv").read_text() for root in (straight, killed)]
+    assert curve[0] == curve[1] and len(curve[0].splitlines()) == 7
+    assert "d_loss" in curve[0].splitlines()[0] and float(curve[0].splitlines()[-1].split("\t")[-2]) != 0
+
+
+def test_ddp_two_processes(smoke_params, smoke_shards, features, tmp_path):
+    run = _launch(_args(smoke_params, smoke_shards, features, tmp_path), tmp_path / "ddp.log", nproc=2)
+    assert run.wait() == 0, (tmp_path / "ddp.log").read_text()
+    metrics = json.loads((tmp_path / "results/train_tokenizer/metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["step"] == 6 and np.isfinite(metrics["psnr"])
+    state = torch.load(sorted((tmp_path / "data/train_tokenizer/ckpt").glob("step_*.pt"))[-1], weights_only=True)
+    assert len(state["rng"]) == 2 and state["data"] == {"samples_per_rank": 6 * 4}
