@@ -12,6 +12,10 @@ configfile: "params.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/tokenizer.smk"
+include: "workflow/rules/generator.smk"
+include: "workflow/rules/eval.smk"
+include: "workflow/rules/ablations.smk"
 
 
 onstart:

@@ -41,8 +41,8 @@ def smk_graph() -> dict:
                           deployment_settings=DeploymentSettings(), snakefile=REPO / "Snakefile", workdir=REPO)
         graph = {}
         for rule in wf._workflow.rules:
-            if rule.name == "all":
-                continue
+            if rule.name == "all" or rule.name.startswith("ablation"):
+                continue  # the ablation grid is derived from dvc.yaml itself (tests/unit/test_ablate.py)
             # the rule adds a log redirection and, for distributed stages, the launcher's env (src/restok/launch.py)
             cmd = re.sub(r"^(RESTOK_\w+=\S+\s+)+", "", rule.shellcmd.split(" > {log}")[0].strip())
             graph[rule.name] = {"cmd": cmd, "deps": {str(f) for f in rule.input},

@@ -231,3 +231,15 @@ def test_paper_size_parameter_count_on_meta():
 def test_config_refusals(overrides, field):
     with pytest.raises(ValueError, match=field):
         dataclasses.replace(TINY, **overrides)
+
+
+@pytest.mark.parametrize("weight_init", ["official", "fan_in"])
+def test_weight_init_choices(weight_init):
+    from restok.models.tokenizer import PRESETS
+    cfg = dataclasses.replace(PRESETS["restok-smoke/8"], weight_init=weight_init, vf_align=False, vf_dim=None)
+    model = ResTok(cfg)
+    w = model.pixel_encoder[0].weight if isinstance(model.pixel_encoder, torch.nn.Sequential) else next(
+        m.weight for m in model.pixel_encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    fan_in = w[0].numel()
+    expected = 0.02 if weight_init == "official" else fan_in ** -0.5
+    assert abs(w.std().item() - expected) < 0.25 * expected

@@ -32,6 +32,7 @@ _CHOICES = {
     "latent_init": ("residual_pool", "pool", "learned"),
     "latent_queries": ("hierarchical", "flat"),
     "image_queries": ("learned", "latent_maps"),
+    "weight_init": ("official", "fan_in"),
 }
 
 
@@ -73,6 +74,8 @@ class TokenizerConfig:
             learned queries, same token budget; nested dropout still uses level_sizes' prefix lengths).
         image_queries: decoder image queries, "learned" (official) | "latent_maps" (upsampled latent tokens).
         legacy_head: TiTok's untransposed reshape before the per-level projection (official checkpoints).
+        weight_init: "official" (trunc-normal 0.02, tokenizer.md §6) | "fan_in" (variance-preserving; what the
+            short CPU profiles need to learn at all, see `_init_weights`).
     """
 
     resolution: int = 256
@@ -101,6 +104,7 @@ class TokenizerConfig:
     latent_queries: str = "hierarchical"
     image_queries: str = "learned"
     legacy_head: bool = True
+    weight_init: str = "official"
 
     def __post_init__(self):
         object.__setattr__(self, "pixel_channels", tuple(self.pixel_channels))
@@ -219,10 +223,20 @@ class TokenizerOut:
     n_keep: torch.Tensor  # (B,) long: nested-dropout keep length used per sample
 
 
-def _init_weights(module: nn.Module) -> None:
-    """Model-wide init (tokenizer.md §6): trunc-normal(0.02) Linear/Conv weights, zero biases, LayerNorm (1, 0)."""
+def _init_weights(module: nn.Module, weight_init: str) -> None:
+    """Model-wide init (tokenizer.md §6): Linear/Conv weights, zero biases, LayerNorm (1, 0).
+
+    "official": trunc-normal std 0.02, as the released models were trained. With it the pixel CNN's output is tiny
+    next to the level embeddings, so at first every image gets the same codes and the decoder learns the mean
+    image; at ImageNet scale training gets past that, but the few hundred steps of a CPU profile do not (measured:
+    12.8 dB = the mean-image PSNR after 300 steps on the built-in data). "fan_in": variance-preserving normal
+    (std 1/sqrt(fan_in)), which learns from the first steps (19.8 dB after 200 steps, same data and model).
+    """
     if isinstance(module, (nn.Linear, nn.Conv2d)):
-        nn.init.trunc_normal_(module.weight, std=0.02)
+        if weight_init == "official":
+            nn.init.trunc_normal_(module.weight, std=0.02)
+        else:
+            nn.init.kaiming_normal_(module.weight, nonlinearity="linear")
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -242,7 +256,7 @@ class ResTok(nn.Module):
         self.encoder = ResTokEncoder(cfg)
         self.decoder = ResTokDecoder(cfg)
         self.pixel_decoder = PixelDecoder(cfg.pixel_channels, cfg.pixel_res_blocks, cfg.pixel_z_channels)
-        self.apply(_init_weights)  # before the quantiser and VF projections, which keep their own init
+        self.apply(lambda m: _init_weights(m, cfg.weight_init))  # before the quantiser and VF projections, which keep their own init
         self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.commitment_cost, use_l2_norm=True)
         self.vf_enc_proj = nn.Linear(cfg.enc_width, cfg.vf_dim, bias=False) if cfg.vf_align else None
         self.vf_dec_proj = nn.Linear(cfg.dec_width, cfg.vf_dim, bias=False) if cfg.vf_align else None

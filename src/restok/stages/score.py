@@ -104,10 +104,10 @@ def pick(d: dict, *paths: str):
     return None
 
 
-def headline(p, scores: dict, tok_provenance: dict, results: Path) -> dict:
-    tok = read_json(results / "train_tokenizer" / "metrics.json")
-    gen = read_json(results / "train_generator" / "metrics.json")
-    smp = read_json(results / "sample" / "summary.json")
+def headline(p, scores: dict, tok_provenance: dict, args) -> dict:
+    tok = read_json(Path(args.tokenizer_metrics))
+    gen = read_json(Path(args.generator_metrics))
+    smp = read_json(Path(args.sample_summary))
     teacher = pick(tok_provenance, "teacher") or pick(tok, "teacher") or {}
     teacher = teacher if isinstance(teacher, dict) else {"model": teacher}
     out = {
@@ -173,6 +173,9 @@ def main(argv=None):
     ap.add_argument("--tokenizer", default="data/train_tokenizer/tokenizer.pt")
     ap.add_argument("--shards", default="data/shard")
     ap.add_argument("--results", default="results")
+    ap.add_argument("--tokenizer-metrics", default="results/train_tokenizer/metrics.json")
+    ap.add_argument("--generator-metrics", default="results/train_generator/metrics.json")
+    ap.add_argument("--sample-summary", default="results/sample/summary.json")
     args = ap.parse_args(argv)
     p = load_params(args.params, PARAMS)
     extractor = build_extractor(p.fid)
@@ -193,7 +196,7 @@ def main(argv=None):
     scores = {"profile": p.profile, **scores, "tokenizer": tok_provenance,
               "random_init_extractor": p.fid.extractor.endswith("random-init"),
               "seconds": round(time.perf_counter() - t0, 3)}
-    head = headline(p, scores, tok_provenance, results)
+    head = headline(p, scores, tok_provenance, args)
     write_json_atomic(results / "score" / "metrics.json", scores)
     write_json_atomic(results / "metrics.json", head)
     tmp = results / "README.md.tmp"

@@ -1,0 +1,58 @@
+# Stages `cache_features` (teacher features per view) and `train_tokenizer` (ResTok training).
+# Training resumes from data/train_tokenizer/ckpt/, which is not an output (Snakemake deletes a failed job's
+# outputs); the stage finds it next to tokenizer.pt. Multi-GPU/multi-node: the stage relaunches itself under
+# torchrun from RESTOK_NPROC_PER_NODE / RESTOK_NNODES (src/restok/launch.py), set here from params `resources`.
+
+
+rule cache_features:
+    message:
+        "Caching {params.vf[teacher]} features of the training views"
+    input:
+        "src/restok/stages/cache_features.py",
+        "src/restok/models/teacher.py",
+        "src/restok/data",
+        "data/shard",
+    output:
+        directory("data/cache_features"),
+        "results/cache_features/summary.json",
+    params:
+        **stage_params("profile", "vf", "cache_features"),
+    log:
+        "logs/cache_features.log",
+    threads: config["resources"]["cache_features"]["cpus"]
+    resources:
+        **rule_resources("cache_features"),
+    shell:
+        "python -m restok.stages.cache_features --params params.yaml --shards data/shard --out data/cache_features --results results/cache_features > {log} 2>&1"
+
+
+rule train_tokenizer:
+    message:
+        "Training the ResTok tokenizer ({resources.nodes} node(s) x {resources.gpu} GPU(s))"
+    input:
+        "src/restok/stages/train_tokenizer.py",
+        "src/restok/stages/cache_features.py",
+        "src/restok/models",
+        "src/restok/losses",
+        "src/restok/train",
+        "src/restok/data",
+        "data/shard",
+        "data/cache_features",
+    output:
+        "data/train_tokenizer/tokenizer.pt",
+        "results/train_tokenizer/metrics.json",
+        "results/train_tokenizer/curve.tsv",
+        "results/train_tokenizer/recon.png",
+    params:
+        **stage_params("profile", "vf", "tokenizer", "train_tokenizer"),
+    log:
+        "logs/train_tokenizer.log",
+    threads: config["resources"]["train_tokenizer"]["cpus"]
+    resources:
+        **rule_resources("train_tokenizer"),
+    shell:
+        "RESTOK_NPROC_PER_NODE={resources.gpu} RESTOK_NNODES={resources.nodes} "
+        "python -m restok.stages.train_tokenizer --params params.yaml --shards data/shard --features data/cache_features --out data/train_tokenizer --results results/train_tokenizer > {log} 2>&1"
+
+
+FINAL_TARGETS += rules.train_tokenizer.output
