@@ -23,3 +23,16 @@ def test_local_run_then_nothing_to_do(smoke_ws):
     assert (smoke_ws / "logs/shard.log").is_file()
     again = run(["snakemake", "-c2"], smoke_ws)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_ablation_grid_reuses_what_a_variant_does_not_touch(smoke_ws):
+    dry = run(["snakemake", "-n", "--forceall", "ablations"], smoke_ws).stdout
+    jobs = re.findall(r"rule (ablation_\w+):\s*\n(?:.*\n)*?\s*wildcards: run=(\w+)", dry)
+    by_run = {}
+    for rule, run_name in jobs:
+        by_run.setdefault(run_name, set()).add(rule.removeprefix("ablation_"))
+    assert "restok" not in by_run, "the base variant is the base run itself"
+    assert by_run["plain_ar"] >= {"train_generator", "sample", "score"}
+    assert not by_run["plain_ar"] & {"shard", "cache_features", "train_tokenizer", "extract_latents"}
+    assert {"train_tokenizer", "extract_latents", "train_generator"} <= by_run["no_residuals"]
+    assert "cache_features" not in by_run["no_residuals"]

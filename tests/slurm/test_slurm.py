@@ -31,7 +31,9 @@ def submitted_args(state: Path) -> list[str]:
 def check_outputs(ws: Path):
     manifest = json.loads((ws / "data/shard/train/manifest.json").read_text())
     assert manifest["num_samples"] == 48
-    assert (ws / "results/shard/summary.json").is_file()
+    headline = json.loads((ws / "results/metrics.json").read_text())  # written by score, the last stage
+    assert headline["profile"] == "smoke" and headline["gFID"] is not None
+    assert (ws / "results/cfg_search/cfg_search.json").is_file()
 
 
 def test_slurm_executor_plugin(tmp_path):
