@@ -216,21 +216,21 @@ def evaluate(model: ResTok, shards: str, n: int, device: torch.device, batch: in
     x_all = torch.stack(images).float() / 255  # (N, 3, H, W)
     prefixes = list(accumulate(model.level_sizes))
     sums = {"psnr": 0.0, "ssim": 0.0, **{k: 0.0 for k in prefixes}}
-    codes_all, tiles = [], [[] for _ in range(len(prefixes) + 1)]
+    codes_all = []
     for i in range(0, len(x_all), batch):
         x = x_all[i : i + batch].to(device)
         codes = model.encode(x)  # (b, L)
         codes_all.append(codes.cpu())
-        for j, k in enumerate(prefixes):
+        for k in prefixes:
             recon = (model.decode(codes, k).clamp(0, 1) * 255).round() / 255
             sums[k] += float(psnr(recon, x).sum())
             if k == prefixes[-1]:
                 sums["psnr"] += float(psnr(recon, x).sum())
                 sums["ssim"] += float(ssim(recon, x).sum())
-            if i == 0:
-                tiles[j + 1] = recon[:show].cpu()
-        if i == 0:
-            tiles[0] = x[:show].cpu()
+    # recon.png: `show` images spread over the (class-ordered) val split, each decoded from every prefix
+    pick = torch.linspace(0, len(x_all) - 1, min(show, len(x_all))).round().long()
+    codes = torch.cat(codes_all)[pick].to(device)
+    tiles = [x_all[pick]] + [model.decode(codes, k).clamp(0, 1).cpu() for k in prefixes]
     count = len(x_all)
     mean_image = x_all.mean(0, keepdim=True).expand_as(x_all)
     stats = codebook_stats(torch.cat(codes_all), model.level_sizes, model.cfg.codebook_size)
