@@ -66,7 +66,10 @@ def env(tmp_path_factory, smoke_params, smoke_shards):
 
 def run_score(env, samples: Path, results: Path, params: Path | None = None) -> dict:
     score.main(["--params", str(params or env.params), "--samples", str(samples), "--reference", str(env.ref),
-                "--tokenizer", str(env.tok), "--shards", str(env.shards), "--results", str(results)])
+                "--tokenizer", str(env.tok), "--shards", str(env.shards), "--results", str(results),
+                "--tokenizer-metrics", str(results / "train_tokenizer/metrics.json"),
+                "--generator-metrics", str(results / "train_generator/metrics.json"),
+                "--sample-summary", str(results / "sample/summary.json")])
     return json.loads((results / "score/metrics.json").read_text())
 
 
