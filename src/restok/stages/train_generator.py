@@ -146,11 +146,13 @@ def main(argv=None):
     out, results = Path(args.out), Path(args.results)
     run_id = ckpt.fingerprint(asdict(cfg), asdict(p.train_generator), train.meta, world)
     step, final_loss, resume = 0, None, ckpt.resume_point(out / "ckpt", run_id, info.is_main)
+    prior_secs = 0.0  # training time of the runs this one resumes
     barrier()
     if resume:
         state = ckpt.load(resume)
         step, _ = ckpt.restore(state, model, {"generator": opt}, ema)
         final_loss = state["train_loss"]
+        prior_secs = float(state.get("train_seconds", 0.0))
         print0(f"resumed from {resume} at step {step}")
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if loop.compile else net
@@ -204,7 +206,7 @@ def main(argv=None):
             if step % loop.ckpt_every_steps == 0 or step == loop.max_steps:
                 train_secs += time.perf_counter() - t0
                 state = ckpt.capture(step, model, {"generator": opt}, ema, data={"step": step}, config=asdict(cfg),
-                                     fingerprint=run_id, train_loss=final_loss)
+                                     fingerprint=run_id, train_loss=final_loss, train_seconds=prior_secs + train_secs)
                 if info.is_main:
                     ckpt.save(out / "ckpt", state, step, keep=loop.keep_ckpts)
                 barrier()
@@ -223,7 +225,7 @@ def main(argv=None):
                    "val_loss": final["loss"], "val_accuracy": final["accuracy"],
                    "val_accuracy_per_level": final["accuracy_per_level"], "val_sequences": val.num,
                    "sequences_per_s": round(sequences / train_secs, 2) if train_secs else None,
-                   "train_seconds": round(train_secs, 2), "steps_this_run": step - first_step,
+                   "train_seconds": round(prior_secs + train_secs, 2), "steps_this_run": step - first_step,
                    "world_size": world, "device": device.type, "bf16": use_bf16, "compile": loop.compile,
                    "params_M": round(sum(t.numel() for t in model.parameters()) / 1e6, 3),
                    "tokenizer": train.meta["tokenizer"]}

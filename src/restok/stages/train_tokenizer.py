@@ -284,12 +284,13 @@ def main(argv=None):
         opts["discriminator"] = optim.adamw(loss_fn.gan.discriminator, tt.disc_lr, opt_cfg.weight_decay,
                                             tuple(opt_cfg.betas))
     dist.seed_everything(loop.seed, info.rank)
-    step, resumed = 0, None
+    step, resumed, prior_seconds = 0, None, 0.0
     latest = ckpt.latest(ckpt_dir)
     if latest is not None:
         state = ckpt.load(latest)
         if state.get("run_hash") == run_hash:
             step, _ = ckpt.restore(state, model, opts, ema)
+            prior_seconds = float(state.get("train_seconds", 0.0))  # training time before the interruption
             if loss_fn.gan is not None:
                 loss_fn.gan.load_state_dict(state["gan"])
             resumed = step
@@ -360,11 +361,13 @@ def main(argv=None):
             if step % loop.ckpt_every_steps == 0 or step == loop.max_steps:
                 extra = {"gan": loss_fn.gan.state_dict()} if loss_fn.gan is not None else {}
                 state = ckpt.capture(step, model, opts, ema, data={"samples_per_rank": step * local_bs},
-                                     run_hash=run_hash, **extra)
+                                     run_hash=run_hash, train_seconds=prior_seconds + time.time() - t_start,
+                                     **extra)
                 if info.is_main:
                     ckpt.save(ckpt_dir, state, step, keep=loop.keep_ckpts)
                 dist.barrier()
-    train_seconds = time.time() - t_start
+    run_seconds = time.time() - t_start
+    train_seconds = prior_seconds + run_seconds  # over every (resumed) run of this training
     if curve is not None:
         curve.close()
 
@@ -386,7 +389,7 @@ def main(argv=None):
             "profile": p.profile, "step": step, "teacher": teacher_info, "losses": losses,
             "psnr_minus_mean_image_psnr": metrics["psnr"] - metrics["mean_image_psnr"],
             "train_seconds": round(train_seconds, 2), "steps_this_run": trained,
-            "train_images_per_second": round(trained * loop.batch_size / max(train_seconds, 1e-9), 2),
+            "train_images_per_second": round(trained * loop.batch_size / max(run_seconds, 1e-9), 2),
             "world_size": info.world_size, "device": str(device), "bf16": bf16, "resumed_from_step": resumed,
             "recon_png_rows": ["original", *[f"{k} tokens" for k in prefixes]],
             "num_params_millions": round(sum(q.numel() for q in model.parameters()) / 1e6, 3)})
