@@ -131,14 +131,18 @@ class Graph:
 
 
 # ------------------------------------------------------------------------------------------------ DVC path
+TARGET = "score"  # an experiment reproduces what the table reads (cfg_search is not part of the grid)
+
+
+def dvc_queue_command(run: str, base: dict, run_tree: dict) -> list[str]:
+    cmd = ["dvc", "exp", "run", "--queue", "-n", PREFIX + run]
+    for key, value in overrides(base, run_tree).items():
+        cmd += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
+    return cmd + [TARGET]
+
+
 def dvc_queue_commands(tree: dict) -> list[list[str]]:
-    cmds = []
-    for run, run_tree in runs(tree).items():
-        cmd = ["dvc", "exp", "run", "--queue", "-n", PREFIX + run]
-        for key, value in overrides(tree, run_tree).items():
-            cmd += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
-        cmds.append(cmd)
-    return cmds
+    return [dvc_queue_command(run, tree, run_tree) for run, run_tree in runs(tree).items()]
 
 
 def _sh(cmd: list[str], capture: bool = False) -> str:
@@ -149,28 +153,77 @@ def _sh(cmd: list[str], capture: bool = False) -> str:
     return p.stdout if capture else ""
 
 
-def collect_dvc(tree: dict) -> dict[str, dict]:
-    """run -> {"metrics", "scores", "grid" (PNG bytes or None)} from the finished DVC experiments."""
-    exps = json.loads(_sh(["dvc", "exp", "show", "--json", "--no-pager"], capture=True) or "[]")
+def finished_experiments(exp_show: list) -> dict[str, tuple[str, dict]]:
+    """run -> (rev, params tree) of the finished `abl-` experiments in `dvc exp show --json` output.
+
+    Queued, running and failed experiments are listed there too, with their params; only those whose executor
+    reports success (or that ran outside the queue, with no executor) count."""
     found = {}
+    for baseline in exp_show:
+        for exp in baseline.get("experiments") or []:
+            if (exp.get("executor") or {}).get("state", "success") != "success":
+                continue
+            for rev in exp.get("revs") or []:
+                name = rev.get("name") or ""
+                if name.startswith(PREFIX) and rev.get("rev") and not rev.get("error"):
+                    params = (((rev.get("data") or {}).get("params") or {}).get("params.yaml") or {}).get("data")
+                    found[name.removeprefix(PREFIX)] = (rev["rev"], params)
+    return found
 
-    def visit(node):
-        if isinstance(node, dict):
-            name = node.get("name") or ""
-            if name.startswith(PREFIX) and node.get("rev"):
-                found[name.removeprefix(PREFIX)] = node["rev"]
-            for value in node.values():
-                visit(value)
-        elif isinstance(node, list):
-            for value in node:
-                visit(value)
 
-    visit(exps)
+def plan(tree: dict, finished: dict[str, tuple[str, dict]]) -> tuple[list[str], list[str], list[str]]:
+    """(up to date, stale, missing) runs: a finished experiment is up to date when its params equal the run's
+    (the `ablations` section aside: no stage reads it, so adding a variant leaves the others up to date)."""
+    def stage_params(params):
+        return {k: v for k, v in (params or {}).items() if k != "ablations"}
+
+    fresh, stale, missing = [], [], []
+    for run, run_tree in runs(tree).items():
+        if run not in finished:
+            missing.append(run)
+        elif stage_params(finished[run][1]) == stage_params(run_tree):
+            fresh.append(run)
+        else:
+            stale.append(run)
+    return fresh, stale, missing
+
+
+def run_dvc(tree: dict, dry: bool) -> None:
+    """Queue the runs with no up-to-date experiment (replacing stale ones) and run the queue.
+
+    A rerun with nothing changed queues nothing. After a params change every affected run is queued again, and
+    DVC's run-cache restores each stage whose command, deps and params are unchanged, so only the stages downstream
+    of the change run."""
+    finished = finished_experiments(json.loads(_sh(["dvc", "exp", "show", "--json", "--no-pager"], capture=True)
+                                               or "[]")) if not dry else {}
+    fresh, stale, missing = plan(tree, finished)
+    all_runs = runs(tree)
+    cmds = [["dvc", "exp", "remove", *(PREFIX + r for r in stale)]] if stale else []
+    cmds += [dvc_queue_command(r, tree, all_runs[r]) for r in all_runs if r in stale or r in missing]
+    if fresh:
+        print(f"up to date: {', '.join(fresh)}", flush=True)
+    if not cmds:
+        print("every ablation run is up to date: nothing to run", flush=True)
+        return
+    cmds.append(["dvc", "exp", "run", "--run-all", "-j", "1"])
+    if dry:
+        print("\n".join(shlex.join(c) for c in cmds))
+        return
+    for cmd in cmds:
+        _sh(cmd)
+
+
+def collect_dvc(tree: dict) -> dict[str, dict]:
+    """run -> {"metrics", "scores", "grid" (PNG bytes or None)} from the up-to-date DVC experiments."""
+    finished = finished_experiments(json.loads(_sh(["dvc", "exp", "show", "--json", "--no-pager"], capture=True)
+                                               or "[]"))
+    fresh, stale, _ = plan(tree, finished)
+    if stale:
+        print(f"restok ablate: skipping experiments whose params differ from params.yaml now: {', '.join(stale)} "
+              "(`restok ablate` reruns them)", file=sys.stderr)
     out = {}
-    for run in runs(tree):
-        if run not in found:
-            continue
-        rev = found[run]
+    for run in fresh:
+        rev = finished[run][0]
         read = lambda path: subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True)  # noqa: E731
         metrics, scores, grid = (read(p) for p in ("results/metrics.json", "results/score/metrics.json",
                                                    "results/sample/grid.png"))
@@ -363,13 +416,9 @@ def main(argv=None) -> int:
         tmp.replace(out)
         return 0
     if args.action == "run":
-        cmds = dvc_queue_commands(tree)
+        run_dvc(tree, args.dry)
         if args.dry:
-            print("\n".join(shlex.join(c) for c in cmds + [["dvc", "exp", "run", "--run-all", "-j", "1"]]))
             return 0
-        for cmd in cmds:
-            _sh(cmd)
-        _sh(["dvc", "exp", "run", "--run-all", "-j", "1"])
     results = collect_dvc(tree) if args.source == "dvc" else collect_files(tree, Graph())
     if not results:
         print("restok: no finished ablation runs found", file=sys.stderr)

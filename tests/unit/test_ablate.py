@@ -58,9 +58,66 @@ def test_commands_redirect_only_recomputed_artifacts(graph):
 def test_dvc_queue_commands_set_exactly_the_overrides():
     tree = profile_tree("default")
     cmds = {c[5]: c[6:] for c in ablate.dvc_queue_commands(tree)}
-    assert cmds["abl-restok"] == []
-    assert cmds["abl-plain_ar"] == ["-S", "generator.mode=ar"]
-    assert cmds["abl-no_vf_alignment"] == ["-S", "tokenizer.vf_align=false"]
+    assert cmds["abl-restok"] == [ablate.TARGET]
+    assert cmds["abl-plain_ar"] == ["-S", "generator.mode=ar", ablate.TARGET]
+    assert cmds["abl-no_vf_alignment"] == ["-S", "tokenizer.vf_align=false", ablate.TARGET]
+
+
+def _exp_show(baseline_params: dict, exps: list[tuple[str, str, dict]]) -> list:
+    """`dvc exp show --json` as DVC 3 writes it (trimmed): the workspace, the baseline commit and its experiments."""
+    def entry(rev, name, params):
+        return {"rev": rev, "name": name, "data": {"rev": rev, "params": {"params.yaml": {"data": params}}},
+                "error": None, "experiments": None}
+    base = entry("c0ffee", "main", baseline_params)
+    base["experiments"] = [{"revs": [entry(f"{i:040x}", name, params)], "executor": {"state": state}}
+                           for i, (name, state, params) in enumerate(exps)]
+    return [entry("workspace", None, baseline_params), base]
+
+
+def test_rerun_plans_nothing_and_a_changed_param_replans_only_what_it_changes(capsys):
+    tree = profile_tree("default")
+    all_runs = ablate.runs(tree)
+    done = _exp_show(tree, [(ablate.PREFIX + r, "success", t) for r, t in all_runs.items()])
+    finished = ablate.finished_experiments(done)
+    assert set(finished) == set(all_runs)
+    assert ablate.plan(tree, finished) == (list(all_runs), [], [])
+
+    # queued, running and failed experiments are listed with their params but are not results
+    pending = _exp_show(tree, [(ablate.PREFIX + "restok", s, all_runs["restok"]) for s in ("queued", "running",
+                                                                                          "failed")])
+    assert ablate.finished_experiments(pending) == {}
+
+    # a switch changed by hand in one variant: only that run is stale
+    tree["ablations"]["variants"]["plain_ar"] = {"generator.mode": "ar", "sample.sampling.top_k": 8}
+    fresh, stale, missing = ablate.plan(tree, finished)
+    assert stale == ["plain_ar"] and missing == [] and "plain_ar" not in fresh
+
+
+def test_run_dvc_queues_only_missing_and_stale_runs(monkeypatch, capsys):
+    tree = profile_tree("default")
+    all_runs = ablate.runs(tree)
+    stale_tree = json.loads(json.dumps(all_runs["plain_ar"]))
+    stale_tree["sample"]["sampling"]["top_k"] = 3
+    done = [(ablate.PREFIX + r, "success", t) for r, t in all_runs.items() if r not in ("plain_ar", "flat_queries")]
+    shown = json.dumps(_exp_show(tree, done + [(ablate.PREFIX + "plain_ar", "success", stale_tree)]))
+    calls = []
+
+    def fake_sh(cmd, capture=False):
+        calls.append(cmd)
+        return shown if cmd[:3] == ["dvc", "exp", "show"] else ""
+
+    monkeypatch.setattr(ablate, "_sh", fake_sh)
+    ablate.run_dvc(tree, dry=False)
+    assert calls[1] == ["dvc", "exp", "remove", ablate.PREFIX + "plain_ar"]
+    assert sorted(c[5] for c in calls if c[:4] == ["dvc", "exp", "run", "--queue"]) == [
+        ablate.PREFIX + "flat_queries", ablate.PREFIX + "plain_ar"]
+    assert calls[-1] == ["dvc", "exp", "run", "--run-all", "-j", "1"]
+
+    calls.clear()
+    shown = json.dumps(_exp_show(tree, [(ablate.PREFIX + r, "success", t) for r, t in all_runs.items()]))
+    ablate.run_dvc(tree, dry=False)
+    assert calls == [["dvc", "exp", "show", "--json", "--no-pager"]]
+    assert "nothing to run" in capsys.readouterr().out
 
 
 def test_table_computes_the_paper_comparisons(tmp_path):

@@ -17,7 +17,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import lpips
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -73,6 +72,8 @@ class LPIPSLoss(nn.Module):
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             torch.manual_seed(seed)
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")  # lpips' `pretrained=`
+            import lpips  # only where the loss is built: configs and benchmarks import this module without it
+
             net = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)  # heads from the wheel, trunk filled below
         if path is not None:
             state = torch.load(path, map_location="cpu", weights_only=True)
