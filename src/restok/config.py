@@ -86,6 +86,9 @@ class Shard:
     image_format: Literal["png", "jpg"] = field(default="png", metadata=rng(help="encoding of stored images"))
     jpeg_quality: int = field(default=95, metadata=rng(50, 100, help="JPEG quality when image_format is jpg"))
     shuffle_seed: int = field(default=0, metadata=rng(0, help="order of train images across shards"))
+    splits: list[Literal["train", "val"]] = field(default_factory=lambda: ["train", "val"], metadata=rng(help=(
+        "splits to shard; a split left out gets an empty manifest (the official-l profile evaluates released "
+        "checkpoints and needs val only)")))
 
 
 @dataclass(frozen=True)
@@ -144,12 +147,27 @@ class Loop:
 
 
 @dataclass(frozen=True)
+class Official:
+    """A released checkpoint, imported instead of training (spec: the official hub folders)."""
+    repo_id: str = field(default="", metadata=rng(help="Hugging Face hub repo id, fetched through huggingface_hub's "
+                                                       "cache when `file` is null"))
+    revision: str | None = field(default=None, metadata=rng(help="hub branch, tag or commit (null: main)"))
+    file: str | None = field(default=None, metadata=rng(help=(
+        "a local folder (config.json + model.safetensors or pytorch_model.bin) or weights file, used instead of "
+        "the hub")))
+
+
+OFFICIAL_HELP = "null: train; a mapping: import this released checkpoint instead (the stage trains nothing)"
+
+
+@dataclass(frozen=True)
 class TrainTokenizer:
     loop: Loop = Loop()
     optim: Optim = Optim()
     disc_lr: float = field(default=1e-4, metadata=rng(0.0, help="discriminator heads' learning rate"))
     loss: LossConfig = LossConfig()
     eval_images: int = field(default=500, metadata=rng(1, help="val images for PSNR/SSIM/codebook stats"))
+    official: Official | None = field(default=None, metadata=rng(help=OFFICIAL_HELP))
 
 
 @dataclass(frozen=True)
@@ -166,6 +184,7 @@ class TrainGenerator:
     loop: Loop = Loop()
     optim: Optim = Optim()
     val_batches: int = field(default=4, metadata=rng(0, help="val batches for the val loss at each log step"))
+    official: Official | None = field(default=None, metadata=rng(help=OFFICIAL_HELP))
 
 
 @dataclass(frozen=True)
@@ -313,6 +332,15 @@ def _cross_check(tree: dict, path, raw: dict | None = None) -> None:
                 raise ParamsError(f"{path}:{e}") from None
             validate(variant, f"{path}:ablations.variants.{name}", check_variants=False)
     data, tok_section = tree["data"], tree["tokenizer"]
+    imported = {stage: tree[stage].official is not None for stage in ("train_tokenizer", "train_generator")}
+    if "val" not in tree["shard"].splits:
+        raise ParamsError(f"{path}:shard.splits: {tree['shard'].splits} leaves out val, which every evaluation reads")
+    if "train" not in tree["shard"].splits and not all(imported.values()):
+        raise ParamsError(f"{path}:shard.splits: {tree['shard'].splits} leaves out train, which training reads; "
+                          f"leave it out only when train_tokenizer.official and train_generator.official are set")
+    if imported["train_generator"] and not imported["train_tokenizer"]:
+        raise ParamsError(f"{path}:train_generator.official is set but train_tokenizer.official is null: a released "
+                          f"generator predicts the codes of its own released tokenizer")
     try:
         tok = tokenizer_config(tok_section, data.resolution, 8 if tok_section.vf_align else None)
     except ValueError as e:

@@ -31,6 +31,7 @@ rule train_generator:
         "src/restok/stages/train_generator.py",
         "src/restok/models",
         "src/restok/train",
+        "src/restok/convert",
         "data/extract_latents",
     output:
         "data/train_generator/generator.pt",

@@ -35,6 +35,7 @@ rule train_tokenizer:
         "src/restok/models",
         "src/restok/losses",
         "src/restok/train",
+        "src/restok/convert",
         "src/restok/data",
         "data/shard",
         "data/cache_features",

@@ -24,7 +24,8 @@ graph keeps the same shape; train_tokenizer then runs the teacher itself).
 Disk cost (written to results/cache_features/summary.json and printed): views x (1 + grid^2) x D x 2 bytes per
 image. At ImageNet scale with ViT-L/16 at 256 px that is 1,281,167 images x V x (1 + 16*16) x 1024 x 2 bytes =
 674 GB per view per image: 5.4 TB for the imagenet256 profile's 8 views, 6.7 TB for 10. The default profile
-(3,000 images, ViT-S at 8x8, 2 views) needs about 300 MB.
+(3,000 images, ViT-S at 8x8, 1 view) needs about 150 MB. An empty train split (shard.splits without train, as in
+the official-l profile) caches nothing either.
 """
 from __future__ import annotations
 
@@ -129,7 +130,7 @@ def main(argv=None):
     image_manifest = read_manifest(args.shards, "train")
     res = image_manifest["resolution"]
     teacher = None
-    if vf.mode == "cache":
+    if vf.mode == "cache" and image_manifest["num_samples"] > 0:
         teacher = Teacher(vf.teacher, vf.weights, params_key="vf.weights")  # MissingWeightsError before any work
     info = dist.init_distributed(cfg.device)
     out, results = Path(args.out), Path(args.results)
@@ -142,8 +143,9 @@ def main(argv=None):
     base = {"format": FORMAT, "teacher": vf.teacher, "mode": vf.mode, "resolution": res,
             "image_shards_manifest_sha256": sha256_file(Path(args.shards) / "train" / MANIFEST)}
     if teacher is None:
-        manifest = {**base, "cached": False, "weights": vf.weights,
-                    "reason": "vf.mode is 'online': train_tokenizer runs the teacher on each training view",
+        reason = ("vf.mode is 'online': train_tokenizer runs the teacher on each training view" if vf.mode == "online"
+                  else f"the train split is empty ({image_manifest.get('left_out', 'no images')})")
+        manifest = {**base, "cached": False, "weights": vf.weights, "reason": reason,
                     "shards": [], "num_samples": 0, "bytes": 0}
     else:
         teacher = teacher.to(info.device)

@@ -134,7 +134,7 @@ def encode_split(model: ResTok, shard_dir: Path, split: str, kind: str, p, split
         _clear(split_dir)
     split_dir.mkdir(parents=True, exist_ok=True)
     resumed_from, t0 = done, time.perf_counter()
-    if done < n:
+    if done < n or not n:  # an empty split (shard.splits) still gets its (0, V, L) arrays
         mode = "r+" if done else "w+"
         codes = np.lib.format.open_memmap(str(codes_path) + ".partial", mode=mode, dtype=meta["dtype"],
                                           shape=(n, views, L))
@@ -158,7 +158,7 @@ def encode_split(model: ResTok, shard_dir: Path, split: str, kind: str, p, split
     os.replace(str(codes_path) + ".partial", codes_path)
     os.replace(str(labels_path) + ".partial", labels_path)
     write_json_atomic(split_dir / "meta.json", meta)  # last: a split with meta.json is complete
-    progress_path.unlink()
+    progress_path.unlink(missing_ok=True)  # absent when the split was empty
     return {"images_encoded": n - resumed_from, "seconds": time.perf_counter() - t0, "resumed_from": resumed_from}
 
 

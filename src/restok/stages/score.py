@@ -126,6 +126,8 @@ def headline(p, scores: dict, tok_provenance: dict, args) -> dict:
         "train_generator_seconds": pick(gen, "seconds", "train_seconds", "wall_seconds", "time.seconds"),
         "extractor": scores["gfid"]["extractor"], "extractor_weights": scores["gfid"]["extractor_weights"],
         "teacher": pick(teacher, "model", "name"), "teacher_weights": pick(teacher, "weights", "source"),
+        "tokenizer_weights": pick(tok, "weights") or "trained by this pipeline",
+        "generator_weights": pick(gen, "weights") or "trained by this pipeline",
     }
     out["random_init"] = [name for name, weights in (("extractor", out["extractor"]),
                                                      ("teacher", out["teacher_weights"]))
@@ -159,6 +161,7 @@ def readme(head: dict, results: Path) -> str:
     lines += ["| metric | value | measured on |", "| --- | --- | --- |"]
     lines += [f"| {label} | {fmt(head[key])} | {where} |" for key, label, where in README_ROWS]
     lines += ["", f"- {metric_note}; FID reference: {head['fid_reference']}, {head['num_samples']} samples.",
+              f"- Tokenizer weights: {head['tokenizer_weights']}; generator weights: {head['generator_weights']}.",
               f"- Teacher: `{head['teacher']}` ({head['teacher_weights']}).", f"- Sampling: {head['cfg']}.", ""]
     if (results / "sample" / "grid.png").is_file():
         lines += ["## Samples (one row per class)", "", "![samples, one row per class](sample/grid.png)", ""]

@@ -114,9 +114,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     p = load_params(args.params, PARAMS)
     data = p.data
-    listings = {} if data.source == "wds" else {s: list_items(data, s) for s in SPLITS}  # layout errors before work
-    if data.source == "wds":
-        names = [str(c) for c in range(data.num_classes)]
+    wanted = [s for s in SPLITS if s in p.shard.splits]
+    listings = {} if data.source == "wds" else {s: list_items(data, s) for s in wanted}  # layout errors before work
+    names = [str(c) for c in range(data.num_classes)] if data.source == "wds" else listings["val"][1]
 
     out, results = Path(args.out), Path(args.results)
     t0 = time.time()
@@ -126,7 +126,10 @@ def main(argv=None):
         if split_dir.exists():
             shutil.rmtree(split_dir)  # never mix a previous run's shards with this one's
         split_dir.mkdir(parents=True)
-        if data.source == "wds":
+        if split not in wanted:  # an empty split, so every reader finds a manifest that says so
+            body = {"shards": [], "external": False, "num_samples": 0, "class_histogram": [0] * len(names),
+                    "skipped": [], "left_out": f"not in shard.splits {p.shard.splits}"}
+        elif data.source == "wds":
             body = shard_external(split, getattr(data.wds, split), names, p)
         else:
             items, names = listings[split]

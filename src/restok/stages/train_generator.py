@@ -14,6 +14,8 @@ Checkpoints every `loop.ckpt_every_steps` go to `<out>/ckpt/` (atomic, resume af
 
 Outputs: `<out>/generator.pt` (EMA weights, config dict, provenance); `results/.../metrics.json` (final train loss,
 val loss and per-level top-1 accuracy of the EMA model on all val codes, throughput) and `curve.tsv`.
+With `train_generator.official` set (the official-l profile) nothing is trained: the released generator is fetched,
+imported exactly, checked against params and the latents, and evaluated on the val codes the same way.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from restok.config import generator_config, load_params
+from restok.convert.released import import_released
 from restok.data.shards import write_json_atomic
 from restok.launch import relaunch_if_requested
 from restok.models.generator import HARGenerator
@@ -108,6 +111,45 @@ def evaluate(model: HARGenerator, val: Latents, num: int, batch: int, level_size
                                    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))}}
 
 
+def sections_hash(p) -> str:
+    return hashlib.sha256(json.dumps({k: asdict(p.sections[k]) for k in PARAMS[1:]}, sort_keys=True,
+                                     default=str).encode()).hexdigest()
+
+
+def import_generator(p, args) -> None:
+    """`train_generator.official` set: no training. The released generator is fetched, imported exactly, checked
+    against the params' generator section and the latents (codebook, tokens, classes), then evaluated on the val
+    codes as a trained one is."""
+    tg = p.train_generator
+    val = Latents(Path(args.latents), "val")
+    expected = generator_config(p.generator, val.meta["codebook_size"], val.meta["num_tokens"],
+                                val.meta["num_classes"])
+    model, provenance = import_released("generator", tg.official, "train_generator.official", expected,
+                                        f"{p.path}:generator (with the latents' codebook, tokens and classes)")
+    device = torch.device("cuda" if tg.loop.device != "cpu" and torch.cuda.is_available() else "cpu")
+    use_bf16 = tg.loop.precision == "bf16" or (tg.loop.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    out, results = Path(args.out), Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    for stale in (out / "generator.pt", results / "metrics.json"):
+        stale.unlink(missing_ok=True)
+    CurveWriter(results / "curve.tsv", ["loss", "val_loss", "lr"]).close()  # header only: nothing was trained
+    model = model.to(device)
+    final = evaluate(model, val, val.num, tg.loop.batch_size, val.meta["level_sizes"], device, autocast, 0, 1)
+    ckpt.save_artifact(out / "generator.pt", model.state_dict(), asdict(model.cfg),
+                       {"stage": "train_generator", "profile": p.profile, "step": None,
+                        "params_sha256": sections_hash(p), "weights": provenance["weights"], "official": provenance,
+                        "latents": {"val_meta": val.meta}})
+    metrics = {"profile": p.profile, "mode": model.cfg.mode, "steps": None, "weights": provenance["weights"],
+               "official": provenance, "final_train_loss": None, "val_loss": final["loss"],
+               "val_accuracy": final["accuracy"], "val_accuracy_per_level": final["accuracy_per_level"],
+               "val_sequences": val.num, "train_seconds": None, "device": device.type, "bf16": use_bf16,
+               "params_M": round(provenance["num_params"] / 1e6, 3), "tokenizer": val.meta["tokenizer"]}
+    write_json_atomic(results / "metrics.json", metrics)
+    print0(f"train_generator: imported {provenance['weights']} (nothing trained); val loss {final['loss']:.4f}, "
+           f"accuracy {final['accuracy']:.4f} on {val.num} val sequences")
+
+
 def main(argv=None):
     relaunch_if_requested("restok.stages.train_generator", argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,6 +160,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     p = load_params(args.params, PARAMS)
     loop, opt_cfg = p.train_generator.loop, p.train_generator.optim
+    if p.train_generator.official is not None:
+        return import_generator(p, args)
 
     latents = Path(args.latents)
     train, val = Latents(latents, "train"), Latents(latents, "val")
@@ -215,9 +259,7 @@ def main(argv=None):
     final = evaluate(ema.model, val, val.num, local, level_sizes, device, autocast, rank, world)
     if info.is_main:
         curve.close()
-        params_hash = hashlib.sha256(json.dumps({k: asdict(p.sections[k]) for k in PARAMS[1:]}, sort_keys=True).encode()
-                                     ).hexdigest()
-        provenance = {"stage": "train_generator", "profile": p.profile, "step": step, "params_sha256": params_hash,
+        provenance = {"stage": "train_generator", "profile": p.profile, "step": step, "params_sha256": sections_hash(p),
                       "weights": "ema", "latents": {"train_meta": train.meta, "val_num_images": val.num}}
         ckpt.save_artifact(out / "generator.pt", ema.model.state_dict(), asdict(cfg), provenance)
         sequences = (step - first_step) * loop.batch_size

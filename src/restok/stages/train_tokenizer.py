@@ -20,6 +20,10 @@ Outputs: data/train_tokenizer/tokenizer.pt (EMA weights, model config, provenanc
 results/train_tokenizer/metrics.json (PSNR/SSIM/codebook stats of the EMA on `eval_images` val images, a
 mean-image PSNR baseline, PSNR per token prefix, which losses and weights were used), curve.tsv, recon.png
 (originals, then reconstructions from 1, 2, 4, ..., L tokens, one row each).
+
+With `train_tokenizer.official` set (the official-l profile) nothing is trained: the released checkpoint is fetched
+(hub cache or local file), imported exactly (restok.convert), checked against params and evaluated the same way;
+its provenance replaces the training record (curve.tsv keeps only its header).
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.utils import save_image
 
 from restok.config import load_params, tokenizer_config
+from restok.convert.released import import_released
 from restok.data.shards import MANIFEST, decode_image, iter_split_uint8, read_manifest, sha256_file, shard_paths
 from restok.data.shards import store_transform, write_json_atomic
 from restok.data.views import apply_view, train_view_boxes
@@ -208,17 +213,20 @@ def evaluate(model: ResTok, shards: str, n: int, device: torch.device, batch: in
     """EMA model in fp32 on the first `n` val images (spec 5.1): PSNR/SSIM after clamping and 8-bit rounding,
     codebook usage, PSNR of each token prefix, the mean-image baseline; and the recon.png tiles."""
     model.eval()
-    images = []
+    images = []  # uint8: 50k val images at 256 px are 9.8 GB, four times that as floats
     for _, img, _ in iter_split_uint8(shards, "val"):
         images.append(img)
         if len(images) == n:
             break
-    x_all = torch.stack(images).float() / 255  # (N, 3, H, W)
+    x_all = torch.stack(images)  # (N, 3, H, W) uint8
+    count = len(x_all)
+    mean_image = (x_all.sum(0, dtype=torch.float64) / count / 255).float()[None]  # (1, 3, H, W)
     prefixes = list(accumulate(model.level_sizes))
-    sums = {"psnr": 0.0, "ssim": 0.0, **{k: 0.0 for k in prefixes}}
+    sums = {"psnr": 0.0, "ssim": 0.0, "mean_image_psnr": 0.0, **{k: 0.0 for k in prefixes}}
     codes_all = []
-    for i in range(0, len(x_all), batch):
-        x = x_all[i : i + batch].to(device)
+    for i in range(0, count, batch):
+        x = x_all[i : i + batch].to(device).float() / 255
+        sums["mean_image_psnr"] += float(psnr(mean_image.to(device).expand_as(x), x).sum())
         codes = model.encode(x)  # (b, L)
         codes_all.append(codes.cpu())
         for k in prefixes:
@@ -228,14 +236,12 @@ def evaluate(model: ResTok, shards: str, n: int, device: torch.device, batch: in
                 sums["psnr"] += float(psnr(recon, x).sum())
                 sums["ssim"] += float(ssim(recon, x).sum())
     # recon.png: `show` images spread over the (class-ordered) val split, each decoded from every prefix
-    pick = torch.linspace(0, len(x_all) - 1, min(show, len(x_all))).round().long()
+    pick = torch.linspace(0, count - 1, min(show, count)).round().long()
     codes = torch.cat(codes_all)[pick].to(device)
-    tiles = [x_all[pick]] + [model.decode(codes, k).clamp(0, 1).cpu() for k in prefixes]
-    count = len(x_all)
-    mean_image = x_all.mean(0, keepdim=True).expand_as(x_all)
+    tiles = [x_all[pick].float() / 255] + [model.decode(codes, k).clamp(0, 1).cpu() for k in prefixes]
     stats = codebook_stats(torch.cat(codes_all), model.level_sizes, model.cfg.codebook_size)
     metrics = {"eval_images": count, "psnr": sums["psnr"] / count, "ssim": sums["ssim"] / count,
-               "mean_image_psnr": float(psnr(mean_image, x_all).mean()),
+               "mean_image_psnr": sums["mean_image_psnr"] / count,
                "psnr_by_prefix": {str(k): sums[k] / count for k in prefixes}, "codebook": stats}
     return metrics, torch.cat(tiles), prefixes
 
@@ -252,6 +258,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     p = load_params(args.params, PARAMS)
     tt, loop, opt_cfg = p.train_tokenizer, p.train_tokenizer.loop, p.train_tokenizer.optim
+    if tt.official is not None:
+        return import_tokenizer(p, args)
     image_manifest = read_manifest(args.shards, "train")
     res = image_manifest["resolution"]
     vfs = vf_setup(p, args.shards, args.features)
@@ -399,6 +407,40 @@ def main(argv=None):
                       f"{train_seconds:.1f} s")
     dist.barrier()
     dist.cleanup()
+
+
+def import_tokenizer(p, args) -> None:
+    """`train_tokenizer.official` set: no training. The released tokenizer is fetched, imported exactly, checked
+    against the params' tokenizer section and the val shards' resolution, then evaluated as a trained one is."""
+    tt = p.train_tokenizer
+    res = read_manifest(args.shards, "val")["resolution"]
+    expected = tokenizer_config(dataclasses.replace(p.tokenizer, vf_align=False), res, None)
+    model, provenance = import_released("tokenizer", tt.official, "train_tokenizer.official", expected,
+                                        f"{p.path}:tokenizer (with the val shards' resolution {res})")
+    device = torch.device("cuda" if tt.loop.device != "cpu" and torch.cuda.is_available() else "cpu")
+    out, results = Path(args.out), Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    for stale in (out / "tokenizer.pt", results / "metrics.json", results / "recon.png"):
+        stale.unlink(missing_ok=True)
+    CurveWriter(results / "curve.tsv", loss_terms(tt.loss)).close()  # header only: nothing was trained
+    metrics, tiles, prefixes = evaluate(model.to(device), args.shards, tt.eval_images, device, tt.loop.batch_size)
+    tmp = results / "recon.tmp.png"
+    save_image(tiles, tmp, nrow=len(tiles) // (len(prefixes) + 1), padding=1)
+    tmp.replace(results / "recon.png")
+    provenance_out = {"params_hash": params_hash(p), "step": None, "profile": p.profile, "teacher": None,
+                      "losses": None, "features_manifest_sha256": None, "official": provenance}
+    out.mkdir(parents=True, exist_ok=True)
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ckpt.save_artifact(out / "tokenizer.pt", state_dict, dataclasses.asdict(model.cfg), provenance_out)
+    metrics.update({
+        "profile": p.profile, "step": None, "weights": provenance["weights"], "official": provenance,
+        "teacher": None, "losses": "none: released checkpoint, not trained here",
+        "psnr_minus_mean_image_psnr": metrics["psnr"] - metrics["mean_image_psnr"], "train_seconds": None,
+        "device": str(device), "recon_png_rows": ["original", *[f"{k} tokens" for k in prefixes]],
+        "num_params_millions": round(provenance["num_params"] / 1e6, 3)})
+    write_json_atomic(results / "metrics.json", metrics)
+    console.print(f"train_tokenizer: imported {provenance['weights']} (nothing trained); PSNR {metrics['psnr']:.2f} "
+                  f"dB on {metrics['eval_images']} val images")
 
 
 def loss_terms(loss_cfg) -> list[str]:
