@@ -1,0 +1,71 @@
+"""Released checkpoints: where they are looked for, what a missing one says, and the params check on import."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from huggingface_hub import constants as hf_constants
+
+from restok.config import Official
+from restok.convert import released
+from restok.convert.checkpoint import export_official_checkpoint
+from restok.models.generator import GeneratorConfig, HARGenerator
+from restok.models.teacher import MissingWeightsError
+
+REPO = "org/released-gpt"
+CFG = GeneratorConfig(dim=32, n_layer=2, n_head=2, vocab_size=16, num_tokens=8, num_classes=3, ar_token_num=2,
+                      spe_token_num=7)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty huggingface_hub cache, offline (as on CI)."""
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hub"
+
+
+def _cache_snapshot(cache, model) -> None:
+    """`model` in the official layout where snapshot_download keeps repo REPO at revision main."""
+    root = cache / f"models--{REPO.replace('/', '--')}"
+    export_official_checkpoint(model, root / "snapshots" / ("1" * 40))
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text("1" * 40)
+
+
+def test_missing_local_file_names_the_params_key(tmp_path):
+    with pytest.raises(MissingWeightsError) as err:
+        released.fetch(Official(repo_id=REPO, file=str(tmp_path / "nowhere")), "train_generator.official")
+    assert "train_generator.official.file" in str(err.value) and str(tmp_path / "nowhere") in str(err.value)
+
+
+def test_offline_without_the_cache_says_where_it_looked_and_how_to_get_it(hub_cache):
+    with pytest.raises(MissingWeightsError) as err:
+        released.fetch(Official(repo_id=REPO), "train_tokenizer.official")
+    msg = str(err.value)
+    assert REPO in msg and str(hub_cache / "models--org--released-gpt") in msg and "HF_HUB_OFFLINE" in msg
+    assert f"huggingface-cli download {REPO}" in msg and "train_tokenizer.official.file" in msg
+
+
+def test_hub_cache_snapshot_is_imported_exactly(hub_cache):
+    torch.manual_seed(0)
+    model = HARGenerator(CFG)
+    _cache_snapshot(hub_cache, model)
+    imported, provenance = released.import_released("generator", Official(repo_id=REPO), "train_generator.official",
+                                                    CFG, "params.yaml:generator")
+    assert provenance["weights"].startswith(f"official:{REPO}@") and provenance["source"].startswith(str(hub_cache))
+    for key, value in model.state_dict().items():
+        assert torch.equal(imported.state_dict()[key], value), key
+
+
+def test_params_must_describe_the_checkpoint_except_training_only_fields(hub_cache):
+    _cache_snapshot(hub_cache, HARGenerator(CFG))
+    spec = Official(repo_id=REPO)
+    dropout_only = dataclasses.replace(CFG, resid_dropout=0.3, token_dropout=0.0)  # training-only: accepted
+    released.import_released("generator", spec, "train_generator.official", dropout_only, "params.yaml:generator")
+    wrong = dataclasses.replace(CFG, n_layer=3, rope_base=500.0)
+    with pytest.raises(ValueError) as err:
+        released.import_released("generator", spec, "train_generator.official", wrong, "params.yaml:generator")
+    assert "params.yaml:generator does not describe the released generator" in str(err.value)
+    assert "n_layer: params 3, checkpoint 2" in str(err.value) and "rope_base: params 500.0" in str(err.value)
