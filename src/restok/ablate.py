@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -411,7 +412,7 @@ def main(argv=None) -> int:
             return 2
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # jobs of one run may write it at the same time
         tmp.write_text(yaml.safe_dump(all_runs[args.run], sort_keys=False))
         tmp.replace(out)
         return 0

@@ -2,7 +2,10 @@
 # Each run (variant x seed, params `ablations`) gets data/ablations/<run>/ and results/ablations/<run>/ for the
 # stages its overrides touch and everything downstream of them; every other input points at the base run's
 # outputs, so e.g. the plain-AR variant reuses the tokenizer and its latents. The variant rules are derived from
-# dvc.yaml (restok.ablate.Graph): the same commands, with the params file and artifact paths redirected.
+# dvc.yaml (restok.ablate.Graph): the same commands, with the params file and artifact paths redirected. Each job
+# writes its run's params file (data/ablations/<run>/params.yaml, atomically) before its command; the rule's
+# `params:` hold the run's values of the sections the stage declares, so a hand-changed switch reruns only the
+# stages that read it and their downstream.
 from pathlib import Path
 
 from restok import ablate
@@ -22,35 +25,28 @@ def ablation_output(path):
     return out if Path(path).suffix else directory(out)
 
 
-rule ablation_params:
-    message:
-        "Params of ablation run {wildcards.run}"
-    input:
-        "params.yaml",
-    output:
-        "data/ablations/{run}/params.yaml",
-    shell:
-        "python -m restok.ablate params --params params.yaml --run {wildcards.run} --out {output}"
-
-
 for _stage in ABLATION_GRAPH.stages.values():
 
     rule:
         name:
             f"ablation_{_stage.name}"
         input:
-            lambda w, s=_stage: [ABLATION_GRAPH.path(d, w.run, ABLATION_OWN[w.run]) for d in s.deps]
-            + [f"data/ablations/{w.run}/params.yaml"],
+            lambda w, s=_stage: [ABLATION_GRAPH.path(d, w.run, ABLATION_OWN[w.run]) for d in s.deps],
         output:
             [ablation_output(o) for o in _stage.outs],
         log:
             f"logs/ablations/{{run}}/{_stage.name}.log",
         params:
+            # the run's values of the sections this stage declares: a rule reruns when one of them changes (as in
+            # the base graph), not when any other key of params.yaml does
+            sections=lambda w, s=_stage: {name: ABLATION_RUNS[w.run][name] for name in s.params},
             cmd=lambda w, s=_stage: ABLATION_GRAPH.command(s.name, w.run, ABLATION_OWN[w.run]),
         threads: config["resources"][_stage.name]["cpus"]
         resources:
             **rule_resources(_stage.name),
         shell:
+            "python -m restok.ablate params --params params.yaml --run {wildcards.run} "
+            "--out data/ablations/{wildcards.run}/params.yaml && "
             "RESTOK_NPROC_PER_NODE={resources.gpu} RESTOK_NNODES={resources.nodes} {params.cmd} > {log} 2>&1"
 
 
