@@ -147,8 +147,11 @@ def dvc_queue_commands(tree: dict) -> list[list[str]]:
 
 
 def _sh(cmd: list[str], capture: bool = False) -> str:
+    """Run a command with this interpreter's bin folder first on PATH, so that `dvc` and the stages' `python` are the
+    ones of this environment even when it is not activated (`.venv/bin/restok ablate`)."""
     print("+", shlex.join(cmd), flush=True)
-    p = subprocess.run(cmd, text=True, capture_output=capture)
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    p = subprocess.run(cmd, text=True, capture_output=capture, env=env)
     if p.returncode:
         raise SystemExit(f"restok ablate: `{shlex.join(cmd)}` failed ({p.returncode})\n{p.stderr if capture else ''}")
     return p.stdout if capture else ""
@@ -309,7 +312,9 @@ def summarise(tree: dict, results: dict[str, dict]) -> dict:
                              ("restok", "plain_ar", "sampling_steps", "sampling steps: HAR vs plain AR"),
                              ("restok", "flat_queries", "rFID", "rFID: hierarchical vs flat queries"),
                              ("restok", "flat_queries", "gFID", "gFID: hierarchical vs flat queries"),
-                             ("restok", "no_residuals", "gFID", "gFID: with vs without residuals"),
+                             ("restok", "no_residual_image_tokens", "gFID", "gFID: with vs without residual image tokens"),
+                             ("restok", "no_residual_latents", "gFID", "gFID: with vs without residual latent init"),
+                             ("restok", "no_residuals", "gFID", "gFID: with vs without both residuals"),
                              ("restok", "no_vf_alignment", "gFID", "gFID: with vs without VF alignment")):
         if (d := delta(a, b, key)) is not None:
             comparisons[label] = d

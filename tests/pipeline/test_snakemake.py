@@ -34,5 +34,5 @@ def test_ablation_grid_reuses_what_a_variant_does_not_touch(smoke_ws):
     assert "restok" not in by_run, "the base variant is the base run itself"
     assert by_run["plain_ar"] >= {"train_generator", "sample", "score"}
     assert not by_run["plain_ar"] & {"shard", "cache_features", "train_tokenizer", "extract_latents"}
-    assert {"train_tokenizer", "extract_latents", "train_generator"} <= by_run["no_residuals"]
-    assert "cache_features" not in by_run["no_residuals"]
+    assert {"train_tokenizer", "extract_latents", "train_generator"} <= by_run["no_residual_latents"]
+    assert "cache_features" not in by_run["no_residual_latents"]

@@ -37,7 +37,7 @@ def test_a_run_recomputes_exactly_what_its_overrides_touch(graph):
     if "train_tokenizer" in graph.stages:
         ar = graph.own(tree, runs["plain_ar"])
         assert "train_tokenizer" not in ar and "extract_latents" not in ar and "train_generator" in ar
-        assert "train_tokenizer" in graph.own(tree, runs["no_residuals"])
+        assert "train_tokenizer" in graph.own(tree, runs["no_residual_latents"])
 
 
 def test_commands_redirect_only_recomputed_artifacts(graph):
@@ -139,7 +139,8 @@ def test_table_computes_the_paper_comparisons(tmp_path):
     c = summary["comparisons"]
     assert c["gFID: HAR vs plain AR"]["difference"] == -4.0
     assert c["sampling steps: HAR vs plain AR"]["versus"] == 128
-    assert c["entropy per level: restok vs no_residuals"]["difference"] == [0.5, 0.5]
+    assert c["entropy per level: restok vs no_residual_latents"]["difference"] == [0.5, 0.5]
+    assert c["gFID: with vs without residual image tokens"]["difference"] == -2.0
     ablate.write_table(summary, results, tmp_path)
     md = (tmp_path / "ablations.md").read_text()
     assert "Demo numbers, not paper numbers" in md and "| plain_ar | 2 |" in md
