@@ -146,11 +146,12 @@ def dvc_queue_commands(tree: dict) -> list[list[str]]:
     return [dvc_queue_command(run, tree, run_tree) for run, run_tree in runs(tree).items()]
 
 
-def _sh(cmd: list[str], capture: bool = False) -> str:
+def _sh(cmd: list[str], capture: bool = False, env: dict | None = None) -> str:
     """Run a command with this interpreter's bin folder first on PATH, so that `dvc` and the stages' `python` are the
     ones of this environment even when it is not activated (`.venv/bin/restok ablate`)."""
     print("+", shlex.join(cmd), flush=True)
-    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    env = {**os.environ, **(env or {}),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     p = subprocess.run(cmd, text=True, capture_output=capture, env=env)
     if p.returncode:
         raise SystemExit(f"restok ablate: `{shlex.join(cmd)}` failed ({p.returncode})\n{p.stderr if capture else ''}")
@@ -209,12 +210,15 @@ def run_dvc(tree: dict, dry: bool) -> None:
     if not cmds:
         print("every ablation run is up to date: nothing to run", flush=True)
         return
-    cmds.append(["dvc", "exp", "run", "--run-all", "-j", "1"])
+    jobs = tree["ablations"]["jobs"]
+    cmds.append(["dvc", "exp", "run", "--run-all", "-j", str(jobs)])
+    threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))}
     if dry:
         print("\n".join(shlex.join(c) for c in cmds))
         return
-    for cmd in cmds:
+    for cmd in cmds[:-1]:
         _sh(cmd)
+    _sh(cmds[-1], env=threads if jobs > 1 else None)  # each experiment's stages use their share of the cores
 
 
 def collect_dvc(tree: dict) -> dict[str, dict]:

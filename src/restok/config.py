@@ -240,6 +240,9 @@ Override = dict[str, str | int | float | bool | None]
 class Ablations:
     """The paper's ablations as named variants: dotted-key overrides on this params file (`restok ablate`)."""
     seeds: int = field(default=1, metadata=rng(1, 10, help="runs per variant; each sets both training seeds"))
+    jobs: int = field(default=1, metadata=rng(1, 64, help=(
+        "DVC experiments run at once (`dvc exp run --run-all -j`); each gets cores / jobs CPU threads. On a small "
+        "CPU machine two single-thread runs do more work than one two-thread run")))
     variants: dict[str, Override] = field(default_factory=dict, metadata=rng(
         help="variant name -> {dotted.key: value}; each variant is validated as a whole params file"))
 

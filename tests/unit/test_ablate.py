@@ -102,7 +102,7 @@ def test_run_dvc_queues_only_missing_and_stale_runs(monkeypatch, capsys):
     shown = json.dumps(_exp_show(tree, done + [(ablate.PREFIX + "plain_ar", "success", stale_tree)]))
     calls = []
 
-    def fake_sh(cmd, capture=False):
+    def fake_sh(cmd, capture=False, env=None):
         calls.append(cmd)
         return shown if cmd[:3] == ["dvc", "exp", "show"] else ""
 
@@ -111,7 +111,7 @@ def test_run_dvc_queues_only_missing_and_stale_runs(monkeypatch, capsys):
     assert calls[1] == ["dvc", "exp", "remove", ablate.PREFIX + "plain_ar"]
     assert sorted(c[5] for c in calls if c[:4] == ["dvc", "exp", "run", "--queue"]) == [
         ablate.PREFIX + "flat_queries", ablate.PREFIX + "plain_ar"]
-    assert calls[-1] == ["dvc", "exp", "run", "--run-all", "-j", "1"]
+    assert calls[-1] == ["dvc", "exp", "run", "--run-all", "-j", str(tree["ablations"]["jobs"])]
 
     calls.clear()
     shown = json.dumps(_exp_show(tree, [(ablate.PREFIX + r, "success", t) for r, t in all_runs.items()]))
