@@ -210,7 +210,7 @@ def run_dvc(tree: dict, dry: bool) -> None:
     if not cmds:
         print("every ablation run is up to date: nothing to run", flush=True)
         return
-    jobs = tree["ablations"]["jobs"]
+    jobs = min(tree["ablations"]["jobs"], len(cmds) - bool(stale))  # no more workers than queued runs
     cmds.append(["dvc", "exp", "run", "--run-all", "-j", str(jobs)])
     threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))}
     if dry:

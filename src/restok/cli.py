@@ -33,7 +33,7 @@ def main(argv=None) -> int:
         if args.cmd == "profile":
             print(f"wrote profile {args.name!r} to {config.write_profile(args.name, args.out)}")
         elif args.cmd == "validate":
-            config.load_params(args.path)
+            config.check_file(args.path)
             print(f"{args.path}: ok")
         else:
             config.SCHEMA_PATH.write_text(config.schema_text())

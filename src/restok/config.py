@@ -482,9 +482,19 @@ def validate(data: dict, path: str | Path, check_variants: bool = True) -> dict[
     return tree
 
 
+def check_file(path: str | Path) -> dict[str, Any]:
+    """The full check of a params file (`restok validate`): every section, the cross-section rules, and every
+    ablation variant composed on it and validated as a whole file."""
+    return validate(read_yaml(path), path)
+
+
 def load_params(path: str | Path = "params.yaml", sections: tuple[str, ...] | None = None) -> Params:
-    """Validate the whole file, then return only `sections` (all when None)."""
-    tree = validate(read_yaml(path), path)
+    """Validate the whole file, then return only `sections` (all when None).
+
+    The ablation variants are not composed here: a stage never reads them, and inside an ablation run the file is
+    already one variant, on which another variant's overrides may legitimately conflict (flat queries with a pooled
+    latent init). `restok validate` and `restok ablate` check them against the base file."""
+    tree = validate(read_yaml(path), path, check_variants=False)
     wanted = tuple(SECTIONS) if sections is None else sections
     return Params(str(path), {name: tree[name] for name in wanted})
 

@@ -61,9 +61,20 @@ def test_bad_params_are_refused_naming_file_and_key(case, tmp_path):
     mutate, key, value = BAD[case]
     path = _write(tmp_path, mutate)
     with pytest.raises(ParamsError) as e:
-        load_params(path)
+        (config.check_file if case.startswith("variant") else load_params)(path)
     msg = str(e.value)
     assert path in msg and key in msg and value in msg, msg
+
+
+def test_a_variant_params_file_loads_although_another_variant_conflicts_with_it(tmp_path):
+    """Inside an ablation run params.yaml is already one variant (flat queries, learned init); composing another
+    variant (pooled init) on it is invalid, and must not stop the run's stages (the grid's flat_queries run did)."""
+    from restok import ablate
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(ablate.runs(profile_tree("default"))["flat_queries"]))
+    assert load_params(path, ("tokenizer",)).tokenizer.latent_queries == "flat"
+    with pytest.raises(ParamsError, match="no_residual_latents"):
+        config.check_file(path)
 
 
 def test_schema_refuses_what_the_dataclasses_refuse(tmp_path):
