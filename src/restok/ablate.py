@@ -267,7 +267,7 @@ COLUMNS = (("rFID", "rFID"), ("gFID", "gFID"), ("IS", "IS"), ("PSNR_dB", "PSNR")
 def level_entropy(scores: dict) -> list[float] | None:
     """Per-level codebook entropy (bits) from score's codebook stats, coarse level first."""
     book = scores.get("codebook") or {}
-    levels = book.get("levels") if isinstance(book.get("levels"), dict) else book
+    levels = book.get("per_level") if isinstance(book.get("per_level"), dict) else book  # score writes per_level
     keys = sorted((k for k in levels if k.startswith("level_")), key=lambda k: int(k.split("_")[1]))
     return [levels[k]["entropy_bits"] for k in keys] or None
 

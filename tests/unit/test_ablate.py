@@ -131,7 +131,8 @@ def test_table_computes_the_paper_comparisons(tmp_path):
         ent = [1.0, 2.0] if variant == "restok" else [0.5, 1.5]
         results[run] = {"metrics": {"gFID": gfid, "rFID": 5.0, "sampling_steps": steps,
                                     "extractor": "inception-v3-compat-random-init", "teacher_weights": "random-init(seed=0)"},
-                        "scores": {"codebook": {"level_0": {"entropy_bits": ent[0]}, "level_1": {"entropy_bits": ent[1]}}},
+                        "scores": {"codebook": {"entropy_bits": 3.0, "per_level": {  # as score writes it
+                            "level_0": {"entropy_bits": ent[0]}, "level_1": {"entropy_bits": ent[1]}}}},
                         "grid": None}
     summary = ablate.summarise(tree, results)
     rows = {r["variant"]: r for r in summary["rows"]}
