@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from restok.losses import recon as recon_mod
 from restok.losses.gan import (
     BatchNormLocal,
     GANLoss,
@@ -250,7 +249,9 @@ def test_lpips_missing_vgg_raises_before_building(tmp_path, monkeypatch):
     def must_not_build(*args, **kwargs):
         raise AssertionError("LPIPS built before the weights check")
 
-    monkeypatch.setattr(recon_mod.lpips, "LPIPS", must_not_build)
+    import lpips  # imported by LPIPSLoss itself only where it builds the network
+
+    monkeypatch.setattr(lpips, "LPIPS", must_not_build)
     with pytest.raises(MissingWeightsError) as err:
         LPIPSLoss()
     message = str(err.value)
