@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from restok.artifacts import load_artifact, save_artifact
 from restok.models.generator import GeneratorConfig, HARGenerator
 from restok.stages import sample, score
-from restok.train.ckpt import load_artifact, save_artifact
 
 
 def main() -> None:

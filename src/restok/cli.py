@@ -4,6 +4,7 @@
     restok validate [params.yaml]  # check a params file against the schema, as every stage does first
     restok schema                  # regenerate workflow/schemas/params.schema.yaml from src/restok/config.py
     restok ablate [--dry]          # the ablation grid as DVC experiments, then results/ablations.md (restok.ablate)
+    restok deps --write            # set the src deps of dvc.yaml and workflow/rules/*.smk from the imports (restok.deps)
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["ablate"]:
         from restok import ablate
         return ablate.main(argv[1:])
+    if argv[:1] == ["deps"]:
+        from restok import deps
+        return deps.main(argv[1:])
     ap = argparse.ArgumentParser(prog="restok", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -28,6 +32,7 @@ def main(argv=None) -> int:
     val.add_argument("path", nargs="?", default="params.yaml")
     sub.add_parser("schema", help="regenerate the JSON schema from the dataclasses")
     sub.add_parser("ablate", help="run the ablation grid (see `restok ablate --help`)")
+    sub.add_parser("deps", help="stage source deps from the imports (see `restok deps --help`)")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "profile":

@@ -16,13 +16,13 @@ import pytest
 import torch
 import yaml
 
+from restok.artifacts import load_artifact
 from restok.config import GeneratorParams, TokenizerParams, deep_merge, profile_tree
 from restok.convert.checkpoint import export_official_checkpoint
 from restok.convert.official import official_generator_config
 from restok.convert.tokenizer import official_tokenizer_config
 from restok.models.generator import HARGenerator
 from restok.models.tokenizer import ResTok
-from restok.train.ckpt import load_artifact
 
 from .conftest import make_workspace, run
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 import yaml
 
+from restok.artifacts import load_tokenizer, save_artifact
 from restok.config import load_params, tokenizer_config
 from restok.data.shards import iter_split
 from restok.models.tokenizer import ResTok
 from restok.stages import extract_latents
-from restok.train.ckpt import save_artifact
 
 
 def _save_tokenizer(path, smoke_params, **overrides):
@@ -55,7 +55,7 @@ def test_dtype_selection():
 
 
 def test_outputs_match_fresh_encode(extracted, smoke_shards, tokenizer_pt):
-    model, _ = extract_latents.load_tokenizer(tokenizer_pt, torch.device("cpu"))
+    model, _ = load_tokenizer(tokenizer_pt, torch.device("cpu"))
     cfg = model.cfg
     for split, views in (("train", 10), ("val", 1)):
         d = extracted / "data" / split

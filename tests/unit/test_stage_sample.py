@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from restok import config
+from restok import config, images
+from restok.artifacts import save_artifact
 from restok.models.generator import HARGenerator
 from restok.models.tokenizer import ResTok
 from restok.stages import sample
-from restok.train.ckpt import save_artifact
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,11 +110,11 @@ def test_two_processes_give_the_same_images(first_run, smoke_params, artifacts, 
 
 
 def test_rank_shares_cover_whole_batches():
-    three = [list(sample.rank_share(10, 4, r, 3)) for r in range(3)]
+    three = [list(images.rank_share(10, 4, r, 3)) for r in range(3)]
     assert three == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    four = [list(sample.rank_share(10, 4, r, 4)) for r in range(4)]  # more ranks than batches: one idles
+    four = [list(images.rank_share(10, 4, r, 4)) for r in range(4)]  # more ranks than batches: one idles
     assert four == [[], [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert list(sample.rank_share(10, 4, 0, 1)) == list(range(10))
+    assert list(images.rank_share(10, 4, 0, 1)) == list(range(10))
 
 
 def test_mismatched_artifacts_are_refused(smoke_params, artifacts, tmp_path):
@@ -127,5 +127,5 @@ def test_mismatched_artifacts_are_refused(smoke_params, artifacts, tmp_path):
 
 def test_truncation_to_uint8():
     x = torch.tensor([-0.1, 0.0, 0.5, 0.999, 1.0, 1.2]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
-    got = sample.to_uint8(x)[0, 0, :, 0]
+    got = images.to_uint8(x)[0, 0, :, 0]
     assert got.tolist() == [0, 0, 127, 254, 255, 255]  # 127.5 -> 127, 254.7 -> 254: truncation, not rounding

@@ -19,7 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
-from restok import metrics
+from restok import fid, metrics
 from restok.data.shards import iter_split_uint8
 from restok.stages import cfg_search, reference_stats, score
 from tests.unit.test_stage_sample import make_artifacts
@@ -98,7 +98,7 @@ def test_score_ranks_real_like_above_noise_and_writes_headline(env, tmp_path):
     Image.new("RGB", (4, 4)).save(results / "sample/grid.png")
     good = run_score(env, write_samples(tmp_path / "real_like", real_like), results)
     head = json.loads((results / "metrics.json").read_text())
-    ref = reference_stats.load_stats(env.ref / "stats.npz", "inception-v3-compat")
+    ref = fid.load_stats(env.ref / "stats.npz", "inception-v3-compat")
     extractor = metrics.InceptionExtractor("inception-v3-compat")  # the cached fixture weights, as score loads them
     bad = score.score_samples(write_samples(tmp_path / "noise", noise) / "samples.npz", extractor, 16, ref)
 

@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python -m pytest tests/unit/test_stage_train_generator.py -q
 Covers the outputs and their numbers (val loss recomputed from generator.pt), the seeded view sampler, refusing a
-checkpoint of another run (not resumed: it starts over), SIGKILL after the first checkpoint + rerun giving a generator.pt byte-identical to an
+checkpoint of another run (a changed param or a code edit: moved aside, it trains again), resuming the finished run
+after a logging-only param change (the same weights, nothing trained), SIGKILL after the first checkpoint + rerun giving a generator.pt byte-identical to an
 uninterrupted run (CPU, one process), and DDP with 2 CPU processes (gloo) through the torchrun relaunch.
 """
 import json
@@ -12,15 +13,16 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
+from restok.artifacts import load_artifact
 from restok.models.generator import GeneratorConfig, HARGenerator
 from restok.stages import train_generator
-from restok.train.ckpt import load_artifact
 
 LEVELS = [1, 1, 2, 4, 8]  # the smoke tokenizer: 16 tokens
 K, CLASSES = 32, 4
@@ -119,12 +121,42 @@ def test_checkpoints_of_another_run_are_not_resumed(trained, latents, tmp_path, 
     previous = tmp_path / "previous"
     shutil.copytree(trained, previous)  # the finished run of the old params, with its checkpoints
     train_generator.main(_args(params, latents, previous))
-    assert "starting over" in capsys.readouterr().out
+    assert "another run (params differ)" in capsys.readouterr().err
+    assert len(list((previous / "data" / "ckpt" / "aside").rglob("step_*.pt"))) == 2  # kept, not deleted
     fresh = tmp_path / "fresh"
     train_generator.main(_args(params, latents, fresh))
     a, _, _ = load_artifact(previous / "data" / "generator.pt")
     b, _, _ = load_artifact(fresh / "data" / "generator.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_logging_param_change_resumes_the_finished_run(trained, latents, tmp_path, smoke_params, capsys):
+    params = _params(tmp_path, smoke_params, log_every_steps=3, keep_ckpts=5, workers=1)
+    again = tmp_path / "again"
+    shutil.copytree(trained, again)
+    train_generator.main(_args(params, latents, again))
+    assert "at step 6" in capsys.readouterr().err
+    assert json.loads((again / "results" / "metrics.json").read_text())["steps_this_run"] == 0
+    a, _, provenance = load_artifact(again / "data" / "generator.pt")
+    b, _, _ = load_artifact(trained / "data" / "generator.pt")
+    assert provenance["step"] == 6 and all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_code_change_trains_again(trained, latents, tmp_path, smoke_params):
+    """The finished run's checkpoint at max_steps is not republished after an edit to code the stage imports: a copy
+    of the package with one edited line (the generator model file) moves it aside and trains from step 0."""
+    src = tmp_path / "src"
+    shutil.copytree(Path(train_generator.__file__).parents[1], src / "restok",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    with open(src / "restok" / "models" / "generator.py", "a") as f:
+        f.write("# an edit\n")
+    again = tmp_path / "again"
+    shutil.copytree(trained, again)
+    r = subprocess.run(_cmd(smoke_params, latents, again), capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "another run (code differ)" in r.stderr
+    assert json.loads((again / "results" / "metrics.json").read_text())["steps_this_run"] == 6
 
 
 def _cmd(params, latents, root):
@@ -148,7 +180,7 @@ def test_kill9_after_checkpoint_resumes_exactly(tmp_path, smoke_params, latents)
     runs = [subprocess.run(_cmd(params, latents, root), env=env, capture_output=True, text=True)
             for root in (killed, clean)]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
-    assert "resumed from" in runs[0].stdout and "resumed from" not in runs[1].stdout
+    assert "resumed from" in runs[0].stderr and "resumed from" not in runs[1].stderr
     a, b = load_artifact(killed / "data" / "generator.pt"), load_artifact(clean / "data" / "generator.pt")
     assert all(torch.equal(a[0][k], b[0][k]) for k in b[0])
     assert (killed / "data" / "generator.pt").read_bytes() == (clean / "data" / "generator.pt").read_bytes()

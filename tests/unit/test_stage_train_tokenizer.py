@@ -23,12 +23,12 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
+from restok.artifacts import load_artifact
 from restok.config import deep_merge
 from restok.data.shards import iter_split
 from restok.data.views import apply_view
 from restok.models.tokenizer import ResTok, TokenizerConfig
 from restok.stages import cache_features, train_tokenizer
-from restok.train.ckpt import load_artifact
 
 
 def _params(smoke_params, tmp: Path, over: dict) -> Path:

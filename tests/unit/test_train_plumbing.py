@@ -6,7 +6,10 @@ restore, 3 more steps must equal 6 uninterrupted steps bit for bit on CPU (dropo
 random all depend on the restored RNG streams). The DDP paths run in a one-process gloo group.
 """
 import math
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from restok import artifacts
+from restok.io import save_torch_atomic
 from restok.train import ckpt, dist, log, optim
 from restok.train.ema import EMA, ema_decay
 from restok.train.lr import lr_at
@@ -154,7 +159,7 @@ def test_failed_write_leaves_nothing(tmp_path):
             raise RuntimeError("killed mid-write")
 
     with pytest.raises(RuntimeError, match="mid-write"):
-        ckpt.save_atomic({"x": Unpicklable()}, tmp_path / "step_000000004.pt")
+        save_torch_atomic({"x": Unpicklable()}, tmp_path / "step_000000004.pt")
     assert list(tmp_path.iterdir()) == [] and ckpt.latest(tmp_path) is None
 
 
@@ -222,17 +227,17 @@ def test_artifact_roundtrip_and_refusals(tmp_path):
     model = Tiny()
     path = tmp_path / "tokenizer.pt"
     config = {"width": 8, "levels": [1, 1, 2], "name": "tiny"}
-    ckpt.save_artifact(path, model.state_dict(), config, {"step": 3, "params_sha256": "ab" * 32})
-    state_dict, got_config, provenance = ckpt.load_artifact(path)
+    artifacts.save_artifact(path, model.state_dict(), config, {"step": 3, "params_sha256": "ab" * 32})
+    state_dict, got_config, provenance = artifacts.load_artifact(path)
     assert got_config == config and provenance["step"] == 3
     assert torch.equal(state_dict["fc1.weight"], model.fc1.weight)
     with pytest.raises(TypeError, match=r"config.width"):
-        ckpt.save_artifact(tmp_path / "bad.pt", {}, {"width": np.int64(8)}, {})
-    ckpt.save_atomic({"step": 1}, tmp_path / "not_artifact.pt")
+        artifacts.save_artifact(tmp_path / "bad.pt", {}, {"width": np.int64(8)}, {})
+    save_torch_atomic({"step": 1}, tmp_path / "not_artifact.pt")
     with pytest.raises(ValueError, match="not a restok model artifact"):
-        ckpt.load_artifact(tmp_path / "not_artifact.pt")
+        artifacts.load_artifact(tmp_path / "not_artifact.pt")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        ckpt.load_artifact(tmp_path / "missing.pt")
+        artifacts.load_artifact(tmp_path / "missing.pt")
 
 
 # ------------------------------------------------------------------------------------------ curves, progress
@@ -264,6 +269,13 @@ def test_progress_plain_lines_when_not_interactive():
     lines = captured.get().splitlines()
     assert [line.split(" (")[0] for line in lines] == ["encode: 4/10", "encode: 8/10", "encode: 10/10"]
     assert all(line.endswith("loss 0.25") and "\x1b" not in line for line in lines)
+
+
+def test_logs_go_to_stderr_verbatim_and_unwrapped():
+    text = "saved " + "/very/long/folder" * 12 + "/data/[bold]run[/bold]:emoji:/x.pt"
+    r = subprocess.run([sys.executable, "-c", f"from restok.train.log import print0; print0({text!r})"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == text + "\n"
 
 
 def test_print0_only_on_rank0(monkeypatch):

@@ -5,8 +5,26 @@ rule shard:
     message:
         "Sharding {params.data[source]} images into webdataset tars"
     input:
+        "src/restok/config.py",
+        "src/restok/data/builtin.py",
+        "src/restok/data/shards.py",
+        "src/restok/data/sources.py",
+        "src/restok/data/views.py",
+        "src/restok/io.py",
+        "src/restok/losses/gan.py",
+        "src/restok/losses/recon.py",
+        "src/restok/losses/vf.py",
+        "src/restok/models/generator.py",
+        "src/restok/models/masks.py",
+        "src/restok/models/pixel_cnn.py",
+        "src/restok/models/quantizer.py",
+        "src/restok/models/rope.py",
+        "src/restok/models/teacher.py",
+        "src/restok/models/tokenizer.py",
+        "src/restok/models/vit.py",
+        "src/restok/sampling.py",
         "src/restok/stages/shard.py",
-        "src/restok/data",
+        "src/restok/train/log.py",
     output:
         directory("data/shard"),
         "results/shard/summary.json",

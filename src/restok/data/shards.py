@@ -16,7 +16,6 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import webdataset as wds
 from PIL import Image
 
@@ -54,19 +53,6 @@ def write_shard(path: Path, samples: list[dict]) -> dict:
 
 def store_transform(img: Image.Image, split: str, res: int) -> Image.Image:
     return train_stored(img, res) if split == "train" else eval_view(img, res)
-
-
-def write_npz_atomic(path: Path, **arrays) -> None:
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------- read

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import os
 import shutil
 import time
@@ -42,16 +41,16 @@ import torch
 import webdataset as wds
 
 from restok.config import load_params
-from restok.data.shards import MANIFEST, iter_split, read_manifest, sha256_file, shard_paths, write_json_atomic
+from restok.data.features import FIELDS, FORMAT, npy_bytes
+from restok.data.shards import MANIFEST, iter_split, read_manifest, sha256_file, shard_paths
 from restok.data.views import apply_view, train_view_boxes
+from restok.io import write_json_atomic
 from restok.launch import relaunch_if_requested
 from restok.models.teacher import Teacher
 from restok.train import dist
 from restok.train.log import console, print0, progress
 
 PARAMS = ("profile", "vf", "cache_features")
-FORMAT = "restok-features-v1"
-FIELDS = ("views.npy", "cls.npy", "patches.npy")
 IMAGENET_TRAIN_IMAGES = 1_281_167
 IMAGENET_VIT_L = {"dim": 1024, "grid": 16}
 
@@ -60,12 +59,6 @@ def view_rng(seed: int, key: str) -> np.random.Generator:
     """The generator of one image's views: (seed, image key), independent of shard order and process count."""
     digest = hashlib.sha256(key.encode()).digest()
     return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
 
 
 def feature_bytes(views: int, grid: int, dim: int) -> int:

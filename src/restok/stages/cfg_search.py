@@ -30,12 +30,13 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
+from restok.artifacts import load_models
 from restok.config import load_params
-from restok.data.shards import write_json_atomic
+from restok.fid import PROVENANCE_KEYS, build_extractor, load_stats
+from restok.images import gather_to_main, rank_share, sample_images
+from restok.io import write_json_atomic
 from restok.launch import relaunch_if_requested
 from restok.metrics import Features, InceptionExtractor, frechet_distance, statistics
-from restok.stages.reference_stats import PROVENANCE_KEYS, build_extractor, load_stats
-from restok.stages.sample import gather_to_main, load_models, rank_share, sample_images
 from restok.train.dist import barrier, cleanup, init_distributed
 from restok.train.log import console, print0
 

@@ -29,13 +29,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from restok.artifacts import load_tokenizer
 from restok.config import load_params
-from restok.data.shards import decode_image, read_manifest, sha256_file, shard_paths, store_transform, \
-    write_json_atomic
+from restok.data.shards import decode_image, read_manifest, sha256_file, shard_paths, store_transform
 from restok.data.views import eval_view, ten_crop_views, to_uint8_tensor
+from restok.io import write_json_atomic
 from restok.metrics import codebook_stats
-from restok.models.tokenizer import ResTok, TokenizerConfig
-from restok.train.ckpt import load_artifact
+from restok.models.tokenizer import ResTok
 from restok.train.log import console, progress
 
 PARAMS = ("profile", "extract_latents")
@@ -97,14 +97,6 @@ class ViewBatches(torch.utils.data.IterableDataset):
     @staticmethod
     def _collate(first: int, items: list) -> tuple[int, torch.Tensor, torch.Tensor]:
         return first, torch.stack([v for v, _ in items]), torch.tensor([c for _, c in items])
-
-
-def load_tokenizer(path: Path, device: torch.device) -> tuple[ResTok, dict]:
-    """The EMA tokenizer rebuilt from the config stored in its artifact (never from params); eval mode, fp32."""
-    state_dict, config, provenance = load_artifact(path)
-    model = ResTok(TokenizerConfig(**config))
-    model.load_state_dict(state_dict)
-    return model.to(device).eval(), provenance
 
 
 def _clear(split_dir: Path) -> None:

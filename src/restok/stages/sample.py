@@ -24,108 +24,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from torchvision.utils import make_grid, save_image
 
+from restok.artifacts import load_models
 from restok.config import load_params
-from restok.data.shards import write_json_atomic, write_npz_atomic
+from restok.images import gather_to_main, rank_share, sample_images
+from restok.io import write_json_atomic, write_npz_atomic
 from restok.launch import relaunch_if_requested
-from restok.models.generator import GeneratorConfig, HARGenerator
-from restok.models.tokenizer import ResTok, TokenizerConfig
-from restok.sampling import SamplingConfig, generate, schedule_scales
-from restok.train.ckpt import load_artifact
-from restok.train.dist import DistInfo, barrier, cleanup, init_distributed, is_dist
-from restok.train.log import console, print0, progress
+from restok.sampling import schedule_scales
+from restok.train.dist import barrier, cleanup, init_distributed
+from restok.train.log import console, print0
 
 PARAMS = ("profile", "sample")
-
-
-# ------------------------------------------------------------------------------------------------- models
-def build_tokenizer(state: dict, config: dict, device: torch.device) -> ResTok:
-    """The tokenizer of an artifact's (state_dict, config), eval mode, fp32."""
-    model = ResTok(TokenizerConfig(**config))
-    model.load_state_dict(state)
-    return model.to(device).eval()
-
-
-def load_tokenizer(path: str | Path, device: torch.device) -> tuple[ResTok, dict]:
-    """(EMA tokenizer rebuilt from the config stored in a tokenizer.pt artifact, its provenance)."""
-    state, config, provenance = load_artifact(path)
-    return build_tokenizer(state, config, device), provenance
-
-
-def load_models(generator_path: str | Path, tokenizer_path: str | Path,
-                device: torch.device) -> tuple[HARGenerator, ResTok, dict]:
-    """Generator and tokenizer rebuilt from their artifacts, after checking that they belong together.
-
-    Returns (generator, tokenizer, {"generator": provenance, "tokenizer": provenance}).
-    """
-    g_state, g_config, g_prov = load_artifact(generator_path)
-    t_state, t_config, t_prov = load_artifact(tokenizer_path)
-    g_cfg, t_cfg = GeneratorConfig(**g_config), TokenizerConfig(**t_config)
-    for what, g_value, t_value in (("vocab_size vs codebook_size", g_cfg.vocab_size, t_cfg.codebook_size),
-                                   ("num_tokens vs tokens", g_cfg.num_tokens, t_cfg.num_tokens)):
-        if g_value != t_value:
-            raise ValueError(f"generator {what}: {generator_path} has {g_value} but {tokenizer_path} has {t_value}; "
-                             f"the generator was trained on codes of another tokenizer")
-    generator = HARGenerator(g_cfg)
-    generator.load_state_dict(g_state)
-    tokenizer = build_tokenizer(t_state, t_config, device)
-    return generator.to(device).eval(), tokenizer, {"generator": g_prov, "tokenizer": t_prov}
-
-
-# ----------------------------------------------------------------------------------------------- sampling
-def rank_share(n_images: int, batch_size: int, rank: int, world_size: int) -> range:
-    """Global image indices of this rank: a contiguous run of whole global batches, so that every batch holds the
-    same images on any process count."""
-    n_batches = -(-n_images // batch_size)
-    lo, hi = n_batches * rank // world_size, n_batches * (rank + 1) // world_size
-    return range(min(lo * batch_size, n_images), min(hi * batch_size, n_images))
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Decoded images (B, 3, H, W) ~[0, 1] -> (B, H, W, 3) uint8, clamp(255 x, 0, 255) truncated."""
-    return (x.float() * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # timing only, between batches
-
-
-@torch.no_grad()
-def sample_images(generator: HARGenerator, tokenizer: ResTok, sampling: SamplingConfig, indices: range,
-                  per_class: int, seed: int, batch_size: int, device: torch.device,
-                  desc: str = "sample") -> tuple[np.ndarray, dict]:
-    """Images of global indices `indices` (image i: class i // per_class, seed seed + i), batch by batch.
-
-    Returns (uint8 (n, H, W, 3) array, {"generate_seconds", "decode_seconds"}).
-    """
-    out, t_gen, t_dec = [], 0.0, 0.0
-    with progress(len(indices), desc) as bar:
-        for start in range(indices.start, indices.stop, batch_size):
-            idx = torch.arange(start, min(start + batch_size, indices.stop))  # (B,) global image indices
-            t0 = time.perf_counter()
-            codes = generate(generator, (idx // per_class).to(device), sampling, seeds=(seed + idx).tolist())  # (B, L)
-            _sync(device)
-            t1 = time.perf_counter()
-            images = to_uint8(tokenizer.decode(codes))  # (B, H, W, 3)
-            out.append(images.cpu().numpy())
-            t2 = time.perf_counter()
-            t_gen, t_dec = t_gen + t1 - t0, t_dec + t2 - t1
-            bar.advance(len(idx), img_s=(bar.done + len(idx)) / max(t_gen + t_dec, 1e-9))
-    res = tokenizer.cfg.resolution
-    images = np.concatenate(out) if out else np.zeros((0, res, res, 3), np.uint8)
-    return images, {"generate_seconds": t_gen, "decode_seconds": t_dec}
-
-
-def gather_to_main(obj, info: DistInfo) -> list | None:
-    """[obj of rank 0, obj of rank 1, ...] on rank 0 (None elsewhere); [obj] without a process group."""
-    if not is_dist():
-        return [obj]
-    out = [None] * info.world_size if info.is_main else None
-    torch_dist.gather_object(obj, out, dst=0)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- outputs

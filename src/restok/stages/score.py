@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from restok.artifacts import load_tokenizer
 from restok.config import load_params
-from restok.data.shards import read_manifest, write_json_atomic
+from restok.data.shards import read_manifest
+from restok.fid import PROVENANCE_KEYS, batches, build_extractor, extract, fid_device, load_stats, val_images
+from restok.io import write_json_atomic
 from restok.metrics import (Features, codebook_stats, frechet_distance, inception_score, precision_recall, psnr,
                             statistics)
-from restok.stages.reference_stats import (PROVENANCE_KEYS, batches, build_extractor, extract, fid_device,
-                                           load_stats, val_images)
-from restok.stages.sample import load_tokenizer
 from restok.train.log import console, progress
 
 PARAMS = ("profile", "fid")

@@ -22,9 +22,10 @@ import webdataset as wds
 from torchvision.utils import make_grid, save_image
 
 from restok.config import load_params
-from restok.data.shards import (MANIFEST, count_tar, encode_image, iter_split_uint8, sha256_file, shard_paths,
-                                store_transform, write_json_atomic, write_shard)
+from restok.data.shards import (MANIFEST, count_tar, encode_image, iter_split_uint8, sha256_file, store_transform,
+                                write_shard)
 from restok.data.sources import Item, list_items, load_image
+from restok.io import write_json_atomic
 from restok.train.log import console, progress
 
 PARAMS = ("profile", "data", "shard")

@@ -33,9 +33,10 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
+from restok.artifacts import save_artifact
 from restok.config import generator_config, load_params
 from restok.convert.released import import_released
-from restok.data.shards import write_json_atomic
+from restok.io import write_json_atomic
 from restok.launch import relaunch_if_requested
 from restok.models.generator import HARGenerator
 from restok.train import ckpt
@@ -46,6 +47,8 @@ from restok.train.lr import lr_at
 from restok.train.optim import adamw
 
 PARAMS = ("profile", "generator", "train_generator")
+# params that change what is logged or evaluated, not the trained weights: they do not stop a resume
+NOT_SHAPING = (*(f"train_generator.{k}" for k in ckpt.LOGGING_KNOBS), "train_generator.val_batches")
 
 
 class Latents:
@@ -136,7 +139,7 @@ def import_generator(p, args) -> None:
     CurveWriter(results / "curve.tsv", ["loss", "val_loss", "lr"]).close()  # header only: nothing was trained
     model = model.to(device)
     final = evaluate(model, val, val.num, tg.loop.batch_size, val.meta["level_sizes"], device, autocast, 0, 1)
-    ckpt.save_artifact(out / "generator.pt", model.state_dict(), asdict(model.cfg),
+    save_artifact(out / "generator.pt", model.state_dict(), asdict(model.cfg),
                        {"stage": "train_generator", "profile": p.profile, "step": None,
                         "params_sha256": sections_hash(p), "weights": provenance["weights"], "official": provenance,
                         "latents": {"val_meta": val.meta}})
@@ -188,16 +191,17 @@ def main(argv=None):
     ema = EMA(model, loop.ema_decay)
     opt = adamw(model, opt_cfg.lr, opt_cfg.weight_decay, tuple(opt_cfg.betas))
     out, results = Path(args.out), Path(args.results)
-    run_id = ckpt.fingerprint(asdict(cfg), asdict(p.train_generator), train.meta, world)
-    step, final_loss, resume = 0, None, ckpt.resume_point(out / "ckpt", run_id, info.is_main)
+    sections = {k: asdict(p.sections[k]) for k in PARAMS[1:]}
+    run_id = ckpt.fingerprint(ckpt.run_params(sections, NOT_SHAPING), "restok.stages.train_generator",
+                              {"latents": train.meta, "world_size": world})
+    step, final_loss, state = 0, None, ckpt.resume(out / "ckpt", run_id, info.is_main)
+    resume = state is not None
     prior_secs = 0.0  # training time of the runs this one resumes
-    barrier()
     if resume:
-        state = ckpt.load(resume)
         step, _ = ckpt.restore(state, model, {"generator": opt}, ema)
         final_loss = state["train_loss"]
         prior_secs = float(state.get("train_seconds", 0.0))
-        print0(f"resumed from {resume} at step {step}")
+        print0(f"resumed from {out / 'ckpt'} at step {step}")
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if loop.compile else net
     sampler = StepSampler(train.num, train.views, loop.batch_size, loop.seed)
@@ -261,7 +265,7 @@ def main(argv=None):
         curve.close()
         provenance = {"stage": "train_generator", "profile": p.profile, "step": step, "params_sha256": sections_hash(p),
                       "weights": "ema", "latents": {"train_meta": train.meta, "val_num_images": val.num}}
-        ckpt.save_artifact(out / "generator.pt", ema.model.state_dict(), asdict(cfg), provenance)
+        save_artifact(out / "generator.pt", ema.model.state_dict(), asdict(cfg), provenance)
         sequences = (step - first_step) * loop.batch_size
         metrics = {"profile": p.profile, "mode": cfg.mode, "steps": step, "final_train_loss": final_loss,
                    "val_loss": final["loss"], "val_accuracy": final["accuracy"],

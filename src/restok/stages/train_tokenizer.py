@@ -31,9 +31,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tarfile
 import time
 from itertools import accumulate
 from pathlib import Path
@@ -45,11 +42,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.utils import save_image
 
+from restok.artifacts import save_artifact
 from restok.config import load_params, tokenizer_config
 from restok.convert.released import import_released
+from restok.data.features import TarIndex, read_features_manifest
 from restok.data.shards import MANIFEST, decode_image, iter_split_uint8, read_manifest, sha256_file, shard_paths
-from restok.data.shards import store_transform, write_json_atomic
+from restok.data.shards import store_transform
 from restok.data.views import apply_view, train_view_boxes
+from restok.io import write_json_atomic
 from restok.launch import relaunch_if_requested
 from restok.losses.recon import TokenizerLoss
 from restok.metrics import codebook_stats, psnr, ssim
@@ -61,52 +61,12 @@ from restok.train.log import CurveWriter, console, print0, progress
 from restok.train.lr import lr_at
 
 PARAMS = ("profile", "vf", "tokenizer", "train_tokenizer")
-FEATURES_FORMAT = "restok-features-v1"  # written by restok.stages.cache_features
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
+# params that change what is logged or evaluated, not the trained weights: they do not stop a resume
+NOT_SHAPING = (*(f"train_tokenizer.{k}" for k in ckpt.LOGGING_KNOBS), "train_tokenizer.eval_images")
 
 
 # --------------------------------------------------------------------------------------------------- data
-class TarIndex:
-    """Random access to an uncompressed tar's samples: key -> {field: (offset, size)} (webdataset naming)."""
-
-    def __init__(self, path: str | Path):
-        self.path, self.members, self._file = str(path), {}, (None, None)
-        with tarfile.open(self.path) as tar:  # reads the headers only; member data is skipped by seeking
-            for m in tar:
-                if m.isfile():
-                    folder, base = os.path.split(m.name)
-                    stem, _, field = base.partition(".")
-                    self.members.setdefault(os.path.join(folder, stem), {})[field] = (m.offset_data, m.size)
-        self.keys = list(self.members)
-
-    def _handle(self):
-        pid, handle = self._file
-        if pid != os.getpid():  # one handle per process (DataLoader workers fork)
-            self._file = (os.getpid(), open(self.path, "rb"))
-        return self._file[1]
-
-    def read(self, key: str, field: str) -> bytes:
-        offset, size = self.members[key][field]
-        f = self._handle()
-        f.seek(offset)
-        return f.read(size)
-
-    def npy_row(self, key: str, field: str, row: int) -> np.ndarray:
-        """Row `row` of the .npy member (V, ...) without reading the other rows."""
-        offset, _ = self.members[key][field]
-        f = self._handle()
-        f.seek(offset)
-        version = np.lib.format.read_magic(f)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        shape, _, dtype = read_header[version](f)
-        count = int(np.prod(shape[1:]))
-        f.seek(f.tell() + row * count * dtype.itemsize)
-        return np.frombuffer(f.read(count * dtype.itemsize), dtype=dtype).reshape(shape[1:])
-
-    def __getstate__(self):
-        return {**self.__dict__, "_file": (None, None)}
-
-
 class ViewDataset(Dataset):
     """(image index, draw seed) -> (view uint8 (3, res, res), teacher CLS (D,), teacher patches (P, D)).
 
@@ -178,11 +138,7 @@ def vf_setup(p, shards: str, features: str) -> dict:
     """Which VF source the run uses: {"need", "cached", "dim", "provenance", "reason"}; refuses stale caches."""
     vf, cfg, loss = p.vf, p.tokenizer, p.train_tokenizer.loss
     manifest_path = Path(features) / MANIFEST
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} is missing: run cache_features first (dvc repro cache_features)")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FEATURES_FORMAT:
-        raise ValueError(f"{manifest_path} has format {manifest.get('format')!r}, expected {FEATURES_FORMAT!r}")
+    manifest = read_features_manifest(features)
     if not cfg.vf_align:
         return {"need": False, "cached": False, "dim": None, "reason": "off (tokenizer.vf_align false)"}
     need = loss.vf_enc_weight > 0 or loss.vf_dec_weight > 0
@@ -279,8 +235,10 @@ def main(argv=None):
                          f"{info.world_size} processes")
     local_bs = loop.batch_size // info.world_size
     out, results, ckpt_dir = Path(args.out), Path(args.results), Path(args.out) / "ckpt"
-    run_hash = hashlib.sha256(f"{params_hash(p)}{vfs.get('manifest_sha256')}{image_manifest['shards']}".encode())
-    run_hash = run_hash.hexdigest()
+    sections = {k: dataclasses.asdict(p.sections[k]) for k in PARAMS[1:]}
+    run_id = ckpt.fingerprint(ckpt.run_params(sections, NOT_SHAPING), "restok.stages.train_tokenizer",
+                              {"features_manifest_sha256": vfs.get("manifest_sha256"),
+                               "image_shards": image_manifest["shards"], "world_size": info.world_size})
 
     dist.seed_everything(loop.seed)  # the same init on every rank
     model = ResTok(cfg).to(device)
@@ -293,21 +251,14 @@ def main(argv=None):
                                             tuple(opt_cfg.betas))
     dist.seed_everything(loop.seed, info.rank)
     step, resumed, prior_seconds = 0, None, 0.0
-    latest = ckpt.latest(ckpt_dir)
-    if latest is not None:
-        state = ckpt.load(latest)
-        if state.get("run_hash") == run_hash:
-            step, _ = ckpt.restore(state, model, opts, ema)
-            prior_seconds = float(state.get("train_seconds", 0.0))  # training time before the interruption
-            if loss_fn.gan is not None:
-                loss_fn.gan.load_state_dict(state["gan"])
-            resumed = step
-        else:
-            print0(f"train_tokenizer: {ckpt_dir} belongs to other params or data; starting over")
-    dist.barrier()
+    state = ckpt.resume(ckpt_dir, run_id, info.is_main)
+    if state is not None:
+        step, _ = ckpt.restore(state, model, opts, ema)
+        prior_seconds = float(state.get("train_seconds", 0.0))  # training time before the interruption
+        if loss_fn.gan is not None:
+            loss_fn.gan.load_state_dict(state["gan"])
+        resumed = step
     if info.is_main:
-        if resumed is None and ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)
         for stale in (out / "tokenizer.pt", results / "metrics.json", results / "recon.png"):
             stale.unlink(missing_ok=True)
     dist.barrier()
@@ -369,7 +320,7 @@ def main(argv=None):
             if step % loop.ckpt_every_steps == 0 or step == loop.max_steps:
                 extra = {"gan": loss_fn.gan.state_dict()} if loss_fn.gan is not None else {}
                 state = ckpt.capture(step, model, opts, ema, data={"samples_per_rank": step * local_bs},
-                                     run_hash=run_hash, train_seconds=prior_seconds + time.time() - t_start,
+                                     fingerprint=run_id, train_seconds=prior_seconds + time.time() - t_start,
                                      **extra)
                 if info.is_main:
                     ckpt.save(ckpt_dir, state, step, keep=loop.keep_ckpts)
@@ -391,7 +342,7 @@ def main(argv=None):
                       "losses": losses, "features_manifest_sha256": vfs.get("manifest_sha256")}
         state_dict = {k: v.detach().cpu() for k, v in ema.model.state_dict().items()}
         out.mkdir(parents=True, exist_ok=True)
-        ckpt.save_artifact(out / "tokenizer.pt", state_dict, dataclasses.asdict(cfg), provenance)
+        save_artifact(out / "tokenizer.pt", state_dict, dataclasses.asdict(cfg), provenance)
         trained = step - start_step
         metrics.update({
             "profile": p.profile, "step": step, "teacher": teacher_info, "losses": losses,
@@ -431,7 +382,7 @@ def import_tokenizer(p, args) -> None:
                       "losses": None, "features_manifest_sha256": None, "official": provenance}
     out.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    ckpt.save_artifact(out / "tokenizer.pt", state_dict, dataclasses.asdict(model.cfg), provenance_out)
+    save_artifact(out / "tokenizer.pt", state_dict, dataclasses.asdict(model.cfg), provenance_out)
     metrics.update({
         "profile": p.profile, "step": None, "weights": provenance["weights"], "official": provenance,
         "teacher": None, "losses": "none: released checkpoint, not trained here",

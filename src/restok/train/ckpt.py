@@ -1,27 +1,37 @@
-"""Atomic checkpoints for resume after kill -9, and the final model artifact (STYLE.md section 5, DESIGN.md).
+"""Resume state of the training stages: atomic checkpoints, and one resume rule that never resurrects stale state.
 
 Resume state lives in `data/train_<x>/ckpt/step_<step>.pt`: model, EMA, optimizers, step, the RNG state of every
-rank and the data position. Files are written to `<name>.tmp.<pid>` in the same folder, fsynced, renamed with
-os.replace and the folder fsynced, so a killed writer never leaves a file that `latest()` takes for a checkpoint.
+rank, the data position and the run's fingerprint. Files are written under a temporary name, fsynced and renamed
+(restok.io.save_torch_atomic), so a killed writer never leaves a file that `latest()` takes for a checkpoint.
 Everything is stored as tensors, ints, floats, strings, lists and dicts, so `torch.load(weights_only=True)` reads it
 (numpy RNG states are converted; notes/ecosystem.md section 6).
 
-Loop usage (rank 0 saves, every rank restores its own RNG stream):
-    path = ckpt.latest(ckpt_dir)
-    if path: step, data_pos = ckpt.restore(ckpt.load(path), model, optimizers, ema)
+The fingerprint (`fingerprint`) covers what shapes the result: the params without logging and checkpointing knobs
+(`run_params`), the code of every module the stage imports, the input artifacts and the library versions. So the
+checkpoint a finished run leaves at `max_steps` is resumed only by the same run (a rerun after a logging param
+change publishes the same weights without training again); any other run moves it aside and trains afresh.
+
+Loop usage (both training stages):
+    run = ckpt.fingerprint(ckpt.run_params(sections, LOGGING_KNOBS), "restok.stages.<stage>", inputs)
+    state = ckpt.resume(ckpt_dir, run, info.is_main)       # collective under torchrun: rank 0 chooses
+    if state: step, data_pos = ckpt.restore(state, model, optimizers, ema)
     ...
-    state = ckpt.capture(step, model, optimizers, ema, data=data_pos)   # collective: call it on every rank
+    state = ckpt.capture(step, model, optimizers, ema, data=data_pos, fingerprint=run)  # collective
     if info.is_main: ckpt.save(ckpt_dir, state, step, keep=3)
     dist.barrier()
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
+import platform
 import random
 import re
-import shutil
+import sys
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -29,31 +39,12 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from restok.deps import code_sha256
+from restok.io import save_torch_atomic
 from restok.train.dist import is_dist, unwrap
 from restok.train.ema import EMA
 
-ARTIFACT_FORMAT = "restok-artifact-v1"
 _CKPT_NAME = re.compile(r"^step_(\d+)\.pt$")
-
-
-def save_atomic(obj: object, path: str | Path) -> None:
-    """torch.save `obj` to `path` so that `path` is either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on one filesystem
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # make the rename itself durable
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict:
@@ -135,7 +126,7 @@ def save(ckpt_dir: str | Path, state: dict, step: int, keep: int = 2) -> Path:
         raise ValueError(f"keep={keep} must be >= 1 (checkpoints to keep)")
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / f"step_{step:09d}.pt"
-    save_atomic(state, path)
+    save_torch_atomic(state, path)
     for old in _checkpoints(ckpt_dir)[:-keep]:
         old.unlink()
     for stale in ckpt_dir.glob("*.tmp.*"):  # left by a writer killed mid-write
@@ -143,26 +134,90 @@ def save(ckpt_dir: str | Path, state: dict, step: int, keep: int = 2) -> Path:
     return path
 
 
-def fingerprint(*parts) -> str:
-    """A short hash of what a training run is (model config, training params, input artifacts' identity)."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+# keys of a training section (train_tokenizer, train_generator) that change how a run logs and checkpoints, not
+# what it computes (resume is exact across checkpoint intervals; tests/unit/test_stage_train_*.py)
+LOGGING_KNOBS = ("loop.ckpt_every_steps", "loop.keep_ckpts", "loop.log_every_steps", "loop.workers")
 
 
-def resume_point(ckpt_dir: str | Path, run_fingerprint: str, is_main: bool = True) -> Path | None:
-    """The newest checkpoint of *this* run, or None. Checkpoints of another run (a changed param or upstream
-    artifact; DVC and Snakemake keep the folder across reruns) are removed so training starts over cleanly."""
-    path = latest(ckpt_dir)
-    if path is None:
+def run_params(sections: dict, ignore: Iterable[str]) -> dict:
+    """The params that shape a training run's result: `sections` (name -> dict) without the dotted keys `ignore`
+    (logging and checkpointing knobs). An ignored key that does not exist is refused (a renamed knob would
+    otherwise silently start to count)."""
+    tree = json.loads(json.dumps(sections, default=str))  # a deep, plain copy
+    for dotted in ignore:
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise KeyError(f"run_params: ignored key {dotted!r} is not in the params sections {sorted(sections)}")
+        del node[leaf]
+    return tree
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint(params: dict, module: str, inputs: dict) -> dict[str, str]:
+    """What a training run is, part by part: a checkpoint is resumed only when every part is equal.
+
+    Args:
+        params: the params that shape the result (`run_params`).
+        module: the stage module; its code part hashes every file it imports (restok.deps.code_sha256), so a
+            checkpoint of older code is never resumed.
+        inputs: identity of the input artifacts and of the process layout (manifest hashes, world size, ...).
+    Returns:
+        {"params", "code", "inputs", "environment"} -> short hashes; "environment" covers the Python, torch,
+        torchvision and numpy versions.
+    """
+    env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "torchvision": importlib.metadata.version("torchvision")}
+    return {"params": _sha(params), "code": code_sha256(module)[:16], "inputs": _sha(inputs),
+            "environment": _sha(env)}
+
+
+def resume(ckpt_dir: str | Path, run: dict[str, str], is_main: bool = True) -> dict | None:
+    """The state of the newest loadable checkpoint of *this* run (`fingerprint`), or None to start afresh.
+
+    Rank 0 chooses and broadcasts the file, so every rank resumes the same step even where their views of a
+    shared folder differ. Nothing is deleted: an unreadable checkpoint (killed mid-save on a filesystem without
+    atomic rename, a bad disk) is moved to `ckpt/aside/` and the previous one is tried; checkpoints of another run
+    (a changed param, code, input or library; DVC and Snakemake keep the folder across reruns) are all moved to
+    `ckpt/aside/` with a message naming what differs.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    chosen = _choose(ckpt_dir, run) if is_main else None
+    if is_dist():
+        box = [None if chosen is None else str(chosen)]
+        torch_dist.broadcast_object_list(box, src=0)
+        chosen = None if box[0] is None else Path(box[0])
+    return load(chosen) if chosen is not None else None
+
+
+def _choose(ckpt_dir: Path, run: dict[str, str]) -> Path | None:
+    for path in reversed(_checkpoints(ckpt_dir)):
+        try:
+            found = load(path).get("fingerprint")
+        except Exception as e:  # any unreadable file: torch raises RuntimeError, EOFError, pickle errors, ...
+            _move_aside(ckpt_dir, [path], "corrupt", f"{path} cannot be read ({type(e).__name__}: {e})")
+            continue
+        if found == run:
+            return path
+        differs = sorted(k for k in run if not isinstance(found, dict) or found.get(k) != run[k])
+        _move_aside(ckpt_dir, _checkpoints(ckpt_dir), "other-run",
+                    f"{ckpt_dir} holds checkpoints of another run ({', '.join(differs)} differ)")
         return None
-    found = load(path).get("fingerprint")
-    if found == run_fingerprint:
-        return path
-    if is_main:
-        print(f"{ckpt_dir}: checkpoints belong to another run (fingerprint {found} != {run_fingerprint}); "
-              f"starting over", flush=True)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return None
+
+
+def _move_aside(ckpt_dir: Path, paths: list[Path], why: str, message: str) -> None:
+    dest = ckpt_dir / "aside" / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{why}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        os.replace(path, dest / path.name)
+    print(f"{message}; moved {len(paths)} file(s) to {dest}, training does not resume from them", file=sys.stderr,
+          flush=True)
 
 
 def latest(ckpt_dir: str | Path) -> Path | None:
@@ -180,40 +235,3 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
         return []
     named = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _CKPT_NAME.match(p.name))]
     return [p for _, p in sorted(named)]
-
-
-def save_artifact(path: str | Path, state_dict: dict, config: dict, provenance: dict) -> None:
-    """The final model file: EMA weights, the model config as a dict and provenance (params hash, step, weights).
-
-    Downstream stages rebuild the model from `config`, never from params.yaml.
-    """
-    _check_plain(config, "config")
-    _check_plain(provenance, "provenance")
-    save_atomic({"format": ARTIFACT_FORMAT, "state_dict": state_dict, "config": config, "provenance": provenance},
-                path)
-
-
-def load_artifact(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict, dict]:
-    """(state_dict, config, provenance) of a file written by `save_artifact`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model artifact {path} does not exist; run the stage that writes it first")
-    obj = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(obj, dict) or obj.get("format") != ARTIFACT_FORMAT:
-        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path} is not a restok model artifact (format {found!r}, expected {ARTIFACT_FORMAT!r})")
-    return obj["state_dict"], obj["config"], obj["provenance"]
-
-
-def _check_plain(obj: object, where: str) -> None:
-    """Refuse values torch.load(weights_only=True) or JSON would not read back (dataclasses, numpy scalars, ...)."""
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            if not isinstance(key, str):
-                raise TypeError(f"{where}: key {key!r} must be a string")
-            _check_plain(value, f"{where}.{key}")
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            _check_plain(value, f"{where}[{i}]")
-    elif obj is not None and not isinstance(obj, (str, int, float, bool)):
-        raise TypeError(f"{where} = {obj!r} ({type(obj).__name__}) must be a str, int, float, bool, None, list or dict")

@@ -1,8 +1,9 @@
 """Console output and per-step curves (STYLE.md section 10).
 
-One rich Console for the whole process; `print0` prints on rank 0 only (nanochat). Progress bars are live only on an
-interactive terminal; in Snakemake `log:` files and SLURM output they become one plain line per interval, without
-escape codes. `CurveWriter` appends rows to `results/<stage>/curve.tsv`, the file DVC `plots:` reads.
+One rich Console for the whole process, on stderr (stdout stays free for a command's data); `print0` prints on rank 0
+only (nanochat). Text is printed as given: no markup (a path like `data/[run]/x.pt` stays intact), no highlighting,
+no wrapping at the 80 columns rich assumes outside a terminal. Progress bars are live only on an interactive
+terminal; in Snakemake `log:` files and SLURM output they become one plain line per interval, without escape codes. `CurveWriter` appends rows to `results/<stage>/curve.tsv`, the file DVC `plots:` reads.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console()
+console = Console(stderr=True, markup=False, highlight=False, emoji=False, soft_wrap=True)
 
 
 def is_main_process() -> bool:

@@ -1,0 +1,57 @@
+"""Atomic writes shared by every stage (DESIGN.md: outputs appear only complete).
+
+Each writer puts the bytes under `<name>.tmp.<pid>` in the destination folder and renames it with os.replace, so a
+killed process leaves either the old file or the complete new one, never a half-written file that DVC, Snakemake or
+a later stage takes as done.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], None], durable: bool = False) -> None:
+    """Call `write(f)` on a temporary file beside `path`, then rename it to `path`.
+
+    Args:
+        path: the destination; its folder is created.
+        write: writes the whole content to the open binary file.
+        durable: fsync the file and the folder (checkpoints: the rename survives a power loss too).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on one filesystem
+    finally:
+        tmp.unlink(missing_ok=True)
+    if durable:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # make the rename itself durable
+        finally:
+            os.close(fd)
+
+
+def save_torch_atomic(obj: object, path: str | Path) -> None:
+    """torch.save `obj` to `path`, durably: `path` is either the old file or the complete new one."""
+    write_atomic(path, lambda f: torch.save(obj, f), durable=True)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def write_npz_atomic(path: str | Path, **arrays) -> None:
+    write_atomic(path, lambda f: np.savez(f, **arrays))

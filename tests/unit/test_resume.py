@@ -1,0 +1,122 @@
+"""Resume never resurrects stale state (issue 14): one rule for both training stages, in restok.train.ckpt.
+
+    python -m pytest -q tests/unit/test_resume.py
+
+The fingerprint's parts are checked one by one (params minus logging knobs, the code the stage imports, inputs,
+library versions); then what `resume` does with the folder: picks the newest checkpoint of this run, moves another
+run's checkpoints aside with a message (never deletes them), falls back past an unreadable newest checkpoint, and a
+writer killed with SIGKILL in the middle of a save leaves the previous checkpoint as the one resumed. The stage-level
+consequences (a code change trains again, a logging change resumes) are in test_stage_train_generator.py.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from restok.train import ckpt
+
+SECTIONS = {"train_generator": {"loop": {"max_steps": 10, "log_every_steps": 2, "ckpt_every_steps": 5,
+                                         "keep_ckpts": 2, "workers": 0, "seed": 0}, "val_batches": 1}}
+IGNORE = (*(f"train_generator.{k}" for k in ckpt.LOGGING_KNOBS), "train_generator.val_batches")
+MODULE = "restok.stages.train_generator"
+
+
+def run_id(sections=SECTIONS, inputs=None) -> dict:
+    return ckpt.fingerprint(ckpt.run_params(sections, IGNORE), MODULE, inputs or {"latents": "a"})
+
+
+def with_loop(**loop) -> dict:
+    tg = SECTIONS["train_generator"]
+    return {"train_generator": {**tg, "loop": {**tg["loop"], **loop}}}
+
+
+def test_logging_knobs_do_not_change_the_fingerprint_but_result_params_do():
+    base = run_id()
+    assert run_id(with_loop(log_every_steps=7, ckpt_every_steps=3, keep_ckpts=9, workers=4)) == base
+    assert run_id({"train_generator": {**SECTIONS["train_generator"], "val_batches": 5}}) == base
+    changed = run_id(with_loop(seed=1))
+    assert changed["params"] != base["params"] and {k: changed[k] for k in ("code", "inputs", "environment")} == \
+        {k: base[k] for k in ("code", "inputs", "environment")}
+    assert run_id(inputs={"latents": "b"})["inputs"] != base["inputs"]
+
+
+def test_an_ignored_key_that_does_not_exist_is_refused():
+    with pytest.raises(KeyError, match="train_generator.loop.log_every"):
+        ckpt.run_params(SECTIONS, ["train_generator.loop.log_every"])
+
+
+def test_code_part_hashes_the_files_the_stage_imports():
+    from restok import deps
+    assert run_id()["code"] == deps.code_sha256(MODULE)[:16]  # how it follows an edit: tests/unit/test_deps.py
+    names = {f.name for f in deps.closure(MODULE)}
+    assert {"train_generator.py", "ckpt.py", "generator.py", "ema.py"} <= names and "score.py" not in names
+
+
+def _save(folder, step, run):
+    ckpt.save(folder, {"step": step, "fingerprint": run, "w": torch.full((2,), float(step))}, step, keep=5)
+
+
+def test_resume_picks_the_newest_checkpoint_of_this_run(tmp_path):
+    run = run_id()
+    for step in (2, 4):
+        _save(tmp_path, step, run)
+    assert ckpt.resume(tmp_path, run)["step"] == 4
+    assert ckpt.resume(tmp_path / "missing", run) is None
+
+
+def test_another_run_is_moved_aside_with_a_message_not_deleted(tmp_path, capsys):
+    old, new = run_id(with_loop(seed=1)), run_id()
+    for step in (2, 4):
+        _save(tmp_path, step, old)
+    assert ckpt.resume(tmp_path, new) is None
+    err = capsys.readouterr().err
+    assert "another run (params differ)" in err and "aside" in err
+    assert ckpt.latest(tmp_path) is None
+    aside = sorted(p.name for p in (tmp_path / "aside").rglob("step_*.pt"))
+    assert aside == ["step_000000002.pt", "step_000000004.pt"]
+    _save(tmp_path, 2, new)  # the new run's own checkpoints are then resumed as usual
+    assert ckpt.resume(tmp_path, new)["step"] == 2
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
+    run = run_id()
+    for step in (2, 4):
+        _save(tmp_path, step, run)
+    newest = ckpt.latest(tmp_path)
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated: a bad disk, or a non-atomic copy
+    state = ckpt.resume(tmp_path, run)
+    assert state["step"] == 2 and torch.equal(state["w"], torch.full((2,), 2.0))
+    assert "cannot be read" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "aside").rglob("*.pt")] == ["step_000000004.pt"]
+
+
+WRITER = """
+import sys, torch
+from restok.train import ckpt
+run = eval(sys.argv[2])
+ckpt.save(sys.argv[1], {"step": 2, "fingerprint": run, "w": torch.zeros(2)}, 2, keep=5)
+print("saved", flush=True)
+ckpt.save(sys.argv[1], {"step": 4, "fingerprint": run, "w": torch.zeros(64 * 1024 * 1024)}, 4, keep=5)  # 256 MB
+"""
+
+
+def test_kill_9_mid_save_resumes_the_previous_checkpoint(tmp_path):
+    run = run_id()
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), repr(run)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.stdout.readline().strip() == "saved"
+    deadline = time.time() + 60
+    while not list(tmp_path.glob("*.tmp.*")) and time.time() < deadline:  # the second save has started writing
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert list(tmp_path.glob("*.tmp.*")), "the writer was killed mid-save, leaving its temporary file"
+    state = ckpt.resume(tmp_path, run)
+    assert state["step"] == 2
