@@ -23,6 +23,7 @@ from restok.convert.official import official_generator_config
 from restok.convert.tokenizer import official_tokenizer_config
 from restok.models.generator import HARGenerator
 from restok.models.tokenizer import ResTok
+from restok.provenance import read_results
 
 from .conftest import make_workspace, run
 
@@ -87,8 +88,8 @@ def official_ws(tmp_path_factory):
 
 def test_official_profile_imports_instead_of_training(official_ws):
     ws, tokenizer, generator = official_ws
-    tok_metrics = json.loads((ws / "results/train_tokenizer/metrics.json").read_text())
-    gen_metrics = json.loads((ws / "results/train_generator/metrics.json").read_text())
+    tok_metrics = read_results(ws / "results/train_tokenizer/metrics.json")
+    gen_metrics = read_results(ws / "results/train_generator/metrics.json")
     assert tok_metrics["weights"].startswith(f"official:{TOKENIZER_REPO}@")
     assert tok_metrics["official"]["source"].startswith(str(ws / "hf"))  # through huggingface_hub's cache
     assert gen_metrics["weights"].startswith("official:xushu-me/llamagen_l_c2i_restok_l_128.r256_in1k@")

@@ -75,7 +75,8 @@ def test_manifest_and_summary(cached, smoke_shards, weights):
     assert summary["images"] == image_manifest["num_samples"] == 48
     assert per_image * 48 <= summary["bytes_on_disk"] < per_image * 48 * 1.2  # fp16 payload + tar/npy headers
     assert summary["imagenet_extrapolation"]["bytes"] == 1_281_167 * 2 * 257 * 1024 * 2
-    assert summary["weights"] == manifest["weights"]
+    provenance = json.loads((results / "provenance.json").read_text())
+    assert provenance["weights"] == manifest["weights"] and provenance["environment"]["torch"] == torch.__version__
 
 
 def test_cached_features_equal_fresh_teacher_on_the_same_view(cached, smoke_shards, weights):

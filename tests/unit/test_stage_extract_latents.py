@@ -21,6 +21,7 @@ from restok.artifacts import load_tokenizer, save_artifact
 from restok.config import load_params, tokenizer_config
 from restok.data.shards import iter_split
 from restok.models.tokenizer import ResTok
+from restok.provenance import read_results
 from restok.stages import extract_latents
 
 
@@ -73,7 +74,7 @@ def test_outputs_match_fresh_encode(extracted, smoke_shards, tokenizer_pt):
         with torch.inference_mode():
             fresh = model.encode(imgs.flatten(0, 1).float() / 255).view(5, views, -1)
         assert np.array_equal(codes[:5], fresh.numpy())
-    summary = json.loads((extracted / "results" / "summary.json").read_text())
+    summary = read_results(extracted / "results" / "summary.json")
     stats = summary["splits"]["train"]["codebook"]
     assert set(stats) == {f"level_{i}" for i in range(len(cfg.level_sizes))} | {"all"}
     assert summary["profile"] == "smoke" and summary["tokenizer"]["provenance"]["weights"] == "random-init"
@@ -121,7 +122,7 @@ def test_kill9_resume_gives_identical_files(tmp_path, smoke_params, smoke_shards
     for root in (killed, clean):
         r = subprocess.run(_run(params, smoke_shards, tok, root), env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-    resumed = json.loads((killed / "results" / "summary.json").read_text())["splits"]["train"]
+    resumed = read_results(killed / "results" / "summary.json")["splits"]["train"]
     assert resumed["resumed_from"] == done
     for split in ("train", "val"):
         for name in ("codes.npy", "labels.npy", "meta.json"):

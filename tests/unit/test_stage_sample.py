@@ -21,6 +21,7 @@ from restok import config, images
 from restok.artifacts import save_artifact
 from restok.models.generator import HARGenerator
 from restok.models.tokenizer import ResTok
+from restok.provenance import read_results
 from restok.stages import sample
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,7 +60,7 @@ def run_sample(params: Path, gen: Path, tok: Path, root: Path) -> tuple[dict, di
 def load_outputs(root: Path) -> tuple[dict, dict]:
     with np.load(root / "data/sample/samples.npz") as npz:
         arrays = dict(npz)
-    return arrays, json.loads((root / "results/sample/summary.json").read_text())
+    return arrays, read_results(root / "results/sample/summary.json")
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from PIL import Image
 
 from restok import fid, metrics
 from restok.data.shards import iter_split_uint8
+from restok.provenance import read_results
 from restok.stages import cfg_search, reference_stats, score
 from tests.unit.test_stage_sample import make_artifacts
 
@@ -70,7 +71,7 @@ def run_score(env, samples: Path, results: Path, params: Path | None = None) -> 
                 "--tokenizer-metrics", str(results / "train_tokenizer/metrics.json"),
                 "--generator-metrics", str(results / "train_generator/metrics.json"),
                 "--sample-summary", str(results / "sample/summary.json")])
-    return json.loads((results / "score/metrics.json").read_text())
+    return read_results(results / "score/metrics.json")
 
 
 def test_reference_stats_of_val(env):
@@ -97,7 +98,7 @@ def test_score_ranks_real_like_above_noise_and_writes_headline(env, tmp_path):
     (results / "sample/summary.json").write_text(json.dumps({"sampling_steps": 6, "generate_images_per_s": 3.5}))
     Image.new("RGB", (4, 4)).save(results / "sample/grid.png")
     good = run_score(env, write_samples(tmp_path / "real_like", real_like), results)
-    head = json.loads((results / "metrics.json").read_text())
+    head = read_results(results / "metrics.json")
     ref = fid.load_stats(env.ref / "stats.npz", "inception-v3-compat")
     extractor = metrics.InceptionExtractor("inception-v3-compat")  # the cached fixture weights, as score loads them
     bad = score.score_samples(write_samples(tmp_path / "noise", noise) / "samples.npz", extractor, 16, ref)
@@ -175,7 +176,7 @@ def test_cfg_search_writes_curve_and_best_scale(env, tmp_path):
     args = ["--params", str(env.params), "--generator", str(env.gen), "--tokenizer", str(env.tok),
             "--reference", str(env.ref), "--results", str(results)]
     cfg_search.main(args)
-    out = json.loads((results / "cfg_search.json").read_text())
+    out = read_results(results / "cfg_search.json")
     assert set(out["fid"]) == {"1", "2"} and out["num_images_per_scale"] == 8  # smoke: scales [1, 2], 4 x 2 images
     assert out["best_scale"] == min((float(s) for s in out["fid"]), key=lambda s: out["fid"][f"{s:g}"])
     assert out["fid"]["1"] != out["fid"]["2"] and all(v > 0 for v in out["fid"].values())

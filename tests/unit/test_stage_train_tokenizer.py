@@ -28,6 +28,7 @@ from restok.config import deep_merge
 from restok.data.shards import iter_split
 from restok.data.views import apply_view
 from restok.models.tokenizer import ResTok, TokenizerConfig
+from restok.provenance import read_results
 from restok.stages import cache_features, train_tokenizer
 
 
@@ -65,7 +66,7 @@ def test_outputs(trained):
     assert provenance["step"] == 6 and provenance["profile"] == "smoke" and len(provenance["params_hash"]) == 64
     assert provenance["teacher"] == {"model": "vit_small_patch16_dinov3.lvd1689m", "weights": "random-init(seed=0)"}
 
-    metrics = json.loads((trained / "results/train_tokenizer/metrics.json").read_text())
+    metrics = read_results(trained / "results/train_tokenizer/metrics.json")
     assert metrics["losses"]["lpips"] == "off (weight 0)" and metrics["losses"]["gan"] == "off (weight 0)"
     assert metrics["losses"]["vf_enc"].startswith("on") and "cached" in metrics["losses"]["vf_dec"]
     assert metrics["eval_images"] == 8 and metrics["step"] == 6 and metrics["profile"] == "smoke"
@@ -158,7 +159,7 @@ def test_kill9_resume_is_bitwise_identical(smoke_params, smoke_shards, features,
 def test_ddp_two_processes(smoke_params, smoke_shards, features, tmp_path):
     run = _launch(_args(smoke_params, smoke_shards, features, tmp_path), tmp_path / "ddp.log", nproc=2)
     assert run.wait() == 0, (tmp_path / "ddp.log").read_text()
-    metrics = json.loads((tmp_path / "results/train_tokenizer/metrics.json").read_text())
+    metrics = read_results(tmp_path / "results/train_tokenizer/metrics.json")
     assert metrics["world_size"] == 2 and metrics["step"] == 6 and np.isfinite(metrics["psnr"])
     state = torch.load(sorted((tmp_path / "data/train_tokenizer/ckpt").glob("step_*.pt"))[-1], weights_only=True)
     assert len(state["rng"]) == 2 and state["data"] == {"samples_per_rank": 6 * 4}

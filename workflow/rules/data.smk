@@ -29,6 +29,7 @@ rule shard:
         directory("data/shard"),
         "results/shard/summary.json",
         "results/shard/samples.png",
+        "results/shard/provenance.json",
     params:
         **stage_params("profile", "data", "shard"),
     log:

@@ -31,6 +31,7 @@ rule sample:
         directory("data/sample"),
         "results/sample/summary.json",
         "results/sample/grid.png",
+        "results/sample/provenance.json",
     params:
         **stage_params("profile", "sample"),
     log:
@@ -111,12 +112,17 @@ rule score:
         "data/train_tokenizer/tokenizer.pt",
         "data/shard",
         "results/train_tokenizer/metrics.json",
+        "results/train_tokenizer/provenance.json",
         "results/train_generator/metrics.json",
+        "results/train_generator/provenance.json",
         "results/sample/summary.json",
+        "results/sample/provenance.json",
     output:
         "results/README.md",
         "results/score/metrics.json",
         "results/metrics.json",
+        "results/score/provenance.json",
+        "results/provenance.json",
     params:
         **stage_params("profile", "fid"),
     log:
@@ -162,6 +168,7 @@ rule cfg_search:
     output:
         "results/cfg_search/cfg_search.json",
         "results/cfg_search/fid_vs_scale.png",
+        "results/cfg_search/provenance.json",
     params:
         **stage_params("profile", "sample", "fid", "cfg_search"),
     log:

@@ -30,6 +30,7 @@ rule extract_latents:
     output:
         directory("data/extract_latents"),
         "results/extract_latents/summary.json",
+        "results/extract_latents/provenance.json",
     params:
         **stage_params("profile", "extract_latents"),
     log:
@@ -78,6 +79,7 @@ rule train_generator:
         "data/train_generator/generator.pt",
         "results/train_generator/metrics.json",
         "results/train_generator/curve.tsv",
+        "results/train_generator/provenance.json",
     params:
         **stage_params("profile", "generator", "train_generator"),
     log:

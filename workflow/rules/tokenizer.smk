@@ -33,6 +33,7 @@ rule cache_features:
     output:
         directory("data/cache_features"),
         "results/cache_features/summary.json",
+        "results/cache_features/provenance.json",
     params:
         **stage_params("profile", "vf", "cache_features"),
     log:
@@ -87,6 +88,7 @@ rule train_tokenizer:
         "results/train_tokenizer/metrics.json",
         "results/train_tokenizer/curve.tsv",
         "results/train_tokenizer/recon.png",
+        "results/train_tokenizer/provenance.json",
     params:
         **stage_params("profile", "vf", "tokenizer", "train_tokenizer"),
     log:

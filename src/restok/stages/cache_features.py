@@ -47,6 +47,7 @@ from restok.data.views import apply_view, train_view_boxes
 from restok.io import write_json_atomic
 from restok.launch import relaunch_if_requested
 from restok.models.teacher import Teacher
+from restok.provenance import write_results
 from restok.train import dist
 from restok.train.log import console, print0, progress
 
@@ -165,20 +166,22 @@ def main(argv=None):
     seconds = time.time() - t0
     if info.is_main:
         write_json_atomic(out / MANIFEST, manifest)
-        summary = {"profile": p.profile, "cached": manifest["cached"], "teacher": vf.teacher,
-                   "weights": manifest["weights"], "mode": vf.mode, "images": manifest["num_samples"],
+        ext = imagenet_cost(cfg.views_per_image)
+        summary = {"cached": manifest["cached"], "images": manifest["num_samples"],
                    "views_per_image": cfg.views_per_image if manifest["cached"] else 0,
                    "bytes_on_disk": manifest["bytes"], "megabytes_on_disk": round(manifest["bytes"] / 1e6, 2),
-                   "seconds": round(seconds, 2), "world_size": info.world_size,
-                   "imagenet_extrapolation": imagenet_cost(cfg.views_per_image)}
+                   "imagenet_extrapolation": {k: v for k, v in ext.items() if k != "formula"}}
+        provenance = {"profile": p.profile, "teacher": vf.teacher, "weights": manifest["weights"], "mode": vf.mode,
+                      "seconds": round(seconds, 2), "world_size": info.world_size,
+                      "imagenet_extrapolation_formula": ext["formula"]}
         if manifest["cached"]:
-            summary["views_per_second"] = round(manifest["num_samples"] * cfg.views_per_image / max(seconds, 1e-9), 2)
+            provenance["views_per_second"] = round(manifest["num_samples"] * cfg.views_per_image
+                                                   / max(seconds, 1e-9), 2)
             summary["grid"], summary["dim"] = vf.grid, manifest["dim"]
         results.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(results / "summary.json", summary)
-        ext = summary["imagenet_extrapolation"]
+        write_results(results / "summary.json", summary, provenance, info.device)
         console.print(f"cache_features: {summary['images']} images, {summary['megabytes_on_disk']} MB in "
-                      f"{summary['seconds']} s (teacher {vf.teacher}, weights {manifest['weights']}); at ImageNet "
+                      f"{provenance['seconds']} s (teacher {vf.teacher}, weights {manifest['weights']}); at ImageNet "
                       f"scale with ViT-L/16 at 256 px and {cfg.views_per_image} views: {ext['terabytes']} TB")
     print0(f"cache_features: wrote {out / MANIFEST}")
     dist.barrier()

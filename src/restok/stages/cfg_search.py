@@ -34,9 +34,9 @@ from restok.artifacts import load_models
 from restok.config import load_params
 from restok.fid import PROVENANCE_KEYS, build_extractor, load_stats
 from restok.images import gather_to_main, rank_share, sample_images
-from restok.io import write_json_atomic
 from restok.launch import relaunch_if_requested
 from restok.metrics import Features, InceptionExtractor, frechet_distance, statistics
+from restok.provenance import write_results
 from restok.train.dist import barrier, cleanup, init_distributed
 from restok.train.log import console, print0
 
@@ -88,7 +88,7 @@ def main(argv=None):
 
     results = Path(args.results)
     if info.is_main:
-        for stale in (results / "cfg_search.json", results / "fid_vs_scale.png"):
+        for stale in (results / "cfg_search.json", results / "provenance.json", results / "fid_vs_scale.png"):
             stale.unlink(missing_ok=True)
         results.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -107,13 +107,14 @@ def main(argv=None):
     if info.is_main:
         best = min(fids, key=fids.get)
         random_init = p.fid.extractor.endswith("random-init")
-        out = {"profile": p.profile, "fid": {f"{s:g}": v for s, v in fids.items()}, "best_scale": best,
-               "best_fid": fids[best], "num_images_per_scale": n_images, "per_class": search.per_class,
-               "seed": cfg.seed, "sampling": {k: v for k, v in dataclasses.asdict(cfg.sampling).items()
-                                             if k != "cfg_scale"},
-               "reference": ref["reference"], **extractor.provenance, "random_init_extractor": random_init,
-               "generator": provenance["generator"], "seconds": round(time.perf_counter() - t0, 3)}
-        write_json_atomic(results / "cfg_search.json", out)
+        out = {"fid": {f"{s:g}": v for s, v in fids.items()}, "best_scale": best, "best_fid": fids[best],
+               "num_images_per_scale": n_images, "per_class": search.per_class,
+               "random_init_extractor": random_init}
+        run_info = {"profile": p.profile, "seed": cfg.seed,
+                    "sampling": {k: v for k, v in dataclasses.asdict(cfg.sampling).items() if k != "cfg_scale"},
+                    "reference": ref["reference"], **extractor.provenance, "generator": provenance["generator"],
+                    "seconds": round(time.perf_counter() - t0, 3)}
+        write_results(results / "cfg_search.json", out, run_info, info.device)
         note = " (RANDOM-INIT Inception: not a real FID)" if random_init else ""
         plot(results / "fid_vs_scale.png", fids, best,
              f"{cfg.sampling.cfg_schedule} schedule, {n_images} images/scale, {extractor.provenance['extractor']}"

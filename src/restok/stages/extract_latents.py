@@ -36,6 +36,7 @@ from restok.data.views import eval_view, ten_crop_views, to_uint8_tensor
 from restok.io import write_json_atomic
 from restok.metrics import codebook_stats
 from restok.models.tokenizer import ResTok
+from restok.provenance import write_results
 from restok.train.log import console, progress
 
 PARAMS = ("profile", "extract_latents")
@@ -154,18 +155,19 @@ def encode_split(model: ResTok, shard_dir: Path, split: str, kind: str, p, split
     return {"images_encoded": n - resumed_from, "seconds": time.perf_counter() - t0, "resumed_from": resumed_from}
 
 
-def split_summary(split_dir: Path, model: ResTok, run: dict) -> dict:
+def split_summary(split_dir: Path, model: ResTok, run: dict) -> tuple[dict, dict]:
+    """(metrics, provenance) of one split: sizes and code statistics; dtype, resume point and throughput."""
     codes = np.load(split_dir / "codes.npy", mmap_mode="r")  # (N, V, L)
     n, views, L = codes.shape
     step = max(1, -(-n * views // STATS_MAX_SEQUENCES))
     sample = torch.from_numpy(codes[::step].reshape(-1, L).astype(np.int64))  # (n', L)
     secs = run["seconds"]
-    return {"num_images": n, "views": views, "dtype": codes.dtype.name, "disk_bytes": codes.nbytes,
-            "images_encoded_this_run": run["images_encoded"], "resumed_from": run["resumed_from"],
-            "seconds": round(secs, 2), "images_per_s": round(run["images_encoded"] / secs, 2) if secs else None,
-            "views_per_s": round(run["images_encoded"] * views / secs, 2) if secs else None,
-            "code_stats_sequences": sample.shape[0],
-            "codebook": codebook_stats(sample, model.cfg.level_sizes, model.cfg.codebook_size)}
+    return {"num_images": n, "views": views, "disk_bytes": codes.nbytes, "code_stats_sequences": sample.shape[0],
+            "codebook": codebook_stats(sample, model.cfg.level_sizes, model.cfg.codebook_size)}, {
+            "dtype": codes.dtype.name, "images_encoded_this_run": run["images_encoded"],
+            "resumed_from": run["resumed_from"], "seconds": round(secs, 2),
+            "images_per_s": round(run["images_encoded"] / secs, 2) if secs else None,
+            "views_per_s": round(run["images_encoded"] * views / secs, 2) if secs else None}
 
 
 def main(argv=None):
@@ -199,18 +201,19 @@ def main(argv=None):
                   f"on {device}, train views {el.views}")
     tokenizer = {"path": str(tok_path), "sha256": sha256_file(tok_path), "provenance": tok_provenance}
     out, results = Path(args.out), Path(args.results)
-    summary = {"profile": p.profile, "device": str(device), "params": asdict(el), "tokenizer": tokenizer,
-               "splits": {}}
+    summary = {"splits": {}}
+    run_info = {"profile": p.profile, "device": str(device), "params": asdict(el), "tokenizer": tokenizer,
+                "splits": {}}
     for split, kind in (("train", el.views), ("val", "eval")):
         # what the codes depend on: a resumed or finished split is reused only if all of it is unchanged
         source = {"tokenizer": tokenizer, "shards_sha256": [s["sha256"] for s in manifests[split]["shards"]],
                   "batch_size": el.batch_size, "device": device.type}
         run = encode_split(model, shard_dir, split, kind, p, out / split, source, device)
-        summary["splits"][split] = split_summary(out / split, model, run)
+        summary["splits"][split], run_info["splits"][split] = split_summary(out / split, model, run)
         console.print(f"extract_latents {split}: {summary['splits'][split]['num_images']} images x "
                       f"{NUM_VIEWS[kind]} views in {run['seconds']:.1f}s")
     results.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(results / "summary.json", summary)
+    write_results(results / "summary.json", summary, run_info, device)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ from torchvision.utils import make_grid, save_image
 from restok.artifacts import load_models
 from restok.config import load_params
 from restok.images import gather_to_main, rank_share, sample_images
-from restok.io import write_json_atomic, write_npz_atomic
+from restok.io import write_npz_atomic
 from restok.launch import relaunch_if_requested
+from restok.provenance import write_results
 from restok.sampling import schedule_scales
 from restok.train.dist import barrier, cleanup, init_distributed
 from restok.train.log import console, print0
@@ -67,7 +68,8 @@ def main(argv=None):
 
     out, results = Path(args.out), Path(args.results)
     if info.is_main:  # a rerun never leaves the previous run's files next to a half-done one
-        for stale in [out / "samples.npz", results / "summary.json", results / "grid.png", *out.glob("*.tmp*")]:
+        for stale in [out / "samples.npz", *(results / n for n in ("summary.json", "provenance.json", "grid.png")),
+                      *out.glob("*.tmp*")]:
             stale.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         results.mkdir(parents=True, exist_ok=True)
@@ -90,10 +92,13 @@ def main(argv=None):
         gen_s = max(part[1]["generate_seconds"] for part in parts)  # the slowest rank bounds the wall time
         dec_s = max(part[1]["decode_seconds"] for part in parts)
         summary = {
-            "profile": p.profile, "num_images": n_images, "num_classes": num_classes, "per_class": cfg.per_class,
+            "num_images": n_images, "num_classes": num_classes, "per_class": cfg.per_class,
             "resolution": tokenizer.cfg.resolution, "num_tokens": generator.cfg.num_tokens,
-            "sampling_steps": steps, "block_sizes": generator.cfg.block_sizes, "generator_mode": generator.cfg.mode,
-            "cfg": dataclasses.asdict(cfg.sampling), "cfg_scale_per_step": schedule_scales(cfg.sampling, steps),
+            "sampling_steps": steps, "block_sizes": generator.cfg.block_sizes,
+            "cfg_scale_per_step": schedule_scales(cfg.sampling, steps),
+        }
+        run_info = {
+            "profile": p.profile, "generator_mode": generator.cfg.mode, "cfg": dataclasses.asdict(cfg.sampling),
             "seed": cfg.seed, "batch_size": cfg.batch_size, "world_size": info.world_size,
             "device": str(info.device), "precision": "fp32",
             "generate_seconds": round(gen_s, 3), "decode_seconds": round(dec_s, 3),
@@ -101,10 +106,10 @@ def main(argv=None):
             "decode_images_per_s": round(n_images / max(dec_s, 1e-9), 3),
             "seconds": round(time.perf_counter() - t0, 3), **provenance,
         }
-        write_json_atomic(results / "summary.json", summary)
+        write_results(results / "summary.json", summary, run_info, info.device)
         console.print(f"sample: wrote {out / 'samples.npz'} ({images.shape}); generation "
-                      f"{summary['generate_images_per_s']:.3g} img/s, "
-                      f"decoding {summary['decode_images_per_s']:.3g} img/s")
+                      f"{run_info['generate_images_per_s']:.3g} img/s, "
+                      f"decoding {run_info['decode_images_per_s']:.3g} img/s")
     barrier()
     cleanup()
 

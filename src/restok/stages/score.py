@@ -28,13 +28,17 @@ from restok.artifacts import load_tokenizer
 from restok.config import load_params
 from restok.data.shards import read_manifest
 from restok.fid import PROVENANCE_KEYS, batches, build_extractor, extract, fid_device, load_stats, val_images
-from restok.io import write_json_atomic
 from restok.metrics import (Features, codebook_stats, frechet_distance, inception_score, precision_recall, psnr,
                             statistics)
+from restok.provenance import read_results, split_numbers, write_results
 from restok.train.log import console, progress
 
 PARAMS = ("profile", "fid")
 PR_NEIGHBOURS = 3
+# headline entries that are not quality numbers (speed, the sampling config): in results/provenance.json, shown in
+# the README, not DVC metrics
+NOT_METRICS = ("generate_images_per_s", "decode_images_per_s", "train_tokenizer_seconds", "train_generator_seconds",
+               "cfg")
 
 
 @torch.no_grad()
@@ -85,14 +89,6 @@ def score_samples(samples_npz: Path, extractor, batch_size: int, ref: dict) -> d
 
 
 # -------------------------------------------------------------------------------------------- headline
-def read_json(path: Path) -> dict:
-    """An upstream stage's JSON, or {} when it is missing or unreadable (the headline leaves those numbers null)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def pick(d: dict, *paths: str):
     """The value of the first dotted key path present in d (e.g. "time.seconds"), else None."""
     for path in paths:
@@ -105,9 +101,9 @@ def pick(d: dict, *paths: str):
 
 
 def headline(p, scores: dict, tok_provenance: dict, args) -> dict:
-    tok = read_json(Path(args.tokenizer_metrics))
-    gen = read_json(Path(args.generator_metrics))
-    smp = read_json(Path(args.sample_summary))
+    tok = read_results(args.tokenizer_metrics)
+    gen = read_results(args.generator_metrics)
+    smp = read_results(args.sample_summary)
     teacher = pick(tok_provenance, "teacher") or pick(tok, "teacher") or {}
     teacher = teacher if isinstance(teacher, dict) else {"model": teacher}
     out = {
@@ -190,18 +186,22 @@ def main(argv=None):
     tokenizer, tok_provenance = load_tokenizer(args.tokenizer, fid_device(p.fid.device))
 
     results = Path(args.results)
-    for stale in (results / "score" / "metrics.json", results / "metrics.json", results / "README.md"):
+    for stale in (results / "score" / "metrics.json", results / "metrics.json", results / "README.md",
+                  results / "score" / "provenance.json", results / "provenance.json"):
         stale.unlink(missing_ok=True)
     (results / "score").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     scores = {**score_samples(samples, extractor, p.fid.batch_size, ref),
               **score_tokenizer(tokenizer, extractor, Path(args.shards), p.fid.batch_size, ref)}
-    scores = {"profile": p.profile, **scores, "tokenizer": tok_provenance,
-              "random_init_extractor": p.fid.extractor.endswith("random-init"),
-              "seconds": round(time.perf_counter() - t0, 3)}
+    scores = {**scores, "random_init_extractor": p.fid.extractor.endswith("random-init")}
     head = headline(p, scores, tok_provenance, args)
-    write_json_atomic(results / "score" / "metrics.json", scores)
-    write_json_atomic(results / "metrics.json", head)
+    score_metrics, score_info = split_numbers(scores)
+    write_results(results / "score" / "metrics.json", score_metrics,
+                  {"profile": p.profile, **score_info, "tokenizer": tok_provenance,
+                   "seconds": round(time.perf_counter() - t0, 3)}, extractor.device)
+    head_metrics, head_info = split_numbers({k: v for k, v in head.items() if k not in NOT_METRICS})
+    write_results(results / "metrics.json", head_metrics, {**head_info, **{k: head[k] for k in NOT_METRICS}},
+                  extractor.device)
     tmp = results / "README.md.tmp"
     tmp.write_text(readme(head, results))
     tmp.replace(results / "README.md")

@@ -26,6 +26,7 @@ from restok.data.shards import (MANIFEST, count_tar, encode_image, iter_split_ui
                                 write_shard)
 from restok.data.sources import Item, list_items, load_image
 from restok.io import write_json_atomic
+from restok.provenance import write_results
 from restok.train.log import console, progress
 
 PARAMS = ("profile", "data", "shard")
@@ -121,7 +122,7 @@ def main(argv=None):
 
     out, results = Path(args.out), Path(args.results)
     t0 = time.time()
-    summary = {"profile": p.profile, "source": data.source, "resolution": data.resolution, "splits": {}}
+    summary = {"resolution": data.resolution, "splits": {}}
     for split in SPLITS:
         split_dir = out / split
         if split_dir.exists():
@@ -145,14 +146,14 @@ def main(argv=None):
                       f"{len(body['skipped'])} skipped")
         for s in body["skipped"][:10]:
             console.print(f"  skipped {s['path']}: {s['reason']}")
-    summary["seconds"] = round(time.time() - t0, 2)
 
     results.mkdir(parents=True, exist_ok=True)
     grid = sample_grid(out, "val", data.num_classes)
     tmp = results / "samples.tmp.png"
     save_image(grid, tmp)
     tmp.replace(results / "samples.png")
-    write_json_atomic(results / "summary.json", summary)
+    write_results(results / "summary.json", summary,
+                  {"profile": p.profile, "source": data.source, "seconds": round(time.time() - t0, 2)}, "cpu")
 
 
 if __name__ == "__main__":

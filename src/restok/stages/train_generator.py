@@ -36,9 +36,9 @@ from torch import nn
 from restok.artifacts import save_artifact
 from restok.config import generator_config, load_params
 from restok.convert.released import import_released
-from restok.io import write_json_atomic
 from restok.launch import relaunch_if_requested
 from restok.models.generator import HARGenerator
+from restok.provenance import write_results
 from restok.train import ckpt
 from restok.train.dist import all_reduce_mean, barrier, cleanup, init_distributed, is_dist, seed_everything
 from restok.train.ema import EMA
@@ -134,7 +134,7 @@ def import_generator(p, args) -> None:
     autocast = torch.autocast(device.type, torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     out, results = Path(args.out), Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    for stale in (out / "generator.pt", results / "metrics.json"):
+    for stale in (out / "generator.pt", results / "metrics.json", results / "provenance.json"):
         stale.unlink(missing_ok=True)
     CurveWriter(results / "curve.tsv", ["loss", "val_loss", "lr"]).close()  # header only: nothing was trained
     model = model.to(device)
@@ -143,12 +143,12 @@ def import_generator(p, args) -> None:
                        {"stage": "train_generator", "profile": p.profile, "step": None,
                         "params_sha256": sections_hash(p), "weights": provenance["weights"], "official": provenance,
                         "latents": {"val_meta": val.meta}})
-    metrics = {"profile": p.profile, "mode": model.cfg.mode, "steps": None, "weights": provenance["weights"],
-               "official": provenance, "final_train_loss": None, "val_loss": final["loss"],
-               "val_accuracy": final["accuracy"], "val_accuracy_per_level": final["accuracy_per_level"],
-               "val_sequences": val.num, "train_seconds": None, "device": device.type, "bf16": use_bf16,
-               "params_M": round(provenance["num_params"] / 1e6, 3), "tokenizer": val.meta["tokenizer"]}
-    write_json_atomic(results / "metrics.json", metrics)
+    metrics = {"steps": None, "final_train_loss": None, "val_loss": final["loss"], "val_accuracy": final["accuracy"],
+               "val_accuracy_per_level": final["accuracy_per_level"], "val_sequences": val.num,
+               "params_M": round(provenance["num_params"] / 1e6, 3)}
+    run_info = {"profile": p.profile, "mode": model.cfg.mode, "weights": provenance["weights"], "official": provenance,
+                "train_seconds": None, "device": device.type, "bf16": use_bf16, "tokenizer": val.meta["tokenizer"]}
+    write_results(results / "metrics.json", metrics, run_info, device)
     print0(f"train_generator: imported {provenance['weights']} (nothing trained); val loss {final['loss']:.4f}, "
            f"accuracy {final['accuracy']:.4f} on {val.num} val sequences")
 
@@ -267,16 +267,16 @@ def main(argv=None):
                       "weights": "ema", "latents": {"train_meta": train.meta, "val_num_images": val.num}}
         save_artifact(out / "generator.pt", ema.model.state_dict(), asdict(cfg), provenance)
         sequences = (step - first_step) * loop.batch_size
-        metrics = {"profile": p.profile, "mode": cfg.mode, "steps": step, "final_train_loss": final_loss,
-                   "val_loss": final["loss"], "val_accuracy": final["accuracy"],
-                   "val_accuracy_per_level": final["accuracy_per_level"], "val_sequences": val.num,
-                   "sequences_per_s": round(sequences / train_secs, 2) if train_secs else None,
-                   "train_seconds": round(prior_secs + train_secs, 2), "steps_this_run": step - first_step,
-                   "world_size": world, "device": device.type, "bf16": use_bf16, "compile": loop.compile,
-                   "params_M": round(sum(t.numel() for t in model.parameters()) / 1e6, 3),
-                   "tokenizer": train.meta["tokenizer"]}
+        metrics = {"steps": step, "final_train_loss": final_loss, "val_loss": final["loss"],
+                   "val_accuracy": final["accuracy"], "val_accuracy_per_level": final["accuracy_per_level"],
+                   "val_sequences": val.num, "params_M": round(sum(t.numel() for t in model.parameters()) / 1e6, 3)}
+        run_info = {"profile": p.profile, "mode": cfg.mode,
+                    "sequences_per_s": round(sequences / train_secs, 2) if train_secs else None,
+                    "train_seconds": round(prior_secs + train_secs, 2), "steps_this_run": step - first_step,
+                    "world_size": world, "device": device.type, "bf16": use_bf16, "compile": loop.compile,
+                    "tokenizer": train.meta["tokenizer"]}
         results.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(results / "metrics.json", metrics)
+        write_results(results / "metrics.json", metrics, run_info, device)
     barrier()
     cleanup()
 

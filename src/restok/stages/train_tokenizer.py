@@ -49,12 +49,12 @@ from restok.data.features import TarIndex, read_features_manifest
 from restok.data.shards import MANIFEST, decode_image, iter_split_uint8, read_manifest, sha256_file, shard_paths
 from restok.data.shards import store_transform
 from restok.data.views import apply_view, train_view_boxes
-from restok.io import write_json_atomic
 from restok.launch import relaunch_if_requested
 from restok.losses.recon import TokenizerLoss
 from restok.metrics import codebook_stats, psnr, ssim
 from restok.models.teacher import Teacher
 from restok.models.tokenizer import ResTok
+from restok.provenance import write_results
 from restok.train import ckpt, dist, optim
 from restok.train.ema import EMA
 from restok.train.log import CurveWriter, console, print0, progress
@@ -259,7 +259,7 @@ def main(argv=None):
             loss_fn.gan.load_state_dict(state["gan"])
         resumed = step
     if info.is_main:
-        for stale in (out / "tokenizer.pt", results / "metrics.json", results / "recon.png"):
+        for stale in (out / "tokenizer.pt", *(results / n for n in ("metrics.json", "provenance.json", "recon.png"))):
             stale.unlink(missing_ok=True)
     dist.barrier()
 
@@ -345,16 +345,17 @@ def main(argv=None):
         save_artifact(out / "tokenizer.pt", state_dict, dataclasses.asdict(cfg), provenance)
         trained = step - start_step
         metrics.update({
-            "profile": p.profile, "step": step, "teacher": teacher_info, "losses": losses,
-            "psnr_minus_mean_image_psnr": metrics["psnr"] - metrics["mean_image_psnr"],
+            "step": step, "psnr_minus_mean_image_psnr": metrics["psnr"] - metrics["mean_image_psnr"],
+            "num_params_millions": round(sum(q.numel() for q in model.parameters()) / 1e6, 3)})
+        run_info = {
+            "profile": p.profile, "teacher": teacher_info, "losses": losses,
             "train_seconds": round(train_seconds, 2), "steps_this_run": trained,
             "train_images_per_second": round(trained * loop.batch_size / max(run_seconds, 1e-9), 2),
             "world_size": info.world_size, "device": str(device), "bf16": bf16, "resumed_from_step": resumed,
-            "recon_png_rows": ["original", *[f"{k} tokens" for k in prefixes]],
-            "num_params_millions": round(sum(q.numel() for q in model.parameters()) / 1e6, 3)})
-        write_json_atomic(results / "metrics.json", metrics)
+            "recon_png_rows": ["original", *[f"{k} tokens" for k in prefixes]]}
+        write_results(results / "metrics.json", metrics, run_info, device)
         console.print(f"train_tokenizer: EMA PSNR {metrics['psnr']:.2f} dB (mean image {metrics['mean_image_psnr']:.2f}"
-                      f" dB), SSIM {metrics['ssim']:.3f}, {metrics['train_images_per_second']} img/s, "
+                      f" dB), SSIM {metrics['ssim']:.3f}, {run_info['train_images_per_second']} img/s, "
                       f"{train_seconds:.1f} s")
     dist.barrier()
     dist.cleanup()
@@ -371,7 +372,7 @@ def import_tokenizer(p, args) -> None:
     device = torch.device("cuda" if tt.loop.device != "cpu" and torch.cuda.is_available() else "cpu")
     out, results = Path(args.out), Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    for stale in (out / "tokenizer.pt", results / "metrics.json", results / "recon.png"):
+    for stale in (out / "tokenizer.pt", *(results / n for n in ("metrics.json", "provenance.json", "recon.png"))):
         stale.unlink(missing_ok=True)
     CurveWriter(results / "curve.tsv", loss_terms(tt.loss)).close()  # header only: nothing was trained
     metrics, tiles, prefixes = evaluate(model.to(device), args.shards, tt.eval_images, device, tt.loop.batch_size)
@@ -384,12 +385,12 @@ def import_tokenizer(p, args) -> None:
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_artifact(out / "tokenizer.pt", state_dict, dataclasses.asdict(model.cfg), provenance_out)
     metrics.update({
-        "profile": p.profile, "step": None, "weights": provenance["weights"], "official": provenance,
-        "teacher": None, "losses": "none: released checkpoint, not trained here",
-        "psnr_minus_mean_image_psnr": metrics["psnr"] - metrics["mean_image_psnr"], "train_seconds": None,
-        "device": str(device), "recon_png_rows": ["original", *[f"{k} tokens" for k in prefixes]],
+        "step": None, "psnr_minus_mean_image_psnr": metrics["psnr"] - metrics["mean_image_psnr"],
         "num_params_millions": round(provenance["num_params"] / 1e6, 3)})
-    write_json_atomic(results / "metrics.json", metrics)
+    run_info = {"profile": p.profile, "weights": provenance["weights"], "official": provenance, "teacher": None,
+                "losses": "none: released checkpoint, not trained here", "train_seconds": None,
+                "device": str(device), "recon_png_rows": ["original", *[f"{k} tokens" for k in prefixes]]}
+    write_results(results / "metrics.json", metrics, run_info, device)
     console.print(f"train_tokenizer: imported {provenance['weights']} (nothing trained); PSNR {metrics['psnr']:.2f} "
                   f"dB on {metrics['eval_images']} val images")
 
