@@ -10,7 +10,6 @@ random-init Inception they compare the two generators with each other, nothing m
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from restok.artifacts import load_artifact, save_artifact
 from restok.models.generator import GeneratorConfig, HARGenerator
+from restok.provenance import read_results
 from restok.stages import sample, score
 
 
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    trained = json.loads(Path("results/metrics.json").read_text())
+    trained = read_results("results/metrics.json")
     _, config, provenance = load_artifact("data/train_generator/generator.pt")
     torch.manual_seed(args.seed)
     model = HARGenerator(GeneratorConfig(**config))
@@ -41,7 +41,7 @@ def main() -> None:
                     "--results", str(tmp / "results"), "--tokenizer-metrics", "results/train_tokenizer/metrics.json",
                     "--generator-metrics", str(tmp / "none.json"),
                     "--sample-summary", str(tmp / "results/sample/summary.json")])
-        untrained = json.loads((tmp / "results/metrics.json").read_text())
+        untrained = read_results(tmp / "results/metrics.json")
     print(f"gFID trained generator (step {provenance.get('step')}): {trained['gFID']:.3f}")
     print(f"gFID untrained generator (random init):          {untrained['gFID']:.3f}")
     print(f"ratio untrained / trained: {untrained['gFID'] / trained['gFID']:.2f}  (extractor: {trained['extractor']}, "

@@ -158,21 +158,19 @@ def _sh(cmd: list[str], capture: bool = False, env: dict | None = None) -> str:
     return p.stdout if capture else ""
 
 
-def finished_experiments(exp_show: list) -> dict[str, tuple[str, dict]]:
-    """run -> (rev, params tree) of the finished `abl-` experiments in `dvc exp show --json` output.
+def finished_experiments() -> dict[str, tuple[str, dict]]:
+    """run -> (rev, params tree) of the finished `abl-` experiments, from `dvc.api.exp_show` (the documented API).
 
-    Queued, running and failed experiments are listed there too, with their params; only those whose executor
-    reports success (or that ran outside the queue, with no executor) count."""
+    Queued, running and failed experiments are listed there too; only those with no state (run outside the queue)
+    or a successful one count. The params tree is the experiment commit's params.yaml: exp_show's flattened
+    columns turn ints into floats and lists into strings, so they cannot be compared with a params tree."""
+    import dvc.api
     found = {}
-    for baseline in exp_show:
-        for exp in baseline.get("experiments") or []:
-            if (exp.get("executor") or {}).get("state", "success") != "success":
-                continue
-            for rev in exp.get("revs") or []:
-                name = rev.get("name") or ""
-                if name.startswith(PREFIX) and rev.get("rev") and not rev.get("error"):
-                    params = (((rev.get("data") or {}).get("params") or {}).get("params.yaml") or {}).get("data")
-                    found[name.removeprefix(PREFIX)] = (rev["rev"], params)
+    for row in dvc.api.exp_show():
+        name = row.get("Experiment") or ""
+        if name.startswith(PREFIX) and row.get("rev") and row.get("State") in (None, "Success"):
+            params = yaml.safe_load(_sh(["git", "show", f"{row['rev']}:params.yaml"], capture=True))
+            found[name.removeprefix(PREFIX)] = (row["rev"], params)
     return found
 
 
@@ -199,8 +197,7 @@ def run_dvc(tree: dict, dry: bool) -> None:
     A rerun with nothing changed queues nothing. After a params change every affected run is queued again, and
     DVC's run-cache restores each stage whose command, deps and params are unchanged, so only the stages downstream
     of the change run."""
-    finished = finished_experiments(json.loads(_sh(["dvc", "exp", "show", "--json", "--no-pager"], capture=True)
-                                               or "[]")) if not dry else {}
+    finished = finished_experiments() if not dry else {}
     fresh, stale, missing = plan(tree, finished)
     all_runs = runs(tree)
     cmds = [["dvc", "exp", "remove", *(PREFIX + r for r in stale)]] if stale else []
@@ -221,10 +218,15 @@ def run_dvc(tree: dict, dry: bool) -> None:
     _sh(cmds[-1], env=threads if jobs > 1 else None)  # each experiment's stages use their share of the cores
 
 
+def headline(metrics: str, provenance: str | None) -> dict:
+    """results/metrics.json with results/provenance.json beside it (the headline's strings and timings, written
+    apart so that `dvc metrics diff` shows numbers only; restok.provenance.write_results)."""
+    return {**(json.loads(provenance) if provenance else {}), **json.loads(metrics)}
+
+
 def collect_dvc(tree: dict) -> dict[str, dict]:
     """run -> {"metrics", "scores", "grid" (PNG bytes or None)} from the up-to-date DVC experiments."""
-    finished = finished_experiments(json.loads(_sh(["dvc", "exp", "show", "--json", "--no-pager"], capture=True)
-                                               or "[]"))
+    finished = finished_experiments()
     fresh, stale, _ = plan(tree, finished)
     if stale:
         print(f"restok ablate: skipping experiments whose params differ from params.yaml now: {', '.join(stale)} "
@@ -233,10 +235,10 @@ def collect_dvc(tree: dict) -> dict[str, dict]:
     for run in fresh:
         rev = finished[run][0]
         read = lambda path: subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True)  # noqa: E731
-        metrics, scores, grid = (read(p) for p in ("results/metrics.json", "results/score/metrics.json",
-                                                   "results/sample/grid.png"))
+        metrics, info, scores, grid = (read(p) for p in ("results/metrics.json", "results/provenance.json",
+                                                         "results/score/metrics.json", "results/sample/grid.png"))
         if metrics.returncode == 0:
-            out[run] = {"metrics": json.loads(metrics.stdout),
+            out[run] = {"metrics": headline(metrics.stdout, info.stdout if info.returncode == 0 else None),
                         "scores": json.loads(scores.stdout) if scores.returncode == 0 else {},
                         "grid": grid.stdout if grid.returncode == 0 else None}
     return out
@@ -251,7 +253,8 @@ def collect_files(tree: dict, graph: Graph) -> dict[str, dict]:
         if metrics.is_file():
             scores = Path(graph.path("results/score/metrics.json", run, own))
             grid = Path(graph.path("results/sample/grid.png", run, own))
-            out[run] = {"metrics": json.loads(metrics.read_text()),
+            info = metrics.with_name("provenance.json")
+            out[run] = {"metrics": headline(metrics.read_text(), info.read_text() if info.is_file() else None),
                         "scores": json.loads(scores.read_text()) if scores.is_file() else {},
                         "grid": grid.read_bytes() if grid.is_file() else None}
     return out

@@ -1,9 +1,12 @@
-"""`dvc repro` on the smoke profile: builds, is a no-op the second time, reruns exactly what a param touches."""
+"""`dvc repro` on the smoke profile: builds, is a no-op the second time, reruns exactly what a param or a code
+edit touches."""
 from __future__ import annotations
 
 import json
 
 import yaml
+
+from restok import deps
 
 from .conftest import run
 from .test_graphs import dvc_graph
@@ -36,6 +39,20 @@ def test_repro_builds_then_is_a_noop(smoke_ws):
     assert (smoke_ws / "results/shard/samples.png").stat().st_size > 0
     again = run(["dvc", "repro"], smoke_ws)
     assert "Data and pipelines are up to date" in again.stdout + again.stderr
+    assert changed_stages(smoke_ws) == set()
+
+
+def test_a_code_edit_reruns_exactly_the_stages_that_import_it(smoke_ws):
+    """Editing src/restok/metrics.py flags exactly the stages whose modules import it (restok.deps), no other."""
+    importers = {stage for stage in dvc_graph() if "src/restok/metrics.py" in deps.stage_deps(stage)}
+    assert importers == {"train_tokenizer", "extract_latents", "reference_stats", "score", "cfg_search"}
+    path = smoke_ws / "src/restok/metrics.py"
+    original = path.read_text()
+    try:
+        path.write_text(original + "\n# an edit\n")
+        assert changed_stages(smoke_ws) == importers
+    finally:
+        path.write_text(original)
     assert changed_stages(smoke_ws) == set()
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from restok.provenance import read_results
 from tests.pipeline.conftest import BIN, make_workspace, run
 
 FAKES = Path(__file__).parent / "fakes"
@@ -31,7 +32,7 @@ def submitted_args(state: Path) -> list[str]:
 def check_outputs(ws: Path):
     manifest = json.loads((ws / "data/shard/train/manifest.json").read_text())
     assert manifest["num_samples"] == 48
-    headline = json.loads((ws / "results/metrics.json").read_text())  # written by score, the last stage
+    headline = read_results(ws / "results/metrics.json")  # written by score, the last stage
     assert headline["profile"] == "smoke" and headline["gFID"] is not None
     assert (ws / "results/cfg_search/cfg_search.json").is_file()
 

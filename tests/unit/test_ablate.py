@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from restok import ablate
 from restok.config import REPO, profile_tree
@@ -63,29 +64,42 @@ def test_dvc_queue_commands_set_exactly_the_overrides():
     assert cmds["abl-no_vf_alignment"] == ["-S", "tokenizer.vf_align=false", ablate.TARGET]
 
 
-def _exp_show(baseline_params: dict, exps: list[tuple[str, str, dict]]) -> list:
-    """`dvc exp show --json` as DVC 3 writes it (trimmed): the workspace, the baseline commit and its experiments."""
-    def entry(rev, name, params):
-        return {"rev": rev, "name": name, "data": {"rev": rev, "params": {"params.yaml": {"data": params}}},
-                "error": None, "experiments": None}
-    base = entry("c0ffee", "main", baseline_params)
-    base["experiments"] = [{"revs": [entry(f"{i:040x}", name, params)], "executor": {"state": state}}
-                           for i, (name, state, params) in enumerate(exps)]
-    return [entry("workspace", None, baseline_params), base]
+class Experiments:
+    """`dvc.api.exp_show` rows as DVC 3.6x returns them (trimmed: the workspace, the baseline commit, then one row
+    per experiment with its State) and the experiment commits' params.yaml that `git show` reads."""
+
+    def __init__(self, monkeypatch, baseline: dict, exps: list[tuple[str, str | None, dict]]):
+        import dvc.api
+        self.rows = [{"Experiment": None, "rev": "workspace", "typ": "baseline", "State": None},
+                     {"Experiment": None, "rev": "main", "typ": "baseline", "State": None}]
+        self.params = {"main": baseline}
+        for i, (name, state, params) in enumerate(exps):
+            rev = f"{i:07x}"
+            self.rows.append({"Experiment": name, "rev": rev, "typ": "branch_commit", "State": state})
+            self.params[rev] = params
+        self.calls = []
+        monkeypatch.setattr(dvc.api, "exp_show", lambda: self.rows)
+        monkeypatch.setattr(ablate, "_sh", self.sh)
+
+    def sh(self, cmd, capture=False, env=None):
+        self.calls.append(cmd)
+        if cmd[:2] == ["git", "show"]:
+            return yaml.safe_dump(self.params[cmd[2].split(":")[0]])
+        return ""
 
 
-def test_rerun_plans_nothing_and_a_changed_param_replans_only_what_it_changes(capsys):
+def test_rerun_plans_nothing_and_a_changed_param_replans_only_what_it_changes(monkeypatch, capsys):
     tree = profile_tree("default")
     all_runs = ablate.runs(tree)
-    done = _exp_show(tree, [(ablate.PREFIX + r, "success", t) for r, t in all_runs.items()])
-    finished = ablate.finished_experiments(done)
+    Experiments(monkeypatch, tree, [(ablate.PREFIX + r, None, t) for r, t in all_runs.items()])
+    finished = ablate.finished_experiments()
     assert set(finished) == set(all_runs)
     assert ablate.plan(tree, finished) == (list(all_runs), [], [])
 
-    # queued, running and failed experiments are listed with their params but are not results
-    pending = _exp_show(tree, [(ablate.PREFIX + "restok", s, all_runs["restok"]) for s in ("queued", "running",
-                                                                                          "failed")])
-    assert ablate.finished_experiments(pending) == {}
+    # queued, running and failed experiments are listed but are not results
+    Experiments(monkeypatch, tree, [(ablate.PREFIX + "restok", s, all_runs["restok"])
+                                    for s in ("Queued", "Running", "Failed")])
+    assert ablate.finished_experiments() == {}
 
     # a switch changed by hand in one variant: only that run is stale
     tree["ablations"]["variants"]["plain_ar"] = {"generator.mode": "ar", "sample.sampling.top_k": 8}
@@ -98,25 +112,18 @@ def test_run_dvc_queues_only_missing_and_stale_runs(monkeypatch, capsys):
     all_runs = ablate.runs(tree)
     stale_tree = json.loads(json.dumps(all_runs["plain_ar"]))
     stale_tree["sample"]["sampling"]["top_k"] = 3
-    done = [(ablate.PREFIX + r, "success", t) for r, t in all_runs.items() if r not in ("plain_ar", "flat_queries")]
-    shown = json.dumps(_exp_show(tree, done + [(ablate.PREFIX + "plain_ar", "success", stale_tree)]))
-    calls = []
-
-    def fake_sh(cmd, capture=False, env=None):
-        calls.append(cmd)
-        return shown if cmd[:3] == ["dvc", "exp", "show"] else ""
-
-    monkeypatch.setattr(ablate, "_sh", fake_sh)
+    done = [(ablate.PREFIX + r, "Success", t) for r, t in all_runs.items() if r not in ("plain_ar", "flat_queries")]
+    exps = Experiments(monkeypatch, tree, done + [(ablate.PREFIX + "plain_ar", "Success", stale_tree)])
     ablate.run_dvc(tree, dry=False)
-    assert calls[1] == ["dvc", "exp", "remove", ablate.PREFIX + "plain_ar"]
+    calls = [c for c in exps.calls if c[:2] != ["git", "show"]]
+    assert calls[0] == ["dvc", "exp", "remove", ablate.PREFIX + "plain_ar"]
     assert sorted(c[5] for c in calls if c[:4] == ["dvc", "exp", "run", "--queue"]) == [
         ablate.PREFIX + "flat_queries", ablate.PREFIX + "plain_ar"]
     assert calls[-1] == ["dvc", "exp", "run", "--run-all", "-j", str(tree["ablations"]["jobs"])]
 
-    calls.clear()
-    shown = json.dumps(_exp_show(tree, [(ablate.PREFIX + r, "success", t) for r, t in all_runs.items()]))
+    exps = Experiments(monkeypatch, tree, [(ablate.PREFIX + r, "Success", t) for r, t in all_runs.items()])
     ablate.run_dvc(tree, dry=False)
-    assert calls == [["dvc", "exp", "show", "--json", "--no-pager"]]
+    assert all(c[:2] == ["git", "show"] for c in exps.calls)
     assert "nothing to run" in capsys.readouterr().out
 
 

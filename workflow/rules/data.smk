@@ -22,6 +22,7 @@ rule shard:
         "src/restok/models/teacher.py",
         "src/restok/models/tokenizer.py",
         "src/restok/models/vit.py",
+        "src/restok/provenance.py",
         "src/restok/sampling.py",
         "src/restok/stages/shard.py",
         "src/restok/train/log.py",
