@@ -22,7 +22,7 @@ rule sample:
     resources:
         **rule_resources("sample"),
     shell:
-        "RESTOK_NPROC_PER_NODE={resources.gpu} RESTOK_NNODES={resources.nodes} "
+        "RESTOK_NPROC_PER_NODE={resources.gpus_per_node} RESTOK_NNODES={resources.nodes} "
         "python -m restok.stages.sample --params params.yaml --generator data/train_generator/generator.pt --tokenizer data/train_tokenizer/tokenizer.pt --out data/sample --results results/sample > {log} 2>&1"
 
 
@@ -103,7 +103,7 @@ rule cfg_search:
     resources:
         **rule_resources("cfg_search"),
     shell:
-        "RESTOK_NPROC_PER_NODE={resources.gpu} RESTOK_NNODES={resources.nodes} "
+        "RESTOK_NPROC_PER_NODE={resources.gpus_per_node} RESTOK_NNODES={resources.nodes} "
         "python -m restok.stages.cfg_search --params params.yaml --generator data/train_generator/generator.pt --tokenizer data/train_tokenizer/tokenizer.pt --reference data/reference_stats --results results/cfg_search > {log} 2>&1"
 
 

@@ -26,7 +26,7 @@ rule extract_latents:
 
 rule train_generator:
     message:
-        "Training the {params.generator[mode]} generator ({resources.nodes} node(s) x {resources.gpu} GPU(s))"
+        "Training the {params.generator[mode]} generator ({resources.nodes} node(s) x {resources.gpus_per_node} GPU(s))"
     input:
         "src/restok/stages/train_generator.py",
         "src/restok/models",
@@ -45,7 +45,7 @@ rule train_generator:
     resources:
         **rule_resources("train_generator"),
     shell:
-        "RESTOK_NPROC_PER_NODE={resources.gpu} RESTOK_NNODES={resources.nodes} "
+        "RESTOK_NPROC_PER_NODE={resources.gpus_per_node} RESTOK_NNODES={resources.nodes} "
         "python -m restok.stages.train_generator --params params.yaml --latents data/extract_latents --out data/train_generator --results results/train_generator > {log} 2>&1"
 
 

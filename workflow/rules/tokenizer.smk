@@ -28,7 +28,7 @@ rule cache_features:
 
 rule train_tokenizer:
     message:
-        "Training the ResTok tokenizer ({resources.nodes} node(s) x {resources.gpu} GPU(s))"
+        "Training the ResTok tokenizer ({resources.nodes} node(s) x {resources.gpus_per_node} GPU(s))"
     input:
         "src/restok/stages/train_tokenizer.py",
         "src/restok/stages/cache_features.py",
@@ -52,7 +52,7 @@ rule train_tokenizer:
     resources:
         **rule_resources("train_tokenizer"),
     shell:
-        "RESTOK_NPROC_PER_NODE={resources.gpu} RESTOK_NNODES={resources.nodes} "
+        "RESTOK_NPROC_PER_NODE={resources.gpus_per_node} RESTOK_NNODES={resources.nodes} "
         "python -m restok.stages.train_tokenizer --params params.yaml --shards data/shard --features data/cache_features --out data/train_tokenizer --results results/train_tokenizer > {log} 2>&1"
 
 
