@@ -25,6 +25,8 @@ import socket
 import subprocess
 import sys
 
+from restok.cpus import job_cpus
+
 
 def free_port() -> int:
     """A TCP port free on this machine now (the OS picks it; the rendezvous binds it a moment later)."""
@@ -61,5 +63,6 @@ def relaunch_if_requested(module: str, argv: list[str] | None = None) -> None:
         return
     cmd = torchrun_command(module, list(sys.argv[1:] if argv is None else argv), nproc, nnodes)
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    os.environ["RESTOK_CPUS"] = str(job_cpus())  # the job's CPUs, shared by the workers on each node
     print("restok: launching", " ".join(cmd), flush=True)
     sys.exit(subprocess.run(cmd).returncode)

@@ -22,6 +22,7 @@ import webdataset as wds
 from torchvision.utils import make_grid, save_image
 
 from restok.config import load_params
+from restok.cpus import job_cpus
 from restok.data.shards import (MANIFEST, count_tar, encode_image, iter_split_uint8, sha256_file, shard_paths,
                                 store_transform, write_json_atomic, write_shard)
 from restok.data.sources import Item, list_items, load_image
@@ -62,7 +63,7 @@ def shard_local(split: str, items: list[Item], names: list[str], out: Path, p) -
     jobs = [(str(out / f"{split}-{k:06d}.tar"), items[i:i + n], split, data, cfg)
             for k, i in enumerate(range(0, len(items), n))]
     entries, hist, skipped = [], Counter(), []
-    with _pool(min(cfg.workers, max(1, len(jobs)))) as pool, progress(len(jobs), f"shard {split}") as bar:
+    with _pool(min(cfg.workers, job_cpus(), max(1, len(jobs)))) as pool, progress(len(jobs), f"shard {split}") as bar:
         for entry, labels, skip in pool.imap(_encode_shard, jobs):  # imap keeps shard order
             entries.append(entry)
             hist.update(labels)
@@ -95,7 +96,7 @@ def shard_external(split: str, pattern: str, names: list[str], p) -> dict:
     for u in urls:
         _refuse_compressed(u, f"data.wds.{split}={pattern!r}")
     entries, hist = [], Counter()
-    with _pool(p.shard.workers) as pool, progress(len(urls), f"scan {split}") as bar:
+    with _pool(min(p.shard.workers, job_cpus())) as pool, progress(len(urls), f"scan {split}") as bar:
         for entry, labels in pool.imap(_scan_external, urls):
             entries.append(entry)
             hist.update(labels)
