@@ -45,7 +45,7 @@ def sbatch_calls(state: Path, ws: Path) -> list[list[str]]:
 
 
 def srun_calls(state: Path) -> list[list[str]]:
-    f = state / "srun.args"
+    f = state / "srun.calls"
     return [line.split("\t") for line in f.read_text().splitlines()] if f.exists() else []
 
 
@@ -67,8 +67,8 @@ def submit_two_nodes_four_gpus(ws: Path, state: Path, profile: list[str], env: d
     params = yaml.safe_load((ws / "params.yaml").read_text())
     params["resources"]["train_tokenizer"].update(gpus=4, nodes=2)
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for f in [*state.glob("*.args"), state / "srun.args"]:
-        f.unlink()
+    for f in [*state.glob("*.args"), state / "srun.calls"]:
+        f.unlink(missing_ok=True)
     p = run(["snakemake", *profile, "-R", "train_tokenizer", "--until", "train_tokenizer", "--retries", "0"], ws,
             env=env, check=False, timeout=600)
     assert p.returncode != 0, "the fake srun cannot run 2 nodes: the job must fail"
