@@ -12,6 +12,7 @@ only those back, so it cannot read a key that DVC does not track for it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -89,6 +90,16 @@ class Shard:
     splits: list[Literal["train", "val"]] = field(default_factory=lambda: ["train", "val"], metadata=rng(help=(
         "splits to shard; a split left out gets an empty manifest (the official-l profile evaluates released "
         "checkpoints and needs val only)")))
+    max_image_pixels: int = field(default=100_000_000, metadata=rng(1, help=(
+        "larger images (width x height, read from the header) are not decoded but skipped and listed in the "
+        "manifest: a decompression-bomb guard")))
+    alpha_background: list[int] = field(default_factory=lambda: [255, 255, 255], metadata=rng(help=(
+        "R, G, B (0..255) the transparent parts of an image are composited on")))
+
+    def __post_init__(self):
+        if len(self.alpha_background) != 3 or not all(0 <= v <= 255 for v in self.alpha_background):
+            raise ValueError(f"shard.alpha_background must be 3 values (R, G, B) in 0..255, "
+                             f"got {self.alpha_background}")
 
 
 @dataclass(frozen=True)
@@ -405,6 +416,8 @@ def _convert(tp, value, where: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):  # YAML .nan / .inf: no range check can hold them (nan < lo is False)
+            raise ParamsError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -8,21 +8,38 @@ the same module and arguments under `torch.distributed.run`:
     RESTOK_NPROC_PER_NODE=8 dvc repro train_generator           # 8 GPUs on this machine
     snakemake --workflow-profile workflow/profiles/slurm         # the rules set both from params `resources`
 
-With more than one node inside a SLURM allocation, it starts one torchrun per node through `srun` with c10d
-rendezvous on the allocation's first node. `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` is set so `--max-restarts`
-works on torch 2.14 (notes/ecosystem.md section 6); restarted workers resume from the last checkpoint.
+With more than one node, the launcher must run inside a SLURM allocation of one task per node (both SLURM
+profiles submit `--nodes=N` with one task per node and run the job's command once, on the allocation's first
+node, outside any job step). It starts one torchrun per node with `srun --nodes=N --ntasks-per-node=1`: a new
+step of the allocation, not a nested one, so it cannot wait for resources an enclosing step holds. When it is
+started inside a step anyway (SLURM_STEP_ID set, e.g. by a user's own `srun`), it adds `--overlap`, SLURM's
+documented form for a step that shares the resources of a running one. The c10d rendezvous is hosted on this
+machine (the first node, which runs one of the torchrun agents) on a port free here, not a fixed 29500 that
+two jobs on one node would both claim. `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` is set so `--max-restarts` works
+on torch 2.14 (notes/ecosystem.md section 6); restarted workers resume from the last checkpoint.
 """
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
+from restok.cpus import job_cpus
 
-def _first_host() -> str:
-    nodelist = os.environ["SLURM_JOB_NODELIST"]
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-    return out.stdout.split()[0]
+
+def free_port() -> int:
+    """A TCP port free on this machine now (the OS picks it; the rendezvous binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def srun_command(nnodes: int) -> list[str]:
+    """srun options for one torchrun agent per node of the current allocation."""
+    overlap = ["--overlap"] if "SLURM_STEP_ID" in os.environ else []
+    return ["srun", *overlap, f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1",
+            "--kill-on-bad-exit=1"]
 
 
 def torchrun_command(module: str, args: list[str], nproc: int, nnodes: int, max_restarts: int = 3) -> list[str]:
@@ -33,9 +50,9 @@ def torchrun_command(module: str, args: list[str], nproc: int, nnodes: int, max_
     if "SLURM_JOB_ID" not in os.environ:
         raise RuntimeError(f"RESTOK_NNODES={nnodes} needs a SLURM allocation (or launch torchrun on each node "
                            f"yourself: torchrun --nnodes={nnodes} --rdzv-endpoint=HOST:PORT -m {module} ...)")
-    rdzv = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={_first_host()}:29500",
+    rdzv = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={socket.gethostname()}:{free_port()}",
             f"--rdzv-id={os.environ['SLURM_JOB_ID']}"]
-    return ["srun", f"--nodes={nnodes}", "--ntasks-per-node=1", *run, *rdzv, "-m", module, *args]
+    return [*srun_command(nnodes), *run, *rdzv, "-m", module, *args]
 
 
 def relaunch_if_requested(module: str, argv: list[str] | None = None) -> None:
@@ -46,5 +63,6 @@ def relaunch_if_requested(module: str, argv: list[str] | None = None) -> None:
         return
     cmd = torchrun_command(module, list(sys.argv[1:] if argv is None else argv), nproc, nnodes)
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    os.environ["RESTOK_CPUS"] = str(job_cpus())  # the job's CPUs, shared by the workers on each node
     print("restok: launching", " ".join(cmd), flush=True)
     sys.exit(subprocess.run(cmd).returncode)

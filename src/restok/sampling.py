@@ -17,14 +17,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 from restok.models.generator import HARGenerator
 
-CFG_SCHEDULES = ("constant", "linear", "linear_re", "linear_constant", "triangular", "rectangular", "step",
-                 "cosine", "cosine_re")
+CfgSchedule = Literal["constant", "linear", "linear_re", "linear_constant", "triangular", "rectangular", "step",
+                      "cosine", "cosine_re"]  # params sample.cfg_schedule: an enum in the schema
+CFG_SCHEDULES = get_args(CfgSchedule)
 _EPS = 1e-4  # the official schedules add it to keep s > 1 so that the CFG branch runs
 
 
@@ -33,7 +35,7 @@ class SamplingConfig:
     """Sampling knobs (params section `sample`); defaults are the reported setting (generator.md §4)."""
 
     cfg_scale: float = 3.75
-    cfg_schedule: str = "step"
+    cfg_schedule: CfgSchedule = "step"
     window_start: float = 0.25  # step: guidance from this ratio on; rectangular: window start (official 0.05)
     window_end: float = 1.0  # rectangular only
     peak: float = 0.5  # linear_constant and triangular

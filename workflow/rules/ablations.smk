@@ -47,7 +47,7 @@ for _stage in ABLATION_GRAPH.stages.values():
         shell:
             "python -m restok.ablate params --params params.yaml --run {wildcards.run} "
             "--out data/ablations/{wildcards.run}/params.yaml && "
-            "RESTOK_NPROC_PER_NODE={resources.gpu} RESTOK_NNODES={resources.nodes} {params.cmd} > {log} 2>&1"
+            "RESTOK_NPROC_PER_NODE={resources.gpus_per_node} RESTOK_NNODES={resources.nodes} {params.cmd} > {log} 2>&1"
 
 
 rule ablations:

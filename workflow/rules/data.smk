@@ -6,6 +6,7 @@ rule shard:
         "Sharding {params.data[source]} images into webdataset tars"
     input:
         "src/restok/config.py",
+        "src/restok/cpus.py",
         "src/restok/data/builtin.py",
         "src/restok/data/shards.py",
         "src/restok/data/sources.py",
@@ -24,6 +25,7 @@ rule shard:
         "src/restok/models/vit.py",
         "src/restok/provenance.py",
         "src/restok/sampling.py",
+        "src/restok/stages/__init__.py",
         "src/restok/stages/shard.py",
         "src/restok/train/log.py",
     output:

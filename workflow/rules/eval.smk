@@ -7,6 +7,7 @@ rule sample:
     input:
         "src/restok/artifacts.py",
         "src/restok/config.py",
+        "src/restok/cpus.py",
         "src/restok/images.py",
         "src/restok/io.py",
         "src/restok/launch.py",
@@ -23,6 +24,7 @@ rule sample:
         "src/restok/models/vit.py",
         "src/restok/provenance.py",
         "src/restok/sampling.py",
+        "src/restok/stages/__init__.py",
         "src/restok/stages/sample.py",
         "src/restok/train/dist.py",
         "src/restok/train/log.py",
@@ -41,7 +43,7 @@ rule sample:
     resources:
         **rule_resources("sample"),
     shell:
-        "RESTOK_NPROC_PER_NODE={resources.gpu} RESTOK_NNODES={resources.nodes} "
+        "RESTOK_NPROC_PER_NODE={resources.gpus_per_node} RESTOK_NNODES={resources.nodes} "
         "python -m restok.stages.sample --params params.yaml --generator data/train_generator/generator.pt --tokenizer data/train_tokenizer/tokenizer.pt --out data/sample --results results/sample > {log} 2>&1"
 
 
@@ -50,6 +52,7 @@ rule reference_stats:
         "Reference statistics ({params.fid[extractor]}, {params.fid[reference]})"
     input:
         "src/restok/config.py",
+        "src/restok/cpus.py",
         "src/restok/data/shards.py",
         "src/restok/data/views.py",
         "src/restok/fid.py",
@@ -67,6 +70,7 @@ rule reference_stats:
         "src/restok/models/tokenizer.py",
         "src/restok/models/vit.py",
         "src/restok/sampling.py",
+        "src/restok/stages/__init__.py",
         "src/restok/stages/reference_stats.py",
         "src/restok/train/log.py",
         "data/shard",
@@ -89,6 +93,7 @@ rule score:
     input:
         "src/restok/artifacts.py",
         "src/restok/config.py",
+        "src/restok/cpus.py",
         "src/restok/data/shards.py",
         "src/restok/data/views.py",
         "src/restok/fid.py",
@@ -107,6 +112,7 @@ rule score:
         "src/restok/models/vit.py",
         "src/restok/provenance.py",
         "src/restok/sampling.py",
+        "src/restok/stages/__init__.py",
         "src/restok/stages/score.py",
         "src/restok/train/log.py",
         "data/sample",
@@ -142,6 +148,7 @@ rule cfg_search:
     input:
         "src/restok/artifacts.py",
         "src/restok/config.py",
+        "src/restok/cpus.py",
         "src/restok/data/shards.py",
         "src/restok/data/views.py",
         "src/restok/fid.py",
@@ -162,6 +169,7 @@ rule cfg_search:
         "src/restok/models/vit.py",
         "src/restok/provenance.py",
         "src/restok/sampling.py",
+        "src/restok/stages/__init__.py",
         "src/restok/stages/cfg_search.py",
         "src/restok/train/dist.py",
         "src/restok/train/log.py",
@@ -180,7 +188,7 @@ rule cfg_search:
     resources:
         **rule_resources("cfg_search"),
     shell:
-        "RESTOK_NPROC_PER_NODE={resources.gpu} RESTOK_NNODES={resources.nodes} "
+        "RESTOK_NPROC_PER_NODE={resources.gpus_per_node} RESTOK_NNODES={resources.nodes} "
         "python -m restok.stages.cfg_search --params params.yaml --generator data/train_generator/generator.pt --tokenizer data/train_tokenizer/tokenizer.pt --reference data/reference_stats --results results/cfg_search > {log} 2>&1"
 
 

@@ -7,6 +7,7 @@ rule extract_latents:
     input:
         "src/restok/artifacts.py",
         "src/restok/config.py",
+        "src/restok/cpus.py",
         "src/restok/data/shards.py",
         "src/restok/data/views.py",
         "src/restok/io.py",
@@ -24,6 +25,7 @@ rule extract_latents:
         "src/restok/models/vit.py",
         "src/restok/provenance.py",
         "src/restok/sampling.py",
+        "src/restok/stages/__init__.py",
         "src/restok/stages/extract_latents.py",
         "src/restok/train/log.py",
         "data/shard",
@@ -45,7 +47,7 @@ rule extract_latents:
 
 rule train_generator:
     message:
-        "Training the {params.generator[mode]} generator ({resources.nodes} node(s) x {resources.gpu} GPU(s))"
+        "Training the {params.generator[mode]} generator ({resources.nodes} node(s) x {resources.gpus_per_node} GPU(s))"
     input:
         "src/restok/artifacts.py",
         "src/restok/config.py",
@@ -53,6 +55,7 @@ rule train_generator:
         "src/restok/convert/official.py",
         "src/restok/convert/released.py",
         "src/restok/convert/tokenizer.py",
+        "src/restok/cpus.py",
         "src/restok/deps.py",
         "src/restok/io.py",
         "src/restok/launch.py",
@@ -69,6 +72,7 @@ rule train_generator:
         "src/restok/models/vit.py",
         "src/restok/provenance.py",
         "src/restok/sampling.py",
+        "src/restok/stages/__init__.py",
         "src/restok/stages/train_generator.py",
         "src/restok/train/ckpt.py",
         "src/restok/train/dist.py",
@@ -90,7 +94,7 @@ rule train_generator:
     resources:
         **rule_resources("train_generator"),
     shell:
-        "RESTOK_NPROC_PER_NODE={resources.gpu} RESTOK_NNODES={resources.nodes} "
+        "RESTOK_NPROC_PER_NODE={resources.gpus_per_node} RESTOK_NNODES={resources.nodes} "
         "python -m restok.stages.train_generator --params params.yaml --latents data/extract_latents --out data/train_generator --results results/train_generator > {log} 2>&1"
 
 

@@ -9,6 +9,7 @@ rule cache_features:
         "Caching {params.vf[teacher]} features of the training views"
     input:
         "src/restok/config.py",
+        "src/restok/cpus.py",
         "src/restok/data/features.py",
         "src/restok/data/shards.py",
         "src/restok/data/views.py",
@@ -27,6 +28,7 @@ rule cache_features:
         "src/restok/models/vit.py",
         "src/restok/provenance.py",
         "src/restok/sampling.py",
+        "src/restok/stages/__init__.py",
         "src/restok/stages/cache_features.py",
         "src/restok/train/dist.py",
         "src/restok/train/log.py",
@@ -48,7 +50,7 @@ rule cache_features:
 
 rule train_tokenizer:
     message:
-        "Training the ResTok tokenizer ({resources.nodes} node(s) x {resources.gpu} GPU(s))"
+        "Training the ResTok tokenizer ({resources.nodes} node(s) x {resources.gpus_per_node} GPU(s))"
     input:
         "src/restok/artifacts.py",
         "src/restok/config.py",
@@ -56,6 +58,7 @@ rule train_tokenizer:
         "src/restok/convert/official.py",
         "src/restok/convert/released.py",
         "src/restok/convert/tokenizer.py",
+        "src/restok/cpus.py",
         "src/restok/data/features.py",
         "src/restok/data/shards.py",
         "src/restok/data/views.py",
@@ -76,6 +79,7 @@ rule train_tokenizer:
         "src/restok/models/vit.py",
         "src/restok/provenance.py",
         "src/restok/sampling.py",
+        "src/restok/stages/__init__.py",
         "src/restok/stages/train_tokenizer.py",
         "src/restok/train/ckpt.py",
         "src/restok/train/dist.py",
@@ -99,7 +103,7 @@ rule train_tokenizer:
     resources:
         **rule_resources("train_tokenizer"),
     shell:
-        "RESTOK_NPROC_PER_NODE={resources.gpu} RESTOK_NNODES={resources.nodes} "
+        "RESTOK_NPROC_PER_NODE={resources.gpus_per_node} RESTOK_NNODES={resources.nodes} "
         "python -m restok.stages.train_tokenizer --params params.yaml --shards data/shard --features data/cache_features --out data/train_tokenizer --results results/train_tokenizer > {log} 2>&1"
 
 

@@ -1,17 +1,32 @@
 #!/usr/bin/env python3
-"""Job status for snakemake-executor-plugin-cluster-generic: prints running, success or failed for a SLURM job id."""
+"""Job status for snakemake-executor-plugin-cluster-generic: prints running, success or failed for a SLURM job id.
+
+sacct answers from the accounting database, which may lag behind or be disabled; when it knows nothing of the
+job, squeue (the controller's live queue) decides: a job neither of them knows is gone, so it failed, instead of
+being reported running forever.
+"""
 import subprocess
 import sys
 
-RUNNING = {"", "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
+RUNNING = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
 
 
-def main() -> None:
-    job = sys.argv[1].split(";")[0]
-    out = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True)
-    state = out.stdout.strip().split("\n")[0].split()[0] if out.stdout.strip() else ""
-    print("success" if state == "COMPLETED" else "running" if state in RUNNING else "failed")
+def first_word(cmd: list[str]) -> str:
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    words = out.stdout.split() if out.returncode == 0 else []
+    return words[0].rstrip("+") if words else ""
+
+
+def status(job: str) -> str:
+    state = (first_word(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State"])
+             or first_word(["squeue", "-h", "-j", job, "-o", "%T"]))
+    if state == "COMPLETED":
+        return "success"
+    if state in RUNNING:
+        return "running"
+    print(f"slurm_status: job {job}: {state or 'unknown to sacct and squeue'}", file=sys.stderr)
+    return "failed"
 
 
 if __name__ == "__main__":
-    main()
+    print(status(sys.argv[1].split(";")[0]))

@@ -17,6 +17,7 @@ Parameter names differ from the official ones; `restok.convert.official` maps th
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,8 @@ from torch import nn
 from restok.models.masks import group_causal_mask
 from restok.models.rope import apply_rope
 
-MODES = ("har", "ar")
+Mode = Literal["har", "ar"]  # params generator.mode: an enum in the schema
+MODES = get_args(Mode)
 CLASS, TOKEN, SPECIAL = 0, 1, 2  # what an input position holds
 
 
@@ -61,7 +63,7 @@ class GeneratorConfig:
     resid_dropout: float = 0.1
     ffn_dropout: float = 0.1
     init_std: float = 0.02
-    mode: str = "har"
+    mode: Mode = "har"
 
     def __post_init__(self):
         for name in ("dim", "n_layer", "n_head", "ffn_multiple_of", "vocab_size", "num_classes"):

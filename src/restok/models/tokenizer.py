@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -27,13 +28,15 @@ from restok.models.vit import ResTokDecoder, ResTokEncoder, merge_block_indices,
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_CHOICES = {
-    "merge_op": ("subsample", "avgpool"),
-    "latent_init": ("residual_pool", "pool", "learned"),
-    "latent_queries": ("hierarchical", "flat"),
-    "image_queries": ("learned", "latent_maps"),
-    "weight_init": ("official", "fan_in"),
-}
+# The switches with more than one option: Literal types, so params validation and the generated schema (enum:)
+# refuse a typo such as merge_op: avgpol before any job runs.
+MergeOp = Literal["subsample", "avgpool"]
+LatentInit = Literal["residual_pool", "pool", "learned"]
+LatentQueries = Literal["hierarchical", "flat"]
+ImageQueries = Literal["learned", "latent_maps"]
+WeightInit = Literal["official", "fan_in"]
+_CHOICES = {"merge_op": MergeOp, "latent_init": LatentInit, "latent_queries": LatentQueries,
+            "image_queries": ImageQueries, "weight_init": WeightInit}
 
 
 def keep_lengths(level_sizes: tuple[int, ...], min_tokens: int) -> list[int]:
@@ -99,17 +102,18 @@ class TokenizerConfig:
     vf_align: bool = True
     rope_theta: float = 10000.0
     residual_image_tokens: bool = True
-    merge_op: str = "subsample"
-    latent_init: str = "residual_pool"
-    latent_queries: str = "hierarchical"
-    image_queries: str = "learned"
+    merge_op: MergeOp = "subsample"
+    latent_init: LatentInit = "residual_pool"
+    latent_queries: LatentQueries = "hierarchical"
+    image_queries: ImageQueries = "learned"
     legacy_head: bool = True
-    weight_init: str = "official"
+    weight_init: WeightInit = "official"
 
     def __post_init__(self):
         object.__setattr__(self, "pixel_channels", tuple(self.pixel_channels))
         object.__setattr__(self, "level_sizes", tuple(self.level_sizes))
-        for name, allowed in _CHOICES.items():
+        for name, choices in _CHOICES.items():
+            allowed = get_args(choices)
             if getattr(self, name) not in allowed:
                 raise ValueError(f"tokenizer.{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
         if not self.pixel_channels or any(c < 32 or c % 32 for c in self.pixel_channels):

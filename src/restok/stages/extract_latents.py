@@ -31,6 +31,7 @@ from PIL import Image
 
 from restok.artifacts import load_tokenizer
 from restok.config import load_params
+from restok.cpus import loader_workers
 from restok.data.shards import decode_image, read_manifest, sha256_file, shard_paths, store_transform
 from restok.data.views import eval_view, ten_crop_views, to_uint8_tensor
 from restok.io import write_json_atomic
@@ -133,7 +134,7 @@ def encode_split(model: ResTok, shard_dir: Path, split: str, kind: str, p, split
                                           shape=(n, views, L))
         labels = np.lib.format.open_memmap(str(labels_path) + ".partial", mode=mode, dtype=np.int64, shape=(n,))
         batches = ViewBatches(shard_dir, split, kind, el.crop_range, el.batch_size, done)
-        workers = min(8, (os.cpu_count() or 1) - 1) if device.type == "cuda" else 0  # CPU: encoder needs the cores
+        workers = loader_workers(8) if device.type == "cuda" else 0  # CPU: the encoder needs the cores
         loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
                                              pin_memory=device.type == "cuda")
         with torch.inference_mode(), progress(n, f"extract {split} ({views} views)") as bar:

@@ -22,8 +22,9 @@ import webdataset as wds
 from torchvision.utils import make_grid, save_image
 
 from restok.config import load_params
-from restok.data.shards import (MANIFEST, count_tar, encode_image, iter_split_uint8, sha256_file, store_transform,
-                                write_shard)
+from restok.cpus import job_cpus
+from restok.data.shards import (MANIFEST, count_tar, encode_image, iter_split_uint8, sha256_file,
+                                store_transform, write_shard)
 from restok.data.sources import Item, list_items, load_image
 from restok.io import write_json_atomic
 from restok.provenance import write_results
@@ -45,7 +46,7 @@ def _encode_shard(job):
     samples, labels, skipped = [], [], []
     for it in items:
         try:
-            img = store_transform(load_image(it, data), split, data.resolution)
+            img = store_transform(load_image(it, data, cfg), split, data.resolution)
         except Exception as e:  # any decode failure: counted and listed, never silent
             skipped.append({"path": it.path or it.key, "reason": f"{type(e).__name__}: {e}"})
             continue
@@ -64,7 +65,7 @@ def shard_local(split: str, items: list[Item], names: list[str], out: Path, p) -
     jobs = [(str(out / f"{split}-{k:06d}.tar"), items[i:i + n], split, data, cfg)
             for k, i in enumerate(range(0, len(items), n))]
     entries, hist, skipped = [], Counter(), []
-    with _pool(min(cfg.workers, max(1, len(jobs)))) as pool, progress(len(jobs), f"shard {split}") as bar:
+    with _pool(min(cfg.workers, job_cpus(), max(1, len(jobs)))) as pool, progress(len(jobs), f"shard {split}") as bar:
         for entry, labels, skip in pool.imap(_encode_shard, jobs):  # imap keeps shard order
             entries.append(entry)
             hist.update(labels)
@@ -72,6 +73,16 @@ def shard_local(split: str, items: list[Item], names: list[str], out: Path, p) -
             bar.advance(1)
     return {"shards": entries, "external": False, "num_samples": sum(e["samples"] for e in entries),
             "class_histogram": [hist[c] for c in range(len(names))], "skipped": skipped}
+
+
+def _refuse_compressed(url: str, where: str) -> None:
+    """External shards are read by tar member offsets: a compressed tar would be read as garbage."""
+    with open(url, "rb") as f:
+        magic = f.read(6)
+    for name, sig in (("gzip", b"\x1f\x8b"), ("bzip2", b"BZh"), ("xz", b"\xfd7zXZ"), ("zstd", b"\x28\xb5\x2f\xfd")):
+        if magic.startswith(sig):
+            raise ValueError(f"{where}: {url} is {name}-compressed; external shards must be plain .tar "
+                             f"(decompress it, e.g. `{name} -d`, and point the pattern at the .tar)")
 
 
 def _scan_external(url: str):
@@ -84,8 +95,10 @@ def shard_external(split: str, pattern: str, names: list[str], p) -> dict:
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(f"data.wds.{split}={pattern!r}: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+    for u in urls:
+        _refuse_compressed(u, f"data.wds.{split}={pattern!r}")
     entries, hist = [], Counter()
-    with _pool(p.shard.workers) as pool, progress(len(urls), f"scan {split}") as bar:
+    with _pool(min(p.shard.workers, job_cpus())) as pool, progress(len(urls), f"scan {split}") as bar:
         for entry, labels in pool.imap(_scan_external, urls):
             entries.append(entry)
             hist.update(labels)
@@ -136,19 +149,24 @@ def main(argv=None):
         else:
             items, names = listings[split]
             body = shard_local(split, items, names, split_dir, p)
+            if body["num_samples"] == 0:  # no manifest: no later stage reads an empty split as done
+                first = body["skipped"][0]
+                raise ValueError(f"shard {split}: none of its {len(items)} images could be read, e.g. "
+                                 f"{first['path']}: {first['reason']}")
         manifest = {"split": split, "source": data.source, "root": data.root, "resolution": data.resolution,
                     "stored": ("short_side=ceil(res/0.8)" if split == "train" else "eval_view(res)"),
                     "num_classes": len(names), "class_names": names, **body}
         write_json_atomic(split_dir / MANIFEST, manifest)
         summary["splits"][split] = {"num_samples": body["num_samples"], "num_shards": len(body["shards"]),
                                     "num_skipped": len(body["skipped"]), "class_histogram": body["class_histogram"]}
+        # file names such as "a [tag].png" or "x[/b].jpg" are printed verbatim (no rich markup), one line each
         console.print(f"shard {split}: {body['num_samples']} images in {len(body['shards'])} shards, "
-                      f"{len(body['skipped'])} skipped")
+                      f"{len(body['skipped'])} skipped", markup=False, highlight=False, soft_wrap=True)
         for s in body["skipped"][:10]:
-            console.print(f"  skipped {s['path']}: {s['reason']}")
+            console.print(f"  skipped {s['path']}: {s['reason']}", markup=False, highlight=False, soft_wrap=True)
 
     results.mkdir(parents=True, exist_ok=True)
-    grid = sample_grid(out, "val", data.num_classes)
+    grid = sample_grid(out, "val" if "val" in wanted else "train", data.num_classes)
     tmp = results / "samples.tmp.png"
     save_image(grid, tmp)
     tmp.replace(results / "samples.png")

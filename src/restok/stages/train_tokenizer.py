@@ -45,6 +45,7 @@ from torchvision.utils import save_image
 from restok.artifacts import save_artifact
 from restok.config import load_params, tokenizer_config
 from restok.convert.released import import_released
+from restok.cpus import loader_workers
 from restok.data.features import TarIndex, read_features_manifest
 from restok.data.shards import MANIFEST, decode_image, iter_split_uint8, read_manifest, sha256_file, shard_paths
 from restok.data.shards import store_transform
@@ -265,7 +266,7 @@ def main(argv=None):
 
     dataset = ViewDataset(args.shards, image_manifest, args.features if vfs["cached"] else None, vfs.get("views", 1))
     sampler = EpochSampler(len(dataset), info.rank, info.world_size, loop.seed, step * local_bs)
-    loader = iter(DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=loop.workers,
+    loader = iter(DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=loader_workers(loop.workers),
                              collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
                              generator=torch.Generator().manual_seed(loop.seed)))  # not the global RNG: resume
     net = torch.compile(model) if loop.compile else model
