@@ -14,10 +14,17 @@ def graph():
     return ablate.Graph(REPO / "dvc.yaml")
 
 
-def test_runs_and_seeds():
+def one_seed() -> dict:
+    """The default profile with one seed per variant: run names are the variant names."""
     tree = profile_tree("default")
-    assert set(ablate.runs(tree)) == set(tree["ablations"]["variants"])
-    tree["ablations"]["seeds"] = 3
+    tree["ablations"]["seeds"] = 1
+    return tree
+
+
+def test_runs_and_seeds():
+    assert set(ablate.runs(one_seed())) == set(one_seed()["ablations"]["variants"])
+    tree = profile_tree("default")
+    assert tree["ablations"]["seeds"] == 3
     runs = ablate.runs(tree)
     assert {ablate.variant_of(r) for r in runs} == set(tree["ablations"]["variants"])
     seeds = {runs[f"restok-s{k}"]["train_generator"]["loop"]["seed"] for k in range(3)}
@@ -25,7 +32,7 @@ def test_runs_and_seeds():
 
 
 def test_a_run_recomputes_exactly_what_its_overrides_touch(graph):
-    tree = profile_tree("default")
+    tree = one_seed()
     runs = ablate.runs(tree)
     assert graph.own(tree, runs["restok"]) == set()
     for run, run_tree in runs.items():
@@ -41,7 +48,7 @@ def test_a_run_recomputes_exactly_what_its_overrides_touch(graph):
 
 
 def test_commands_redirect_only_recomputed_artifacts(graph):
-    tree = profile_tree("default")
+    tree = one_seed()
     run_tree = ablate.runs(tree)["plain_ar"]
     own = graph.own(tree, run_tree)
     for name, st in graph.stages.items():
@@ -56,10 +63,11 @@ def test_commands_redirect_only_recomputed_artifacts(graph):
 
 
 def test_dvc_queue_commands_set_exactly_the_overrides():
-    tree = profile_tree("default")
+    tree = one_seed()
     cmds = {c[5]: c[6:] for c in ablate.dvc_queue_commands(tree)}
     assert cmds["abl-restok"] == [ablate.TARGET]
-    assert cmds["abl-plain_ar"] == ["-S", "generator.mode=ar", ablate.TARGET]
+    assert cmds["abl-plain_ar"] == ["-S", "generator.mode=ar", "-S", "sample.sampling.cfg_schedule=constant",
+                                    ablate.TARGET]
     assert cmds["abl-no_vf_alignment"] == ["-S", "tokenizer.vf_align=false", ablate.TARGET]
 
 
@@ -75,7 +83,7 @@ def _exp_show(baseline_params: dict, exps: list[tuple[str, str, dict]]) -> list:
 
 
 def test_rerun_plans_nothing_and_a_changed_param_replans_only_what_it_changes(capsys):
-    tree = profile_tree("default")
+    tree = one_seed()
     all_runs = ablate.runs(tree)
     done = _exp_show(tree, [(ablate.PREFIX + r, "success", t) for r, t in all_runs.items()])
     finished = ablate.finished_experiments(done)
@@ -94,7 +102,7 @@ def test_rerun_plans_nothing_and_a_changed_param_replans_only_what_it_changes(ca
 
 
 def test_run_dvc_queues_only_missing_and_stale_runs(monkeypatch, capsys):
-    tree = profile_tree("default")
+    tree = one_seed()
     all_runs = ablate.runs(tree)
     stale_tree = json.loads(json.dumps(all_runs["plain_ar"]))
     stale_tree["sample"]["sampling"]["top_k"] = 3
