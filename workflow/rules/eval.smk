@@ -64,19 +64,20 @@ rule score:
         "results/train_tokenizer/metrics.json",
         "results/train_generator/metrics.json",
         "results/sample/summary.json",
+        "results/extract_latents/summary.json",
     output:
         "results/README.md",
         "results/score/metrics.json",
         "results/metrics.json",
     params:
-        **stage_params("profile", "fid"),
+        **stage_params("profile", "fid", "checks"),
     log:
         "logs/score.log",
     threads: config["resources"]["score"]["cpus"]
     resources:
         **rule_resources("score"),
     shell:
-        "python -m restok.stages.score --params params.yaml --samples data/sample --reference data/reference_stats --tokenizer data/train_tokenizer/tokenizer.pt --shards data/shard --results results --tokenizer-metrics results/train_tokenizer/metrics.json --generator-metrics results/train_generator/metrics.json --sample-summary results/sample/summary.json > {log} 2>&1"
+        "python -m restok.stages.score --params params.yaml --samples data/sample --reference data/reference_stats --tokenizer data/train_tokenizer/tokenizer.pt --shards data/shard --results results --tokenizer-metrics results/train_tokenizer/metrics.json --generator-metrics results/train_generator/metrics.json --sample-summary results/sample/summary.json --latents-summary results/extract_latents/summary.json > {log} 2>&1"
 
 
 rule cfg_search:
