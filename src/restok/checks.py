@@ -86,15 +86,16 @@ def evaluate(targets: Checks, head: dict) -> list[dict]:
 
 
 def markdown(checks: list[dict]) -> list[str]:
-    """README lines: a one-line verdict and a table (check, value, baseline, target, result)."""
+    """README lines: a one-line verdict and a table (check, value, baseline, threshold, target, result)."""
     def fmt(v):
         return "-" if v is None else f"{v:.4g}"
     passed = sum(c["pass"] for c in checks)
     lines = ["## Did this run learn? (checks)", "",
              f"**{passed} of {len(checks)} checks pass.** Targets: params `checks`; values: `metrics.json`.", "",
-             "| check | value | baseline | target | result |", "| --- | --- | --- | --- | --- |"]
+             "| check | value | baseline | threshold | target | result |", "| --- | --- | --- | --- | --- | --- |"]
     for c in checks:
         result = "pass" if c["pass"] else "**FAIL**" + (f" ({c['reason']})" if c["reason"] else "")
         value = " / ".join(f"{v:.3g}" for v in c["levels"]) if c.get("levels") else fmt(c["value"])
-        lines.append(f"| {c['name']} | {value} | {fmt(c['baseline'])} | {c['target']} | {result} |")
+        lines.append(f"| {c['name']} | {value} | {fmt(c['baseline'])} | {fmt(c['threshold'])} | {c['target']} | "
+                     f"{result} |")
     return lines + [""]

@@ -77,4 +77,4 @@ def test_markdown_leads_with_the_verdict():
     assert lines[2] == "**2 of 6 checks pass.** Targets: params `checks`; values: `metrics.json`."
     row = next(line for line in lines if line.startswith("| every level"))
     assert "0 / 0 / 3.6" in row and "**FAIL** (level(s) [0, 1] at or below 0 bits)" in row
-    assert "| tokenizer beats the class-mean image | 16.3 | 25.2 |" in "\n".join(lines)
+    assert "| tokenizer beats the class-mean image | 16.3 | 25.2 | 29.2 |" in "\n".join(lines)
