@@ -99,7 +99,8 @@ def test_score_ranks_real_like_above_noise_and_writes_headline(env, tmp_path):
     Image.new("RGB", (4, 4)).save(results / "sample/grid.png")
     (results / "extract_latents").mkdir()
     per_position = {"position_entropy_bits": [0.0, 1.5], "conditional_entropy_bits": [0.0, 0.5], "num_sequences": 24}
-    (results / "extract_latents/summary.json").write_text(json.dumps({"splits": {"val": {"per_position": per_position}}}))
+    latents = {"splits": {"val": {"per_position": per_position}}}
+    (results / "extract_latents/summary.json").write_text(json.dumps(latents))
     samples = write_samples(tmp_path / "real_like", real_like)
     np.savez(samples / "untrained.npz", arr_0=noise, arr_1=np.arange(len(noise)) % 4)  # sample.untrained_baseline
     good = run_score(env, samples, results)
