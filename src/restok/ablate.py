@@ -10,9 +10,10 @@ Variants are named sets of params overrides (`ablations.variants` in params.yaml
 (dvc.yaml `params:`) it changes, and everything downstream of them; the rest is reused from the base run: with DVC
 through its run-cache, with Snakemake because the variant graph below points those inputs at the base outputs.
 
-The table (`results/ablations.{md,json}`, `ablations.png`, `ablations_grids.png`) has one row per variant and the
-comparisons the paper makes, computed from the runs: per-level codebook entropy with vs without the residuals, HAR
-in its few steps vs plain AR in one step per token, hierarchical vs flat latent queries at the same token budget.
+The table (`results/ablations.{md,json}`, `ablations.png`, `ablations_grids.png`) has one row per variant (mean ±
+std over seeds; the per-position code entropy and its conditional given the class, level by level) and one line per
+claim declared in `ablations.comparisons` (variant, versus, metric, the paper's direction), with the verdict agree /
+disagree / cannot tell (the difference is within the seed-to-seed spread). No variant name is known to this code.
 """
 from __future__ import annotations
 
@@ -262,21 +263,16 @@ def collect_files(tree: dict, graph: Graph) -> dict[str, dict]:
 
 # ------------------------------------------------------------------------------------------------- the table
 COLUMNS = (("rFID", "rFID"), ("gFID", "gFID"), ("IS", "IS"), ("PSNR_dB", "PSNR"),
-           ("codebook_usage", "usage"), ("codebook_entropy_bits", "entropy (bits)"),
+           ("probe_sample_accuracy", "class acc."), ("codebook_usage", "usage"),
            ("sampling_steps", "steps"), ("generate_images_per_s", "img/s"),
            ("train_tokenizer_seconds", "tok train s"), ("train_generator_seconds", "gen train s"))
-
-
-def level_entropy(scores: dict) -> list[float] | None:
-    """Per-level codebook entropy (bits) from score's codebook stats, coarse level first."""
-    book = scores.get("codebook") or {}
-    levels = book.get("per_level") if isinstance(book.get("per_level"), dict) else book  # score writes per_level
-    keys = sorted((k for k in levels if k.startswith("level_")), key=lambda k: int(k.split("_")[1]))
-    return [levels[k]["entropy_bits"] for k in keys] or None
+# per-level metrics (lists, coarse level first): extract_latents' val codes through score's headline
+LEVEL_COLUMNS = (("code_position_entropy_bits", "entropy per position, per level (bits)"),
+                 ("code_conditional_entropy_bits", "entropy given the class, per level (bits)"))
 
 
 def _mean_std(values: list) -> tuple[float | None, float | None]:
-    vals = [float(v) for v in values if isinstance(v, (int, float))]
+    vals = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if not vals:
         return None, None
     mean = sum(vals) / len(vals)
@@ -284,8 +280,59 @@ def _mean_std(values: list) -> tuple[float | None, float | None]:
     return mean, std
 
 
+def _level_mean_std(lists: list) -> tuple[list | None, list | None]:
+    """Per-level mean and std over runs of list-valued metrics (runs without the list are left out)."""
+    lists = [lv for lv in lists if isinstance(lv, list) and lv]
+    if not lists or len({len(lv) for lv in lists}) > 1:
+        return None, None
+    stats = [_mean_std(list(col)) for col in zip(*lists)]
+    return [m for m, _ in stats], (None if len(lists) < 2 else [sd for _, sd in stats])
+
+
+def verdict(difference: float, spread: float | None, expect: str | None) -> str:
+    """Does a difference (variant - versus, mean over seeds) support the paper's direction?
+
+    The spread is sqrt(std_variant^2 + std_versus^2), the seed-to-seed spread of the difference of two runs: a
+    difference within it cannot be told from seed noise. With one run per variant there is no spread to judge by."""
+    if spread is None:
+        return "cannot tell (one run per variant: no spread)"
+    if abs(difference) <= spread:
+        return "cannot tell (difference within the spread)"
+    if expect is None:
+        return "differs (no stated direction)"
+    return "agree" if (difference < 0) == (expect == "lower") else "disagree"
+
+
+def compare(rows: dict[str, dict], claim: dict) -> dict:
+    """One declared comparison (params ablations.comparisons) on the variant rows.
+
+    Returns the claim with `values`: one {"variant", "versus", "difference", "spread", "verdict"} for a scalar metric,
+    one per level for a per-level metric (`per_level` True), and an overall `verdict`."""
+    a, b, key = claim["variant"], claim["versus"], claim["metric"]
+    out = {**claim, "per_level": False, "values": []}
+    absent = [name for name in (a, b) if name not in rows or rows[name].get(key) is None]
+    if absent:
+        return {**out, "verdict": f"missing: no {key} from finished runs of {', '.join(absent)}"}
+    means, stds = [rows[a][key], rows[b][key]], [rows[a][f"{key}_std"], rows[b][f"{key}_std"]]
+    if isinstance(means[0], list):
+        if len(means[0]) != len(means[1]):
+            return {**out, "verdict": f"cannot tell ({a} has {len(means[0])} levels, {b} has {len(means[1])})"}
+        out["per_level"] = True
+        stds = [sd or [None] * len(means[0]) for sd in stds]
+    else:
+        means, stds = [[m] for m in means], [[sd] for sd in stds]
+    for va, vb, sa, sb in zip(*means, *stds):
+        spread = math.hypot(sa, sb) if sa is not None and sb is not None else None
+        out["values"].append({"variant": va, "versus": vb, "difference": va - vb, "spread": spread,
+                              "verdict": verdict(va - vb, spread, claim.get("expect"))})
+    verdicts = [v["verdict"] for v in out["values"]]
+    out["verdict"] = verdicts[0] if len(set(verdicts)) == 1 else "per level: " + "; ".join(
+        f"{i}: {v}" for i, v in enumerate(verdicts))
+    return out
+
+
 def summarise(tree: dict, results: dict[str, dict]) -> dict:
-    """One row per variant (mean and spread over seeds) and the computed comparisons."""
+    """One row per variant (mean and std over seeds) and the comparisons declared in `ablations.comparisons`."""
     rows = {}
     for variant in tree["ablations"]["variants"]:
         got = [r for run, r in results.items() if variant_of(run) == variant]
@@ -294,37 +341,13 @@ def summarise(tree: dict, results: dict[str, dict]) -> dict:
         row = {"variant": variant, "runs": len(got), "overrides": tree["ablations"]["variants"][variant]}
         for key, _ in COLUMNS:
             row[key], row[f"{key}_std"] = _mean_std([r["metrics"].get(key) for r in got])
-        levels = [level_entropy(r["scores"]) for r in got]
-        levels = [lv for lv in levels if lv]
-        row["entropy_per_level"] = [sum(col) / len(col) for col in zip(*levels)] if levels else None
+        for key, _ in LEVEL_COLUMNS:
+            row[key], row[f"{key}_std"] = _level_mean_std([r["metrics"].get(key) for r in got])
         first = got[0]["metrics"]
         for key in ("extractor", "extractor_weights", "teacher", "teacher_weights", "profile"):
             row[key] = first.get(key)
         rows[variant] = row
-
-    def delta(a: str, b: str, key: str):
-        if a in rows and b in rows and rows[a].get(key) is not None and rows[b].get(key) is not None:
-            return {"variant": rows[a][key], "versus": rows[b][key], "difference": rows[a][key] - rows[b][key]}
-        return None
-
-    comparisons = {}
-    for without in ("no_residuals", "no_residual_latents", "no_residual_image_tokens"):
-        if "restok" in rows and without in rows and rows["restok"]["entropy_per_level"] \
-                and rows[without]["entropy_per_level"]:
-            comparisons[f"entropy per level: restok vs {without}"] = {
-                "restok": rows["restok"]["entropy_per_level"], without: rows[without]["entropy_per_level"],
-                "difference": [a - b for a, b in zip(rows["restok"]["entropy_per_level"],
-                                                     rows[without]["entropy_per_level"])]}
-    for a, b, key, label in (("restok", "plain_ar", "gFID", "gFID: HAR vs plain AR"),
-                             ("restok", "plain_ar", "sampling_steps", "sampling steps: HAR vs plain AR"),
-                             ("restok", "flat_queries", "rFID", "rFID: hierarchical vs flat queries"),
-                             ("restok", "flat_queries", "gFID", "gFID: hierarchical vs flat queries"),
-                             ("restok", "no_residual_image_tokens", "gFID", "gFID: with vs without residual image tokens"),
-                             ("restok", "no_residual_latents", "gFID", "gFID: with vs without residual latent init"),
-                             ("restok", "no_residuals", "gFID", "gFID: with vs without both residuals"),
-                             ("restok", "no_vf_alignment", "gFID", "gFID: with vs without VF alignment")):
-        if (d := delta(a, b, key)) is not None:
-            comparisons[label] = d
+    comparisons = [compare(rows, dict(c)) for c in tree["ablations"].get("comparisons") or []]
     return {"rows": list(rows.values()), "comparisons": comparisons}
 
 
@@ -333,6 +356,13 @@ def _fmt(value, std=None) -> str:
         return "-"
     text = f"{value:.4g}" if isinstance(value, float) else str(value)
     return text + (f" ± {std:.2g}" if std is not None else "")
+
+
+def _levels(values: list | None, stds: list | None = None) -> str:
+    if not values:
+        return "-"
+    return " / ".join(f"{v:.2f}" + (f"±{sd:.2f}" if sd is not None else "") for v, sd in
+                      zip(values, stds or [None] * len(values)))
 
 
 def write_table(summary: dict, results: dict[str, dict], out_dir: Path) -> None:
@@ -345,19 +375,28 @@ def write_table(summary: dict, results: dict[str, dict], out_dir: Path) -> None:
                    if r.get(k) and "random-init" in str(r.get(k))})
     if demo:
         lines += [f"> **Demo numbers, not paper numbers**: produced with random-init weights ({', '.join(demo)}).", ""]
-    head = ["variant", "runs", *(label for _, label in COLUMNS), "entropy per level", "extractor", "teacher weights"]
+    head = ["variant", "runs", *(label for _, label in COLUMNS), *(label for _, label in LEVEL_COLUMNS),
+            "extractor", "teacher weights"]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [r["variant"], str(r["runs"]), *(_fmt(r[k], r[f"{k}_std"]) for k, _ in COLUMNS),
-                 " / ".join(f"{v:.2f}" for v in r["entropy_per_level"]) if r["entropy_per_level"] else "-",
+                 *(_levels(r[k], r[f"{k}_std"]) for k, _ in LEVEL_COLUMNS),
                  str(r.get("extractor")), str(r.get("teacher_weights"))]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Comparisons (computed from the runs above)", ""]
-    for label, d in summary["comparisons"].items():
-        if "variant" in d:
-            lines.append(f"- {label}: {_fmt(d['variant'])} vs {_fmt(d['versus'])} (difference {_fmt(d['difference'])})")
-        else:
-            lines.append(f"- {label}: difference per level " + ", ".join(f"{x:+.3f}" for x in d["difference"]))
+    lines += ["", "## The paper's claims (declared in params `ablations.comparisons`)", "",
+              "difference = variant - versus (means over seeds); spread = sqrt(std_variant² + std_versus²). "
+              "**agree** / **disagree**: the difference is larger than the spread, in / against the paper's "
+              "direction; **cannot tell**: within the spread (or one seed: no spread). Per-level metrics are judged "
+              "level by level.", "",
+              "| claim | variant vs versus | metric | expected | variant | versus | difference | spread | verdict |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in summary["comparisons"]:
+        cells = []
+        for k in ("variant", "versus", "difference", "spread"):
+            got = [v[k] for v in c["values"]]
+            cells.append("-" if not got or None in got else _levels(got) if c["per_level"] else _fmt(got[0]))
+        lines.append(f"| {c['claim']} | {c['variant']} vs {c['versus']} | {c['metric']} | {c.get('expect') or '-'} | "
+                     + " | ".join(cells) + f" | {c['verdict']} |")
     lines += ["", "![headline metrics per variant](ablations.png)", "", "![samples per variant](ablations_grids.png)", ""]
     (out_dir / "ablations.md").write_text("\n".join(lines))
     (out_dir / "ablations.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -178,7 +178,15 @@ class TrainTokenizer:
     disc_lr: float = field(default=1e-4, metadata=rng(0.0, help="discriminator heads' learning rate"))
     loss: LossConfig = LossConfig()
     eval_images: int = field(default=500, metadata=rng(1, help="val images for PSNR/SSIM/codebook stats"))
+    export_step: int | None = field(default=None, metadata=rng(1, help=(
+        "the step whose EMA weights become tokenizer.pt (evaluated here, encoded by extract_latents, decoded by "
+        "sample); null: the last step. The paper extracts latents from the 750k-step EMA of its 1M-step run")))
     official: Official | None = field(default=None, metadata=rng(help=OFFICIAL_HELP))
+
+    def __post_init__(self):
+        if self.export_step is not None and self.export_step > self.loop.max_steps:
+            raise ValueError(f"train_tokenizer.export_step={self.export_step} is after the last step "
+                             f"(loop.max_steps={self.loop.max_steps}); use a step <= max_steps or null")
 
 
 @dataclass(frozen=True)
@@ -205,6 +213,9 @@ class Sample:
     seed: int = field(default=0, metadata=rng(0, help="image i uses seed + i: same images on any process count"))
     sampling: SamplingConfig = SamplingConfig()
     grid_per_class: int = field(default=8, metadata=rng(1, help="images per class in the PNG grid"))
+    untrained_baseline: bool = field(default=True, metadata=rng(help=(
+        "also sample the same images from a freshly initialised generator of the same config (untrained.npz); "
+        "score measures its gFID with the same extractor, the baseline of checks.gfid_over_untrained")))
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -244,18 +255,65 @@ class RuleResources:
     runtime: int = field(default=60, metadata=rng(1, help="wall-clock limit in minutes"))
 
 
+@dataclass(frozen=True)
+class Checks:
+    """Targets that tell whether a run learned. `score` turns each into a check (value, baseline, target, pass) in
+    results/metrics.json and shows them first in results/README.md. A null target switches its check off; a metric
+    the run did not produce fails its check as missing (the reason is stated)."""
+    psnr_above_class_mean_db: float | None = field(default=4.0, metadata=rng(help=(
+        "tokenizer val PSNR (PSNR_dB) at least this many dB above predicting each image's class-mean image "
+        "(PSNR_class_mean_dB, class means from the train split)")))
+    min_position_entropy_bits: float | None = field(default=0.0, metadata=rng(0.0, help=(
+        "per-position code entropy of the val codes (mean over a level's positions) above this at every level")))
+    probe_sample_accuracy: float | None = field(default=0.9, metadata=rng(0.0, 1.0, help=(
+        "share of samples the class probe assigns to the class they were conditioned on: at least this")))
+    probe_val_accuracy: float | None = field(default=0.95, metadata=rng(0.0, 1.0, help=(
+        "the class probe's accuracy on real val images: at least this (else the sample check means little)")))
+    gfid_over_rfid: float | None = field(default=2.0, metadata=rng(1.0, help=(
+        "gFID at most this times the tokenizer's rFID, both on the same number of images")))
+    gfid_over_untrained: float | None = field(default=0.5, metadata=rng(0.0, 1.0, help=(
+        "gFID at most this times the gFID of an untrained generator of the same config, sampled and scored the "
+        "same way in the same run (sample.untrained_baseline)")))
+
+
 Override = dict[str, str | int | float | bool | None]
+COMPARABLE_METRICS = ("rFID", "gFID", "IS", "precision", "recall", "PSNR_dB", "codebook_usage", "sampling_steps",
+                      "generate_images_per_s", "probe_sample_accuracy", "code_position_entropy_bits",
+                      "code_conditional_entropy_bits")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One claim of the paper, measured on two variants; the table says agree, disagree or cannot tell."""
+    claim: str = field(default="", metadata=rng(help="the paper's claim, in words"))
+    variant: str = field(default="", metadata=rng(help="the variant the claim is about (a name in variants)"))
+    versus: str = field(default="", metadata=rng(help="the variant it is compared with (a name in variants)"))
+    metric: Literal[COMPARABLE_METRICS] = field(default="gFID", metadata=rng(help=(
+        "a headline metric of results/metrics.json; the entropy metrics are compared level by level")))
+    expect: Literal["lower", "higher", None] = field(default=None, metadata=rng(help=(
+        "the paper's direction for `variant` against `versus`; null: no stated direction (difference only)")))
 
 
 @dataclass(frozen=True)
 class Ablations:
     """The paper's ablations as named variants: dotted-key overrides on this params file (`restok ablate`)."""
-    seeds: int = field(default=1, metadata=rng(1, 10, help="runs per variant; each sets both training seeds"))
+    seeds: int = field(default=3, metadata=rng(1, 10, help="runs per variant; each sets both training seeds"))
     jobs: int = field(default=1, metadata=rng(1, 64, help=(
         "DVC experiments run at once (`dvc exp run --run-all -j`); each gets cores / jobs CPU threads. On a small "
         "CPU machine two single-thread runs do more work than one two-thread run")))
     variants: dict[str, Override] = field(default_factory=dict, metadata=rng(
         help="variant name -> {dotted.key: value}; each variant is validated as a whole params file"))
+    comparisons: list[Comparison] = field(default_factory=list, metadata=rng(
+        help="the claims the table tests, each on two variants"))
+
+    def __post_init__(self):
+        for i, c in enumerate(self.comparisons):
+            for role in ("variant", "versus"):
+                if getattr(c, role) not in self.variants:
+                    raise ValueError(f"ablations.comparisons[{i}].{role}={getattr(c, role)!r} is not a variant; "
+                                     f"variants: {sorted(self.variants)}")
+            if c.variant == c.versus:
+                raise ValueError(f"ablations.comparisons[{i}] compares {c.variant!r} with itself")
 
 
 STAGES = ("shard", "cache_features", "train_tokenizer", "extract_latents", "train_generator", "sample",
@@ -304,6 +362,7 @@ SECTIONS: dict[str, Any] = {
     "sample": Sample,
     "cfg_search": CfgSearch,
     "ablations": Ablations,
+    "checks": Checks,
     "resources": Resources,
 }
 

@@ -18,6 +18,8 @@ from restok.sampling import SamplingConfig, generate
 from restok.train.dist import DistInfo, is_dist
 from restok.train.log import progress
 
+UNTRAINED = "untrained.npz"  # sample's output: samples of a freshly initialised generator (sample.untrained_baseline)
+
 
 def rank_share(n_images: int, batch_size: int, rank: int, world_size: int) -> range:
     """Global image indices of this rank: a contiguous run of whole global batches, so that every batch holds the

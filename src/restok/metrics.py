@@ -1,7 +1,7 @@
 """Evaluation metrics (spec training-and-eval.md section 5; torch-fidelity glue per notes/ecosystem.md sections 5, 8).
 
 - PSNR and SSIM on [0, 1] images (data range 1; SSIM with the standard 11x11 Gaussian window, sigma 1.5).
-- Codebook usage, entropy (bits) and perplexity per latent level.
+- Codebook usage, entropy (bits) and perplexity per latent level; per-position and class-conditional code entropy.
 - FID, Inception Score and precision/recall from torch-fidelity's InceptionV3 ("inception-v3-compat": the TF
   2015-12-05 graph with the pytorch-fid weights, TF1 bilinear resize to 299, uint8 input). Precision/recall use the
   Inception pool3 features with k = 3, as the ADM evaluator does (torch-fidelity's default VGG16 is not comparable).
@@ -101,6 +101,59 @@ def _usage(codes: torch.Tensor, codebook_size: int) -> dict:
     entropy = float(-(p * torch.log2(p)).sum())
     return {"tokens": codes.shape[1], "usage": int((counts > 0).sum()) / codebook_size,
             "entropy_bits": entropy, "perplexity": 2.0**entropy}
+
+
+def _row_entropy(counts: torch.Tensor) -> torch.Tensor:
+    """Entropy in bits of each row of a (R, K) count table -> (R,)."""
+    p = counts / counts.sum(1, keepdim=True).clamp_min(1)
+    return -torch.where(p > 0, p * torch.log2(p), torch.zeros_like(p)).sum(1)
+
+
+def _position_counts(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """(N, L) codes -> (L, K) table: how often each code occurs at each position."""
+    counts = torch.zeros(codes.shape[1], codebook_size, dtype=torch.float64)
+    return counts.scatter_add_(1, codes.T.long(), torch.ones(codes.T.shape, dtype=torch.float64))
+
+
+def position_entropy(codes: torch.Tensor, level_sizes: Sequence[int], codebook_size: int,
+                     labels: torch.Tensor | None = None) -> dict:
+    """What each latent level records: per level, the mean over its positions of the entropy of that position's code.
+
+    Pooling the codes of a level over its positions (codebook_stats) mixes *where* a code sits with *what* it says:
+    a level whose every position uses its own constant code reaches log2(positions) bits while telling nothing about
+    the image. Here a position that always takes the same code scores 0, whatever the other positions do.
+
+    Args:
+        codes: (N, L) code indices, L = sum(level_sizes) positions in level order.
+        level_sizes: tokens per level.
+        codebook_size: K.
+        labels: (N,) class labels; adds the conditional entropy given the class, sum_c p(c) H(code | class c),
+            per position and averaged per level (the information beyond the class is what it leaves).
+
+    Returns {"position_entropy_bits": [per level], "conditional_entropy_bits": [per level] or None,
+    "num_sequences": N}. Plug-in estimates: biased low when N (per class, for the conditional) is small against K.
+    """
+    if codes.ndim != 2 or codes.shape[1] != sum(level_sizes):
+        raise ValueError(f"codes must be (N, {sum(level_sizes)}) for level sizes {list(level_sizes)}, "
+                         f"got {tuple(codes.shape)}")
+    if codes.numel() and (codes.min() < 0 or codes.max() >= codebook_size):
+        raise ValueError(f"codes must lie in [0, {codebook_size}), got [{int(codes.min())}, {int(codes.max())}]")
+    if labels is not None and labels.shape != codes.shape[:1]:
+        raise ValueError(f"labels must be ({codes.shape[0]},) like the codes' rows, got {tuple(labels.shape)}")
+    bounds = [0, *np.cumsum(level_sizes).tolist()]
+
+    def per_level(h: torch.Tensor) -> list[float]:  # (L,) -> mean per level
+        return [float(h[a:b].mean()) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    conditional = None
+    if labels is not None:
+        h = torch.zeros(codes.shape[1], dtype=torch.float64)
+        for c in labels.unique():
+            rows = labels == c
+            h += rows.double().mean() * _row_entropy(_position_counts(codes[rows], codebook_size))
+        conditional = per_level(h)
+    return {"position_entropy_bits": per_level(_row_entropy(_position_counts(codes, codebook_size))),
+            "conditional_entropy_bits": conditional, "num_sequences": codes.shape[0]}
 
 
 # ------------------------------------------------------------------------------------------ Inception weights

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from restok import ablate
-from restok.config import REPO, profile_tree
+from restok.config import REPO, ParamsError, load_params, profile_tree
 
 
 @pytest.fixture(scope="module")
@@ -15,10 +15,17 @@ def graph():
     return ablate.Graph(REPO / "dvc.yaml")
 
 
-def test_runs_and_seeds():
+def one_seed() -> dict:
+    """The default profile with one seed per variant: run names are the variant names."""
     tree = profile_tree("default")
-    assert set(ablate.runs(tree)) == set(tree["ablations"]["variants"])
-    tree["ablations"]["seeds"] = 3
+    tree["ablations"]["seeds"] = 1
+    return tree
+
+
+def test_runs_and_seeds():
+    assert set(ablate.runs(one_seed())) == set(one_seed()["ablations"]["variants"])
+    tree = profile_tree("default")
+    assert tree["ablations"]["seeds"] == 3
     runs = ablate.runs(tree)
     assert {ablate.variant_of(r) for r in runs} == set(tree["ablations"]["variants"])
     seeds = {runs[f"restok-s{k}"]["train_generator"]["loop"]["seed"] for k in range(3)}
@@ -26,7 +33,7 @@ def test_runs_and_seeds():
 
 
 def test_a_run_recomputes_exactly_what_its_overrides_touch(graph):
-    tree = profile_tree("default")
+    tree = one_seed()
     runs = ablate.runs(tree)
     assert graph.own(tree, runs["restok"]) == set()
     for run, run_tree in runs.items():
@@ -42,7 +49,7 @@ def test_a_run_recomputes_exactly_what_its_overrides_touch(graph):
 
 
 def test_commands_redirect_only_recomputed_artifacts(graph):
-    tree = profile_tree("default")
+    tree = one_seed()
     run_tree = ablate.runs(tree)["plain_ar"]
     own = graph.own(tree, run_tree)
     for name, st in graph.stages.items():
@@ -57,10 +64,11 @@ def test_commands_redirect_only_recomputed_artifacts(graph):
 
 
 def test_dvc_queue_commands_set_exactly_the_overrides():
-    tree = profile_tree("default")
+    tree = one_seed()
     cmds = {c[5]: c[6:] for c in ablate.dvc_queue_commands(tree)}
     assert cmds["abl-restok"] == [ablate.TARGET]
-    assert cmds["abl-plain_ar"] == ["-S", "generator.mode=ar", ablate.TARGET]
+    assert cmds["abl-plain_ar"] == ["-S", "generator.mode=ar", "-S", "sample.sampling.cfg_schedule=constant",
+                                    ablate.TARGET]
     assert cmds["abl-no_vf_alignment"] == ["-S", "tokenizer.vf_align=false", ablate.TARGET]
 
 
@@ -89,7 +97,7 @@ class Experiments:
 
 
 def test_rerun_plans_nothing_and_a_changed_param_replans_only_what_it_changes(monkeypatch, capsys):
-    tree = profile_tree("default")
+    tree = one_seed()
     all_runs = ablate.runs(tree)
     Experiments(monkeypatch, tree, [(ablate.PREFIX + r, None, t) for r, t in all_runs.items()])
     finished = ablate.finished_experiments()
@@ -108,7 +116,7 @@ def test_rerun_plans_nothing_and_a_changed_param_replans_only_what_it_changes(mo
 
 
 def test_run_dvc_queues_only_missing_and_stale_runs(monkeypatch, capsys):
-    tree = profile_tree("default")
+    tree = one_seed()
     all_runs = ablate.runs(tree)
     stale_tree = json.loads(json.dumps(all_runs["plain_ar"]))
     stale_tree["sample"]["sampling"]["top_k"] = 3
@@ -127,30 +135,82 @@ def test_run_dvc_queues_only_missing_and_stale_runs(monkeypatch, capsys):
     assert "nothing to run" in capsys.readouterr().out
 
 
-def test_table_computes_the_paper_comparisons(tmp_path):
-    tree = profile_tree("default")
-    tree["ablations"]["seeds"] = 2
+def _records(tree: dict, gfid: dict, entropy: dict | None = None, spread: float = 1.0) -> dict[str, dict]:
+    """Synthetic finished runs: gFID per variant (+ spread x seed offset), per-level entropy, one grid-free run each."""
     results = {}
     for run in ablate.runs(tree):
-        variant, seed = ablate.variant_of(run), int(run.rsplit("-s", 1)[1])
-        gfid = {"restok": 10.0, "plain_ar": 14.0}.get(variant, 12.0) + seed
-        steps = 128 if variant == "plain_ar" else 9
-        ent = [1.0, 2.0] if variant == "restok" else [0.5, 1.5]
-        results[run] = {"metrics": {"gFID": gfid, "rFID": 5.0, "sampling_steps": steps,
-                                    "extractor": "inception-v3-compat-random-init", "teacher_weights": "random-init(seed=0)"},
-                        "scores": {"codebook": {"entropy_bits": 3.0, "per_level": {  # as score writes it
-                            "level_0": {"entropy_bits": ent[0]}, "level_1": {"entropy_bits": ent[1]}}}},
-                        "grid": None}
+        variant = ablate.variant_of(run)
+        seed = int(run.rsplit("-s", 1)[1]) if run != variant else 1
+        offset = spread * (seed - 1)  # seeds 0, 1, 2 -> -spread, 0, +spread: std = spread
+        steps = 32 if variant == "plain_ar" else 7
+        levels = [e + offset / 10 for e in (entropy or {}).get(variant, [1.0, 2.0])]
+        results[run] = {"metrics": {"gFID": gfid.get(variant, 12.0) + offset, "rFID": 5.0, "sampling_steps": steps,
+                                    "code_position_entropy_bits": levels,
+                                    "extractor": "inception-v3-compat-random-init",
+                                    "teacher_weights": "random-init(seed=0)"},
+                        "scores": {}, "grid": None}
+    return results
+
+
+def test_verdict_rule():
+    assert ablate.verdict(-3.0, 1.0, "lower") == "agree" and ablate.verdict(3.0, 1.0, "lower") == "disagree"
+    assert ablate.verdict(3.0, 1.0, "higher") == "agree"
+    assert ablate.verdict(-1.0, 1.0, "lower") == "cannot tell (difference within the spread)"
+    assert ablate.verdict(-9.0, None, "lower") == "cannot tell (one run per variant: no spread)"
+    assert ablate.verdict(2.0, 1.0, None) == "differs (no stated direction)"
+
+
+def test_table_judges_the_declared_claims_over_three_seeds(tmp_path):
+    tree = profile_tree("default")  # 3 seeds; comparisons declared in params
+    results = _records(tree, gfid={"restok": 8.0, "no_vf_alignment": 14.0, "no_residual_image_tokens": 9.0,
+                                   "har_constant_cfg": 10.0, "plain_ar": 10.5},
+                       entropy={"restok": [1.0, 3.0], "no_residual_latents": [0.2, 2.9]})
     summary = ablate.summarise(tree, results)
     rows = {r["variant"]: r for r in summary["rows"]}
-    assert rows["restok"]["gFID"] == 10.5 and rows["restok"]["runs"] == 2 and rows["restok"]["gFID_std"] > 0
-    c = summary["comparisons"]
-    assert c["gFID: HAR vs plain AR"]["difference"] == -4.0
-    assert c["sampling steps: HAR vs plain AR"]["versus"] == 128
-    assert c["entropy per level: restok vs no_residual_latents"]["difference"] == [0.5, 0.5]
-    assert c["gFID: with vs without residual image tokens"]["difference"] == -2.0
+    assert rows["restok"]["runs"] == 3 and rows["restok"]["gFID"] == 8.0 and rows["restok"]["gFID_std"] == 1.0
+    assert rows["restok"]["code_position_entropy_bits"] == pytest.approx([1.0, 3.0])
+    assert rows["restok"]["code_position_entropy_bits_std"] == pytest.approx([0.1, 0.1])
+    claims = {(c["variant"], c["versus"], c["metric"]): c for c in summary["comparisons"]}
+    assert len(claims) == len(tree["ablations"]["comparisons"])
+    vf = claims[("restok", "no_vf_alignment", "gFID")]
+    assert vf["verdict"] == "agree" and vf["values"][0]["difference"] == -6.0
+    assert vf["values"][0]["spread"] == pytest.approx(2**0.5)
+    assert claims[("restok", "no_residual_image_tokens", "gFID")]["verdict"].startswith("cannot tell")
+    assert claims[("har_constant_cfg", "plain_ar", "gFID")]["verdict"].startswith("cannot tell")
+    assert claims[("har_constant_cfg", "plain_ar", "sampling_steps")]["verdict"] == "agree"  # 7 vs 32, no spread
+    entropy = claims[("restok", "no_residual_latents", "code_position_entropy_bits")]
+    assert entropy["per_level"] and [v["difference"] for v in entropy["values"]] == pytest.approx([0.8, 0.1])
+    assert entropy["verdict"] == ("per level: 0: differs (no stated direction); "
+                                  "1: cannot tell (difference within the spread)")
+    missing = claims[("har_constant_cfg", "plain_ar", "probe_sample_accuracy")]
+    assert missing["verdict"] == "missing: no probe_sample_accuracy from finished runs of har_constant_cfg, plain_ar"
+
     ablate.write_table(summary, results, tmp_path)
     md = (tmp_path / "ablations.md").read_text()
-    assert "Demo numbers, not paper numbers" in md and "| plain_ar | 2 |" in md
+    assert "Demo numbers, not paper numbers" in md and "| plain_ar | 3 |" in md
+    assert "| VF alignment improves generation | restok vs no_vf_alignment | gFID | lower | 8 | 14 | -6 | 1.414 " \
+           "| agree |" in md
+    assert "1.00±0.10 / 3.00±0.10" in md  # per-level entropy with its spread
     assert json.loads((tmp_path / "ablations.json").read_text())["comparisons"]
     assert (tmp_path / "ablations.png").stat().st_size > 0
+
+
+def test_comparisons_are_validated_against_the_variants(tmp_path):
+    tree = profile_tree("default")
+    tree["ablations"]["comparisons"].append({"claim": "x", "variant": "restok", "versus": "no_such_variant",
+                                             "metric": "gFID", "expect": "lower"})
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ParamsError, match=r"ablations.comparisons\[13\].versus='no_such_variant' is not a variant"):
+        load_params(path, ("ablations",))
+    tree["ablations"]["comparisons"][-1].update(versus="plain_ar", metric="FID")
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ParamsError, match="metric"):
+        load_params(path, ("ablations",))
+
+
+def test_one_seed_cannot_tell(tmp_path):
+    tree = one_seed()
+    summary = ablate.summarise(tree, _records(tree, gfid={"restok": 8.0, "no_vf_alignment": 14.0}))
+    vf = next(c for c in summary["comparisons"] if c["versus"] == "no_vf_alignment")
+    assert vf["verdict"] == "cannot tell (one run per variant: no spread)"

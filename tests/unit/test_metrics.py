@@ -78,6 +78,22 @@ def test_codebook_stats_known_distributions():
         metrics.codebook_stats(torch.full((3, 4), 16), [2, 1, 1], k)
 
 
+def test_position_entropy_separates_position_from_information():
+    """Level 0: two positions with one constant code each (pooled: 1 bit, per position: 0); level 1: the class
+    (1 bit, 0 given the class); level 2: uniform over 4 codes whatever the class (2 bits either way)."""
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    codes = torch.stack([torch.full((8,), 3), torch.full((8,), 7), labels * 5, torch.arange(8) % 4], dim=1)  # (8, 4)
+    out = metrics.position_entropy(codes, [2, 1, 1], 8, labels)
+    assert out["position_entropy_bits"] == pytest.approx([0.0, 1.0, 2.0])
+    assert out["conditional_entropy_bits"] == pytest.approx([0.0, 0.0, 2.0]) and out["num_sequences"] == 8
+    assert metrics.codebook_stats(codes, [2, 1, 1], 8)["level_0"]["entropy_bits"] == pytest.approx(1.0)
+    assert metrics.position_entropy(codes, [2, 1, 1], 8)["conditional_entropy_bits"] is None
+    with pytest.raises(ValueError, match=r"labels must be \(8,\)"):
+        metrics.position_entropy(codes, [2, 1, 1], 8, labels[:5])
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        metrics.position_entropy(codes, [2, 1, 1], 4)
+
+
 # --------------------------------------------------------------------------------------------------- FID math
 def test_fid_from_stats_matches_closed_form_scipy_and_torch_fidelity():
     d = 64

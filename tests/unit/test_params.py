@@ -71,7 +71,7 @@ def test_a_variant_params_file_loads_although_another_variant_conflicts_with_it(
     variant (pooled init) on it is invalid, and must not stop the run's stages (the grid's flat_queries run did)."""
     from restok import ablate
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(ablate.runs(profile_tree("default"))["flat_queries"]))
+    path.write_text(yaml.safe_dump(ablate.runs(profile_tree("default"))["flat_queries-s0"]))
     assert load_params(path, ("tokenizer",)).tokenizer.latent_queries == "flat"
     with pytest.raises(ParamsError, match="no_residual_latents"):
         config.check_file(path)

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from restok.artifacts import load_tokenizer, save_artifact
+from restok import metrics
 from restok.config import load_params, tokenizer_config
 from restok.data.shards import iter_split
 from restok.models.tokenizer import ResTok
@@ -77,6 +78,11 @@ def test_outputs_match_fresh_encode(extracted, smoke_shards, tokenizer_pt):
     summary = read_results(extracted / "results" / "summary.json")
     stats = summary["splits"]["train"]["codebook"]
     assert set(stats) == {f"level_{i}" for i in range(len(cfg.level_sizes))} | {"all"}
+    val_codes = torch.from_numpy(np.load(extracted / "data/val/codes.npy")[:, 0].astype(np.int64))
+    val_labels = torch.from_numpy(np.load(extracted / "data/val/labels.npy"))
+    assert summary["splits"]["val"]["per_position"] == metrics.position_entropy(
+        val_codes, cfg.level_sizes, cfg.codebook_size, val_labels)  # every val image, its eval view
+    assert len(summary["splits"]["train"]["per_position"]["conditional_entropy_bits"]) == len(cfg.level_sizes)
     assert summary["profile"] == "smoke" and summary["tokenizer"]["provenance"]["weights"] == "random-init"
 
 

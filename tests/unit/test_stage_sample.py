@@ -89,6 +89,24 @@ def test_layout_grid_and_summary(first_run, smoke_params, tmp_path_factory):
     assert not list((root / "data/sample").glob("*.tmp*"))
 
 
+def test_untrained_baseline_is_a_fresh_generator_sampled_the_same_way(first_run, smoke_params, artifacts,
+                                                                     tmp_path_factory):
+    p = config.load_params(smoke_params)
+    root = next(Path(tmp_path_factory.getbasetemp()).glob("run1*"))
+    with np.load(root / "data/sample" / sample.UNTRAINED) as npz:
+        untrained = dict(npz)
+    np.testing.assert_array_equal(untrained["arr_1"], first_run[0]["arr_1"])
+    generator, tokenizer, _ = sample.load_models(*artifacts, torch.device("cpu"))
+    torch.manual_seed(p.sample.seed)
+    fresh = HARGenerator(generator.cfg).eval()
+    n = len(untrained["arr_0"])
+    expected, _ = sample.sample_images(fresh, tokenizer, p.sample.sampling, range(n), p.sample.per_class,
+                                       p.sample.seed, p.sample.batch_size, torch.device("cpu"))
+    np.testing.assert_array_equal(untrained["arr_0"], expected)
+    assert not np.array_equal(untrained["arr_0"], first_run[0]["arr_0"])
+    assert first_run[1]["untrained_baseline"] == f"untrained.npz: random-init(seed={p.sample.seed})"
+
+
 def test_rerun_gives_identical_images(first_run, smoke_params, artifacts, tmp_path):
     again, _ = run_sample(smoke_params, *artifacts, tmp_path)
     for key in ("arr_0", "arr_1"):

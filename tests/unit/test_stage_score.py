@@ -70,7 +70,8 @@ def run_score(env, samples: Path, results: Path, params: Path | None = None) -> 
                 "--tokenizer", str(env.tok), "--shards", str(env.shards), "--results", str(results),
                 "--tokenizer-metrics", str(results / "train_tokenizer/metrics.json"),
                 "--generator-metrics", str(results / "train_generator/metrics.json"),
-                "--sample-summary", str(results / "sample/summary.json")])
+                "--sample-summary", str(results / "sample/summary.json"),
+                "--latents-summary", str(results / "extract_latents/summary.json")])
     return read_results(results / "score/metrics.json")
 
 
@@ -97,7 +98,13 @@ def test_score_ranks_real_like_above_noise_and_writes_headline(env, tmp_path):
     (results / "sample").mkdir()
     (results / "sample/summary.json").write_text(json.dumps({"sampling_steps": 6, "generate_images_per_s": 3.5}))
     Image.new("RGB", (4, 4)).save(results / "sample/grid.png")
-    good = run_score(env, write_samples(tmp_path / "real_like", real_like), results)
+    (results / "extract_latents").mkdir()
+    per_position = {"position_entropy_bits": [0.0, 1.5], "conditional_entropy_bits": [0.0, 0.5], "num_sequences": 24}
+    latents = {"splits": {"val": {"per_position": per_position}}}
+    (results / "extract_latents/summary.json").write_text(json.dumps(latents))
+    samples = write_samples(tmp_path / "real_like", real_like)
+    np.savez(samples / "untrained.npz", arr_0=noise, arr_1=np.arange(len(noise)) % 4)  # sample.untrained_baseline
+    good = run_score(env, samples, results)
     head = read_results(results / "metrics.json")
     ref = fid.load_stats(env.ref / "stats.npz", "inception-v3-compat")
     extractor = metrics.InceptionExtractor("inception-v3-compat")  # the cached fixture weights, as score loads them
@@ -116,7 +123,15 @@ def test_score_ranks_real_like_above_noise_and_writes_headline(env, tmp_path):
     assert head["train_tokenizer_seconds"] == 12.5 and head["train_generator_seconds"] is None  # missing: null
     assert head["sampling_steps"] == 6 and head["teacher_weights"] == "random-init(seed=0)"
     assert head["random_init"] == ["teacher"]
+    assert head["gFID_untrained_generator"] == pytest.approx(bad["gfid"]["fid"]) and head["rFID_num_images"] == 24
+    assert head["code_position_entropy_bits"] == [0.0, 1.5] and head["code_conditional_entropy_bits"] == [0.0, 0.5]
+    checks = {c["name"]: c for c in head["checks"]}
+    assert len(checks) == 6 and checks["generator far better than untrained"]["pass"]
+    assert checks["every level carries information"]["reason"] == "level(s) [0] at or below 0 bits"
+    assert "12 samples but rFID on 24 images" in checks["generator close to its tokenizer"]["reason"]
+    assert checks["tokenizer beats the class-mean image"]["reason"].startswith("missing: PSNR_class_mean_dB")
     readme = (results / "README.md").read_text()
+    assert readme.index("## Did this run learn? (checks)") < readme.index("| metric | value | measured on |")
     assert "WARNING: NOT REAL METRICS" in readme and "![samples, one row per class](sample/grid.png)" in readme
     assert "| gFID |" in readme and "| train_generator (s) | n/a |" in readme
 

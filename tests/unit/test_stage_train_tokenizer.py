@@ -24,7 +24,7 @@ import yaml
 from PIL import Image
 
 from restok.artifacts import load_artifact
-from restok.config import deep_merge
+from restok.config import ParamsError, deep_merge, load_params
 from restok.data.shards import iter_split
 from restok.data.views import apply_view
 from restok.models.tokenizer import ResTok, TokenizerConfig
@@ -33,6 +33,7 @@ from restok.stages import cache_features, train_tokenizer
 
 
 def _params(smoke_params, tmp: Path, over: dict) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(deep_merge(yaml.safe_load(Path(smoke_params).read_text()), over)))
     return path
@@ -117,6 +118,25 @@ def test_refuses_features_of_other_params(smoke_params, smoke_shards, features, 
         train_tokenizer.main(_args(params, smoke_shards, features, tmp_path))
     with pytest.raises(FileNotFoundError, match="cache_features"):
         train_tokenizer.main(_args(smoke_params, smoke_shards, tmp_path / "nowhere", tmp_path))
+
+
+def test_export_step_exports_the_ema_of_that_step(smoke_params, smoke_shards, features, tmp_path):
+    """export_step 3 of 6 steps gives the EMA of a 3-step run: same seed and data, and the same LR at steps 0-2
+    (warmup 2 steps, then the cosine starts at the base LR whatever max_steps is)."""
+    early = _params(smoke_params, tmp_path / "early", {"train_tokenizer": {"export_step": 3}})
+    short = _params(smoke_params, tmp_path / "short", {"train_tokenizer": {"loop": {"max_steps": 3}}})
+    for params in (early, short):
+        train_tokenizer.main(_args(params, smoke_shards, features, params.parent))
+    a, _, prov_a = load_artifact(tmp_path / "early/data/train_tokenizer/tokenizer.pt")
+    b, _, prov_b = load_artifact(tmp_path / "short/data/train_tokenizer/tokenizer.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (prov_a["step"], prov_a["ema_step"]) == (6, 3) and (prov_b["step"], prov_b["ema_step"]) == (3, 3)
+    metrics = json.loads((tmp_path / "early/results/train_tokenizer/metrics.json").read_text())
+    assert metrics["ema_step"] == 3 and metrics["psnr"] == json.loads(
+        (tmp_path / "short/results/train_tokenizer/metrics.json").read_text())["psnr"]
+    late = _params(smoke_params, tmp_path, {"train_tokenizer": {"export_step": 7}})
+    with pytest.raises(ParamsError, match="export_step=7 is after the last step"):
+        load_params(late, train_tokenizer.PARAMS)
 
 
 def _launch(args: list[str], log: Path, nproc: int = 1) -> subprocess.Popen:

@@ -5,6 +5,7 @@ The resume test is the unit-level half of the kill -9 goal: 3 steps, checkpoint,
 restore, 3 more steps must equal 6 uninterrupted steps bit for bit on CPU (dropout, data noise from torch, numpy and
 random all depend on the restored RNG streams). The DDP paths run in a one-process gloo group.
 """
+import dataclasses
 import math
 import os
 import random
@@ -19,6 +20,13 @@ from torch import nn
 
 from restok import artifacts
 from restok.io import save_torch_atomic
+from restok.config import generator_config as model_generator_config
+from restok.config import load_params, tokenizer_config, write_profile
+from restok.convert.official import generator_slots
+from restok.convert.tokenizer import tokenizer_slots
+from restok.models.generator import HARGenerator, generator_config
+from restok.models.tokenizer import PRESETS as TOKENIZER_PRESETS
+from restok.models.tokenizer import ResTok
 from restok.train import ckpt, dist, log, optim
 from restok.train.ema import EMA, ema_decay
 from restok.train.lr import lr_at
@@ -133,6 +141,45 @@ def test_param_groups_membership():
                                                       "conv_out.bias", "ls_gamma"])
     only_ndim = optim.param_groups(Named(), 0.1, no_decay_names=lambda name: False)
     assert "latent_tokens" in only_ndim[0]["param_names"] and "ls_gamma" in only_ndim[1]["param_names"]
+
+
+def _groups(model: nn.Module) -> tuple[set[str], set[str]]:
+    decay, no_decay = optim.param_groups(model, weight_decay=0.1)
+    return set(decay["param_names"]), set(no_decay["param_names"])
+
+
+def _official_decayed(slots) -> set[str]:
+    """Our names of the tensors the official rule decays, judged on the official names and shapes."""
+    return {slot.ours for slot in slots
+            if all(len(shape) >= 2 and not any(k in key for k in optim.NO_DECAY_KEYWORDS)
+                   for key, shape in slot.official)}
+
+
+def test_decay_groups_match_the_official_rule_on_official_names():
+    """The paper-size tokenizer and generator (meta device): our name rule gives the groups the official rule gives
+    on the official names of the same tensors (key tables of restok.convert)."""
+    with torch.device("meta"):
+        tokenizer, generator = ResTok(TOKENIZER_PRESETS["restok-L/128"]), HARGenerator(generator_config("har-L"))
+    for model, slots in ((tokenizer, tokenizer_slots(tokenizer)), (generator, generator_slots(generator))):
+        decay, _ = _groups(model)
+        assert decay == _official_decayed(slots)
+
+
+def test_decay_groups_of_the_default_profile_models(tmp_path):
+    """The models `make run` trains: embeddings, level embeddings, query tokens and the codebook are not decayed."""
+    p = load_params(write_profile("default", tmp_path / "params.yaml"))
+    tokenizer = ResTok(tokenizer_config(dataclasses.replace(p.tokenizer, latent_init="learned"), p.data.resolution,
+                                        vf_dim=16))
+    generator = HARGenerator(model_generator_config(p.generator, vocab_size=64, num_tokens=32, num_classes=10))
+    decay, no_decay = _groups(tokenizer)
+    assert {"quantizer.codebook", "encoder.image_level_emb", "encoder.latent_level_emb", "decoder.latent_level_emb",
+            "encoder.latent_init.tokens", "decoder.image_queries.tokens", "decoder.feature_queries.tokens"} <= no_decay
+    assert {"encoder.blocks.0.attn.qkv.weight", "decoder.head.weight", "vf_enc_proj.weight",
+            "pixel_encoder.layers.0.weight", "encoder.proj.linears.0.weight"} <= decay
+    decay, no_decay = _groups(generator)
+    assert {"tok_emb.weight", "cls_emb.table.weight", "special_emb.weight"} <= no_decay
+    assert decay == {name for name, param in generator.named_parameters()
+                     if param.ndim >= 2 and "emb" not in name}  # attention, SwiGLU and the output head
 
 
 def test_adamw_cpu_uses_foreach():

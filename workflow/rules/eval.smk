@@ -92,11 +92,13 @@ rule score:
         "Scoring samples and reconstructions ({params.fid[extractor]})"
     input:
         "src/restok/artifacts.py",
+        "src/restok/checks.py",
         "src/restok/config.py",
         "src/restok/cpus.py",
         "src/restok/data/shards.py",
         "src/restok/data/views.py",
         "src/restok/fid.py",
+        "src/restok/images.py",
         "src/restok/io.py",
         "src/restok/losses/gan.py",
         "src/restok/losses/recon.py",
@@ -114,6 +116,7 @@ rule score:
         "src/restok/sampling.py",
         "src/restok/stages/__init__.py",
         "src/restok/stages/score.py",
+        "src/restok/train/dist.py",
         "src/restok/train/log.py",
         "data/sample",
         "data/reference_stats",
@@ -125,6 +128,7 @@ rule score:
         "results/train_generator/provenance.json",
         "results/sample/summary.json",
         "results/sample/provenance.json",
+        "results/extract_latents/summary.json",
     output:
         "results/README.md",
         "results/score/metrics.json",
@@ -132,14 +136,14 @@ rule score:
         "results/score/provenance.json",
         "results/provenance.json",
     params:
-        **stage_params("profile", "fid"),
+        **stage_params("profile", "fid", "checks"),
     log:
         "logs/score.log",
     threads: config["resources"]["score"]["cpus"]
     resources:
         **rule_resources("score"),
     shell:
-        "python -m restok.stages.score --params params.yaml --samples data/sample --reference data/reference_stats --tokenizer data/train_tokenizer/tokenizer.pt --shards data/shard --results results --tokenizer-metrics results/train_tokenizer/metrics.json --generator-metrics results/train_generator/metrics.json --sample-summary results/sample/summary.json > {log} 2>&1"
+        "python -m restok.stages.score --params params.yaml --samples data/sample --reference data/reference_stats --tokenizer data/train_tokenizer/tokenizer.pt --shards data/shard --results results --tokenizer-metrics results/train_tokenizer/metrics.json --generator-metrics results/train_generator/metrics.json --sample-summary results/sample/summary.json --latents-summary results/extract_latents/summary.json > {log} 2>&1"
 
 
 rule cfg_search:

@@ -13,7 +13,8 @@ the codebook), `labels.npy` (N,) int64 and `meta.json` (written last). The run i
 into `codes.npy.partial` (a memmap, flushed before `progress.json` records how many images are done) and are renamed
 when the split is complete. Batches always start at multiples of `batch_size` images, so a resumed run encodes the
 same batches as an uninterrupted one and writes identical files. `results/extract_latents/summary.json` has code usage
-and entropy per level, throughput and the tokenizer's provenance.
+and entropy per level (pooled over a level's positions), the per-position entropy per level and its conditional
+given the class (`per_position`, restok.metrics.position_entropy), throughput and the tokenizer's provenance.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from restok.cpus import loader_workers
 from restok.data.shards import decode_image, read_manifest, sha256_file, shard_paths, store_transform
 from restok.data.views import eval_view, ten_crop_views, to_uint8_tensor
 from restok.io import write_json_atomic
-from restok.metrics import codebook_stats
+from restok.metrics import codebook_stats, position_entropy
 from restok.models.tokenizer import ResTok
 from restok.provenance import write_results
 from restok.train.log import console, progress
@@ -162,9 +163,11 @@ def split_summary(split_dir: Path, model: ResTok, run: dict) -> tuple[dict, dict
     n, views, L = codes.shape
     step = max(1, -(-n * views // STATS_MAX_SEQUENCES))
     sample = torch.from_numpy(codes[::step].reshape(-1, L).astype(np.int64))  # (n', L)
+    labels = torch.from_numpy(np.load(split_dir / "labels.npy")[::step]).repeat_interleave(views)  # (n',)
     secs = run["seconds"]
     return {"num_images": n, "views": views, "disk_bytes": codes.nbytes, "code_stats_sequences": sample.shape[0],
-            "codebook": codebook_stats(sample, model.cfg.level_sizes, model.cfg.codebook_size)}, {
+            "codebook": codebook_stats(sample, model.cfg.level_sizes, model.cfg.codebook_size),
+            "per_position": position_entropy(sample, model.cfg.level_sizes, model.cfg.codebook_size, labels)}, {
             "dtype": codes.dtype.name, "images_encoded_this_run": run["images_encoded"],
             "resumed_from": run["resumed_from"], "seconds": round(secs, 2),
             "images_per_s": round(run["images_encoded"] / secs, 2) if secs else None,

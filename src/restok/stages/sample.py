@@ -12,7 +12,10 @@ same images, and so does any number of processes: each rank takes a contiguous r
 gathers and writes. Decoding is fp32, images = uint8(clamp(255 x, 0, 255)) (truncation, as the official script).
 
 Writes data/sample/samples.npz (ADM layout: arr_0 uint8 N x H x W x 3, arr_1 int64 labels), results/sample/grid.png
-(one row per class) and results/sample/summary.json (sampling steps, images/s of generation and of decoding).
+(one row per class) and results/sample/summary.json (sampling steps, images/s of generation and of decoding). With
+`sample.untrained_baseline` it also writes data/sample/untrained.npz: the same images (classes, seeds, sampling) from
+a generator of the same config with fresh weights (seed sample.seed), whose gFID `score` reports as the baseline that
+shows whether training did anything.
 """
 from __future__ import annotations
 
@@ -28,9 +31,10 @@ from torchvision.utils import make_grid, save_image
 
 from restok.artifacts import load_models
 from restok.config import load_params
-from restok.images import gather_to_main, rank_share, sample_images
+from restok.images import UNTRAINED, gather_to_main, rank_share, sample_images
 from restok.io import write_npz_atomic
 from restok.launch import relaunch_if_requested
+from restok.models.generator import HARGenerator
 from restok.provenance import write_results
 from restok.sampling import schedule_scales
 from restok.train.dist import barrier, cleanup, init_distributed
@@ -68,7 +72,8 @@ def main(argv=None):
 
     out, results = Path(args.out), Path(args.results)
     if info.is_main:  # a rerun never leaves the previous run's files next to a half-done one
-        for stale in [out / "samples.npz", *(results / n for n in ("summary.json", "provenance.json", "grid.png")),
+        for stale in [out / "samples.npz", out / UNTRAINED,
+                      *(results / n for n in ("summary.json", "provenance.json", "grid.png")),
                       *out.glob("*.tmp*")]:
             stale.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
@@ -84,10 +89,19 @@ def main(argv=None):
     images, timing = sample_images(generator, tokenizer, cfg.sampling, share, cfg.per_class, cfg.seed,
                                    cfg.batch_size, info.device)
     parts = gather_to_main((images, timing), info)
+    untrained = None
+    if cfg.untrained_baseline:  # same config, sampling, seeds and images; fresh weights (the same on every rank)
+        torch.manual_seed(cfg.seed)
+        fresh = HARGenerator(generator.cfg).to(info.device).eval()
+        untrained, _ = sample_images(fresh, tokenizer, cfg.sampling, share, cfg.per_class, cfg.seed, cfg.batch_size,
+                                     info.device, desc="sample (untrained generator)")
+        untrained = gather_to_main(untrained, info)
     if info.is_main:
         images = np.concatenate([part[0] for part in parts])  # (N, H, W, 3) in global index order
         labels = np.arange(n_images, dtype=np.int64) // cfg.per_class  # (N,)
         write_npz_atomic(out / "samples.npz", arr_0=images, arr_1=labels)
+        if untrained is not None:
+            write_npz_atomic(out / UNTRAINED, arr_0=np.concatenate(untrained), arr_1=labels)
         write_grid(results / "grid.png", images, labels, num_classes, min(cfg.grid_per_class, cfg.per_class))
         gen_s = max(part[1]["generate_seconds"] for part in parts)  # the slowest rank bounds the wall time
         dec_s = max(part[1]["decode_seconds"] for part in parts)
@@ -104,7 +118,9 @@ def main(argv=None):
             "generate_seconds": round(gen_s, 3), "decode_seconds": round(dec_s, 3),
             "generate_images_per_s": round(n_images / max(gen_s, 1e-9), 3),
             "decode_images_per_s": round(n_images / max(dec_s, 1e-9), 3),
-            "seconds": round(time.perf_counter() - t0, 3), **provenance,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "untrained_baseline": f"{UNTRAINED}: random-init(seed={cfg.seed})" if untrained is not None else None,
+            **provenance,
         }
         write_results(results / "summary.json", summary, run_info, info.device)
         console.print(f"sample: wrote {out / 'samples.npz'} ({images.shape}); generation "

@@ -10,30 +10,35 @@ numbers (spec training-and-eval.md sections 5.1-5.2; notes/ecosystem.md section 
 - rFID: every val image through the EMA tokenizer (eval, fp32, all tokens), reconstruction clamped to [0, 1] and
   rounded to the 8-bit grid, FID against the val statistics of reference_stats (the same val images); PSNR is the
   mean over images of -10 log10 MSE; codebook usage and entropy over the val codes.
+- gFID of an untrained generator: the same images from a freshly initialised generator of the same config
+  (data/sample/untrained.npz, sample.untrained_baseline), same extractor and reference: what training has to beat.
 Writes results/score/metrics.json, results/metrics.json (headline numbers of the whole run, collected from the
-upstream stages' results read key by key, missing ones left null) and results/README.md (table + sample grid).
+upstream stages' results read key by key, missing ones left null, and `checks`: the profile's targets, params
+`checks`, held against them by restok.checks) and results/README.md (the checks first, then the table and the
+sample grid).
 Every number names the extractor and weights that produced it; random-init weights are flagged loudly.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from restok import checks
 from restok.artifacts import load_tokenizer
 from restok.config import load_params
 from restok.data.shards import read_manifest
 from restok.fid import PROVENANCE_KEYS, batches, build_extractor, extract, fid_device, load_stats, val_images
 from restok.metrics import (Features, codebook_stats, frechet_distance, inception_score, precision_recall, psnr,
                             statistics)
+from restok.images import UNTRAINED
 from restok.provenance import read_results, split_numbers, write_results
 from restok.train.log import console, progress
 
-PARAMS = ("profile", "fid")
+PARAMS = ("profile", "fid", "checks")
 PR_NEIGHBOURS = 3
 # headline entries that are not quality numbers (speed, the sampling config): in results/provenance.json, shown in
 # the README, not DVC metrics
@@ -73,11 +78,19 @@ def score_tokenizer(tokenizer, extractor, shard_dir: Path, batch_size: int, ref:
                          "per_level": {k: v for k, v in usage.items() if k != "all"}}}
 
 
-def score_samples(samples_npz: Path, extractor, batch_size: int, ref: dict) -> dict:
+def load_samples(samples_npz: Path) -> torch.Tensor:
     with np.load(samples_npz) as npz:
-        images = torch.from_numpy(npz["arr_0"]).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
+        return torch.from_numpy(npz["arr_0"]).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
+
+
+def reference_stats(ref: dict) -> dict:
+    return {"mu": ref["mu"], "sigma": ref["sigma"], **{k: ref[k] for k in PROVENANCE_KEYS}}
+
+
+def score_samples(samples_npz: Path, extractor, batch_size: int, ref: dict) -> dict:
+    images = load_samples(samples_npz)
     feats = extract(extractor, iter(images), len(images), batch_size, "inception samples")
-    ref_stats = {"mu": ref["mu"], "sigma": ref["sigma"], **{k: ref[k] for k in PROVENANCE_KEYS}}
+    ref_stats = reference_stats(ref)
     ref_feats = Features(pool=torch.from_numpy(ref["features"]), logits=torch.zeros(0, 1008),
                          provenance={k: ref[k] for k in PROVENANCE_KEYS})
     gfid = frechet_distance(statistics(feats), ref_stats)
@@ -86,6 +99,14 @@ def score_samples(samples_npz: Path, extractor, batch_size: int, ref: dict) -> d
             "inception_score": {**inception_score(feats, splits=min(10, len(images))), "splits": min(10, len(images))},
             "precision_recall": {**precision_recall(ref_feats, feats, k=PR_NEIGHBOURS),
                                  "reference_images": len(ref_feats.pool)}}
+
+
+def score_untrained(samples_npz: Path, extractor, batch_size: int, ref: dict) -> dict:
+    """gFID of the untrained generator's samples (sample.untrained_baseline) against the same reference."""
+    images = load_samples(samples_npz)
+    feats = extract(extractor, iter(images), len(images), batch_size, "inception untrained samples")
+    return {**frechet_distance(statistics(feats), reference_stats(ref)), "num_samples": len(images),
+            "reference": ref["reference"]}
 
 
 # -------------------------------------------------------------------------------------------- headline
@@ -104,6 +125,7 @@ def headline(p, scores: dict, tok_provenance: dict, args) -> dict:
     tok = read_results(args.tokenizer_metrics)
     gen = read_results(args.generator_metrics)
     smp = read_results(args.sample_summary)
+    codes = pick(read_results(args.latents_summary), "splits.val.per_position") or {}
     teacher = pick(tok_provenance, "teacher") or pick(tok, "teacher") or {}
     teacher = teacher if isinstance(teacher, dict) else {"model": teacher}
     out = {
@@ -114,6 +136,10 @@ def headline(p, scores: dict, tok_provenance: dict, args) -> dict:
         "PSNR_dB": scores["psnr"]["mean_db"], "codebook_usage": scores["codebook"]["usage"],
         "codebook_entropy_bits": scores["codebook"]["entropy_bits"],
         "num_samples": scores["gfid"]["num_samples"], "fid_reference": scores["gfid"]["reference"],
+        "rFID_num_images": scores["rfid"]["num_images"],
+        "gFID_untrained_generator": pick(scores, "gfid_untrained_generator.fid"),
+        "code_position_entropy_bits": codes.get("position_entropy_bits"),
+        "code_conditional_entropy_bits": codes.get("conditional_entropy_bits"),
         "sampling_steps": pick(smp, "sampling_steps"),
         "generate_images_per_s": pick(smp, "generate_images_per_s"),
         "decode_images_per_s": pick(smp, "decode_images_per_s"),
@@ -148,7 +174,8 @@ def readme(head: dict, results: Path) -> str:
     def fmt(v):
         return "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
     lines = [f"# Results (profile `{head['profile']}`)", "",
-             "Generated by `python -m restok.stages.score`; do not edit. Numbers: `metrics.json`.", ""]
+             "Generated by `python -m restok.stages.score`; do not edit. Numbers: `metrics.json`.", "",
+             *checks.markdown(head["checks"])]
     if head["random_init"]:
         lines += [f"> **WARNING: NOT REAL METRICS.** The {' and '.join(head['random_init'])} ran with RANDOM-INIT "
                   "weights (offline demo). These numbers only rank runs of this pipeline against each other; they "
@@ -175,6 +202,8 @@ def main(argv=None):
     ap.add_argument("--tokenizer-metrics", default="results/train_tokenizer/metrics.json")
     ap.add_argument("--generator-metrics", default="results/train_generator/metrics.json")
     ap.add_argument("--sample-summary", default="results/sample/summary.json")
+    ap.add_argument("--latents-summary", default="results/extract_latents/summary.json",
+                    help="per-position code entropy of the val codes (extract_latents)")
     args = ap.parse_args(argv)
     p = load_params(args.params, PARAMS)
     extractor = build_extractor(p.fid)
@@ -193,21 +222,27 @@ def main(argv=None):
     t0 = time.perf_counter()
     scores = {**score_samples(samples, extractor, p.fid.batch_size, ref),
               **score_tokenizer(tokenizer, extractor, Path(args.shards), p.fid.batch_size, ref)}
+    untrained = Path(args.samples) / UNTRAINED
+    scores["gfid_untrained_generator"] = (score_untrained(untrained, extractor, p.fid.batch_size, ref)
+                                          if untrained.is_file() else None)
     scores = {**scores, "random_init_extractor": p.fid.extractor.endswith("random-init")}
     head = headline(p, scores, tok_provenance, args)
+    head["checks"] = checks.evaluate(p.checks, head)
     score_metrics, score_info = split_numbers(scores)
     write_results(results / "score" / "metrics.json", score_metrics,
                   {"profile": p.profile, **score_info, "tokenizer": tok_provenance,
                    "seconds": round(time.perf_counter() - t0, 3)}, extractor.device)
-    head_metrics, head_info = split_numbers({k: v for k, v in head.items() if k not in NOT_METRICS})
-    write_results(results / "metrics.json", head_metrics, {**head_info, **{k: head[k] for k in NOT_METRICS}},
-                  extractor.device)
+    check_metrics, check_info = checks.split(head["checks"])
+    head_metrics, head_info = split_numbers({k: v for k, v in head.items() if k not in (*NOT_METRICS, "checks")})
+    write_results(results / "metrics.json", {"checks": check_metrics, **head_metrics},
+                  {"checks": check_info, **head_info, **{k: head[k] for k in NOT_METRICS}}, extractor.device)
     tmp = results / "README.md.tmp"
     tmp.write_text(readme(head, results))
     tmp.replace(results / "README.md")
     console.print(f"score: gFID {head['gFID']:.4g}, IS {head['IS']:.4g}, precision {head['precision']:.3g}, "
                   f"recall {head['recall']:.3g}, rFID {head['rFID']:.4g}, PSNR {head['PSNR_dB']:.3g} dB "
-                  f"({head['extractor']}{', RANDOM-INIT: not real metrics' if head['random_init'] else ''})")
+                  f"({head['extractor']}{', RANDOM-INIT: not real metrics' if head['random_init'] else ''}); "
+                  f"{sum(c['pass'] for c in head['checks'])} of {len(head['checks'])} checks pass")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ Shards are read by random access (tar member offsets), so the order is a pure fu
 epoch is one seeded permutation of all images split over the ranks, and a resumed run (kill -9 included) continues
 at the same sample with the same model, optimisers, EMA and RNG, bit for bit on CPU.
 
-Outputs: data/train_tokenizer/tokenizer.pt (EMA weights, model config, provenance), ckpt/ (resume state),
+Outputs: data/train_tokenizer/tokenizer.pt (EMA weights, model config, provenance; with `export_step` the EMA of
+that step, kept in ckpt/export_ema.pt when it is reached), ckpt/ (resume state),
 results/train_tokenizer/metrics.json (PSNR/SSIM/codebook stats of the EMA on `eval_images` val images, a
 mean-image PSNR baseline, PSNR per token prefix, which losses and weights were used), curve.tsv, recon.png
 (originals, then reconstructions from 1, 2, 4, ..., L tokens, one row each).
@@ -65,6 +66,7 @@ PARAMS = ("profile", "vf", "tokenizer", "train_tokenizer")
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
 # params that change what is logged or evaluated, not the trained weights: they do not stop a resume
 NOT_SHAPING = (*(f"train_tokenizer.{k}" for k in ckpt.LOGGING_KNOBS), "train_tokenizer.eval_images")
+EXPORT_EMA = "export_ema.pt"  # in ckpt/ (kept across resumes): the EMA weights of train_tokenizer.export_step
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -318,6 +320,9 @@ def main(argv=None):
                 acc, acc_n = None, 0
                 bar.advance(step - logged, **dict(zip(columns, mean)))
                 logged = step
+            if step == tt.export_step and step < loop.max_steps and info.is_main:  # before the resume checkpoint
+                ckpt.save_atomic({k: v.detach().cpu() for k, v in ema.model.state_dict().items()},
+                                 ckpt_dir / EXPORT_EMA)
             if step % loop.ckpt_every_steps == 0 or step == loop.max_steps:
                 extra = {"gan": loss_fn.gan.state_dict()} if loss_fn.gan is not None else {}
                 state = ckpt.capture(step, model, opts, ema, data={"samples_per_rank": step * local_bs},
@@ -332,6 +337,9 @@ def main(argv=None):
         curve.close()
 
     if info.is_main:
+        ema_step = step if tt.export_step is None else tt.export_step
+        if ema_step < step:  # the EMA of `export_step` is what is evaluated and exported (spec: 750k of 1M steps)
+            ema.model.load_state_dict(ckpt.load(ckpt_dir / EXPORT_EMA))
         metrics, tiles, prefixes = evaluate(ema.model, args.shards, tt.eval_images, device, local_bs)
         results.mkdir(parents=True, exist_ok=True)
         tmp = results / "recon.tmp.png"
@@ -339,14 +347,15 @@ def main(argv=None):
         tmp.replace(results / "recon.png")
         teacher_info = (vfs.get("provenance") or (teacher.provenance if teacher is not None else None))
         losses = loss_report(loss_cfg, cfg, vfs, loss_fn, tt.loop.max_steps)
-        provenance = {"params_hash": params_hash(p), "step": step, "profile": p.profile, "teacher": teacher_info,
-                      "losses": losses, "features_manifest_sha256": vfs.get("manifest_sha256")}
+        provenance = {"params_hash": params_hash(p), "step": step, "ema_step": ema_step, "profile": p.profile,
+                      "teacher": teacher_info, "losses": losses, "features_manifest_sha256": vfs.get("manifest_sha256")}
         state_dict = {k: v.detach().cpu() for k, v in ema.model.state_dict().items()}
         out.mkdir(parents=True, exist_ok=True)
         save_artifact(out / "tokenizer.pt", state_dict, dataclasses.asdict(cfg), provenance)
         trained = step - start_step
         metrics.update({
-            "step": step, "psnr_minus_mean_image_psnr": metrics["psnr"] - metrics["mean_image_psnr"],
+            "step": step, "ema_step": ema_step,
+            "psnr_minus_mean_image_psnr": metrics["psnr"] - metrics["mean_image_psnr"],
             "num_params_millions": round(sum(q.numel() for q in model.parameters()) / 1e6, 3)})
         run_info = {
             "profile": p.profile, "teacher": teacher_info, "losses": losses,

@@ -4,6 +4,10 @@ No weight decay for a parameter if it has ndim < 2 or its name contains any of N
 same for the tokenizer (wd 1e-4), the discriminator heads (wd 1e-4) and the HAR generator (wd 0.05): it excludes
 norms, biases, layer scales, level embeddings, mask/query tokens, the codebook, token/class embeddings and RoPE tables.
 Frozen parameters (requires_grad False: DINOv3, LPIPS, the discriminator's DINO) are left out.
+
+The official rule (`utils/train_utils.create_optimizer`) matches substrings of the *official* parameter names. Some of
+our names differ (key tables: restok.convert.tokenizer, restok.convert.official), so OUR_NO_DECAY_KEYWORDS names the
+same parameters in our spelling; the test checks both rules give the same groups through the key tables.
 """
 from __future__ import annotations
 
@@ -14,11 +18,21 @@ from torch import nn
 
 NO_DECAY_KEYWORDS = ("ln", "bias", "latent_tokens", "mask_token", "embedding", "norm", "gamma", "embed",
                      "mask_latent_token", "rope", "freqs_cis")
+# Our spelling of parameters the official names exempt: {our substring: the official name it stands for}.
+OUR_NO_DECAY_KEYWORDS = {
+    "level_emb": "encoder.level_embedding, (en|de)coder.latent_token_level_embedding",
+    ".tokens": "latent_tokens (learned latent init), decoder.mask_token / feat_mask_token (LearnedTokens)",
+    "quantizer.codebook": "quantize.embedding.weight",
+    "tok_emb": "tok_embeddings",
+    "cls_emb": "cls_embedding.embedding_table",
+    "special_emb": "spe_tok_embeddings.special_embeddings",
+}
 
 
 def spec_no_decay(name: str) -> bool:
-    """The spec's name rule: True if `name` contains one of NO_DECAY_KEYWORDS (as a substring, as the paper code)."""
-    return any(keyword in name for keyword in NO_DECAY_KEYWORDS)
+    """The spec's name rule: True if `name` contains one of NO_DECAY_KEYWORDS (as a substring, as the paper code)
+    or one of OUR_NO_DECAY_KEYWORDS (the same parameters under our names)."""
+    return any(keyword in name for keyword in (*NO_DECAY_KEYWORDS, *OUR_NO_DECAY_KEYWORDS))
 
 
 def param_groups(model: nn.Module, weight_decay: float,
