@@ -4,7 +4,7 @@
     restok validate [params.yaml]  # check a params file against the schema, as every stage does first
     restok schema                  # regenerate workflow/schemas/params.schema.yaml from src/restok/config.py
     restok ablate [--dry]          # the ablation grid as DVC experiments, then results/ablations.md (restok.ablate)
-    restok deps --write            # set the src deps of dvc.yaml and workflow/rules/*.smk from the imports (restok.deps)
+    restok deps --write            # src deps of dvc.yaml and workflow/rules/*.smk from the imports (restok.deps)
 """
 from __future__ import annotations
 

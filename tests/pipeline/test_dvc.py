@@ -42,6 +42,29 @@ def test_repro_builds_then_is_a_noop(smoke_ws):
     assert changed_stages(smoke_ws) == set()
 
 
+def test_metrics_are_numbers_only(smoke_ws):
+    """`dvc metrics show` (and so `dvc metrics diff`) lists numbers only: strings, hashes and timings live in each
+    stage's provenance.json, which is an out but not a metric."""
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], smoke_ws).stdout)
+    files = shown["workspace"]["data"]
+    assert "results/metrics.json" in files and not any("provenance" in f for f in files)
+
+    def leaves(node, path):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from leaves(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                yield from leaves(value, f"{path}[{i}]")
+        else:
+            yield path, node
+
+    found = [(p, v) for f, d in files.items() for p, v in leaves(d.get("data", {}), f)]
+    assert found and all(v is None or isinstance(v, (int, float)) for _, v in found), \
+        [(p, v) for p, v in found if not (v is None or isinstance(v, (int, float)))]
+    assert not any(p.rsplit(".", 1)[-1] in ("seconds", "train_seconds", "generate_images_per_s") for p, _ in found)
+
+
 def test_a_code_edit_reruns_exactly_the_stages_that_import_it(smoke_ws):
     """Editing src/restok/metrics.py flags exactly the stages whose modules import it (restok.deps), no other."""
     importers = {stage for stage in dvc_graph() if "src/restok/metrics.py" in deps.stage_deps(stage)}

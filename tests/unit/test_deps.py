@@ -58,7 +58,8 @@ def test_update_keeps_data_deps_order_and_comments():
                    "      - src/restok/z.py\n      - data/shard\n    params:\n      - a\n")
     rules = 'rule a:\n    input:\n        "data/x",\n        "src/restok/old.py",\n    output:\n        "y",\n'
     new, found = deps.update_rules(rules, {"a": ["src/restok/new.py"], "b": []})
-    assert found == {"a"} and new == 'rule a:\n    input:\n        "data/x",\n        "src/restok/new.py",\n    output:\n        "y",\n'
+    assert found == {"a"}
+    assert new == 'rule a:\n    input:\n        "data/x",\n        "src/restok/new.py",\n    output:\n        "y",\n'
     with pytest.raises(deps.DepsError, match="stage 'b'"):
         deps.update_dvc_yaml(text, {"b": []})
 

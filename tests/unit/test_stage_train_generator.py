@@ -3,8 +3,9 @@
 Run: .venv/bin/python -m pytest tests/unit/test_stage_train_generator.py -q
 Covers the outputs and their numbers (val loss recomputed from generator.pt), the seeded view sampler, refusing a
 checkpoint of another run (a changed param or a code edit: moved aside, it trains again), resuming the finished run
-after a logging-only param change (the same weights, nothing trained), SIGKILL after the first checkpoint + rerun giving a generator.pt byte-identical to an
-uninterrupted run (CPU, one process), and DDP with 2 CPU processes (gloo) through the torchrun relaunch.
+after a logging-only param change (the same weights, nothing trained), SIGKILL after the first checkpoint + rerun
+giving a generator.pt byte-identical to an uninterrupted run (CPU, one process), another thread count within
+tolerance, and DDP with 2 CPU processes (gloo) through the torchrun relaunch.
 """
 import json
 import os

@@ -384,7 +384,7 @@ def import_tokenizer(p, args) -> None:
     results.mkdir(parents=True, exist_ok=True)
     for stale in (out / "tokenizer.pt", *(results / n for n in ("metrics.json", "provenance.json", "recon.png"))):
         stale.unlink(missing_ok=True)
-    CurveWriter(results / "curve.tsv", loss_terms(tt.loss)).close()  # header only: nothing was trained
+    CurveWriter(results / "curve.tsv", ["loss", *loss_terms(tt.loss), "lr"]).close()  # header only: nothing trained
     metrics, tiles, prefixes = evaluate(model.to(device), args.shards, tt.eval_images, device, tt.loop.batch_size)
     tmp = results / "recon.tmp.png"
     save_image(tiles, tmp, nrow=len(tiles) // (len(prefixes) + 1), padding=1)

@@ -3,7 +3,8 @@
 One rich Console for the whole process, on stderr (stdout stays free for a command's data); `print0` prints on rank 0
 only (nanochat). Text is printed as given: no markup (a path like `data/[run]/x.pt` stays intact), no highlighting,
 no wrapping at the 80 columns rich assumes outside a terminal. Progress bars are live only on an interactive
-terminal; in Snakemake `log:` files and SLURM output they become one plain line per interval, without escape codes. `CurveWriter` appends rows to `results/<stage>/curve.tsv`, the file DVC `plots:` reads.
+terminal; in Snakemake `log:` files and SLURM output they become one plain line per interval, without escape
+codes. `CurveWriter` appends rows to `results/<stage>/curve.tsv`, the file DVC `plots:` reads.
 """
 from __future__ import annotations
 
