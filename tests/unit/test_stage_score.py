@@ -125,7 +125,8 @@ def test_score_ranks_real_like_above_noise_and_writes_headline(env, tmp_path):
     assert head["random_init"] == ["teacher"]
     assert head["gFID_untrained_generator"] == pytest.approx(bad["gfid"]["fid"]) and head["rFID_num_images"] == 24
     assert head["code_position_entropy_bits"] == [0.0, 1.5] and head["code_conditional_entropy_bits"] == [0.0, 0.5]
-    checks = {c["name"]: c for c in head["checks"]}
+    checks = head["checks"]  # by name: numbers in metrics.json, target and reason in provenance.json
+    assert all(isinstance(c["pass"], bool) for c in json.loads((results / "metrics.json").read_text())["checks"].values())
     assert len(checks) == 6 and checks["generator far better than untrained"]["pass"]
     assert checks["every level carries information"]["reason"] == "level(s) [0] at or below 0 bits"
     assert "12 samples but rFID on 24 images" in checks["generator close to its tokenizer"]["reason"]
