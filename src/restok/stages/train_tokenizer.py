@@ -455,7 +455,9 @@ def loss_report(loss_cfg, cfg, vfs: dict, loss_fn: TokenizerLoss, max_steps: int
     built = loss_fn.provenance
     off = "off (tokenizer.vf_align false)" if not cfg.vf_align else "off (weight 0)"
     report = {"mse": "on (weight 1)", "vq": f"on (weight 1, commitment {cfg.commitment_cost})"}
-    report["lpips"] = (f"on (weight {loss_cfg.lpips_weight}, {built['lpips']['weights']})"
+    lpips = built.get("lpips", {})
+    sha = f", sha256 {lpips['sha256']}" if "sha256" in lpips else ""
+    report["lpips"] = (f"on (weight {loss_cfg.lpips_weight}, {lpips['weights']}{sha}, heads {lpips['heads']})"
                        if loss_cfg.lpips_weight > 0 else "off (weight 0)")
     source = "cached" if vfs["cached"] else "online"
     for name in ("vf_enc", "vf_dec"):
