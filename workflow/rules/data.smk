@@ -28,6 +28,7 @@ rule shard:
         "src/restok/stages/__init__.py",
         "src/restok/stages/shard.py",
         "src/restok/train/log.py",
+        "src/restok/weights.py",
     output:
         directory("data/shard"),
         "results/shard/summary.json",

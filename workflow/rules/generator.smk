@@ -28,6 +28,7 @@ rule extract_latents:
         "src/restok/stages/__init__.py",
         "src/restok/stages/extract_latents.py",
         "src/restok/train/log.py",
+        "src/restok/weights.py",
         "data/shard",
         "data/train_tokenizer/tokenizer.pt",
     output:
@@ -80,6 +81,7 @@ rule train_generator:
         "src/restok/train/log.py",
         "src/restok/train/lr.py",
         "src/restok/train/optim.py",
+        "src/restok/weights.py",
         "data/extract_latents",
     output:
         "data/train_generator/generator.pt",

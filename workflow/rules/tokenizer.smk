@@ -32,6 +32,7 @@ rule cache_features:
         "src/restok/stages/cache_features.py",
         "src/restok/train/dist.py",
         "src/restok/train/log.py",
+        "src/restok/weights.py",
         "data/shard",
     output:
         directory("data/cache_features"),
@@ -87,6 +88,7 @@ rule train_tokenizer:
         "src/restok/train/log.py",
         "src/restok/train/lr.py",
         "src/restok/train/optim.py",
+        "src/restok/weights.py",
         "data/shard",
         "data/cache_features",
     output:

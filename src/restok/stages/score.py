@@ -5,8 +5,13 @@ numbers (spec training-and-eval.md sections 5.1-5.2; notes/ecosystem.md section 
         --tokenizer data/train_tokenizer/tokenizer.pt --shards data/shard --results results
 
 - gFID: Inception pool3 statistics of samples.npz against the reference statistics; IS from the 1008-way unbiased
-  logits (10 splits, fewer when there are fewer than 10 images); precision/recall on pool3 with k = 3 against the
-  reference features, as the ADM evaluator. The reference must come from params' fid.extractor (refused otherwise).
+  logits (10 splits, fewer when there are fewer than 10 images; null with `IS_note` when the extractor has no
+  classifier); precision/recall on pool3 with k = 3 against the reference features, as the ADM evaluator. The
+  reference must come from params' fid.extractor (refused otherwise).
+- class probe (restok.probe): logistic regression on the Inception pool3 features of the first
+  fid.probe_per_class train images of each class; its accuracy on as many val images per class beside its accuracy
+  on the samples (their conditioning labels), overall and per class, flagged unreliable when it cannot classify real
+  val images (0 turns it off).
 - rFID: every val image through the EMA tokenizer (eval, fp32, all tokens), reconstruction clamped to [0, 1] and
   rounded to the 8-bit grid, FID against the val statistics of reference_stats (the same val images); PSNR is the
   mean over images of -10 log10 MSE; codebook usage and entropy over the val codes.
@@ -35,6 +40,7 @@ from restok.fid import PROVENANCE_KEYS, batches, build_extractor, extract, fid_d
 from restok.metrics import (Features, codebook_stats, frechet_distance, inception_score, precision_recall, psnr,
                             statistics)
 from restok.images import UNTRAINED
+from restok.probe import class_balanced_images, class_probe_report, fit_probe, split_labels
 from restok.provenance import read_results, split_numbers, write_results
 from restok.train.log import console, progress
 
@@ -58,17 +64,15 @@ def reconstruct(tokenizer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def score_tokenizer(tokenizer, extractor, shard_dir: Path, batch_size: int, ref: dict) -> dict:
     count, images = val_images(shard_dir)
-    pools, logits, psnrs, codes = [], [], [], []
+    pools, psnrs, codes = [], [], []
     with progress(count, "reconstruct val") as bar:
         for batch in batches(images, batch_size):
             recon, batch_psnr, batch_codes = reconstruct(tokenizer, batch)
-            feats = extractor.extract([recon])
-            pools.append(feats.pool)
-            logits.append(feats.logits)
+            pools.append(extractor.extract([recon]).pool)
             psnrs.append(batch_psnr)
             codes.append(batch_codes)
             bar.advance(len(batch))
-    feats = Features(pool=torch.cat(pools), logits=torch.cat(logits), provenance=dict(extractor.provenance))
+    feats = Features(pool=torch.cat(pools), logits=None, provenance=dict(extractor.provenance))
     val_ref = {"mu": ref["val_mu"], "sigma": ref["val_sigma"], **{k: ref[k] for k in PROVENANCE_KEYS}}
     rfid = frechet_distance(statistics(feats), val_ref)
     usage = codebook_stats(torch.cat(codes), tokenizer.cfg.level_sizes, tokenizer.cfg.codebook_size)
@@ -87,18 +91,43 @@ def reference_stats(ref: dict) -> dict:
     return {"mu": ref["mu"], "sigma": ref["sigma"], **{k: ref[k] for k in PROVENANCE_KEYS}}
 
 
-def score_samples(samples_npz: Path, extractor, batch_size: int, ref: dict) -> dict:
+def score_samples(samples_npz: Path, extractor, batch_size: int, ref: dict) -> tuple[dict, Features, np.ndarray]:
+    """The sample metrics, and the samples' Inception features with their conditioning labels (for the probe)."""
     images = load_samples(samples_npz)
+    with np.load(samples_npz) as npz:
+        labels = npz["arr_1"]
     feats = extract(extractor, iter(images), len(images), batch_size, "inception samples")
     ref_stats = reference_stats(ref)
     ref_feats = Features(pool=torch.from_numpy(ref["features"]), logits=torch.zeros(0, 1008),
                          provenance={k: ref[k] for k in PROVENANCE_KEYS})
     gfid = frechet_distance(statistics(feats), ref_stats)
-    return {"gfid": {**gfid, "num_samples": len(images), "reference": ref["reference"],
-                     "reference_count": int(ref["count"])},
-            "inception_score": {**inception_score(feats, splits=min(10, len(images))), "splits": min(10, len(images))},
-            "precision_recall": {**precision_recall(ref_feats, feats, k=PR_NEIGHBOURS),
-                                 "reference_images": len(ref_feats.pool)}}
+    scores = {"gfid": {**gfid, "num_samples": len(images), "reference": ref["reference"],
+                       "reference_count": int(ref["count"])},
+              "inception_score": {**inception_score(feats, splits=min(10, len(images))),
+                                  "splits": min(10, len(images))},
+              "precision_recall": {**precision_recall(ref_feats, feats, k=PR_NEIGHBOURS),
+                                   "reference_images": len(ref_feats.pool)}}
+    return scores, feats, labels
+
+
+def class_probe(extractor, shard_dir: Path, per_class: int, batch_size: int, samples: Features,
+                sample_labels: np.ndarray) -> dict:
+    """Fit the probe on train features and report it on val and on the samples (restok.probe)."""
+    name = extractor.provenance["extractor"]
+    manifests = {split: read_manifest(shard_dir, split) for split in ("train", "val")}
+    if manifests["train"]["num_samples"] == 0:
+        return {"real_val_accuracy": None, "sample_accuracy": None, "per_class": {}, "chance": None,
+                "features": name, "reliable": False, "note": "not available: the train split is empty"}
+    feats = {}
+    for split, manifest in manifests.items():
+        histogram, labels = manifest["class_histogram"], []
+        pairs = class_balanced_images(shard_dir, split, per_class, manifest["resolution"], histogram)
+        count = sum(min(per_class, n) for n in histogram)
+        feats[split] = (extract(extractor, split_labels(pairs, labels), count, batch_size,
+                                f"inception probe {split}").pool, labels)
+    probe = fit_probe(*feats["train"], num_classes=len(manifests["train"]["class_histogram"]))
+    report = class_probe_report(probe, *feats["val"], samples.pool, sample_labels, name)
+    return {**report, "train_images": len(feats["train"][1]), "per_class_cap": per_class}
 
 
 def score_untrained(samples_npz: Path, extractor, batch_size: int, ref: dict) -> dict:
@@ -131,10 +160,13 @@ def headline(p, scores: dict, tok_provenance: dict, args) -> dict:
     out = {
         "profile": p.profile,
         "rFID": scores["rfid"]["fid"], "gFID": scores["gfid"]["fid"],
-        "IS": scores["inception_score"]["inception_score_mean"],
+        "IS": scores["inception_score"]["inception_score_mean"], "IS_note": scores["inception_score"].get("note"),
         "precision": scores["precision_recall"]["precision"], "recall": scores["precision_recall"]["recall"],
         "PSNR_dB": scores["psnr"]["mean_db"], "codebook_usage": scores["codebook"]["usage"],
         "codebook_entropy_bits": scores["codebook"]["entropy_bits"],
+        "probe_val_accuracy": pick(scores, "class_probe.real_val_accuracy"),
+        "probe_sample_accuracy": pick(scores, "class_probe.sample_accuracy"),
+        "probe_reliable": pick(scores, "class_probe.reliable"), "probe_note": pick(scores, "class_probe.note"),
         "num_samples": scores["gfid"]["num_samples"], "fid_reference": scores["gfid"]["reference"],
         "rFID_num_images": scores["rfid"]["num_images"],
         "gFID_untrained_generator": pick(scores, "gfid_untrained_generator.fid"),
@@ -147,12 +179,15 @@ def headline(p, scores: dict, tok_provenance: dict, args) -> dict:
         "train_tokenizer_seconds": pick(tok, "seconds", "train_seconds", "wall_seconds", "time.seconds"),
         "train_generator_seconds": pick(gen, "seconds", "train_seconds", "wall_seconds", "time.seconds"),
         "extractor": scores["gfid"]["extractor"], "extractor_weights": scores["gfid"]["extractor_weights"],
+        "extractor_weights_sha256": scores["gfid"].get("extractor_weights_sha256"),
         "teacher": pick(teacher, "model", "name"), "teacher_weights": pick(teacher, "weights", "source"),
+        "teacher_weights_sha256": pick(teacher, "sha256"), "teacher_substitute_for": pick(teacher, "substitute_for"),
+        "lpips": pick(tok, "losses.lpips"),
         "tokenizer_weights": pick(tok, "weights") or "trained by this pipeline",
         "generator_weights": pick(gen, "weights") or "trained by this pipeline",
     }
     out["random_init"] = [name for name, weights in (("extractor", out["extractor"]),
-                                                     ("teacher", out["teacher_weights"]))
+                                                     ("teacher", out["teacher_weights"]), ("LPIPS", out["lpips"]))
                           if weights and "random-init" in str(weights)]
     return out
 
@@ -161,6 +196,8 @@ README_ROWS = (("rFID", "rFID", "tokenizer, val originals vs reconstructions"),
                ("gFID", "gFID", "samples vs reference"), ("IS", "Inception Score", "samples"),
                ("precision", "precision (k=3)", "samples vs reference"),
                ("recall", "recall (k=3)", "samples vs reference"),
+               ("probe_val_accuracy", "class probe accuracy, real val", "Inception pool3 linear probe"),
+               ("probe_sample_accuracy", "class probe accuracy, samples", "same probe, conditioning labels"),
                ("PSNR_dB", "PSNR (dB)", "tokenizer, val"), ("codebook_usage", "codebook usage", "tokenizer, val codes"),
                ("codebook_entropy_bits", "codebook entropy (bits)", "tokenizer, val codes"),
                ("sampling_steps", "sampling steps", "generator"),
@@ -183,9 +220,14 @@ def readme(head: dict, results: Path) -> str:
     metric_note = f"Inception metrics by `{head['extractor']}` ({head['extractor_weights']})"
     lines += ["| metric | value | measured on |", "| --- | --- | --- |"]
     lines += [f"| {label} | {fmt(head[key])} | {where} |" for key, label, where in README_ROWS]
-    lines += ["", f"- {metric_note}; FID reference: {head['fid_reference']}, {head['num_samples']} samples.",
+    substitute = f"; a substitute for `{head['teacher_substitute_for']}`" if head.get("teacher_substitute_for") else ""
+    lines += ["", f"- {metric_note}, sha256 `{head['extractor_weights_sha256']}`; FID reference: "
+              f"{head['fid_reference']}, {head['num_samples']} samples.",
+              *([f"- Inception Score: {head['IS_note']}."] if head.get("IS_note") else []),
+              *([f"- Class probe: {head['probe_note']}."] if head.get("probe_note") else []),
               f"- Tokenizer weights: {head['tokenizer_weights']}; generator weights: {head['generator_weights']}.",
-              f"- Teacher: `{head['teacher']}` ({head['teacher_weights']}).", f"- Sampling: {head['cfg']}.", ""]
+              f"- Teacher: `{head['teacher']}` ({head['teacher_weights']}, sha256 `{head['teacher_weights_sha256']}`"
+              f"{substitute}).", f"- LPIPS: {head['lpips']}.", f"- Sampling: {head['cfg']}.", ""]
     if (results / "sample" / "grid.png").is_file():
         lines += ["## Samples (one row per class)", "", "![samples, one row per class](sample/grid.png)", ""]
     return "\n".join(lines)
@@ -220,8 +262,11 @@ def main(argv=None):
         stale.unlink(missing_ok=True)
     (results / "score").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    scores = {**score_samples(samples, extractor, p.fid.batch_size, ref),
-              **score_tokenizer(tokenizer, extractor, Path(args.shards), p.fid.batch_size, ref)}
+    sample_scores, sample_feats, sample_labels = score_samples(samples, extractor, p.fid.batch_size, ref)
+    scores = {**sample_scores, **score_tokenizer(tokenizer, extractor, Path(args.shards), p.fid.batch_size, ref)}
+    if p.fid.probe_per_class:
+        scores["class_probe"] = class_probe(extractor, Path(args.shards), p.fid.probe_per_class, p.fid.batch_size,
+                                            sample_feats, sample_labels)
     untrained = Path(args.samples) / UNTRAINED
     scores["gfid_untrained_generator"] = (score_untrained(untrained, extractor, p.fid.batch_size, ref)
                                           if untrained.is_file() else None)
@@ -239,7 +284,9 @@ def main(argv=None):
     tmp = results / "README.md.tmp"
     tmp.write_text(readme(head, results))
     tmp.replace(results / "README.md")
-    console.print(f"score: gFID {head['gFID']:.4g}, IS {head['IS']:.4g}, precision {head['precision']:.3g}, "
+    console.print(f"score: gFID {head['gFID']:.4g}, IS {head['IS'] if head['IS'] is None else format(head['IS'], '.4g')}"
+                  f", probe accuracy val {head['probe_val_accuracy']} / samples {head['probe_sample_accuracy']}, "
+                  f"precision {head['precision']:.3g}, "
                   f"recall {head['recall']:.3g}, rFID {head['rFID']:.4g}, PSNR {head['PSNR_dB']:.3g} dB "
                   f"({head['extractor']}{', RANDOM-INIT: not real metrics' if head['random_init'] else ''}); "
                   f"{sum(c['pass'] for c in head['checks'])} of {len(head['checks'])} checks pass")
