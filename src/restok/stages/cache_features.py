@@ -24,8 +24,8 @@ graph keeps the same shape; train_tokenizer then runs the teacher itself).
 Disk cost (written to results/cache_features/summary.json and printed): views x (1 + grid^2) x D x 2 bytes per
 image. At ImageNet scale with ViT-L/16 at 256 px that is 1,281,167 images x V x (1 + 16*16) x 1024 x 2 bytes =
 674 GB per view per image: 5.4 TB for the imagenet256 profile's 8 views, 6.7 TB for 10. The default profile
-(3,000 images, EfficientNet-Lite0's 112-channel stride-16 map at 8x8, 1 view) needs about 44 MB. An empty train split (shard.splits without train, as in
-the official-l profile) caches nothing either.
+(3,000 images, EfficientNet-Lite0's 112-channel stride-16 map at 8x8, 1 view) needs about 44 MB. An empty train
+split (shard.splits without train, as in the official-l profile) caches nothing either.
 """
 from __future__ import annotations
 

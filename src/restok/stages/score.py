@@ -284,9 +284,10 @@ def main(argv=None):
     tmp = results / "README.md.tmp"
     tmp.write_text(readme(head, results))
     tmp.replace(results / "README.md")
-    console.print(f"score: gFID {head['gFID']:.4g}, IS {head['IS'] if head['IS'] is None else format(head['IS'], '.4g')}"
-                  f", probe accuracy val {head['probe_val_accuracy']} / samples {head['probe_sample_accuracy']}, "
-                  f"precision {head['precision']:.3g}, "
+    is_text = "n/a" if head["IS"] is None else f"{head['IS']:.4g}"
+    console.print(f"score: gFID {head['gFID']:.4g}, IS {is_text}, probe accuracy real val "
+                  f"{head['probe_val_accuracy']} / samples {head['probe_sample_accuracy']}, precision "
+                  f"{head['precision']:.3g}, "
                   f"recall {head['recall']:.3g}, rFID {head['rFID']:.4g}, PSNR {head['PSNR_dB']:.3g} dB "
                   f"({head['extractor']}{', RANDOM-INIT: not real metrics' if head['random_init'] else ''}); "
                   f"{sum(c['pass'] for c in head['checks'])} of {len(head['checks'])} checks pass")
