@@ -167,6 +167,9 @@ class TrainTokenizer:
     disc_lr: float = field(default=1e-4, metadata=rng(0.0, help="discriminator heads' learning rate"))
     loss: LossConfig = LossConfig()
     eval_images: int = field(default=500, metadata=rng(1, help="val images for PSNR/SSIM/codebook stats"))
+    baseline_train_images: int | None = field(default=None, metadata=rng(1, help=(
+        "train images (in shard order) averaged into the per-class and global mean-image PSNR baselines; "
+        "null: all")))
     official: Official | None = field(default=None, metadata=rng(help=OFFICIAL_HELP))
 
 

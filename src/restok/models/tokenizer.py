@@ -33,6 +33,7 @@ _CHOICES = {
     "latent_queries": ("hierarchical", "flat"),
     "image_queries": ("learned", "latent_maps"),
     "weight_init": ("official", "fan_in"),
+    "codebook_init": ("uniform", "data"),
 }
 
 
@@ -76,6 +77,9 @@ class TokenizerConfig:
         legacy_head: TiTok's untransposed reshape before the per-level projection (official checkpoints).
         weight_init: "official" (trunc-normal 0.02, tokenizer.md §6) | "fan_in" (variance-preserving; what the
             short CPU profiles need to learn at all, see `_init_weights`).
+        codebook_init: "uniform" (official: U(-1/K, 1/K)) | "data" (the first training batch's encoder outputs).
+        dead_code_steps: restart a code no input chose for this many training steps on an encoder output of the
+            current batch (0 = never, official).
     """
 
     resolution: int = 256
@@ -105,6 +109,8 @@ class TokenizerConfig:
     image_queries: str = "learned"
     legacy_head: bool = True
     weight_init: str = "official"
+    codebook_init: str = "uniform"
+    dead_code_steps: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "pixel_channels", tuple(self.pixel_channels))
@@ -119,6 +125,8 @@ class TokenizerConfig:
                      "hierarchy_stages", "min_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"tokenizer.{name}={getattr(self, name)} must be >= 1")
+        if self.dead_code_steps < 0:
+            raise ValueError(f"tokenizer.dead_code_steps={self.dead_code_steps} must be >= 0 (0 = never restart)")
         if self.codebook_size < 2:
             raise ValueError(f"tokenizer.codebook_size={self.codebook_size} must be >= 2")
         factor = self.downsample
@@ -257,7 +265,9 @@ class ResTok(nn.Module):
         self.decoder = ResTokDecoder(cfg)
         self.pixel_decoder = PixelDecoder(cfg.pixel_channels, cfg.pixel_res_blocks, cfg.pixel_z_channels)
         self.apply(lambda m: _init_weights(m, cfg.weight_init))  # before the quantiser and VF projections, which keep their own init
-        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.commitment_cost, use_l2_norm=True)
+        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.commitment_cost, use_l2_norm=True,
+                                         init_from_data=cfg.codebook_init == "data",
+                                         dead_code_steps=cfg.dead_code_steps)
         self.vf_enc_proj = nn.Linear(cfg.enc_width, cfg.vf_dim, bias=False) if cfg.vf_align else None
         self.vf_dec_proj = nn.Linear(cfg.dec_width, cfg.vf_dim, bias=False) if cfg.vf_align else None
         cpu = torch.device("cpu")
