@@ -117,3 +117,18 @@ def test_dead_codes_restart_on_inputs_after_the_set_steps():
 
 def test_official_quantizer_keeps_its_state_keys():
     assert set(VectorQuantizer(16, 4).state_dict()) == {"codebook"}
+
+
+def test_bypass_passes_inputs_then_quantises_with_a_data_init():
+    q = VectorQuantizer(16, 4, init_from_data=True, bypass_steps=2).train()
+    z = torch.randn(2, 8, 4, requires_grad=True)
+    start = q.codebook.detach().clone()
+    for _ in range(2):
+        out, _, losses = q(z)
+        assert torch.allclose(out, F.normalize(z, dim=-1)) and all(float(v) == 0 for v in losses.values())
+        assert torch.equal(q.codebook, start)  # the data init waits for the first quantising forward
+    out, idx, losses = q(z)
+    assert torch.allclose(out, q.lookup(idx)) and float(losses["commitment"]) < 1e-10  # codes = these inputs
+    assert q.train_forwards == 3 and not q.pending_data_init
+    q.eval()
+    assert torch.allclose(q(z)[0], q.lookup(q(z)[1]))  # eval always quantises

@@ -92,7 +92,9 @@ def test_score_ranks_real_like_above_noise_and_writes_headline(env, tmp_path):
     noise = rng.integers(0, 256, real.shape, dtype=np.uint8)
     results = tmp_path / "results"
     (results / "train_tokenizer").mkdir(parents=True)
-    (results / "train_tokenizer/metrics.json").write_text(json.dumps({"train_seconds": 12.5, "other": 1}))
+    (results / "train_tokenizer/metrics.json").write_text(json.dumps({
+        "train_seconds": 12.5, "other": 1, "class_mean_image_psnr": 25.0, "global_mean_image_psnr": 13.0,
+        "psnr_above_class_mean_db": 4.5}))
     (results / "sample").mkdir()
     (results / "sample/summary.json").write_text(json.dumps({"sampling_steps": 6, "generate_images_per_s": 3.5}))
     Image.new("RGB", (4, 4)).save(results / "sample/grid.png")
@@ -115,9 +117,11 @@ def test_score_ranks_real_like_above_noise_and_writes_headline(env, tmp_path):
     assert head["train_tokenizer_seconds"] == 12.5 and head["train_generator_seconds"] is None  # missing: null
     assert head["sampling_steps"] == 6 and head["teacher_weights"] == "random-init(seed=0)"
     assert head["random_init"] == ["teacher"]
+    assert (head["PSNR_class_mean_dB"], head["PSNR_global_mean_dB"], head["PSNR_above_class_mean_dB"]) == (25, 13, 4.5)
     readme = (results / "README.md").read_text()
     assert "WARNING: NOT REAL METRICS" in readme and "![samples, one row per class](sample/grid.png)" in readme
     assert "| gFID |" in readme and "| train_generator (s) | n/a |" in readme
+    assert "| PSNR above the class-mean image (dB) | 4.5 |" in readme
 
 
 def test_extractor_mismatch_is_refused(env, tmp_path):

@@ -80,6 +80,8 @@ class TokenizerConfig:
         codebook_init: "uniform" (official: U(-1/K, 1/K)) | "data" (the first training batch's encoder outputs).
         dead_code_steps: restart a code no input chose for this many training steps on an encoder output of the
             current batch (0 = never, official).
+        quantizer_bypass_steps: first training steps whose decoder input is the unquantised normalised encoder
+            output (0 = none, official); the codebook's data init then happens at the first quantised step.
     """
 
     resolution: int = 256
@@ -111,6 +113,7 @@ class TokenizerConfig:
     weight_init: str = "official"
     codebook_init: str = "uniform"
     dead_code_steps: int = 0
+    quantizer_bypass_steps: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "pixel_channels", tuple(self.pixel_channels))
@@ -125,6 +128,8 @@ class TokenizerConfig:
                      "hierarchy_stages", "min_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"tokenizer.{name}={getattr(self, name)} must be >= 1")
+        if self.quantizer_bypass_steps < 0:
+            raise ValueError(f"tokenizer.quantizer_bypass_steps={self.quantizer_bypass_steps} must be >= 0")
         if self.dead_code_steps < 0:
             raise ValueError(f"tokenizer.dead_code_steps={self.dead_code_steps} must be >= 0 (0 = never restart)")
         if self.codebook_size < 2:
@@ -267,7 +272,8 @@ class ResTok(nn.Module):
         self.apply(lambda m: _init_weights(m, cfg.weight_init))  # before the quantiser and VF projections, which keep their own init
         self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.commitment_cost, use_l2_norm=True,
                                          init_from_data=cfg.codebook_init == "data",
-                                         dead_code_steps=cfg.dead_code_steps)
+                                         dead_code_steps=cfg.dead_code_steps,
+                                         bypass_steps=cfg.quantizer_bypass_steps)
         self.vf_enc_proj = nn.Linear(cfg.enc_width, cfg.vf_dim, bias=False) if cfg.vf_align else None
         self.vf_dec_proj = nn.Linear(cfg.dec_width, cfg.vf_dim, bias=False) if cfg.vf_align else None
         cpu = torch.device("cpu")
