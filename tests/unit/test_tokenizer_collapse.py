@@ -3,11 +3,11 @@ built-in images, then the codes must differ across images at every level.
 
 Run: .venv/bin/python -m pytest tests/unit/test_tokenizer_collapse.py -q
 
-The recipe is the default profile's model (tokenizer section, including its switches: codebook init from data,
-dead-code restarts, the head, the init), its optimiser (AdamW with the spec's groups, LR, betas, weight decay, clip)
+The recipe is the default profile's model (tokenizer section, including its switches: small layer scale, codebook
+init from data, dead-code restarts, grey start), its optimiser (AdamW with the spec's groups, LR, betas, weight decay, clip)
 and the MSE + VQ objective, without VF alignment (no teacher here, and without it the old recipe collapsed
-completely). The old recipe (official codebook init, no restarts, legacy head) gives one code per coarse level on
-these images within the same steps; `test_old_recipe_collapses` keeps that measured, so the check is known to bite.
+completely). The old recipe (those four switches off) gives one code for every image at some level within the
+same steps; `test_old_recipe_collapses` keeps that measured, so the check is known to bite.
 """
 import dataclasses
 
@@ -64,5 +64,5 @@ def test_default_recipe_codes_differ_across_images_at_every_level():
 
 
 def test_old_recipe_collapses():
-    codes, level_sizes = _train_codes(codebook_init="uniform", dead_code_steps=0, legacy_head=True)
+    codes, level_sizes = _train_codes(codebook_init="uniform", dead_code_steps=0, grey_start=False, layer_scale_init=1.0)
     assert min(_distinct_per_level(codes, level_sizes)) == 1

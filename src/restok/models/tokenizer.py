@@ -31,7 +31,7 @@ _CHOICES = {
     "merge_op": ("subsample", "avgpool"),
     "latent_init": ("residual_pool", "pool", "learned"),
     "latent_queries": ("hierarchical", "flat"),
-    "image_queries": ("learned", "latent_maps"),
+    "image_queries": ("learned", "latent_maps", "learned_grid"),
     "weight_init": ("official", "fan_in"),
     "codebook_init": ("uniform", "data"),
 }
@@ -73,7 +73,9 @@ class TokenizerConfig:
         latent_init: "residual_pool" (official) | "pool" (each level pools the map itself) | "learned" queries.
         latent_queries: "hierarchical" (levels in the mask, per-level heads) | "flat" (TiTok-like: one level,
             learned queries, same token budget; nested dropout still uses level_sizes' prefix lengths).
-        image_queries: decoder image queries, "learned" (official) | "latent_maps" (upsampled latent tokens).
+        image_queries: decoder image queries, "learned" (official: one shared learned token) | "latent_maps"
+            (upsampled latent tokens) | "learned_grid" (one learned token per image position, so the decoder can
+            draw the mean image from its queries and leave the latents free for content).
         legacy_head: TiTok's untransposed reshape before the per-level projection (official checkpoints).
         weight_init: "official" (trunc-normal 0.02, tokenizer.md §6) | "fan_in" (variance-preserving; what the
             short CPU profiles need to learn at all, see `_init_weights`).
@@ -82,6 +84,10 @@ class TokenizerConfig:
             current batch (0 = never, official).
         quantizer_bypass_steps: first training steps whose decoder input is the unquantised normalised encoder
             output (0 = none, official); the codebook's data init then happens at the first quantised step.
+        grey_start: the pixel decoder's output conv starts at weight 0, bias 0.5 (every reconstruction mid-grey),
+            so the first steps' error is not a large random pattern common to all images (False = official).
+        layer_scale_init: initial layer scale of every ViT block's two branches (1.0 = official); small values
+            keep the latent tokens close to their pooled image features early in training.
     """
 
     resolution: int = 256
@@ -114,6 +120,8 @@ class TokenizerConfig:
     codebook_init: str = "uniform"
     dead_code_steps: int = 0
     quantizer_bypass_steps: int = 0
+    grey_start: bool = False
+    layer_scale_init: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "pixel_channels", tuple(self.pixel_channels))
@@ -128,6 +136,8 @@ class TokenizerConfig:
                      "hierarchy_stages", "min_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"tokenizer.{name}={getattr(self, name)} must be >= 1")
+        if not self.layer_scale_init > 0:
+            raise ValueError(f"tokenizer.layer_scale_init={self.layer_scale_init} must be > 0")
         if self.quantizer_bypass_steps < 0:
             raise ValueError(f"tokenizer.quantizer_bypass_steps={self.quantizer_bypass_steps} must be >= 0")
         if self.dead_code_steps < 0:
@@ -270,6 +280,10 @@ class ResTok(nn.Module):
         self.decoder = ResTokDecoder(cfg)
         self.pixel_decoder = PixelDecoder(cfg.pixel_channels, cfg.pixel_res_blocks, cfg.pixel_z_channels)
         self.apply(lambda m: _init_weights(m, cfg.weight_init))  # before the quantiser and VF projections, which keep their own init
+        if cfg.grey_start:
+            out_conv = self.pixel_decoder.layers[-1]
+            nn.init.zeros_(out_conv.weight)
+            nn.init.constant_(out_conv.bias, 0.5)
         self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.commitment_cost, use_l2_norm=True,
                                          init_from_data=cfg.codebook_init == "data",
                                          dead_code_steps=cfg.dead_code_steps,
