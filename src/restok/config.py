@@ -184,6 +184,9 @@ class TrainTokenizer:
     export_step: int | None = field(default=None, metadata=rng(1, help=(
         "the step whose EMA weights become tokenizer.pt (evaluated here, encoded by extract_latents, decoded by "
         "sample); null: the last step. The paper extracts latents from the 750k-step EMA of its 1M-step run")))
+    baseline_train_images: int | None = field(default=None, metadata=rng(1, help=(
+        "train images (in shard order) averaged into the per-class and global mean-image PSNR baselines; "
+        "null: all")))
     official: Official | None = field(default=None, metadata=rng(help=OFFICIAL_HELP))
 
     def __post_init__(self):

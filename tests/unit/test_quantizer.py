@@ -6,6 +6,7 @@ The stored arrays use the official B x C x 1 x L layout; ours is (B, L, C), so e
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from restok.models.quantizer import VectorQuantizer
 
@@ -80,3 +81,54 @@ def test_fp32_under_bf16_autocast():
         z_q, codes, losses = vq(z)
     assert z_q.dtype == torch.float32 and losses["codebook"].dtype == torch.float32
     assert codes.dtype == torch.long and codes.shape == (2, 4)
+
+
+def test_codebook_init_from_data_happens_once_in_training():
+    q = VectorQuantizer(16, 4, init_from_data=True)
+    assert set(q.state_dict()) == {"codebook", "pending_data_init"}
+    z = torch.randn(2, 8, 4)  # 16 rows for 16 codes: each row becomes one code
+    q.eval()
+    before = q.codebook.detach().clone()
+    q(z)
+    assert torch.equal(q.codebook, before)  # eval never touches the codebook
+    q.train()
+    _, idx, _ = q(z)
+    rows = F.normalize(z.flatten(0, 1), dim=-1)
+    assert torch.allclose(torch.sort(q.codebook.detach(), dim=0)[0], torch.sort(rows, dim=0)[0])
+    assert len(idx.unique()) == 16  # every input has its own code
+    after = q.codebook.detach().clone()
+    q(torch.randn(2, 8, 4))
+    assert torch.equal(q.codebook, after)  # only the first training batch
+
+
+def test_dead_codes_restart_on_inputs_after_the_set_steps():
+    q = VectorQuantizer(8, 4, dead_code_steps=3).train()
+    z = F.normalize(torch.randn(1, 4, 4), dim=-1)
+    with torch.no_grad():
+        q.codebook.copy_(F.normalize(torch.randn(8, 4), dim=-1))
+    used = set(q(z)[1].flatten().tolist())
+    for _ in range(2):
+        q(z)
+    dead = [k for k in range(8) if k not in used]
+    assert q.unused_steps[dead].eq(0).all()  # restarted at the third forward ...
+    restarted = F.normalize(q.codebook.detach()[dead], dim=-1)
+    assert all(any(torch.allclose(r, row, atol=1e-6) for row in z[0]) for r in restarted)  # ... onto inputs
+
+
+def test_official_quantizer_keeps_its_state_keys():
+    assert set(VectorQuantizer(16, 4).state_dict()) == {"codebook"}
+
+
+def test_bypass_passes_inputs_then_quantises_with_a_data_init():
+    q = VectorQuantizer(16, 4, init_from_data=True, bypass_steps=2).train()
+    z = torch.randn(2, 8, 4, requires_grad=True)
+    start = q.codebook.detach().clone()
+    for _ in range(2):
+        out, _, losses = q(z)
+        assert torch.allclose(out, F.normalize(z, dim=-1)) and all(float(v) == 0 for v in losses.values())
+        assert torch.equal(q.codebook, start)  # the data init waits for the first quantising forward
+    out, idx, losses = q(z)
+    assert torch.allclose(out, q.lookup(idx)) and float(losses["commitment"]) < 1e-10  # codes = these inputs
+    assert q.train_forwards == 3 and not q.pending_data_init
+    q.eval()
+    assert torch.allclose(q(z)[0], q.lookup(q(z)[1]))  # eval always quantises

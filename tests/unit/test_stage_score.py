@@ -94,7 +94,9 @@ def test_score_ranks_real_like_above_noise_and_writes_headline(env, tmp_path):
     noise = rng.integers(0, 256, real.shape, dtype=np.uint8)
     results = tmp_path / "results"
     (results / "train_tokenizer").mkdir(parents=True)
-    (results / "train_tokenizer/metrics.json").write_text(json.dumps({"train_seconds": 12.5, "other": 1}))
+    (results / "train_tokenizer/metrics.json").write_text(json.dumps({
+        "train_seconds": 12.5, "other": 1, "class_mean_image_psnr": 25.0, "global_mean_image_psnr": 13.0,
+        "psnr_above_class_mean_db": 4.5}))
     (results / "sample").mkdir()
     (results / "sample/summary.json").write_text(json.dumps({"sampling_steps": 6, "generate_images_per_s": 3.5}))
     Image.new("RGB", (4, 4)).save(results / "sample/grid.png")
@@ -130,15 +132,17 @@ def test_score_ranks_real_like_above_noise_and_writes_headline(env, tmp_path):
     assert len(checks) == 6 and checks["generator far better than untrained"]["pass"]
     assert checks["every level carries information"]["reason"] == "level(s) [0] at or below 0 bits"
     assert "12 samples but rFID on 24 images" in checks["generator close to its tokenizer"]["reason"]
-    assert checks["tokenizer beats the class-mean image"]["reason"].startswith("missing: PSNR_class_mean_dB")
+    assert checks["tokenizer beats the class-mean image"]["baseline"] == 25
     probe = good["class_probe"]
     assert (probe["train_images"], probe["real_val_images"], probe["samples"], probe["chance"]) == (12, 12, 12, 0.25)
     assert set(probe["per_class"]) == {"0", "1", "2", "3"} and isinstance(probe["reliable"], bool)
     assert head["probe_val_accuracy"] == probe["real_val_accuracy"] and head["IS_note"] is None
+    assert (head["PSNR_class_mean_dB"], head["PSNR_global_mean_dB"], head["PSNR_above_class_mean_dB"]) == (25, 13, 4.5)
     readme = (results / "README.md").read_text()
     assert readme.index("## Did this run learn? (checks)") < readme.index("| metric | value | measured on |")
     assert "WARNING: NOT REAL METRICS" in readme and "![samples, one row per class](sample/grid.png)" in readme
     assert "| gFID |" in readme and "| train_generator (s) | n/a |" in readme
+    assert "| PSNR above the class-mean image (dB) | 4.5 |" in readme
 
 
 def test_extractor_mismatch_is_refused(env, tmp_path):

@@ -77,8 +77,12 @@ def test_outputs(trained):
     assert metrics["losses"]["gan"] == "off (weight 0)"
     assert metrics["losses"]["vf_enc"].startswith("on") and "cached" in metrics["losses"]["vf_dec"]
     assert metrics["eval_images"] == 8 and metrics["step"] == 6 and metrics["profile"] == "smoke"
-    assert np.isfinite(metrics["psnr"]) and 0 < metrics["ssim"] < 1 and np.isfinite(metrics["mean_image_psnr"])
-    assert list(metrics["psnr_by_prefix"]) == ["1", "2", "4", "8", "16"]
+    assert np.isfinite(metrics["psnr"]) and 0 < metrics["ssim"] < 1
+    assert metrics["baseline_train_images"] == 48  # every train image of the smoke profile
+    assert metrics["class_mean_image_psnr"] > metrics["global_mean_image_psnr"]
+    assert metrics["psnr_above_class_mean_db"] == pytest.approx(metrics["psnr"] - metrics["class_mean_image_psnr"])
+    assert list(metrics["psnr_by_prefix"]) == ["4", "8", "16"] and metrics["untrained_prefixes"] == [1, 2]
+    assert metrics["recon_png_rows"][1:3] == ["1 tokens (untrained)", "2 tokens (untrained)"]
     assert set(metrics["codebook"]) == {f"level_{i}" for i in range(5)} | {"all"}
     assert metrics["train_images_per_second"] > 0
 

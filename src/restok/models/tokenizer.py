@@ -33,10 +33,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MergeOp = Literal["subsample", "avgpool"]
 LatentInit = Literal["residual_pool", "pool", "learned"]
 LatentQueries = Literal["hierarchical", "flat"]
-ImageQueries = Literal["learned", "latent_maps"]
+ImageQueries = Literal["learned", "latent_maps", "learned_grid"]
 WeightInit = Literal["official", "fan_in"]
+CodebookInit = Literal["uniform", "data"]
 _CHOICES = {"merge_op": MergeOp, "latent_init": LatentInit, "latent_queries": LatentQueries,
-            "image_queries": ImageQueries, "weight_init": WeightInit}
+            "image_queries": ImageQueries, "weight_init": WeightInit, "codebook_init": CodebookInit}
 
 
 def keep_lengths(level_sizes: tuple[int, ...], min_tokens: int) -> list[int]:
@@ -75,10 +76,21 @@ class TokenizerConfig:
         latent_init: "residual_pool" (official) | "pool" (each level pools the map itself) | "learned" queries.
         latent_queries: "hierarchical" (levels in the mask, per-level heads) | "flat" (TiTok-like: one level,
             learned queries, same token budget; nested dropout still uses level_sizes' prefix lengths).
-        image_queries: decoder image queries, "learned" (official) | "latent_maps" (upsampled latent tokens).
+        image_queries: decoder image queries, "learned" (official: one shared learned token) | "latent_maps"
+            (upsampled latent tokens) | "learned_grid" (one learned token per image position, so the decoder can
+            draw the mean image from its queries and leave the latents free for content).
         legacy_head: TiTok's untransposed reshape before the per-level projection (official checkpoints).
         weight_init: "official" (trunc-normal 0.02, tokenizer.md §6) | "fan_in" (variance-preserving; what the
             short CPU profiles need to learn at all, see `_init_weights`).
+        codebook_init: "uniform" (official: U(-1/K, 1/K)) | "data" (the first training batch's encoder outputs).
+        dead_code_steps: restart a code no input chose for this many training steps on an encoder output of the
+            current batch (0 = never, official).
+        quantizer_bypass_steps: first training steps whose decoder input is the unquantised normalised encoder
+            output (0 = none, official); the codebook's data init then happens at the first quantised step.
+        grey_start: the pixel decoder's output conv starts at weight 0, bias 0.5 (every reconstruction mid-grey),
+            so the first steps' error is not a large random pattern common to all images (False = official).
+        layer_scale_init: initial layer scale of every ViT block's two branches (1.0 = official); small values
+            keep the latent tokens close to their pooled image features early in training.
     """
 
     resolution: int = 256
@@ -108,6 +120,11 @@ class TokenizerConfig:
     image_queries: ImageQueries = "learned"
     legacy_head: bool = True
     weight_init: WeightInit = "official"
+    codebook_init: CodebookInit = "uniform"
+    dead_code_steps: int = 0
+    quantizer_bypass_steps: int = 0
+    grey_start: bool = False
+    layer_scale_init: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "pixel_channels", tuple(self.pixel_channels))
@@ -123,6 +140,12 @@ class TokenizerConfig:
                      "hierarchy_stages", "min_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"tokenizer.{name}={getattr(self, name)} must be >= 1")
+        if not self.layer_scale_init > 0:
+            raise ValueError(f"tokenizer.layer_scale_init={self.layer_scale_init} must be > 0")
+        if self.quantizer_bypass_steps < 0:
+            raise ValueError(f"tokenizer.quantizer_bypass_steps={self.quantizer_bypass_steps} must be >= 0")
+        if self.dead_code_steps < 0:
+            raise ValueError(f"tokenizer.dead_code_steps={self.dead_code_steps} must be >= 0 (0 = never restart)")
         if self.codebook_size < 2:
             raise ValueError(f"tokenizer.codebook_size={self.codebook_size} must be >= 2")
         factor = self.downsample
@@ -261,7 +284,14 @@ class ResTok(nn.Module):
         self.decoder = ResTokDecoder(cfg)
         self.pixel_decoder = PixelDecoder(cfg.pixel_channels, cfg.pixel_res_blocks, cfg.pixel_z_channels)
         self.apply(lambda m: _init_weights(m, cfg.weight_init))  # before the quantiser and VF projections, which keep their own init
-        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.commitment_cost, use_l2_norm=True)
+        if cfg.grey_start:
+            out_conv = self.pixel_decoder.layers[-1]
+            nn.init.zeros_(out_conv.weight)
+            nn.init.constant_(out_conv.bias, 0.5)
+        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.commitment_cost, use_l2_norm=True,
+                                         init_from_data=cfg.codebook_init == "data",
+                                         dead_code_steps=cfg.dead_code_steps,
+                                         bypass_steps=cfg.quantizer_bypass_steps)
         self.vf_enc_proj = nn.Linear(cfg.enc_width, cfg.vf_dim, bias=False) if cfg.vf_align else None
         self.vf_dec_proj = nn.Linear(cfg.dec_width, cfg.vf_dim, bias=False) if cfg.vf_align else None
         cpu = torch.device("cpu")

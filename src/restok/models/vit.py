@@ -130,17 +130,17 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block with layer scale (init 1). `attend` and `feed_forward` are separate so that the encoder can
-    merge tokens between them (§2.6)."""
+    """Pre-norm block with layer scale (init 1 in the official model). `attend` and `feed_forward` are separate so
+    that the encoder can merge tokens between them (§2.6)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int = 4):
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 4, layer_scale_init: float = 1.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
-        self.gamma1 = nn.Parameter(torch.ones(width))
+        self.gamma1 = nn.Parameter(torch.full((width,), layer_scale_init))
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
-        self.gamma2 = nn.Parameter(torch.ones(width))
+        self.gamma2 = nn.Parameter(torch.full((width,), layer_scale_init))
 
     def attend(self, x, cos, sin, mask=None):
         return x + self.gamma1 * self.attn(self.norm1(x), cos, sin, mask)
@@ -238,7 +238,8 @@ class ResTokEncoder(nn.Module):
         self.latent_level_emb = nn.Parameter(torch.randn(len(levels), width) * width**-0.5)
         self.register_buffer("level_index", _level_index(levels), persistent=False)
         self.ln_pre = nn.LayerNorm(width)
-        self.blocks = nn.ModuleList(Block(width, cfg.enc_heads) for _ in range(cfg.enc_depth))
+        self.blocks = nn.ModuleList(Block(width, cfg.enc_heads, layer_scale_init=cfg.layer_scale_init)
+                                    for _ in range(cfg.enc_depth))
         self.ln_post = nn.LayerNorm(width)
         self.reorder = LegacyReshape() if cfg.legacy_head else nn.Identity()
         self.proj = PerLevelLinear(levels, width, cfg.code_dim)
@@ -284,11 +285,14 @@ class ResTokDecoder(nn.Module):
         self.embed = PerLevelLinear(levels, cfg.code_dim, width)
         self.latent_level_emb = nn.Parameter(torch.randn(len(levels), width) * width**-0.5)
         self.register_buffer("level_index", _level_index(levels), persistent=False)
-        self.image_queries = (LearnedTokens(num_queries, width, shared=True) if cfg.image_queries == "learned"
-                              else LatentMapQueries(cfg.pool_grids, cfg.grid, cfg.latent_init == "residual_pool"))
+        self.image_queries = (
+            LatentMapQueries(cfg.pool_grids, cfg.grid, cfg.latent_init == "residual_pool")
+            if cfg.image_queries == "latent_maps"
+            else LearnedTokens(num_queries, width, shared=cfg.image_queries == "learned"))
         self.feature_queries = LearnedTokens(num_queries, width, shared=True) if cfg.vf_align else None
         self.ln_pre = nn.LayerNorm(width)
-        self.blocks = nn.ModuleList(Block(width, cfg.dec_heads) for _ in range(cfg.dec_depth))
+        self.blocks = nn.ModuleList(Block(width, cfg.dec_heads, layer_scale_init=cfg.layer_scale_init)
+                                    for _ in range(cfg.dec_depth))
         self.ln_post = nn.LayerNorm(width)
         self.head = nn.Linear(width, cfg.pixel_z_channels)
         cos, sin = rope_table(decoder_rope_ids(cfg.num_tokens, cfg.grid, _CPU), width // cfg.dec_heads, cfg.rope_theta)

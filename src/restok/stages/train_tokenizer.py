@@ -47,9 +47,9 @@ from restok.config import load_params, tokenizer_config
 from restok.convert.released import import_released
 from restok.cpus import loader_workers
 from restok.data.features import TarIndex, read_features_manifest
-from restok.data.shards import MANIFEST, decode_image, iter_split_uint8, read_manifest, sha256_file, shard_paths
-from restok.data.shards import store_transform
-from restok.data.views import apply_view, train_view_boxes
+from restok.data.shards import MANIFEST, decode_image, iter_split, iter_split_uint8, read_manifest, sha256_file
+from restok.data.shards import shard_paths, store_transform
+from restok.data.views import apply_view, eval_view, to_uint8_tensor, train_view_boxes
 from restok.io import save_torch_atomic
 from restok.launch import relaunch_if_requested
 from restok.losses.recon import TokenizerLoss
@@ -167,24 +167,59 @@ def params_hash(p) -> str:
 
 # ---------------------------------------------------------------------------------------------------- eval
 @torch.no_grad()
-def evaluate(model: ResTok, shards: str, n: int, device: torch.device, batch: int, show: int = 8):
+def class_mean_images(shards: str, res: int, num_classes: int, limit: int | None):
+    """Baselines from the train split (eval view, at most `limit` images in shard order): per-class mean images
+    (C, 3, res, res) in [0, 1], the global mean image (1, 3, res, res), and the number of images read; None when
+    the train split is empty (the official-l profile shards val only)."""
+    sums = torch.zeros(num_classes, 3, res, res, dtype=torch.float64)
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for key, img, label in iter_split(shards, "train"):
+        if limit is not None and counts.sum() >= limit:
+            break
+        if not 0 <= label < num_classes:
+            raise ValueError(f"{shards}/train: sample {key} has label {label}, outside the {num_classes} classes of "
+                             f"the train manifest")
+        sums[label] += to_uint8_tensor(eval_view(img, res)).double() / 255
+        counts[label] += 1
+    if counts.sum() == 0:
+        return None
+    seen = counts > 0
+    class_means = torch.where(seen[:, None, None, None], sums / counts.clamp(min=1)[:, None, None, None],
+                              sums[seen].sum(0) / counts.sum())  # a class absent from the prefix: global mean
+    return class_means.float(), (sums.sum(0) / counts.sum()).float()[None], int(counts.sum())
+
+
+def trained_prefixes(cfg) -> list[int]:
+    """Token prefixes that nested dropout trains: keep lengths (>= min_tokens) with a nonzero probability."""
+    return [n for n, prob in zip(cfg.keep_lengths, cfg.keep_probs) if prob > 0]
+
+
+@torch.no_grad()
+def evaluate(model: ResTok, shards: str, n: int, device: torch.device, batch: int, baseline_images: int | None,
+             show: int = 8):
     """EMA model in fp32 on the first `n` val images (spec 5.1): PSNR/SSIM after clamping and 8-bit rounding,
-    codebook usage, PSNR of each token prefix, the mean-image baseline; and the recon.png tiles."""
+    codebook usage, PSNR of each trained token prefix (the others are listed as untrained), and two baselines on
+    the same images: the mean train image of the image's class and the mean train image; and the recon.png tiles."""
     model.eval()
-    images = []  # uint8: 50k val images at 256 px are 9.8 GB, four times that as floats
-    for _, img, _ in iter_split_uint8(shards, "val"):
+    images, labels = [], []  # uint8: 50k val images at 256 px are 9.8 GB, four times that as floats
+    for _, img, label in iter_split_uint8(shards, "val"):
         images.append(img)
+        labels.append(label)
         if len(images) == n:
             break
-    x_all = torch.stack(images)  # (N, 3, H, W) uint8
-    count = len(x_all)
-    mean_image = (x_all.sum(0, dtype=torch.float64) / count / 255).float()[None]  # (1, 3, H, W)
+    x_all, labels = torch.stack(images), torch.tensor(labels)  # (N, 3, H, W) uint8, (N,)
+    count, res = len(x_all), x_all.shape[-1]
+    num_classes = read_manifest(shards, "train")["num_classes"]
+    baseline = class_mean_images(shards, res, num_classes, baseline_images)
     prefixes = list(accumulate(model.level_sizes))
-    sums = {"psnr": 0.0, "ssim": 0.0, "mean_image_psnr": 0.0, **{k: 0.0 for k in prefixes}}
+    sums = {"psnr": 0.0, "ssim": 0.0, "class_mean": 0.0, "global_mean": 0.0, **{k: 0.0 for k in prefixes}}
     codes_all = []
     for i in range(0, count, batch):
         x = x_all[i : i + batch].to(device).float() / 255
-        sums["mean_image_psnr"] += float(psnr(mean_image.to(device).expand_as(x), x).sum())
+        if baseline is not None:
+            class_means, global_mean, _ = baseline
+            sums["class_mean"] += float(psnr(class_means[labels[i : i + batch]].to(device), x).sum())
+            sums["global_mean"] += float(psnr(global_mean.to(device).expand_as(x), x).sum())
         codes = model.encode(x)  # (b, L)
         codes_all.append(codes.cpu())
         for k in prefixes:
@@ -198,10 +233,17 @@ def evaluate(model: ResTok, shards: str, n: int, device: torch.device, batch: in
     codes = torch.cat(codes_all)[pick].to(device)
     tiles = [x_all[pick].float() / 255] + [model.decode(codes, k).clamp(0, 1).cpu() for k in prefixes]
     stats = codebook_stats(torch.cat(codes_all), model.level_sizes, model.cfg.codebook_size)
+    trained = trained_prefixes(model.cfg)
+    has = baseline is not None
     metrics = {"eval_images": count, "psnr": sums["psnr"] / count, "ssim": sums["ssim"] / count,
-               "mean_image_psnr": sums["mean_image_psnr"] / count,
-               "psnr_by_prefix": {str(k): sums[k] / count for k in prefixes}, "codebook": stats}
-    return metrics, torch.cat(tiles), prefixes
+               "class_mean_image_psnr": sums["class_mean"] / count if has else None,
+               "global_mean_image_psnr": sums["global_mean"] / count if has else None,
+               "psnr_above_class_mean_db": (sums["psnr"] - sums["class_mean"]) / count if has else None,
+               "baseline_train_images": baseline[2] if has else 0,
+               "psnr_by_prefix": {str(k): sums[k] / count for k in prefixes if k in trained},
+               "untrained_prefixes": [k for k in prefixes if k not in trained], "codebook": stats}
+    rows = ["original", *[f"{k} tokens" + ("" if k in trained else " (untrained)") for k in prefixes]]
+    return metrics, torch.cat(tiles), rows
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -339,10 +381,11 @@ def main(argv=None):
         ema_step = step if tt.export_step is None else tt.export_step
         if ema_step < step:  # the EMA of `export_step` is what is evaluated and exported (spec: 750k of 1M steps)
             ema.model.load_state_dict(ckpt.load(ckpt_dir / EXPORT_EMA))
-        metrics, tiles, prefixes = evaluate(ema.model, args.shards, tt.eval_images, device, local_bs)
+        metrics, tiles, rows = evaluate(ema.model, args.shards, tt.eval_images, device, local_bs,
+                                        tt.baseline_train_images)
         results.mkdir(parents=True, exist_ok=True)
         tmp = results / "recon.tmp.png"
-        save_image(tiles, tmp, nrow=len(tiles) // (len(prefixes) + 1), padding=1)
+        save_image(tiles, tmp, nrow=len(tiles) // len(rows), padding=1)
         tmp.replace(results / "recon.png")
         teacher_info = (vfs.get("provenance") or (teacher.provenance if teacher is not None else None))
         losses = loss_report(loss_cfg, cfg, vfs, loss_fn, tt.loop.max_steps)
@@ -361,10 +404,11 @@ def main(argv=None):
             "train_seconds": round(train_seconds, 2), "steps_this_run": trained,
             "train_images_per_second": round(trained * loop.batch_size / max(run_seconds, 1e-9), 2),
             "world_size": info.world_size, "device": str(device), "bf16": bf16, "resumed_from_step": resumed,
-            "recon_png_rows": ["original", *[f"{k} tokens" for k in prefixes]]}
+            "recon_png_rows": rows}
         write_results(results / "metrics.json", metrics, run_info, device)
-        console.print(f"train_tokenizer: EMA PSNR {metrics['psnr']:.2f} dB (mean image {metrics['mean_image_psnr']:.2f}"
-                      f" dB), SSIM {metrics['ssim']:.3f}, {run_info['train_images_per_second']} img/s, "
+        console.print(f"train_tokenizer: EMA PSNR {metrics['psnr']:.2f} dB ({metrics['psnr_above_class_mean_db']:+.2f}"
+                      f" dB above the class-mean image), SSIM {metrics['ssim']:.3f}, "
+                      f"{run_info['train_images_per_second']} img/s, "
                       f"{train_seconds:.1f} s")
     dist.barrier()
     dist.cleanup()
@@ -384,9 +428,10 @@ def import_tokenizer(p, args) -> None:
     for stale in (out / "tokenizer.pt", *(results / n for n in ("metrics.json", "provenance.json", "recon.png"))):
         stale.unlink(missing_ok=True)
     CurveWriter(results / "curve.tsv", ["loss", *loss_terms(tt.loss), "lr"]).close()  # header only: nothing trained
-    metrics, tiles, prefixes = evaluate(model.to(device), args.shards, tt.eval_images, device, tt.loop.batch_size)
+    metrics, tiles, rows = evaluate(model.to(device), args.shards, tt.eval_images, device, tt.loop.batch_size,
+                                    tt.baseline_train_images)
     tmp = results / "recon.tmp.png"
-    save_image(tiles, tmp, nrow=len(tiles) // (len(prefixes) + 1), padding=1)
+    save_image(tiles, tmp, nrow=len(tiles) // len(rows), padding=1)
     tmp.replace(results / "recon.png")
     provenance_out = {"params_hash": params_hash(p), "step": None, "profile": p.profile, "teacher": None,
                       "losses": None, "features_manifest_sha256": None, "official": provenance}
@@ -398,7 +443,7 @@ def import_tokenizer(p, args) -> None:
         "num_params_millions": round(provenance["num_params"] / 1e6, 3)})
     run_info = {"profile": p.profile, "weights": provenance["weights"], "official": provenance, "teacher": None,
                 "losses": "none: released checkpoint, not trained here", "train_seconds": None,
-                "device": str(device), "recon_png_rows": ["original", *[f"{k} tokens" for k in prefixes]]}
+                "device": str(device), "recon_png_rows": rows}
     write_results(results / "metrics.json", metrics, run_info, device)
     console.print(f"train_tokenizer: imported {provenance['weights']} (nothing trained); PSNR {metrics['psnr']:.2f} "
                   f"dB on {metrics['eval_images']} val images")
