@@ -6,8 +6,9 @@ Run: .venv/bin/python -m pytest tests/unit/test_tokenizer_collapse.py -q
 The recipe is the default profile's model (tokenizer section, including its switches: small layer scale, codebook
 init from data, dead-code restarts, grey start), its optimiser (AdamW with the spec's groups, LR, betas, weight decay, clip)
 and the MSE + VQ objective, without VF alignment (no teacher here, and without it the old recipe collapsed
-completely). The old recipe (those four switches off) gives one code for every image at some level within the
-same steps; `test_old_recipe_collapses` keeps that measured, so the check is known to bite.
+completely). Measured (2026-12-02): with the four switches off, this criterion (more than one distinct code tuple
+per level over the 16 images) still passed after 40 steps, so it does not yet bite on the old recipe; a stronger
+criterion (per-position entropy per level) is the open follow-up.
 """
 import dataclasses
 
@@ -62,7 +63,3 @@ def test_default_recipe_codes_differ_across_images_at_every_level():
     distinct = _distinct_per_level(codes, level_sizes)
     assert all(n > 1 for n in distinct), f"distinct codes per level across {len(codes)} images: {distinct}"
 
-
-def test_old_recipe_collapses():
-    codes, level_sizes = _train_codes(codebook_init="uniform", dead_code_steps=0, grey_start=False, layer_scale_init=1.0)
-    assert min(_distinct_per_level(codes, level_sizes)) == 1
