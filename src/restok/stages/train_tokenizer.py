@@ -397,7 +397,6 @@ def main(argv=None):
         trained = step - start_step
         metrics.update({
             "step": step, "ema_step": ema_step,
-            "psnr_minus_mean_image_psnr": metrics["psnr"] - metrics["mean_image_psnr"],
             "num_params_millions": round(sum(q.numel() for q in model.parameters()) / 1e6, 3)})
         run_info = {
             "profile": p.profile, "teacher": teacher_info, "losses": losses,
@@ -439,7 +438,7 @@ def import_tokenizer(p, args) -> None:
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_artifact(out / "tokenizer.pt", state_dict, dataclasses.asdict(model.cfg), provenance_out)
     metrics.update({
-        "step": None, "psnr_minus_mean_image_psnr": metrics["psnr"] - metrics["mean_image_psnr"],
+        "step": None,
         "num_params_millions": round(provenance["num_params"] / 1e6, 3)})
     run_info = {"profile": p.profile, "weights": provenance["weights"], "official": provenance, "teacher": None,
                 "losses": "none: released checkpoint, not trained here", "train_seconds": None,
