@@ -118,12 +118,12 @@ def test_official_profile_imports_instead_of_training(official_ws):
 
 def test_official_profile_samples_and_scores_with_the_paper_settings(official_ws):
     ws, _, _ = official_ws
-    summary = json.loads((ws / "results/sample/summary.json").read_text())
+    summary = read_results(ws / "results/sample/summary.json")  # with its provenance.json (the sampling config)
     assert summary["cfg"]["cfg_scale"] == 3.75 and summary["cfg"]["cfg_schedule"] == "step"
     assert summary["cfg"]["window_start"] == 0.25 and summary["cfg"]["top_p"] == 0.95
     with np.load(ws / "data/sample/samples.npz") as npz:
         assert npz["arr_0"].shape == (8, 128, 128, 3)
-    head = json.loads((ws / "results/metrics.json").read_text())
+    head = read_results(ws / "results/metrics.json")
     assert head["tokenizer_weights"].startswith("official:") and head["generator_weights"].startswith("official:")
     assert np.isfinite(head["gFID"]) and np.isfinite(head["rFID"])
     readme = (ws / "results/README.md").read_text()
