@@ -231,6 +231,6 @@ def test_a_folder_of_every_bad_file_loses_nothing(tmp_path, capsys):
     stored = sum(m["num_samples"] for m in manifests)
     assert stored == (6 + 3) + (6 + 1), "every plain and every convertible file is stored"
     assert sum(1 for s in ("train", "val") for _ in iter_split(out, s)) == stored
-    printed = capsys.readouterr().out  # names verbatim: no rich markup error, no "[tag]" swallowed
+    printed = capsys.readouterr().err  # logs go to stderr; names verbatim: no rich markup error, no "[tag]" swallowed
     for name, reason in skipped.items():
         assert f"  skipped {root / 'b[' / name}: {reason}\n" in printed

