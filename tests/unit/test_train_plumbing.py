@@ -168,8 +168,8 @@ def test_decay_groups_match_the_official_rule_on_official_names():
 def test_decay_groups_of_the_default_profile_models(tmp_path):
     """The models `make run` trains: embeddings, level embeddings, query tokens and the codebook are not decayed."""
     p = load_params(write_profile("default", tmp_path / "params.yaml"))
-    tokenizer = ResTok(tokenizer_config(dataclasses.replace(p.tokenizer, latent_init="learned"), p.data.resolution,
-                                        vf_dim=16))
+    section = dataclasses.replace(p.tokenizer, latent_init="learned", image_queries="learned")  # every token kind
+    tokenizer = ResTok(tokenizer_config(section, p.data.resolution, vf_dim=16))
     generator = HARGenerator(model_generator_config(p.generator, vocab_size=64, num_tokens=32, num_classes=10))
     decay, no_decay = _groups(tokenizer)
     assert {"quantizer.codebook", "encoder.image_level_emb", "encoder.latent_level_emb", "decoder.latent_level_emb",
