@@ -94,9 +94,13 @@ def probe_accuracy(probe: Probe, feats, labels) -> dict:
     return {"accuracy": float(hit.mean()), "per_class": per_class, "count": len(y)}
 
 
-def class_probe_report(probe: Probe, val_feats, val_labels, sample_feats, sample_labels, features: str) -> dict:
-    """The `class_probe` entry of score's metrics: accuracy on real val beside accuracy on samples."""
+def class_probe_report(probe: Probe, val_feats, val_labels, sample_feats, sample_labels, features: str,
+                       recon_feats=None, recon_labels=None) -> dict:
+    """The `class_probe` entry of score's metrics: accuracy on real val beside accuracy on samples, and (given
+    their features) on the tokenizer's reconstructions of val images: the most samples decoded by that tokenizer
+    can be expected to reach, since every sample passes through the same decoder."""
     val = probe_accuracy(probe, val_feats, val_labels)
+    recon = None if recon_feats is None else probe_accuracy(probe, recon_feats, recon_labels)["accuracy"]
     samples = probe_accuracy(probe, sample_feats, sample_labels)
     chance = 1.0 / probe.num_classes
     bar = chance + RELIABLE_FRACTION * (1.0 - chance)
@@ -105,7 +109,7 @@ def class_probe_report(probe: Probe, val_feats, val_labels, sample_feats, sample
             f"{chance:.3f} to 1): sample accuracy measures whether samples show their class" if reliable else
             f"NOT RELIABLE: the probe classifies real val images at only {val['accuracy']:.3f} (< {bar:.3f}, halfway "
             f"from chance {chance:.3f} to 1), so the sample accuracy says nothing about the generator")
-    return {"real_val_accuracy": val["accuracy"], "sample_accuracy": samples["accuracy"],
+    return {"real_val_accuracy": val["accuracy"], "sample_accuracy": samples["accuracy"], "recon_accuracy": recon,
             "per_class": {c: {"real_val": val["per_class"][c], "samples": samples["per_class"][c]}
                           for c in val["per_class"]},
             "chance": chance, "features": features, "reliable": reliable, "note": note,

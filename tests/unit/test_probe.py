@@ -49,6 +49,14 @@ def test_report_reliable_only_when_real_val_is_classified():
     good = class_probe_report(fit_probe(*train), *val, *samples, features="fixture")
     assert good["reliable"] and good["chance"] == 0.25 and good["real_val_accuracy"] > 0.95
     assert good["per_class"]["1"].keys() == {"real_val", "samples"} and good["features"] == "fixture"
+    assert good["recon_accuracy"] is None  # no reconstructions given
+
+    feats, labels = clusters(10, 1.0, seed=4)
+    wrong = (labels + 1) % 4  # reconstructions that show the next class: accuracy 0, not the samples' figure
+    probe = fit_probe(*train)
+    with_recon = class_probe_report(probe, *val, *samples, features="fixture", recon_feats=feats, recon_labels=wrong)
+    assert with_recon["recon_accuracy"] == probe_accuracy(probe, feats, wrong)["accuracy"] < 0.05
+    assert with_recon["sample_accuracy"] == good["sample_accuracy"]
 
     noise = np.random.default_rng(5).normal(size=(80, D))  # features that carry no class
     blind = fit_probe(noise, train[1])

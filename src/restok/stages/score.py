@@ -35,8 +35,8 @@ import torch
 from restok import checks
 from restok.artifacts import load_tokenizer
 from restok.config import load_params
-from restok.data.shards import read_manifest
-from restok.fid import PROVENANCE_KEYS, batches, build_extractor, extract, fid_device, load_stats, val_images
+from restok.data.shards import iter_split_uint8, read_manifest
+from restok.fid import PROVENANCE_KEYS, batches, build_extractor, extract, fid_device, load_stats
 from restok.metrics import (Features, codebook_stats, frechet_distance, inception_score, precision_recall, psnr,
                             statistics)
 from restok.images import UNTRAINED
@@ -62,8 +62,10 @@ def reconstruct(tokenizer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return recon.to(torch.uint8).cpu(), psnr(recon / 255, x).cpu(), codes.cpu()
 
 
-def score_tokenizer(tokenizer, extractor, shard_dir: Path, batch_size: int, ref: dict) -> dict:
-    count, images = val_images(shard_dir)
+def score_tokenizer(tokenizer, extractor, shard_dir: Path, batch_size: int, ref: dict) -> tuple[dict, Features, list]:
+    """The tokenizer's metrics, and its reconstructions' Inception features with the val labels (for the probe)."""
+    count, labels = read_manifest(shard_dir, "val")["num_samples"], []
+    images = split_labels(((img, label) for _, img, label in iter_split_uint8(shard_dir, "val")), labels)
     pools, psnrs, codes = [], [], []
     with progress(count, "reconstruct val") as bar:
         for batch in batches(images, batch_size):
@@ -76,10 +78,10 @@ def score_tokenizer(tokenizer, extractor, shard_dir: Path, batch_size: int, ref:
     val_ref = {"mu": ref["val_mu"], "sigma": ref["val_sigma"], **{k: ref[k] for k in PROVENANCE_KEYS}}
     rfid = frechet_distance(statistics(feats), val_ref)
     usage = codebook_stats(torch.cat(codes), tokenizer.cfg.level_sizes, tokenizer.cfg.codebook_size)
-    return {"rfid": {**rfid, "num_images": len(feats.pool), "reference": "val (originals)", "tokens": "all"},
-            "psnr": {"mean_db": float(torch.cat(psnrs).mean()), "num_images": len(feats.pool)},
-            "codebook": {"usage": usage["all"]["usage"], "entropy_bits": usage["all"]["entropy_bits"],
-                         "per_level": {k: v for k, v in usage.items() if k != "all"}}}
+    return ({"rfid": {**rfid, "num_images": len(feats.pool), "reference": "val (originals)", "tokens": "all"},
+             "psnr": {"mean_db": float(torch.cat(psnrs).mean()), "num_images": len(feats.pool)},
+             "codebook": {"usage": usage["all"]["usage"], "entropy_bits": usage["all"]["entropy_bits"],
+                          "per_level": {k: v for k, v in usage.items() if k != "all"}}}, feats, labels)
 
 
 def load_samples(samples_npz: Path) -> torch.Tensor:
@@ -111,7 +113,7 @@ def score_samples(samples_npz: Path, extractor, batch_size: int, ref: dict) -> t
 
 
 def class_probe(extractor, shard_dir: Path, per_class: int, batch_size: int, samples: Features,
-                sample_labels: np.ndarray) -> dict:
+                sample_labels: np.ndarray, recon: Features, recon_labels: list) -> dict:
     """Fit the probe on train features and report it on val and on the samples (restok.probe)."""
     name = extractor.provenance["extractor"]
     manifests = {split: read_manifest(shard_dir, split) for split in ("train", "val")}
@@ -126,7 +128,7 @@ def class_probe(extractor, shard_dir: Path, per_class: int, batch_size: int, sam
         feats[split] = (extract(extractor, split_labels(pairs, labels), count, batch_size,
                                 f"inception probe {split}").pool, labels)
     probe = fit_probe(*feats["train"], num_classes=len(manifests["train"]["class_histogram"]))
-    report = class_probe_report(probe, *feats["val"], samples.pool, sample_labels, name)
+    report = class_probe_report(probe, *feats["val"], samples.pool, sample_labels, name, recon.pool, recon_labels)
     return {**report, "train_images": len(feats["train"][1]), "per_class_cap": per_class}
 
 
@@ -169,6 +171,7 @@ def headline(p, scores: dict, tok_provenance: dict, args) -> dict:
         "codebook_entropy_bits": scores["codebook"]["entropy_bits"],
         "probe_val_accuracy": pick(scores, "class_probe.real_val_accuracy"),
         "probe_sample_accuracy": pick(scores, "class_probe.sample_accuracy"),
+        "probe_recon_accuracy": pick(scores, "class_probe.recon_accuracy"),
         "probe_reliable": pick(scores, "class_probe.reliable"), "probe_note": pick(scores, "class_probe.note"),
         "num_samples": scores["gfid"]["num_samples"], "fid_reference": scores["gfid"]["reference"],
         "rFID_num_images": scores["rfid"]["num_images"],
@@ -201,6 +204,8 @@ README_ROWS = (("rFID", "rFID", "tokenizer, val originals vs reconstructions"),
                ("recall", "recall (k=3)", "samples vs reference"),
                ("probe_val_accuracy", "class probe accuracy, real val", "Inception pool3 linear probe"),
                ("probe_sample_accuracy", "class probe accuracy, samples", "same probe, conditioning labels"),
+               ("probe_recon_accuracy", "class probe accuracy, reconstructions", "same probe, tokenizer's val "
+                "reconstructions (what samples through this decoder can reach)"),
                ("PSNR_dB", "PSNR (dB)", "tokenizer, val"),
                ("PSNR_above_class_mean_dB", "PSNR above the class-mean image (dB)",
                 "tokenizer, val (train_tokenizer's eval images)"),
@@ -269,10 +274,12 @@ def main(argv=None):
     (results / "score").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     sample_scores, sample_feats, sample_labels = score_samples(samples, extractor, p.fid.batch_size, ref)
-    scores = {**sample_scores, **score_tokenizer(tokenizer, extractor, Path(args.shards), p.fid.batch_size, ref)}
+    tok_scores, recon_feats, recon_labels = score_tokenizer(tokenizer, extractor, Path(args.shards),
+                                                            p.fid.batch_size, ref)
+    scores = {**sample_scores, **tok_scores}
     if p.fid.probe_per_class:
         scores["class_probe"] = class_probe(extractor, Path(args.shards), p.fid.probe_per_class, p.fid.batch_size,
-                                            sample_feats, sample_labels)
+                                            sample_feats, sample_labels, recon_feats, recon_labels)
     untrained = Path(args.samples) / UNTRAINED
     scores["gfid_untrained_generator"] = (score_untrained(untrained, extractor, p.fid.batch_size, ref)
                                           if untrained.is_file() else None)
