@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from restok.models.masks import group_causal_mask
+from restok.models.recompute import Checkpointing, call
 from restok.models.rope import apply_rope
 
 Mode = Literal["har", "ar"]  # params generator.mode: an enum in the schema
@@ -279,6 +280,7 @@ class HARGenerator(nn.Module):
         self.special_emb = nn.Embedding(cfg.num_special, cfg.dim) if cfg.num_special else None
         self.tok_drop = nn.Dropout(cfg.token_dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.checkpointing = False  # restok.models.recompute; set by set_checkpointing
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
@@ -305,6 +307,11 @@ class HARGenerator(nn.Module):
                 nn.init.ones_(m.weight)
         nn.init.zeros_(self.head.weight)
 
+    def set_checkpointing(self, mode: Checkpointing) -> None:
+        """Activation checkpointing of each block in training ("blocks"; the generator has no other stage, so "all"
+        is the same); "none" = off. Values and gradients do not change (dropout masks are replayed)."""
+        self.checkpointing = mode != "none"
+
     def embed(self, codes: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Input embeddings (B, n, D) of positions pos (n,) built from codes (B, T) and labels (B,).
 
@@ -320,7 +327,7 @@ class HARGenerator(nn.Module):
 
     def _trunk(self, x, cos, sin, mask, kv=None, pos=None) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, None if kv is None else kv[i], pos)
+            x = call(block, x, cos, sin, mask, None if kv is None else kv[i], pos, checkpointed=self.checkpointing)
         return self.head(self.norm(x)).float()  # (B, n, V) logits in fp32
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

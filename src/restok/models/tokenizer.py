@@ -23,6 +23,7 @@ from torch import nn
 
 from restok.models.pixel_cnn import PixelDecoder, PixelEncoder
 from restok.models.quantizer import VectorQuantizer
+from restok.models.recompute import Checkpointing
 from restok.models.vit import ResTokDecoder, ResTokEncoder, merge_block_indices, pool_grid
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -297,6 +298,12 @@ class ResTok(nn.Module):
         cpu = torch.device("cpu")
         self.register_buffer("keep_lengths", torch.tensor(cfg.keep_lengths, device=cpu), persistent=False)
         self.register_buffer("keep_probs", torch.tensor(cfg.keep_probs, device=cpu), persistent=False)
+
+    def set_checkpointing(self, mode: Checkpointing) -> None:
+        """Activation checkpointing for training (restok.models.recompute): "blocks" = each ViT block, "all" = also
+        each pixel-CNN ResBlock, "none" = off. Values and gradients do not change."""
+        self.encoder.checkpointing = self.decoder.checkpointing = mode in ("blocks", "all")
+        self.pixel_encoder.checkpointing = self.pixel_decoder.checkpointing = mode == "all"
 
     @property
     def level_sizes(self) -> tuple[int, ...]:

@@ -187,6 +187,7 @@ def main(argv=None):
 
     torch.manual_seed(loop.seed)  # the same initial weights on every rank
     model = HARGenerator(cfg).to(device)
+    model.set_checkpointing(loop.checkpointing)
     seed_everything(loop.seed, rank)  # then one dropout stream per rank
     ema = EMA(model, loop.ema_decay)
     opt = adamw(model, opt_cfg.lr, opt_cfg.weight_decay, tuple(opt_cfg.betas))

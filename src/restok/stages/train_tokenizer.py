@@ -286,6 +286,7 @@ def main(argv=None):
 
     dist.seed_everything(loop.seed)  # the same init on every rank
     model = ResTok(cfg).to(device)
+    model.set_checkpointing(loop.checkpointing)
     ema = EMA(model, loop.ema_decay)
     loss_fn = loss_fn.to(device).train()
     teacher = teacher.to(device) if teacher is not None else None
