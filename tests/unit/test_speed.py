@@ -1,8 +1,9 @@
 """The training speed-ups against the plain eager path, on tiny models in fp32 on CPU.
 
 Run: .venv/bin/python -m pytest tests/unit/test_speed.py -q
-Activation checkpointing (`loop.checkpointing`) recomputes blocks in the backward pass; it must not change the
-loss or any gradient. Each test builds two models with the same weights, runs one training forward + backward on
+Activation checkpointing (`loop.checkpointing`) recomputes blocks in the backward pass, and the generator's training
+loss is a chunked cross-entropy that never holds the whole fp32 logits; neither may change the loss or any
+gradient. Each test builds two models with the same weights, runs one training forward + backward on
 the same batch from the same RNG state (nested dropout, label and token dropout draw from it) and compares the loss
 and every parameter's gradient.
 """
@@ -14,6 +15,8 @@ import torch
 from restok.models.generator import HARGenerator, generator_config
 from restok.models.tokenizer import PRESETS, ResTok
 
+VOCAB = 80  # the tiny generator's; unlike its width (64), so logits are told apart from activations by shape
+
 
 def _tokenizer_loss(model: ResTok, x: torch.Tensor, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)  # the nested-dropout draw
@@ -22,9 +25,16 @@ def _tokenizer_loss(model: ResTok, x: torch.Tensor, seed: int) -> torch.Tensor:
         + out.enc_cls_feat.square().mean()
 
 
-def _generator_loss(model: HARGenerator, codes: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
+def _generator_loss(model: HARGenerator, codes: torch.Tensor, labels: torch.Tensor, seed: int,
+                    with_logits: bool = True) -> torch.Tensor:
     torch.manual_seed(seed)  # label, token, residual and FFN dropout
-    return model(codes, labels)[1]
+    return model(codes, labels, with_logits=with_logits)[1]
+
+
+def _tiny_generator() -> HARGenerator:
+    model = HARGenerator(generator_config("har-smoke", vocab_size=VOCAB, num_tokens=16, num_classes=10)).train()
+    torch.nn.init.normal_(model.head.weight, std=0.02)  # the zero-init head would give the trunk no gradient
+    return model
 
 
 def count_calls(module: torch.nn.Module) -> list:
@@ -58,12 +68,26 @@ def test_tokenizer_checkpointing_keeps_loss_and_grads(mode):
 
 
 def test_generator_checkpointing_keeps_loss_and_grads():
-    ref = HARGenerator(generator_config("har-smoke", vocab_size=64, num_tokens=16, num_classes=10)).train()
-    torch.nn.init.normal_(ref.head.weight, std=0.02)  # the zero-init head would give the trunk no gradient
+    ref = _tiny_generator()
     fast = copy.deepcopy(ref)
     fast.set_checkpointing("blocks")
     calls = count_calls(fast.blocks[-1])
-    codes, labels = torch.randint(0, 64, (4, 16)), torch.tensor([0, 3, 5, 9])
+    codes, labels = torch.randint(0, VOCAB, (4, 16)), torch.tensor([0, 3, 5, 9])
     assert_same_loss_and_grads(ref, fast, _generator_loss(ref, codes, labels, 2),
                                _generator_loss(fast, codes, labels, 2), atol=1e-5)
     assert len(calls) == 2  # recomputed in backward
+
+
+def test_generator_chunked_loss_keeps_loss_and_grads_without_whole_logits(monkeypatch):
+    """with_logits=False (the training step): the chunked cross-entropy equals the full one, and no tensor of the
+    size of the whole logits is kept for the backward pass."""
+    monkeypatch.setattr("restok.models.generator.LOSS_CHUNK", 4)  # 16 positions: 4 chunks
+    ref = _tiny_generator()
+    fast = copy.deepcopy(ref)
+    codes, labels = torch.randint(0, VOCAB, (4, 16)), torch.tensor([0, 3, 5, 9])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        loss_fast = _generator_loss(fast, codes, labels, 3, with_logits=False)
+    logits_like = [shape.numel() for shape in saved if len(shape) and shape[-1] == VOCAB]
+    assert max(logits_like, default=0) <= 4 * 4 * VOCAB  # one chunk at most, never the (4, 16, V) logits
+    assert_same_loss_and_grads(ref, fast, _generator_loss(ref, codes, labels, 3), loss_fast, atol=1e-5)

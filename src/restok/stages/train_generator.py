@@ -228,7 +228,7 @@ def main(argv=None):
             codes, labels = train.batch(index[rank * local:(rank + 1) * local], view[rank * local:(rank + 1) * local],
                                         device)
             with autocast:
-                _, loss = net(codes, labels)
+                _, loss = net(codes, labels, with_logits=False)  # chunked CE: no (B, L, V) fp32 logits
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if opt_cfg.grad_clip > 0:
