@@ -157,7 +157,8 @@ class Loop:
     workers: int = field(default=2, metadata=rng(0, help="data loader processes per training process"))
     precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata=rng(
         help="auto: bf16 autocast on CUDA, fp32 on CPU"))
-    compile: bool = field(default=False, metadata=rng(help="torch.compile the model (pays on GPU)"))
+    compile: bool = field(default=False, metadata=rng(help=(
+        "torch.compile (pays on GPU): the tokenizer by region (each ViT block and pixel CNN), the generator whole")))
     checkpointing: Checkpointing = field(default="none", metadata=rng(help=(
         "activation checkpointing (recompute in the backward pass; same values and gradients, less memory, more "
         "compute): none; blocks: each transformer block; all (tokenizer only): also each pixel-CNN ResBlock")))

@@ -3,11 +3,16 @@
 Run: .venv/bin/python -m pytest tests/unit/test_speed.py -q
 Activation checkpointing (`loop.checkpointing`) recomputes blocks in the backward pass, and the generator's training
 loss is a chunked cross-entropy that never holds the whole fp32 logits; neither may change the loss or any
-gradient. Each test builds two models with the same weights, runs one training forward + backward on
+gradient. torch.compile (`loop.compile`: the tokenizer by region, the generator whole) must give them within 1e-4.
+The compile tests use the aot_eager backend (graph capture, guards and recompiles per block shape, AOT autograd
+with the checkpointed regions), which compiles the tiny tokenizer in seconds; inductor's C++ code generation for
+its graphs takes 1.5 to 2.5 min on a 2-core CPU, so that case runs only with RESTOK_TEST_INDUCTOR=1.
+Each test builds two models with the same weights, runs one training forward + backward on
 the same batch from the same RNG state (nested dropout, label and token dropout draw from it) and compares the loss
 and every parameter's gradient.
 """
 import copy
+import os
 
 import pytest
 import torch
@@ -15,6 +20,8 @@ import torch
 from restok.models.generator import HARGenerator, generator_config
 from restok.models.tokenizer import PRESETS, ResTok
 
+BACKENDS = ["aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(
+    not os.environ.get("RESTOK_TEST_INDUCTOR"), reason="inductor compiles for 1.5-2.5 min on CPU; RESTOK_TEST_INDUCTOR=1"))]
 VOCAB = 80  # the tiny generator's; unlike its width (64), so logits are told apart from activations by shape
 
 
@@ -91,3 +98,33 @@ def test_generator_chunked_loss_keeps_loss_and_grads_without_whole_logits(monkey
     logits_like = [shape.numel() for shape in saved if len(shape) and shape[-1] == VOCAB]
     assert max(logits_like, default=0) <= 4 * 4 * VOCAB  # one chunk at most, never the (4, 16, V) logits
     assert_same_loss_and_grads(ref, fast, _generator_loss(ref, codes, labels, 3), loss_fast, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tokenizer_regional_compile_keeps_loss_and_grads(backend):
+    """The training stage's fast path, `compile_regions` with checkpointing 'all', against eager; then a second step
+    reuses the compiled graphs (every block shape was compiled once, nothing falls back)."""
+    torch._dynamo.reset()
+    ref = ResTok(PRESETS["restok-tiny/32"]).train()
+    fast = copy.deepcopy(ref)
+    fast.set_checkpointing("all")
+    fast.compile_regions(backend=backend)
+    x = torch.rand(2, 3, 64, 64)
+    assert_same_loss_and_grads(ref, fast, _tokenizer_loss(ref, x, 1), _tokenizer_loss(fast, x, 1), atol=1e-4)
+    frames = dict(torch._dynamo.utils.counters["frames"])
+    fast.zero_grad()
+    _tokenizer_loss(fast, x, 1).backward()
+    assert dict(torch._dynamo.utils.counters["frames"]) == frames and frames["ok"] >= 1
+
+
+def test_generator_compiled_training_step_keeps_loss_and_grads():
+    """train_generator's step with loop.compile and loop.checkpointing 'blocks': the whole model compiled, the chunked
+    loss, against the eager full-logits loss."""
+    torch._dynamo.reset()
+    ref = _tiny_generator()
+    fast = copy.deepcopy(ref)
+    fast.set_checkpointing("blocks")
+    net = torch.compile(fast, backend="aot_eager", dynamic=False)
+    codes, labels = torch.randint(0, VOCAB, (4, 16)), torch.tensor([0, 3, 5, 9])
+    assert_same_loss_and_grads(ref, fast, _generator_loss(ref, codes, labels, 4),
+                               _generator_loss(net, codes, labels, 4, with_logits=False), atol=1e-4)
