@@ -323,8 +323,8 @@ class HARGenerator(nn.Module):
         nn.init.zeros_(self.head.weight)
 
     def set_checkpointing(self, mode: Checkpointing) -> None:
-        """Activation checkpointing of each block in training ("blocks"; the generator has no other stage, so "all"
-        is the same); "none" = off. Values and gradients do not change (dropout masks are replayed)."""
+        """Activation checkpointing of each block in training ("blocks"), or "none". Values and gradients do not
+        change (dropout masks are replayed). The params refuse "all" here: it names the tokenizer's pixel CNN."""
         self.checkpointing = mode != "none"
 
     def embed(self, codes: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
