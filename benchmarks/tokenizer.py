@@ -1,13 +1,14 @@
 """Tokenizer throughput: training images/s, peak memory, encode and decode images/s.
 
     python benchmarks/tokenizer.py                                   # CPU, the default profile's tiny tokenizer
-    python benchmarks/tokenizer.py --device cuda --size L --batch 16 32 [--compile] [--json out.json]
+    python benchmarks/tokenizer.py --device cuda --size L --batch 16 32 [--compile] [--checkpointing all] [--json out.json]
 
 The training step is the one train_tokenizer runs with the loss set L2 + VQ only (VF branch off, no LPIPS, no GAN):
 forward (bf16 autocast on CUDA, VQ and pixel decoder fp32), MSE + VQ loss, backward, grad clip, AdamW (fused on
 CUDA), EMA update. Encode = image -> codes, decode = all codes -> image, both under no_grad (bf16 on CUDA).
-Every configuration runs on the plain eager path; with --compile also under torch.compile, and the ratio
-compiled / eager is printed. Size L is the paper's ResTok-L/128 at 256 px; the official code on one H100 80GB
+Every configuration runs on the plain eager path; with --compile also with the training stage's regional
+torch.compile (`ResTok.compile_regions`), and the ratio compiled / eager is printed. --checkpointing applies the
+stage's `loop.checkpointing` to the training step of both paths. Size L is the paper's ResTok-L/128 at 256 px; the official code on one H100 80GB
 (bf16 autocast, eager) does 38 train images/s at batch 16 (49.9 GiB peak; batch 32 runs out of memory), and
 158 encode / 234 decode images/s at batch 16: those figures are printed beside ours as ratios.
 Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the process's peak RSS (includes everything loaded).
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from restok.config import TokenizerParams, build, profile_tree
+from restok.models.recompute import Checkpointing
 from restok.models.tokenizer import ResTok, TokenizerConfig
 from restok.train import optim
 from restok.train.ema import EMA
@@ -65,20 +67,21 @@ def _rate(fn, batch: int, steps: int, warmup: int, device: torch.device) -> floa
     return batch * steps / (time.perf_counter() - t0)
 
 
-def measure(cfg: TokenizerConfig, batch: int, device: torch.device, compile: bool, steps: int, warmup: int) -> dict:
+def measure(cfg: TokenizerConfig, batch: int, device: torch.device, compile: bool, checkpointing: Checkpointing,
+            steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     model = ResTok(cfg).to(device)
+    model.set_checkpointing(checkpointing)
     ema = EMA(model, 0.9999)
     opt = optim.adamw(model, 1e-4, 1e-4)
-    net = torch.compile(model) if compile else model
-    encode = torch.compile(model.encode) if compile else model.encode
-    decode = torch.compile(model.decode) if compile else model.decode
+    if compile:
+        model.compile_regions()
     x = torch.rand(batch, 3, cfg.resolution, cfg.resolution, device=device)
     bf16 = device.type == "cuda"
 
     def train_step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = net(x)
+            out = model(x)
         loss = F.mse_loss(out.recon.float(), x) + out.quant_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -86,7 +89,7 @@ def measure(cfg: TokenizerConfig, batch: int, device: torch.device, compile: boo
         opt.step()
         ema.update(model)
 
-    result = {"batch": batch, "compile": compile}
+    result = {"batch": batch, "compile": compile, "checkpointing": checkpointing}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -95,13 +98,13 @@ def measure(cfg: TokenizerConfig, batch: int, device: torch.device, compile: boo
         result["train_peak_gib"] = _peak_gib(device)
         model.eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            codes = encode(x)
-            result["encode_images_per_s"] = _rate(lambda: encode(x), batch, steps, warmup, device)
-            result["decode_images_per_s"] = _rate(lambda: decode(codes), batch, steps, warmup, device)
+            codes = model.encode(x)
+            result["encode_images_per_s"] = _rate(lambda: model.encode(x), batch, steps, warmup, device)
+            result["decode_images_per_s"] = _rate(lambda: model.decode(codes), batch, steps, warmup, device)
     except torch.cuda.OutOfMemoryError:
         result["oom"] = True
     finally:
-        del model, ema, opt, net
+        del model, ema, opt
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
@@ -113,6 +116,8 @@ def main(argv=None) -> None:
     ap.add_argument("--size", default=None, choices=["default", "L"], help="default: 'default' on CPU, 'L' on CUDA")
     ap.add_argument("--batch", type=int, nargs="+", default=None, help="default: 32 on CPU, 16 32 on CUDA")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile and print compiled / eager")
+    ap.add_argument("--checkpointing", default="none", choices=["none", "blocks", "all"],
+                    help="activation checkpointing of the training step (params loop.checkpointing)")
     ap.add_argument("--steps", type=int, default=None, help="timed iterations (default 5 CPU, 20 CUDA)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 1 CPU, 5 CUDA)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -131,13 +136,13 @@ def main(argv=None) -> None:
     cfg = tokenizer_cfg(size)
     name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     print(f"tokenizer benchmark: size {size} ({cfg.resolution} px, {cfg.num_tokens} tokens), {name}, "
-          f"loss L2 + VQ (VF off), torch {torch.__version__}")
+          f"loss L2 + VQ (VF off), checkpointing {args.checkpointing}, torch {torch.__version__}")
     rows = []
     for batch in batches:
-        eager = measure(cfg, batch, device, False, steps, warmup)
+        eager = measure(cfg, batch, device, False, args.checkpointing, steps, warmup)
         rows.append(eager)
         if args.compile:
-            compiled = measure(cfg, batch, device, True, steps, warmup)
+            compiled = measure(cfg, batch, device, True, args.checkpointing, steps, warmup)
             compiled["speedup_vs_eager"] = {k: compiled[k] / eager[k] for k in compiled
                                             if k.endswith("images_per_s") and k in eager}
             rows.append(compiled)

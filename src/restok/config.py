@@ -23,6 +23,7 @@ import yaml
 
 from restok.losses.recon import LossConfig
 from restok.models.generator import GeneratorConfig
+from restok.models.recompute import Checkpointing
 from restok.models.tokenizer import TokenizerConfig
 from restok.sampling import SamplingConfig
 
@@ -156,7 +157,11 @@ class Loop:
     workers: int = field(default=2, metadata=rng(0, help="data loader processes per training process"))
     precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata=rng(
         help="auto: bf16 autocast on CUDA, fp32 on CPU"))
-    compile: bool = field(default=False, metadata=rng(help="torch.compile the model (pays on GPU)"))
+    compile: bool = field(default=False, metadata=rng(help=(
+        "torch.compile (pays on GPU): the tokenizer by region (each ViT block and pixel CNN), the generator whole")))
+    checkpointing: Checkpointing = field(default="none", metadata=rng(help=(
+        "activation checkpointing (recompute in the backward pass; same values and gradients, less memory, more "
+        "compute): none; blocks: each transformer block; all (tokenizer only): also each pixel-CNN ResBlock")))
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -210,6 +215,11 @@ class TrainGenerator:
     optim: Optim = Optim()
     val_batches: int = field(default=4, metadata=rng(0, help="val batches for the val loss at each log step"))
     official: Official | None = field(default=None, metadata=rng(help=OFFICIAL_HELP))
+
+    def __post_init__(self):
+        if self.loop.checkpointing == "all":
+            raise ValueError("train_generator.loop.checkpointing='all' names the tokenizer's pixel CNN, which the "
+                             "generator does not have; use 'blocks'")
 
 
 @dataclass(frozen=True)

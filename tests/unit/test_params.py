@@ -49,6 +49,8 @@ BAD = {
     "cross-section": (lambda t: t["data"].__setitem__("resolution", 56), "tokenizer", "resolution=56"),
     "needs a root": (lambda t: t["data"].__setitem__("source", "folder"), "data.root", "folder"),
     "unknown section": (lambda t: t.__setitem__("trainer", {}), "trainer", "allowed"),
+    "generator has no pixel CNN": (lambda t: t["train_generator"]["loop"].__setitem__("checkpointing", "all"),
+                                   "train_generator.loop.checkpointing", "'all'"),
     "variant key": (lambda t: t["ablations"]["variants"].__setitem__("x", {"tokenizer.nope": 1}),
                     "ablations.variants", "tokenizer.nope"),
     "variant value": (lambda t: t["ablations"]["variants"].__setitem__("x", {"generator.mode": "diffusion"}),

@@ -121,12 +121,7 @@ def test_merge_invariants_inside_the_encoder():
     enc, seen = model.encoder, {}
     for i in enc.merge_blocks:
         block = enc.blocks[i]
-
-        def attend(*args, _orig=block.attend, _i=i, **kwargs):
-            seen[("attn", _i)] = _orig(*args, **kwargs)
-            return seen[("attn", _i)]
-
-        block.attend = attend
+        block.merge.register_forward_pre_hook(lambda m, args, _i=i: seen.__setitem__(("attn", _i), args[0]))
         block.norm2.register_forward_pre_hook(lambda m, args, _i=i: seen.__setitem__(("ln2", _i), args[0]))
     enc(torch.randn(2, TINY.pixel_z_channels, 8, 8))
     n = 64

@@ -19,6 +19,7 @@ rule shard:
         "src/restok/models/masks.py",
         "src/restok/models/pixel_cnn.py",
         "src/restok/models/quantizer.py",
+        "src/restok/models/recompute.py",
         "src/restok/models/rope.py",
         "src/restok/models/teacher.py",
         "src/restok/models/tokenizer.py",

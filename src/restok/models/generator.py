@@ -22,13 +22,16 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from restok.models.masks import group_causal_mask
+from restok.models.recompute import Checkpointing, call
 from restok.models.rope import apply_rope
 
 Mode = Literal["har", "ar"]  # params generator.mode: an enum in the schema
 MODES = get_args(Mode)
 CLASS, TOKEN, SPECIAL = 0, 1, 2  # what an input position holds
+LOSS_CHUNK = 32  # positions per chunk of the training loss (chunked_cross_entropy)
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -178,6 +181,19 @@ def rope_1d(num_pos: int, head_dim: int, base: float) -> tuple[torch.Tensor, tor
     return angles.cos().float(), angles.sin().float()
 
 
+def _cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, weight).float().flatten(0, 1), targets.flatten(), reduction="sum")
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean cross-entropy of the fp32 logits h @ weight.T, h (B, T, D), against targets (B, T), `chunk` positions at a
+    time, each under activation checkpointing: only one chunk's (B, chunk, V) logits exist at a time, in the forward
+    and in the backward pass, never the whole (B, T, V) fp32 tensor (128 MiB at batch 32, 128 tokens, 8192 codes)."""
+    total = sum(checkpoint(_cross_entropy_sum, h_part, weight, t_part, use_reentrant=False)
+                for h_part, t_part in zip(h.split(chunk, dim=1), targets.split(chunk, dim=1)))
+    return total / targets.numel()
+
+
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) in fp32, cast back, times a learnable weight (LlamaGen)."""
 
@@ -279,6 +295,7 @@ class HARGenerator(nn.Module):
         self.special_emb = nn.Embedding(cfg.num_special, cfg.dim) if cfg.num_special else None
         self.tok_drop = nn.Dropout(cfg.token_dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.checkpointing = False  # restok.models.recompute; set by set_checkpointing
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
@@ -305,6 +322,11 @@ class HARGenerator(nn.Module):
                 nn.init.ones_(m.weight)
         nn.init.zeros_(self.head.weight)
 
+    def set_checkpointing(self, mode: Checkpointing) -> None:
+        """Activation checkpointing of each block in training ("blocks"), or "none". Values and gradients do not
+        change (dropout masks are replayed). The params refuse "all" here: it names the tokenizer's pixel CNN."""
+        self.checkpointing = mode != "none"
+
     def embed(self, codes: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Input embeddings (B, n, D) of positions pos (n,) built from codes (B, T) and labels (B,).
 
@@ -319,23 +341,29 @@ class HARGenerator(nn.Module):
         return x
 
     def _trunk(self, x, cos, sin, mask, kv=None, pos=None) -> torch.Tensor:
+        """The blocks and the final norm: (B, n, D), before the output head."""
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, None if kv is None else kv[i], pos)
-        return self.head(self.norm(x)).float()  # (B, n, V) logits in fp32
+            x = call(block, x, cos, sin, mask, None if kv is None else kv[i], pos, checkpointed=self.checkpointing)
+        return self.norm(x)
 
-    def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor,
+                with_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Teacher-forced pass. codes (B, T) long, labels (B,) long -> logits (B, T, V) fp32, mean CE loss.
 
-        Position p is scored against codes[:, p] (both modes).
+        Position p is scored against codes[:, p] (both modes). with_logits=False (the training step) returns
+        (None, loss), the loss computed by chunked_cross_entropy without keeping the logits.
         """
         x = self.tok_drop(self.embed(codes, labels, self.positions))  # (B, T, D)
-        logits = self._trunk(x, self.rope_cos, self.rope_sin, self.attn_mask)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
-        return logits, loss
+        h = self._trunk(x, self.rope_cos, self.rope_sin, self.attn_mask)  # (B, T, D)
+        if not with_logits:
+            return None, chunked_cross_entropy(h, self.head.weight, codes, LOSS_CHUNK)
+        logits = self.head(h).float()  # (B, T, V)
+        return logits, F.cross_entropy(logits.flatten(0, 1), codes.flatten())
 
     def forward_cached(self, codes: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor,
                        kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One inference pass over positions pos (n,) long; writes their keys/values into kv (one (k, v) pair of
         (B, H, cache_len, hd) per layer) and returns their logits (B, n, V) fp32. Shapes depend only on n."""
         x = self.embed(codes, labels, pos)  # (B, n, D)
-        return self._trunk(x, self.rope_cos[pos], self.rope_sin[pos], self.cache_mask[pos], kv, pos)
+        h = self._trunk(x, self.rope_cos[pos], self.rope_sin[pos], self.cache_mask[pos], kv, pos)
+        return self.head(h).float()  # (B, n, V)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from restok.models.recompute import call
+
 
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6)
@@ -42,6 +44,13 @@ def _res_stack(in_channels: int, out_channels: int, num_blocks: int) -> list[nn.
     return [ResBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(num_blocks)]
 
 
+def _run(layers: nn.Sequential, x: torch.Tensor, checkpointed: bool) -> torch.Tensor:
+    """layers(x), each ResBlock under activation checkpointing when `checkpointed` (restok.models.recompute)."""
+    for layer in layers:
+        x = call(layer, x, checkpointed=checkpointed and isinstance(layer, ResBlock))
+    return x
+
+
 class PixelEncoder(nn.Module):
     """Image (B, 3, H, W) -> features (B, z_channels, H / f, W / f), f = 2^(len(channels) - 1).
 
@@ -63,9 +72,10 @@ class PixelEncoder(nn.Module):
         layers += _res_stack(prev, prev, num_res_blocks)  # middle
         layers += [_norm(prev), nn.SiLU(), nn.Conv2d(prev, z_channels, 1)]
         self.layers = nn.Sequential(*layers)
+        self.checkpointing = False  # set by ResTok.set_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        return _run(self.layers, x, self.checkpointing)
 
 
 class Upsample(nn.Module):
@@ -97,6 +107,7 @@ class PixelDecoder(nn.Module):
                 layers.append(Upsample(prev))
         layers += [_norm(prev), nn.SiLU(), nn.Conv2d(prev, 3, 3, padding=1)]
         self.layers = nn.Sequential(*layers)
+        self.checkpointing = False  # set by ResTok.set_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        return _run(self.layers, x, self.checkpointing)

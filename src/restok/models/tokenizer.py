@@ -23,6 +23,7 @@ from torch import nn
 
 from restok.models.pixel_cnn import PixelDecoder, PixelEncoder
 from restok.models.quantizer import VectorQuantizer
+from restok.models.recompute import Checkpointing
 from restok.models.vit import ResTokDecoder, ResTokEncoder, merge_block_indices, pool_grid
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -297,6 +298,20 @@ class ResTok(nn.Module):
         cpu = torch.device("cpu")
         self.register_buffer("keep_lengths", torch.tensor(cfg.keep_lengths, device=cpu), persistent=False)
         self.register_buffer("keep_probs", torch.tensor(cfg.keep_probs, device=cpu), persistent=False)
+
+    def set_checkpointing(self, mode: Checkpointing) -> None:
+        """Activation checkpointing for training (restok.models.recompute): "blocks" = each ViT block, "all" = also
+        each pixel-CNN ResBlock, "none" = off. Values and gradients do not change."""
+        self.encoder.checkpointing = self.decoder.checkpointing = mode in ("blocks", "all")
+        self.pixel_encoder.checkpointing = self.pixel_decoder.checkpointing = mode == "all"
+
+    def compile_regions(self, backend: str = "inductor") -> None:
+        """Regional torch.compile, in place (parameter names unchanged): each ViT block and each pixel CNN, with static
+        shapes. The whole tokenizer as one graph did not finish compiling in 9.5 min at size L (README); its blocks
+        compile once per distinct input (the encoder's stages, merging or not, and the decoder) and are reused.
+        The quantiser, with its data-dependent codebook upkeep, stays eager."""
+        for region in (*self.encoder.blocks, *self.decoder.blocks, self.pixel_encoder, self.pixel_decoder):
+            region.compile(backend=backend, dynamic=False)
 
     @property
     def level_sizes(self) -> tuple[int, ...]:

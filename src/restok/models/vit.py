@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from restok.models.masks import group_causal_mask
+from restok.models.recompute import call
 from restok.models.rope import apply_rope, decoder_rope_ids, encoder_rope_ids, rope_table
 
 if TYPE_CHECKING:
@@ -129,27 +130,37 @@ class Attention(nn.Module):
         return self.proj(rearrange(out, "b h t d -> b t (h d)"))
 
 
-class Block(nn.Module):
-    """Pre-norm block with layer scale (init 1 in the official model). `attend` and `feed_forward` are separate so
-    that the encoder can merge tokens between them (§2.6)."""
+class MergeTokens(nn.Module):
+    """The residual merge of a merging encoder block, between its attention and its MLP (§2.6-2.7): `merge_tokens`
+    of the first n tokens (the coarsest image group so far)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int = 4, layer_scale_init: float = 1.0):
+    def __init__(self, n: int, op: str, residual: bool):
+        super().__init__()
+        self.n, self.op, self.residual = n, op, residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return merge_tokens(x, self.n, self.op, self.residual)  # (B, T + n/2, D)
+
+
+class Block(nn.Module):
+    """Pre-norm block with layer scale (init 1 in the official model); `merge` (MergeTokens in the encoder's merging
+    blocks, else Identity) runs between attention and MLP. One module call per block, so that activation
+    checkpointing and regional compilation take whole blocks."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 4, layer_scale_init: float = 1.0,
+                 merge: nn.Module | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.gamma1 = nn.Parameter(torch.full((width,), layer_scale_init))
+        self.merge = merge if merge is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
         self.gamma2 = nn.Parameter(torch.full((width,), layer_scale_init))
 
-    def attend(self, x, cos, sin, mask=None):
-        return x + self.gamma1 * self.attn(self.norm1(x), cos, sin, mask)
-
-    def feed_forward(self, x):
-        return x + self.gamma2 * self.mlp(self.norm2(x))
-
     def forward(self, x, cos, sin, mask=None):
-        return self.feed_forward(self.attend(x, cos, sin, mask))
+        x = self.merge(x + self.gamma1 * self.attn(self.norm1(x), cos, sin, mask))
+        return x + self.gamma2 * self.mlp(self.norm2(x))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,7 +239,6 @@ class ResTokEncoder(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         width, levels = cfg.enc_width, cfg.latent_levels
-        self.merge_op, self.residual_image_tokens = cfg.merge_op, cfg.residual_image_tokens
         self.merge_blocks = cfg.merge_blocks
         self.block_stage = block_stages(cfg.enc_depth, self.merge_blocks)
         self.patch_embed = nn.Conv2d(cfg.pixel_z_channels, width, 1)
@@ -238,8 +248,13 @@ class ResTokEncoder(nn.Module):
         self.latent_level_emb = nn.Parameter(torch.randn(len(levels), width) * width**-0.5)
         self.register_buffer("level_index", _level_index(levels), persistent=False)
         self.ln_pre = nn.LayerNorm(width)
-        self.blocks = nn.ModuleList(Block(width, cfg.enc_heads, layer_scale_init=cfg.layer_scale_init)
-                                    for _ in range(cfg.enc_depth))
+        num_image = cfg.grid[0] * cfg.grid[1]  # the k-th merge halves the coarsest group, of num_image / 2^k tokens
+        self.blocks = nn.ModuleList(
+            Block(width, cfg.enc_heads, layer_scale_init=cfg.layer_scale_init,
+                  merge=MergeTokens(num_image >> self.merge_blocks.index(i), cfg.merge_op, cfg.residual_image_tokens)
+                  if i in self.merge_blocks else None)
+            for i in range(cfg.enc_depth))
+        self.checkpointing = False  # restok.models.recompute; set by ResTok.set_checkpointing
         self.ln_post = nn.LayerNorm(width)
         self.reorder = LegacyReshape() if cfg.legacy_head else nn.Identity()
         self.proj = PerLevelLinear(levels, width, cfg.code_dim)
@@ -261,13 +276,10 @@ class ResTokEncoder(nn.Module):
         x = self.ln_pre(torch.cat([image, latents], dim=1))  # (B, N + L, D)
         n, num_latent = image.shape[1], latents.shape[1]
         for i, block in enumerate(self.blocks):
-            x = block.attend(x, *self.stage(self.block_stage[i]))
-            if i in self.merge_blocks:  # merge between attention and MLP; the new group's embedding after the block
-                x = block.feed_forward(merge_tokens(x, n, self.merge_op, self.residual_image_tokens))  # (B, T + n/2, D)
+            x = call(block, x, *self.stage(self.block_stage[i]), checkpointed=self.checkpointing)
+            if i in self.merge_blocks:  # the merged block's new group gets its level embedding after the block
                 n //= 2
                 x = torch.cat([x[:, :n] + self.image_level_emb[self.merge_blocks.index(i) + 1], x[:, n:]], dim=1)
-            else:
-                x = block.feed_forward(x)
         codes = self.proj(self.reorder(self.ln_post(x[:, -num_latent:])))  # (B, L, code_dim)
         return codes, x[:, :n]
 
@@ -293,6 +305,7 @@ class ResTokDecoder(nn.Module):
         self.ln_pre = nn.LayerNorm(width)
         self.blocks = nn.ModuleList(Block(width, cfg.dec_heads, layer_scale_init=cfg.layer_scale_init)
                                     for _ in range(cfg.dec_depth))
+        self.checkpointing = False  # restok.models.recompute; set by ResTok.set_checkpointing
         self.ln_post = nn.LayerNorm(width)
         self.head = nn.Linear(width, cfg.pixel_z_channels)
         cos, sin = rope_table(decoder_rope_ids(cfg.num_tokens, cfg.grid, _CPU), width // cfg.dec_heads, cfg.rope_theta)
@@ -312,7 +325,7 @@ class ResTokDecoder(nn.Module):
         latents = latents + self.latent_level_emb[self.level_index]
         x = self.ln_pre(torch.cat([latents, queries], dim=1))  # (B or 2B, L + N, D)
         for block in self.blocks:
-            x = block(x, self.cos, self.sin)
+            x = call(block, x, self.cos, self.sin, checkpointed=self.checkpointing)
         out, features = x[:, num_latent:], None
         if with_features:
             out, features = out.chunk(2)

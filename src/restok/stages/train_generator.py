@@ -187,6 +187,7 @@ def main(argv=None):
 
     torch.manual_seed(loop.seed)  # the same initial weights on every rank
     model = HARGenerator(cfg).to(device)
+    model.set_checkpointing(loop.checkpointing)
     seed_everything(loop.seed, rank)  # then one dropout stream per rank
     ema = EMA(model, loop.ema_decay)
     opt = adamw(model, opt_cfg.lr, opt_cfg.weight_decay, tuple(opt_cfg.betas))
@@ -227,7 +228,7 @@ def main(argv=None):
             codes, labels = train.batch(index[rank * local:(rank + 1) * local], view[rank * local:(rank + 1) * local],
                                         device)
             with autocast:
-                _, loss = net(codes, labels)
+                _, loss = net(codes, labels, with_logits=False)  # chunked CE: no (B, L, V) fp32 logits
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if opt_cfg.grad_clip > 0:

@@ -286,6 +286,7 @@ def main(argv=None):
 
     dist.seed_everything(loop.seed)  # the same init on every rank
     model = ResTok(cfg).to(device)
+    model.set_checkpointing(loop.checkpointing)
     ema = EMA(model, loop.ema_decay)
     loss_fn = loss_fn.to(device).train()
     teacher = teacher.to(device) if teacher is not None else None
@@ -312,10 +313,12 @@ def main(argv=None):
     loader = iter(DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=loader_workers(loop.workers),
                              collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
                              generator=torch.Generator().manual_seed(loop.seed)))  # not the global RNG: resume
-    net = torch.compile(model) if loop.compile else model
+    if loop.compile:
+        model.compile_regions()  # after the EMA copy: evaluation runs the plain EMA model
+    net = model
     if info.world_size > 1:
         unused = cfg.vf_align and not (loss_cfg.vf_enc_weight > 0 and loss_cfg.vf_dec_weight > 0)
-        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=unused)
     bf16 = loop.precision == "bf16" or (loop.precision == "auto" and device.type == "cuda")
     disc_params = [q for q in loss_fn.gan.discriminator.parameters() if q.requires_grad] if loss_fn.gan else []
