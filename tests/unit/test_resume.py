@@ -22,7 +22,8 @@ import torch
 from restok.train import ckpt
 
 SECTIONS = {"train_generator": {"loop": {"max_steps": 10, "log_every_steps": 2, "ckpt_every_steps": 5,
-                                         "keep_ckpts": 2, "workers": 0, "seed": 0}, "val_batches": 1}}
+                                         "keep_ckpts": 2, "workers": 0, "seed": 0, "checkpointing": "none"},
+                                "val_batches": 1}}
 IGNORE = (*(f"train_generator.{k}" for k in ckpt.LOGGING_KNOBS), "train_generator.val_batches")
 MODULE = "restok.stages.train_generator"
 
@@ -39,6 +40,7 @@ def with_loop(**loop) -> dict:
 def test_logging_knobs_do_not_change_the_fingerprint_but_result_params_do():
     base = run_id()
     assert run_id(with_loop(log_every_steps=7, ckpt_every_steps=3, keep_ckpts=9, workers=4)) == base
+    assert run_id(with_loop(checkpointing="blocks")) == base  # same values and grads: an OOM run resumes with it
     assert run_id({"train_generator": {**SECTIONS["train_generator"], "val_batches": 5}}) == base
     changed = run_id(with_loop(seed=1))
     assert changed["params"] != base["params"] and {k: changed[k] for k in ("code", "inputs", "environment")} == \
