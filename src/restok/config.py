@@ -23,7 +23,7 @@ import yaml
 
 from restok.losses.recon import LossConfig
 from restok.models.generator import GeneratorConfig
-from restok.models.recompute import Checkpointing
+from restok.models.recompute_mode import Checkpointing
 from restok.models.tokenizer import TokenizerConfig
 from restok.sampling import SamplingConfig
 

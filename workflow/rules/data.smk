@@ -20,6 +20,7 @@ rule shard:
         "src/restok/models/pixel_cnn.py",
         "src/restok/models/quantizer.py",
         "src/restok/models/recompute.py",
+        "src/restok/models/recompute_mode.py",
         "src/restok/models/rope.py",
         "src/restok/models/teacher.py",
         "src/restok/models/tokenizer.py",

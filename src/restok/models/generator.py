@@ -25,7 +25,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from restok.models.masks import group_causal_mask
-from restok.models.recompute import Checkpointing, call
+from restok.models.recompute import call
+from restok.models.recompute_mode import Checkpointing
 from restok.models.rope import apply_rope
 
 Mode = Literal["har", "ar"]  # params generator.mode: an enum in the schema

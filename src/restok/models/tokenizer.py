@@ -23,7 +23,7 @@ from torch import nn
 
 from restok.models.pixel_cnn import PixelDecoder, PixelEncoder
 from restok.models.quantizer import VectorQuantizer
-from restok.models.recompute import Checkpointing
+from restok.models.recompute_mode import Checkpointing
 from restok.models.vit import ResTokDecoder, ResTokEncoder, merge_block_indices, pool_grid
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
