@@ -24,7 +24,7 @@ import yaml
 from restok.losses.recon import LossConfig
 from restok.models.generator import GeneratorConfig
 from restok.models.recompute_mode import Checkpointing
-from restok.models.tokenizer import TokenizerConfig
+from restok.models.tokenizer_config import TokenizerConfig
 from restok.sampling import SamplingConfig
 
 REPO = Path(__file__).resolve().parents[2]
