@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from restok.losses.recon import LossConfig
-from restok.models.generator import GeneratorConfig
+from restok.models.generator_config import GeneratorConfig
 from restok.models.recompute_mode import Checkpointing
 from restok.models.tokenizer_config import TokenizerConfig
 from restok.sampling import SamplingConfig

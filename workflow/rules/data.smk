@@ -16,6 +16,7 @@ rule shard:
         "src/restok/losses/recon.py",
         "src/restok/losses/vf.py",
         "src/restok/models/generator.py",
+        "src/restok/models/generator_config.py",
         "src/restok/models/masks.py",
         "src/restok/models/recompute.py",
         "src/restok/models/recompute_mode.py",
