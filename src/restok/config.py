@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from restok.losses.recon import LossConfig
+from restok.losses.loss_config import LossConfig
 from restok.models.generator_config import GeneratorConfig
 from restok.models.recompute_mode import Checkpointing
 from restok.models.tokenizer_config import TokenizerConfig
