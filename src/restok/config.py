@@ -25,7 +25,7 @@ from restok.losses.loss_config import LossConfig
 from restok.models.generator_config import GeneratorConfig
 from restok.models.recompute_mode import Checkpointing
 from restok.models.tokenizer_config import TokenizerConfig
-from restok.sampling import SamplingConfig
+from restok.sampling_config import SamplingConfig
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILES_DIR = REPO / "workflow" / "params"
