@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from restok.config import TokenizerParams, build, profile_tree
-from restok.models.recompute import Checkpointing
+from restok.models.recompute_mode import Checkpointing
 from restok.models.tokenizer import ResTok, TokenizerConfig
 from restok.train import optim
 from restok.train.ema import EMA

@@ -21,11 +21,11 @@ from typing import Any, Literal
 
 import yaml
 
-from restok.losses.recon import LossConfig
-from restok.models.generator import GeneratorConfig
-from restok.models.recompute import Checkpointing
-from restok.models.tokenizer import TokenizerConfig
-from restok.sampling import SamplingConfig
+from restok.losses.loss_config import LossConfig
+from restok.models.generator_config import GeneratorConfig
+from restok.models.recompute_mode import Checkpointing
+from restok.models.tokenizer_config import TokenizerConfig
+from restok.sampling_config import SamplingConfig
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILES_DIR = REPO / "workflow" / "params"

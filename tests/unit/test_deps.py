@@ -10,6 +10,7 @@ tests/pipeline/test_dvc.py.
 """
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,26 @@ def test_declared_deps_are_current():
     dvc.yaml is tests/pipeline/test_graphs.py)."""
     stale = [str(path.relative_to(REPO)) for path, (old, new) in deps.regenerate(REPO).items() if old != new]
     assert not stale, f"{stale} out of date: run `restok deps --write`"
+
+
+PARAMS_ONLY = {  # the torch-free config modules the params loader (restok.config) imports from models/ and losses/
+    "src/restok/losses/loss_config.py", "src/restok/models/generator_config.py",
+    "src/restok/models/recompute_mode.py", "src/restok/models/tokenizer_config.py",
+}
+
+
+def test_params_loader_pulls_in_no_model_loss_or_training_code():
+    """Every stage imports restok.config, so what it imports is a dep of every stage: `shard`, which builds no
+    model, must not rerun after an edit to model, loss, sampling or training code."""
+    shard = deps.stage_deps("shard")
+    assert {p for p in shard if p.startswith(("src/restok/models/", "src/restok/losses/"))} == PARAMS_ONLY
+    assert [p for p in shard if p.startswith("src/restok/train/")] == ["src/restok/train/log.py"]  # its console
+    assert "src/restok/sampling.py" not in shard
+    for path in sorted(PARAMS_ONLY | {"src/restok/sampling_config.py"}):
+        tree = ast.parse((REPO / path).read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not {m for m in imported if m.split(".")[0] in ("torch", "restok")}, f"{path} imports {imported}"
 
 
 def test_update_keeps_data_deps_order_and_comments():

@@ -23,9 +23,9 @@ from restok.losses.gan import (
     hinge_d_loss,
     hinge_g_loss,
     lecam_loss,
-    parse_diffaug_policy,
 )
-from restok.losses.recon import LossConfig, LPIPSLoss, TokenizerLoss, mse_loss, pad_crop_resize, vgg16_cache_path
+from restok.losses.loss_config import LossConfig, parse_diffaug_policy
+from restok.losses.recon import LPIPSLoss, TokenizerLoss, mse_loss, pad_crop_resize, vgg16_cache_path
 from restok.losses.vf import margin_cosine_loss, vf_cls_loss, vf_patch_loss
 from restok.models.teacher import MissingWeightsError
 

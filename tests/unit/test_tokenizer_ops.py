@@ -11,7 +11,7 @@ import torch
 
 from restok.models.masks import group_causal_mask, group_ids
 from restok.models.rope import apply_rope, decoder_rope_ids, encoder_rope_ids, rope_table
-from restok.models.tokenizer import TokenizerConfig, keep_lengths, keep_probs
+from restok.models.tokenizer_config import TokenizerConfig, keep_lengths, keep_probs, merge_block_indices, pool_grid
 from restok.models.vit import (
     LegacyReshape,
     PerLevelLinear,
@@ -21,9 +21,7 @@ from restok.models.vit import (
     encoder_group_sizes,
     latent_maps,
     legacy_head_index_map,
-    merge_block_indices,
     merge_tokens,
-    pool_grid,
     residual_pool_init,
     stage_image_grids,
 )

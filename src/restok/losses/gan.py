@@ -23,26 +23,10 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 from timm.data import resolve_data_config
 
+from restok.losses.loss_config import parse_diffaug_policy
 from restok.models.teacher import load_timm_model
 
 READOUT_BLOCKS = (2, 5, 8, 11)
-DIFFAUG_GROUPS = ("color", "translation", "cutout")
-TRANSLATION_RATIO = 0.125
-
-
-def parse_diffaug_policy(policy: str) -> tuple[tuple[str, float], ...]:
-    """"color,translation,cutout_0.2" -> (("color", 0), ("translation", 0.125), ("cutout", 0.2))."""
-    groups = []
-    for item in filter(None, policy.split(",")):
-        name, _, ratio = item.partition("_")
-        if name not in DIFFAUG_GROUPS or (name == "cutout") != bool(ratio):
-            allowed = "color, translation, cutout_<ratio>"
-            raise ValueError(f"diffaug_policy={policy!r}: unknown group {item!r}; allowed {allowed}")
-        value = float(ratio) if name == "cutout" else TRANSLATION_RATIO if name == "translation" else 0.0
-        if name == "cutout" and not 0.0 < value < 1.0:
-            raise ValueError(f"diffaug_policy={policy!r}: cutout ratio must be in (0, 1), got {value}")
-        groups.append((name, value))
-    return tuple(groups)
 
 
 def _per_sample(x: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:

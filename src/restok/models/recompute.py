@@ -4,17 +4,14 @@
 backward pass; `all` also does so for each ResBlock of the tokenizer's pixel CNNs, whose full-resolution activations
 outweigh the ViTs' at 256 px. torch.utils.checkpoint (non-reentrant) replays the RNG state (dropout) and the autocast
 state, so the loss and the gradients equal those of the plain pass (tests/unit/test_speed.py). It is a property of
-a training run, not of the model: it is set on the built model and never stored in a checkpoint.
+a training run, not of the model: it is set on the built model and never stored in a checkpoint. Its type,
+`Checkpointing`, lives in restok.models.recompute_mode (torch-free, for the params loader).
 """
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-Checkpointing = Literal["none", "blocks", "all"]
 
 
 def call(module: nn.Module, *args, checkpointed: bool) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """Transformer half of the ResTok tokenizer: structure, encoder ViT with residual merging, decoder ViT.
 
 Spec: tokenizer.md §2.4–2.10 (encoder) and §4 (decoder); restok.md facts 1–6.
-The first section holds model-free structure functions (level grids, merge schedule, per-stage groups,
-residual pooling init, merge operator, decoder latent maps, legacy head map). They take plain sizes, so
-the test vectors of the paper's L size are checked without building the L model. The modules below use
-them once at construction and cache every mask and RoPE table as a buffer.
+The first section holds model-free structure functions (per-stage groups, residual pooling init, merge
+operator, decoder latent maps, legacy head map; the level grids and the merge schedule, which TokenizerConfig
+derives, live in restok.models.tokenizer_config). They take plain sizes, so the test vectors of the paper's L
+size are checked without building the L model. The modules below use them once at construction and cache every
+mask and RoPE table as a buffer.
 
 Encoder sequence: [image groups, coarsest first | latent levels]; a query attends a key iff
 group(query) >= group(key). Decoder sequence: [latent tokens | image queries], full attention.
@@ -12,7 +13,6 @@ group(query) >= group(key). Decoder sequence: [latent tokens | image queries], f
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,29 +22,12 @@ from torch import nn
 from restok.models.masks import group_causal_mask
 from restok.models.recompute import call
 from restok.models.rope import apply_rope, decoder_rope_ids, encoder_rope_ids, rope_table
-
-if TYPE_CHECKING:
-    from restok.models.tokenizer import TokenizerConfig
-
-Grid = tuple[int, int]
+from restok.models.tokenizer_config import Grid, TokenizerConfig
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Model-free structure
 # ---------------------------------------------------------------------------------------------------------
-
-def pool_grid(num_tokens: int) -> Grid:
-    """Pooling grid of a level of 2^k tokens: (2^floor(k/2), 2^ceil(k/2)), width doubles first (§2.4)."""
-    k = num_tokens.bit_length() - 1
-    if num_tokens < 1 or num_tokens != 1 << k:
-        raise ValueError(f"a latent level must hold a power of 2 tokens, got {num_tokens}")
-    return 1 << (k // 2), 1 << ((k + 1) // 2)
-
-
-def merge_block_indices(depth: int, stages: int) -> tuple[int, ...]:
-    """0-indexed encoder blocks that merge: floor(i * depth / stages) - 1 for i = 1..stages-1 (§2.7)."""
-    return tuple(i * depth // stages - 1 for i in range(1, stages))
-
 
 def block_stages(depth: int, merge_blocks: Sequence[int]) -> list[int]:
     """Stage (mask / RoPE layout) each block's attention uses: merges strictly before it."""
