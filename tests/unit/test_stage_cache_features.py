@@ -95,8 +95,10 @@ def _check_against_fresh(out: Path, smoke_shards: Path, teacher, dim: int):
         np.testing.assert_array_equal(views, train_view_boxes(img.size, 32, 2, rng))  # the seeded views
         crops = torch.stack([apply_view(img, box, 32) for box in views]).float() / 255
         ref_cls, ref_patches = teacher(crops, grid=(8, 8))
-        np.testing.assert_array_equal(cls, ref_cls.half().numpy())
-        np.testing.assert_array_equal(patches, ref_patches.half().numpy())
+        # the stored fp16 is the fresh fp32 feature rounded (within half an fp16 step, 2^-11 relative); not bitwise,
+        # since the thread count changes the fp32 reduction order and so, rarely, the fp16 rounding
+        np.testing.assert_allclose(cls.astype(np.float32), ref_cls.numpy(), rtol=2**-10, atol=1e-5)
+        np.testing.assert_allclose(patches.astype(np.float32), ref_patches.numpy(), rtol=2**-10, atol=1e-5)
     assert not np.array_equal(views[0], views[1])
 
 
