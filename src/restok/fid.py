@@ -40,10 +40,15 @@ def batches(images: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.T
         yield torch.stack(batch)
 
 
-def val_images(shard_dir: str | Path) -> tuple[int, Iterator[torch.Tensor]]:
-    """(count, iterator of (3, H, W) uint8 val images in shard order)."""
-    count = read_manifest(shard_dir, "val")["num_samples"]
-    return count, (img for _, img, _ in iter_split_uint8(shard_dir, "val"))
+def val_images(shard_dir: str | Path, labels: list[int] | None = None) -> tuple[int, Iterator[torch.Tensor]]:
+    """(count, iterator of (3, H, W) uint8 val images in shard order); each image's label is appended to `labels`
+    (when given) as the image is consumed."""
+    def images():
+        for _, img, label in iter_split_uint8(shard_dir, "val"):
+            if labels is not None:
+                labels.append(label)
+            yield img
+    return read_manifest(shard_dir, "val")["num_samples"], images()
 
 
 def extract(extractor: InceptionExtractor, images: Iterator[torch.Tensor], count: int, batch_size: int,

@@ -35,8 +35,8 @@ import torch
 from restok import checks
 from restok.artifacts import load_tokenizer
 from restok.config import load_params
-from restok.data.shards import iter_split_uint8, read_manifest
-from restok.fid import PROVENANCE_KEYS, batches, build_extractor, extract, fid_device, load_stats
+from restok.data.shards import read_manifest
+from restok.fid import PROVENANCE_KEYS, batches, build_extractor, extract, fid_device, load_stats, val_images
 from restok.metrics import (Features, codebook_stats, frechet_distance, inception_score, precision_recall, psnr,
                             statistics)
 from restok.images import UNTRAINED
@@ -64,8 +64,8 @@ def reconstruct(tokenizer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def score_tokenizer(tokenizer, extractor, shard_dir: Path, batch_size: int, ref: dict) -> tuple[dict, Features, list]:
     """The tokenizer's metrics, and its reconstructions' Inception features with the val labels (for the probe)."""
-    count, labels = read_manifest(shard_dir, "val")["num_samples"], []
-    images = split_labels(((img, label) for _, img, label in iter_split_uint8(shard_dir, "val")), labels)
+    labels = []
+    count, images = val_images(shard_dir, labels)
     pools, psnrs, codes = [], [], []
     with progress(count, "reconstruct val") as bar:
         for batch in batches(images, batch_size):
