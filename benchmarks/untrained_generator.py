@@ -4,8 +4,8 @@
 
 Builds a generator of exactly the trained one's config with seeded random weights, runs the real `sample` and
 `score` stages on it into a temporary folder (same params, tokenizer, reference statistics), and prints both gFIDs
-with the extractor that produced them. Both numbers use the run's feature extractor: with the default profile's
-random-init Inception they compare the two generators with each other, nothing more.
+and the class probe's accuracy on both generators' samples, with the extractor that produced them (the real FID
+Inception in the default profile). The untrained generator's probe accuracy should sit near chance, 1 / classes.
 """
 from __future__ import annotations
 
@@ -46,6 +46,9 @@ def main() -> None:
     print(f"gFID untrained generator (random init):          {untrained['gFID']:.3f}")
     print(f"ratio untrained / trained: {untrained['gFID'] / trained['gFID']:.2f}  (extractor: {trained['extractor']}, "
           f"{trained['extractor_weights']})")
+    chance = 1 / config["num_classes"]
+    print(f"class probe on samples: trained {trained['probe_sample_accuracy']}, untrained "
+          f"{untrained['probe_sample_accuracy']} (chance {chance:.3f}; real val {trained['probe_val_accuracy']})")
 
 
 if __name__ == "__main__":
