@@ -201,7 +201,9 @@ def test_comparisons_are_validated_against_the_variants(tmp_path):
                                              "metric": "gFID", "expect": "lower"})
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(tree))
-    with pytest.raises(ParamsError, match=r"ablations.comparisons\[13\].versus='no_such_variant' is not a variant"):
+    last = len(tree["ablations"]["comparisons"]) - 1
+    message = rf"ablations.comparisons\[{last}\].versus='no_such_variant' is not a variant"
+    with pytest.raises(ParamsError, match=message):
         load_params(path, ("ablations",))
     tree["ablations"]["comparisons"][-1].update(versus="plain_ar", metric="FID")
     path.write_text(yaml.safe_dump(tree))
