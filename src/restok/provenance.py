@@ -5,8 +5,10 @@
       -> results/<stage>/provenance.json   strings, hashes, weights sources, timings and throughput, and the
                                            environment (lock hash, library versions, device, threads)
 
-`dvc metrics diff` of two runs then shows what changed in the results, not dozens of rows of hashes and timings;
-the provenance file is tracked in git but not declared as metrics. A value that is not a number (or a dict/list of
+`dvc metrics diff` of two runs then shows what changed in the results, not dozens of rows of hashes and timings.
+The provenance file is not declared as metrics: a stage's is a cached DVC out (an uncached one would cost the stage
+its run-cache, dvc.yaml), score's results/provenance.json gathers the run's teacher, extractor, weights and
+environment and is tracked in git. A value that is not a number (or a dict/list of
 numbers) in `metrics` is refused, naming its key.
 """
 from __future__ import annotations

@@ -3,10 +3,11 @@ edit touches."""
 from __future__ import annotations
 
 import json
+import re
 
 import yaml
 
-from restok import deps
+from restok import ablate, deps
 
 from .conftest import run
 from .test_graphs import dvc_graph
@@ -40,6 +41,38 @@ def test_repro_builds_then_is_a_noop(smoke_ws):
     again = run(["dvc", "repro"], smoke_ws)
     assert "Data and pipelines are up to date" in again.stdout + again.stderr
     assert changed_stages(smoke_ws) == set()
+
+
+def test_every_stage_but_score_is_restored_from_the_run_cache(smoke_ws):
+    """What the ablation variants rely on: a stage whose command, deps and params match an earlier run is restored
+    from DVC's run-cache, not rerun. Without dvc.lock every stage looks new; DVC must then restore all of them but
+    score, whose uncached outs (results/README.md, the tracked provenance) keep it out of the run-cache (dvc.yaml)."""
+    lock = smoke_ws / "dvc.lock"
+    lock.unlink()
+    out = run(["dvc", "repro"], smoke_ws)
+    log = out.stdout + out.stderr
+    restored = set(re.findall(r"Stage '(\w+)' is cached - skipping run", log))
+    ran = set(re.findall(r"Running stage '(\w+)'", log))
+    assert ran == {"score"} and restored == set(dvc_graph()) - {"score"}, log[-3000:]
+    assert changed_stages(smoke_ws) == set()
+
+
+def test_a_queued_variant_reuses_the_tokenizer_of_its_seed(smoke_ws):
+    """`restok ablate`'s queue, two runs of seed 1: the full method, then a variant that changes only sampling.
+    The second must restore the first's tokenizer and generator from the run-cache, not train them again."""
+    tree = yaml.safe_load((smoke_ws / "params.yaml").read_text())
+    tree["ablations"]["seeds"] = 2
+    runs = ablate.runs(tree)
+    run("git add -A && git -c user.email=t@t -c user.name=t commit -qm built", smoke_ws)
+    for name in ("restok-s1", "har_constant_cfg-s1"):
+        run(ablate.dvc_queue_command(name, tree, runs[name]), smoke_ws)
+    run(["dvc", "exp", "run", "--run-all", "-j", "1"], smoke_ws)
+    first = run(["dvc", "queue", "logs", ablate.PREFIX + "restok-s1"], smoke_ws).stdout
+    second = run(["dvc", "queue", "logs", ablate.PREFIX + "har_constant_cfg-s1"], smoke_ws).stdout
+    assert "Running stage 'train_tokenizer'" in first, first[-3000:]
+    for stage in ("train_tokenizer", "extract_latents", "train_generator"):
+        assert f"Stage '{stage}' is cached - skipping run" in second, second[-3000:]
+    assert "Running stage 'sample'" in second, second[-3000:]
 
 
 def test_metrics_are_numbers_only(smoke_ws):

@@ -54,6 +54,13 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("unused_steps", torch.zeros(codebook_size, dtype=torch.long),
                              persistent=dead_code_steps > 0)
         self.register_buffer("train_forwards", torch.zeros((), dtype=torch.long), persistent=bypass_steps > 0)
+        # host copies of the two flags the forward branches on, so that a training step never reads a device
+        # tensor (a host sync on a GPU); refreshed from the buffers whenever a state dict is loaded
+        self._pending_init, self._forwards = init_from_data, 0
+        self.register_load_state_dict_post_hook(lambda module, _: module._read_flags())
+
+    def _read_flags(self) -> None:
+        self._pending_init, self._forwards = bool(self.pending_data_init), int(self.train_forwards)
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1) if self.use_l2_norm else x
@@ -67,13 +74,16 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """z (B, L, C) -> z_q (B, L, C) float32, indices (B, L) long, {"commitment", "codebook"} scalars."""
-        bypass = self.training and self.bypass_steps > 0 and int(self.train_forwards) < self.bypass_steps
+        bypass = self.training and self._forwards < self.bypass_steps
         if self.training and self.bypass_steps > 0:
             self.train_forwards.add_(1)
+            self._forwards += 1
         with torch.autocast(device_type=z.device.type, enabled=False):
-            if self.training and not bypass and bool(self.pending_data_init):
-                self._replace_codes(torch.arange(len(self.codebook), device=z.device), z)
+            if self.training and not bypass and self._pending_init:
+                self.codebook.data.copy_(self._data_rows(z))
+                _broadcast_from_rank0(self.codebook.data)
                 self.pending_data_init.fill_(False)
+                self._pending_init = False
             indices = self.distances(z).argmin(dim=-1)  # (B, L)
             if self.training and not bypass and self.dead_code_steps > 0:
                 self._restart_dead_codes(indices, z)
@@ -89,28 +99,30 @@ class VectorQuantizer(nn.Module):
         return z_q, indices, losses
 
     @torch.no_grad()
-    def _replace_codes(self, which: torch.Tensor, z: torch.Tensor) -> None:
-        """Codebook rows `which` := distinct random rows of the normalised inputs z (B, L, C) (repeated only when
-        there are fewer rows than codes); rank 0 chooses for every rank."""
+    def _data_rows(self, z: torch.Tensor) -> torch.Tensor:
+        """K distinct random rows (K, C) of the normalised inputs z (B, L, C) (repeated only when there are fewer
+        rows than codes)."""
         rows = self._normalise(z.detach().float().flatten(0, -2))
-        pick = (torch.randperm(len(rows), device=rows.device)[: len(which)] if len(rows) >= len(which)
-                else torch.randint(len(rows), (len(which),), device=rows.device))
-        self.codebook[which] = rows[pick]
-        _broadcast_from_rank0(self.codebook.data)
+        k = len(self.codebook)
+        pick = (torch.randperm(len(rows), device=rows.device)[:k] if len(rows) >= k
+                else torch.randint(len(rows), (k,), device=rows.device))
+        return rows[pick]
 
     @torch.no_grad()
     def _restart_dead_codes(self, indices: torch.Tensor, z: torch.Tensor) -> None:
-        """Count the forwards since each code was last chosen (on any rank); restart those past dead_code_steps."""
+        """Count the forwards since each code was last chosen (on any rank) and move those past dead_code_steps
+        onto random inputs of this batch; by mask, so that the step never waits for the device to say how many
+        died. Rank 0 chooses for every rank."""
         used = torch.bincount(indices.flatten(), minlength=len(self.codebook)) > 0
         if torch_dist.is_available() and torch_dist.is_initialized():
             used = used.long()
             torch_dist.all_reduce(used, op=torch_dist.ReduceOp.MAX)
             used = used > 0
         self.unused_steps.add_(1).masked_fill_(used, 0)
-        dead = (self.unused_steps >= self.dead_code_steps).nonzero().flatten()
-        if len(dead):
-            self._replace_codes(dead, z)
-            self.unused_steps[dead] = 0
+        dead = self.unused_steps >= self.dead_code_steps  # (K,)
+        self.codebook.data.copy_(torch.where(dead[:, None], self._data_rows(z), self.codebook.data))
+        _broadcast_from_rank0(self.codebook.data)
+        self.unused_steps.masked_fill_(dead, 0)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Code vectors (..., C) float32 for indices (...): the (normalised) codebook rows."""
