@@ -136,6 +136,18 @@ def _eval(img: Image.Image, res: int) -> Image.Image:
     return img if img.size == (res, res) else eval_view(img, res)
 
 
+def first_per_class(labels, per_class: int) -> np.ndarray:
+    """Indices of the first `per_class` items of each class, in order: the val images `class_balanced_images`
+    would pick, taken from features already extracted in shard order."""
+    taken: dict[int, int] = {}
+    keep = []
+    for i, label in enumerate(np.asarray(labels).tolist()):
+        if taken.get(label, 0) < per_class:
+            taken[label] = taken.get(label, 0) + 1
+            keep.append(i)
+    return np.asarray(keep, dtype=np.int64)
+
+
 def split_labels(pairs: Iterable[tuple[torch.Tensor, int]], labels: list[int]) -> Iterator[torch.Tensor]:
     """Images of (image, label) pairs, appending each label to `labels` as the image is consumed."""
     for img, label in pairs:

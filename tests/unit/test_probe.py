@@ -9,7 +9,7 @@ flagged as not reliable whatever it says about samples.
 import numpy as np
 import pytest
 
-from restok.probe import class_probe_report, fit_probe, probe_accuracy
+from restok.probe import class_probe_report, first_per_class, fit_probe, probe_accuracy
 
 C, D = 4, 32
 
@@ -69,3 +69,8 @@ def test_bad_input_is_refused():
         fit_probe(np.zeros((4, 3)), np.array([0, 1, 2, 3]), num_classes=2)
     with pytest.raises(ValueError, match="needs \\(N, D\\) features"):
         fit_probe(np.zeros((4, 3)), np.array([0, 1]))
+
+
+def test_first_per_class_keeps_shard_order():
+    assert first_per_class([2, 0, 2, 2, 1, 0, 0], 2).tolist() == [0, 1, 2, 4, 5]
+    assert first_per_class([], 3).tolist() == [] and first_per_class([1, 1], 0).tolist() == []

@@ -85,6 +85,21 @@ def test_reference_stats_of_val(env):
     np.testing.assert_allclose(stats["mu"], stats["features"].astype(np.float64).mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(stats["val_mu"], stats["mu"])
     assert list(reference_stats.spread(10, 4)) == [0, 2, 5, 7] and list(reference_stats.spread(3, 10)) == [0, 1, 2]
+    # the class probe's real images (probe_per_class=3 of 4 classes): train extracted here, val picked from above
+    assert stats["probe_per_class"] == 3 and stats["probe_num_classes"] == 4
+    assert stats["probe_train_features"].shape == (12, 2048)
+    assert sorted(stats["probe_train_labels"]) == sorted([0, 1, 2, 3] * 3)
+    val_labels = [label for _, _, label in iter_split_uint8(env.shards, "val")]
+    keep = [i for i, label in enumerate(val_labels) if val_labels[:i].count(label) < 3]
+    np.testing.assert_array_equal(stats["probe_val_labels"], np.asarray(val_labels)[keep])
+    np.testing.assert_array_equal(stats["probe_val_features"], stats["features"][keep])
+
+
+def test_score_refuses_probe_features_of_another_cap(env, tmp_path):
+    params = write_params(env.params, tmp_path / "params.yaml",
+                          extractor="inception-v3-compat", probe_per_class=2)
+    with pytest.raises(ValueError, match="fid.probe_per_class=3, params say 2; rerun reference_stats"):
+        run_score(env, write_samples(tmp_path / "s", val_array(env.shards)[:4]), tmp_path / "results", params)
 
 
 def test_score_ranks_real_like_above_noise_and_writes_headline(env, tmp_path):

@@ -64,6 +64,7 @@ rule reference_stats:
         "src/restok/models/generator_config.py",
         "src/restok/models/recompute_mode.py",
         "src/restok/models/tokenizer_config.py",
+        "src/restok/probe.py",
         "src/restok/sampling_config.py",
         "src/restok/stages/__init__.py",
         "src/restok/stages/reference_stats.py",

@@ -16,6 +16,10 @@ data/reference_stats/stats.npz holds
   ImageNet train set, computed by the TF evaluator) and `features` those of its `arr_0` images;
 - the rFID reference, always the val split: `val_mu`, `val_sigma`, `val_count` (spec 5.1: rFID is the distance
   between the val images and their reconstructions, so `score` only has to extract the reconstructions);
+- the class probe's real images (score fits a linear probe on the first and reports it on the second):
+  `probe_train_features` / `probe_train_labels`, pool3 of the first fid.probe_per_class images of each class of the
+  train split, `probe_val_features` / `probe_val_labels`, the same cap of the val split taken from the val pass
+  above, `probe_per_class`, `probe_num_classes` (empty arrays when probe_per_class is 0 or the train split is empty);
 - provenance: `extractor`, `extractor_weights`, `extractor_weights_sha256`, `profile`.
 """
 from __future__ import annotations
@@ -32,6 +36,7 @@ from restok.data.shards import read_manifest
 from restok.fid import PROVENANCE_KEYS, build_extractor, extract, val_images
 from restok.io import write_npz_atomic
 from restok.metrics import statistics
+from restok.probe import class_balanced_images, first_per_class, split_labels
 from restok.train.log import console
 
 PARAMS = ("profile", "fid")
@@ -41,6 +46,28 @@ MAX_FEATURES = 10_000  # reference images kept for precision/recall (the ADM ref
 def spread(count: int, cap: int) -> np.ndarray:
     """At most `cap` indices spread evenly over range(count) (val shards may be sorted by class)."""
     return np.unique(np.arange(min(count, cap)) * count // min(count, cap)) if count else np.zeros(0, int)
+
+
+def probe_images(extractor, shards: str, per_class: int, batch_size: int, val_pool: torch.Tensor,
+                 val_labels: list[int]) -> dict:
+    """The class probe's real-image features: the train split's first `per_class` images of each class (extracted
+    here), the val split's (picked from the val pass). Computed once per extractor and data, not in every score."""
+    train = read_manifest(shards, "train")
+    histogram = train["class_histogram"]
+    empty = {"probe_train_features": np.zeros((0, val_pool.shape[1]), np.float32),
+             "probe_train_labels": np.zeros(0, np.int64), "probe_val_features": np.zeros((0, val_pool.shape[1]),
+                                                                                           np.float32),
+             "probe_val_labels": np.zeros(0, np.int64), "probe_per_class": per_class,
+             "probe_num_classes": len(histogram)}
+    if per_class == 0 or train["num_samples"] == 0:
+        return empty
+    labels: list[int] = []
+    pairs = class_balanced_images(shards, "train", per_class, train["resolution"], histogram)
+    count = sum(min(per_class, n) for n in histogram)
+    feats = extract(extractor, split_labels(pairs, labels), count, batch_size, "inception probe train").pool
+    keep = first_per_class(val_labels, per_class)
+    return {**empty, "probe_train_features": feats.numpy(), "probe_train_labels": np.asarray(labels, np.int64),
+            "probe_val_features": val_pool[keep].numpy(), "probe_val_labels": np.asarray(val_labels)[keep]}
 
 
 def main(argv=None):
@@ -61,7 +88,8 @@ def main(argv=None):
     (out / "stats.npz").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    count, images = val_images(args.shards)
+    val_labels: list[int] = []
+    count, images = val_images(args.shards, val_labels)
     val = extract(extractor, images, count, fid.batch_size, "inception val")
     val_stats = statistics(val)
     if fid.reference == "val":
@@ -74,9 +102,10 @@ def main(argv=None):
             ref = {"mu": adm["mu"].astype(np.float64), "sigma": adm["sigma"].astype(np.float64),
                    "reference": f"adm:{Path(fid.adm_batch).name}", "count": len(adm["arr_0"])}
         ref["features"] = extract(extractor, iter(arr), len(arr), fid.batch_size, "inception adm").pool.numpy()
+    probe = probe_images(extractor, args.shards, fid.probe_per_class, fid.batch_size, val.pool, val_labels)
     provenance = {key: extractor.provenance[key] for key in PROVENANCE_KEYS}
     write_npz_atomic(out / "stats.npz", **ref, val_mu=val_stats["mu"], val_sigma=val_stats["sigma"],
-                     val_count=len(val.pool), profile=p.profile, **provenance)
+                     val_count=len(val.pool), profile=p.profile, **probe, **provenance)
     console.print(f"reference_stats: {ref['reference']} ({ref['count']} images, {len(ref['features'])} features kept)"
                   f" with {provenance['extractor']} in {time.perf_counter() - t0:.1f} s -> {out / 'stats.npz'}")
 

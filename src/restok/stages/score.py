@@ -11,7 +11,7 @@ numbers (spec training-and-eval.md sections 5.1-5.2; notes/ecosystem.md section 
 - class probe (restok.probe): logistic regression on the Inception pool3 features of the first
   fid.probe_per_class train images of each class; its accuracy on as many val images per class beside its accuracy
   on the samples (their conditioning labels), overall and per class, flagged unreliable when it cannot classify real
-  val images (0 turns it off).
+  val images (0 turns it off). The real images' features come from reference_stats, which extracts them once.
 - rFID: every val image through the EMA tokenizer (eval, fp32, all tokens), reconstruction clamped to [0, 1] and
   rounded to the 8-bit grid, FID against the val statistics of reference_stats (the same val images); PSNR is the
   mean over images of -10 log10 MSE; codebook usage and entropy over the val codes.
@@ -40,7 +40,7 @@ from restok.fid import PROVENANCE_KEYS, batches, build_extractor, extract, fid_d
 from restok.metrics import (Features, codebook_stats, frechet_distance, inception_score, precision_recall, psnr,
                             statistics)
 from restok.images import UNTRAINED
-from restok.probe import class_balanced_images, class_probe_report, fit_probe, split_labels
+from restok.probe import class_probe_report, fit_probe
 from restok.provenance import read_results, split_numbers, write_results
 from restok.train.log import console, progress
 
@@ -112,24 +112,21 @@ def score_samples(samples_npz: Path, extractor, batch_size: int, ref: dict) -> t
     return scores, feats, labels
 
 
-def class_probe(extractor, shard_dir: Path, per_class: int, batch_size: int, samples: Features,
-                sample_labels: np.ndarray, recon: Features, recon_labels: list) -> dict:
-    """Fit the probe on train features and report it on val and on the samples (restok.probe)."""
-    name = extractor.provenance["extractor"]
-    manifests = {split: read_manifest(shard_dir, split) for split in ("train", "val")}
-    if manifests["train"]["num_samples"] == 0:
+def class_probe(ref: dict, per_class: int, name: str, samples: Features, sample_labels: np.ndarray,
+                recon: Features, recon_labels: list) -> dict:
+    """Fit the probe on the real train features that reference_stats kept and report it on val, on the samples
+    and on the reconstructions (restok.probe)."""
+    if "probe_per_class" not in ref or int(ref["probe_per_class"]) != per_class:
+        raise ValueError(f"the reference statistics hold class-probe features for fid.probe_per_class="
+                         f"{ref.get('probe_per_class')}, params say {per_class}; rerun reference_stats")
+    if len(ref["probe_train_labels"]) == 0:
         return {"real_val_accuracy": None, "sample_accuracy": None, "per_class": {}, "chance": None,
                 "features": name, "reliable": False, "note": "not available: the train split is empty"}
-    feats = {}
-    for split, manifest in manifests.items():
-        histogram, labels = manifest["class_histogram"], []
-        pairs = class_balanced_images(shard_dir, split, per_class, manifest["resolution"], histogram)
-        count = sum(min(per_class, n) for n in histogram)
-        feats[split] = (extract(extractor, split_labels(pairs, labels), count, batch_size,
-                                f"inception probe {split}").pool, labels)
-    probe = fit_probe(*feats["train"], num_classes=len(manifests["train"]["class_histogram"]))
-    report = class_probe_report(probe, *feats["val"], samples.pool, sample_labels, name, recon.pool, recon_labels)
-    return {**report, "train_images": len(feats["train"][1]), "per_class_cap": per_class}
+    probe = fit_probe(ref["probe_train_features"], ref["probe_train_labels"],
+                      num_classes=int(ref["probe_num_classes"]))
+    report = class_probe_report(probe, ref["probe_val_features"], ref["probe_val_labels"], samples.pool,
+                                sample_labels, name, recon.pool, recon_labels)
+    return {**report, "train_images": len(ref["probe_train_labels"]), "per_class_cap": per_class}
 
 
 def score_untrained(samples_npz: Path, extractor, batch_size: int, ref: dict) -> dict:
@@ -278,7 +275,7 @@ def main(argv=None):
                                                             p.fid.batch_size, ref)
     scores = {**sample_scores, **tok_scores}
     if p.fid.probe_per_class:
-        scores["class_probe"] = class_probe(extractor, Path(args.shards), p.fid.probe_per_class, p.fid.batch_size,
+        scores["class_probe"] = class_probe(ref, p.fid.probe_per_class, extractor.provenance["extractor"],
                                             sample_feats, sample_labels, recon_feats, recon_labels)
     untrained = Path(args.samples) / UNTRAINED
     scores["gfid_untrained_generator"] = (score_untrained(untrained, extractor, p.fid.batch_size, ref)
