@@ -156,7 +156,7 @@ class Loop:
     seed: int = field(default=0, metadata=rng(0))
     workers: int = field(default=2, metadata=rng(0, help="data loader processes per training process"))
     precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata=rng(
-        help="auto: bf16 autocast on CUDA, fp32 on CPU"))
+        help="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), else fp32"))
     compile: bool = field(default=False, metadata=rng(help=(
         "torch.compile (pays on GPU): the tokenizer by region (each ViT block and pixel CNN), the generator whole")))
     checkpointing: Checkpointing = field(default="none", metadata=rng(help=(

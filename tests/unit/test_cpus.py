@@ -49,3 +49,13 @@ def test_every_stage_process_gets_its_threads():
         out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
                              check=True).stdout
         assert out.strip() == want
+
+
+def test_auto_precision_is_bf16_on_cuda_and_on_cpus_with_native_bf16():
+    import torch
+
+    from restok.train.dist import use_bf16
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_bf16("bf16", cpu) and not use_bf16("fp32", cuda) and use_bf16("auto", cuda)
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert use_bf16("auto", cpu) == native

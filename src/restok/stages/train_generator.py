@@ -40,7 +40,8 @@ from restok.launch import relaunch_if_requested
 from restok.models.generator import HARGenerator
 from restok.provenance import write_results
 from restok.train import ckpt
-from restok.train.dist import all_reduce_mean, barrier, cleanup, init_distributed, is_dist, seed_everything
+from restok.train.dist import (all_reduce_mean, barrier, cleanup, init_distributed, is_dist, seed_everything,
+                               use_bf16)
 from restok.train.ema import EMA
 from restok.train.log import CurveWriter, print0, progress
 from restok.train.lr import lr_at
@@ -130,8 +131,8 @@ def import_generator(p, args) -> None:
     model, provenance = import_released("generator", tg.official, "train_generator.official", expected,
                                         f"{p.path}:generator (with the latents' codebook, tokens and classes)")
     device = torch.device("cuda" if tg.loop.device != "cpu" and torch.cuda.is_available() else "cpu")
-    use_bf16 = tg.loop.precision == "bf16" or (tg.loop.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    bf16 = use_bf16(tg.loop.precision, device)
+    autocast = torch.autocast(device.type, torch.bfloat16) if bf16 else contextlib.nullcontext()
     out, results = Path(args.out), Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     for stale in (out / "generator.pt", results / "metrics.json", results / "provenance.json"):
@@ -147,7 +148,7 @@ def import_generator(p, args) -> None:
                "val_accuracy_per_level": final["accuracy_per_level"], "val_sequences": val.num,
                "params_M": round(provenance["num_params"] / 1e6, 3)}
     run_info = {"profile": p.profile, "mode": model.cfg.mode, "weights": provenance["weights"], "official": provenance,
-                "train_seconds": None, "device": device.type, "bf16": use_bf16, "tokenizer": val.meta["tokenizer"]}
+                "train_seconds": None, "device": device.type, "bf16": bf16, "tokenizer": val.meta["tokenizer"]}
     write_results(results / "metrics.json", metrics, run_info, device)
     print0(f"train_generator: imported {provenance['weights']} (nothing trained); val loss {final['loss']:.4f}, "
            f"accuracy {final['accuracy']:.4f} on {val.num} val sequences")
@@ -181,8 +182,8 @@ def main(argv=None):
         raise ValueError(f"{args.params}:train_generator.loop.batch_size={loop.batch_size} must be divisible by the "
                          f"{world} processes")
     local = loop.batch_size // world
-    use_bf16 = loop.precision == "bf16" or (loop.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    bf16 = use_bf16(loop.precision, device)
+    autocast = torch.autocast(device.type, torch.bfloat16) if bf16 else contextlib.nullcontext()
     torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left on CUDA
 
     torch.manual_seed(loop.seed)  # the same initial weights on every rank
@@ -207,7 +208,7 @@ def main(argv=None):
     net = torch.compile(net) if loop.compile else net
     sampler = StepSampler(train.num, train.views, loop.batch_size, loop.seed)
     print0(f"train_generator: {cfg.mode} {sum(t.numel() for t in model.parameters()) / 1e6:.2f}M params, "
-           f"{train.num} images x {train.views} views, {device} x {world}, bf16={use_bf16}, steps {step}.."
+           f"{train.num} images x {train.views} views, {device} x {world}, bf16={bf16}, steps {step}.."
            f"{loop.max_steps}")
 
     val_num = min(val.num, p.train_generator.val_batches * loop.batch_size)
@@ -274,7 +275,7 @@ def main(argv=None):
         run_info = {"profile": p.profile, "mode": cfg.mode,
                     "sequences_per_s": round(sequences / train_secs, 2) if train_secs else None,
                     "train_seconds": round(prior_secs + train_secs, 2), "steps_this_run": step - first_step,
-                    "world_size": world, "device": device.type, "bf16": use_bf16, "compile": loop.compile,
+                    "world_size": world, "device": device.type, "bf16": bf16, "compile": loop.compile,
                     "tokenizer": train.meta["tokenizer"]}
         results.mkdir(parents=True, exist_ok=True)
         write_results(results / "metrics.json", metrics, run_info, device)

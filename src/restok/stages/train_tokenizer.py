@@ -5,7 +5,7 @@
     torchrun --standalone --nproc_per_node=8 -m restok.stages.train_tokenizer ...    # or RESTOK_NPROC_PER_NODE=8
 
 Spec: training-and-eval.md 2 (losses), 3 (procedure), 5.1 (reconstruction metrics). One iteration (3.5): tokenizer
-forward under bf16 autocast on CUDA (VQ, pixel decoder and losses in fp32; fp32 on CPU), L_G backward, global
+forward under bf16 autocast (`loop.precision`; VQ, pixel decoder and losses in fp32), L_G backward, global
 grad-norm clip, AdamW step (weight-decay groups of 3.2, warmup + cosine LR of 3.3); from `gan_start_step` the
 discriminator step on (x, sg(x_hat)) with its own optimiser and step counter; then the EMA update (3.4).
 
@@ -320,7 +320,7 @@ def main(argv=None):
         unused = cfg.vf_align and not (loss_cfg.vf_enc_weight > 0 and loss_cfg.vf_dec_weight > 0)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=unused)
-    bf16 = loop.precision == "bf16" or (loop.precision == "auto" and device.type == "cuda")
+    bf16 = dist.use_bf16(loop.precision, device)
     disc_params = [q for q in loss_fn.gan.discriminator.parameters() if q.requires_grad] if loss_fn.gan else []
     columns = ["loss", *loss_terms(loss_cfg), *(["d_loss"] if loss_fn.gan else []), "lr"]
     curve = CurveWriter(results / "curve.tsv", columns, resumed) if info.is_main else None

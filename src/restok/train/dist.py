@@ -56,6 +56,16 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, is_main=rank == 0)
 
 
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a training step runs under bf16 autocast: always for "bf16", never for "fp32"; "auto" on CUDA and on
+    a CPU with native bf16 dot products (AVX512-BF16 or AMX), where oneDNN runs the matmuls and convolutions in bf16
+    (the default tokenizer: 1.26x steps/s on 2 EPYC cores, README); fp32 on other CPUs, where bf16 is emulated."""
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" or (device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported()
+                                                               or torch.cpu._is_amx_tile_supported()))
+
+
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
