@@ -53,21 +53,16 @@ def probe_images(extractor, shards: str, per_class: int, batch_size: int, val_po
     """The class probe's real-image features: the train split's first `per_class` images of each class (extracted
     here), the val split's (picked from the val pass). Computed once per extractor and data, not in every score."""
     train = read_manifest(shards, "train")
-    histogram = train["class_histogram"]
-    empty = {"probe_train_features": np.zeros((0, val_pool.shape[1]), np.float32),
-             "probe_train_labels": np.zeros(0, np.int64), "probe_val_features": np.zeros((0, val_pool.shape[1]),
-                                                                                           np.float32),
-             "probe_val_labels": np.zeros(0, np.int64), "probe_per_class": per_class,
-             "probe_num_classes": len(histogram)}
-    if per_class == 0 or train["num_samples"] == 0:
-        return empty
-    labels: list[int] = []
-    pairs = class_balanced_images(shards, "train", per_class, train["resolution"], histogram)
-    count = sum(min(per_class, n) for n in histogram)
-    feats = extract(extractor, split_labels(pairs, labels), count, batch_size, "inception probe train").pool
-    keep = first_per_class(val_labels, per_class)
-    return {**empty, "probe_train_features": feats.numpy(), "probe_train_labels": np.asarray(labels, np.int64),
-            "probe_val_features": val_pool[keep].numpy(), "probe_val_labels": np.asarray(val_labels)[keep]}
+    histogram, labels = train["class_histogram"], []
+    feats, keep = np.zeros((0, val_pool.shape[1]), np.float32), np.zeros(0, np.int64)
+    if per_class and train["num_samples"]:
+        pairs = class_balanced_images(shards, "train", per_class, train["resolution"], histogram)
+        count = sum(min(per_class, n) for n in histogram)
+        feats = extract(extractor, split_labels(pairs, labels), count, batch_size, "inception probe train").pool.numpy()
+        keep = first_per_class(val_labels, per_class)
+    return {"probe_train_features": feats, "probe_train_labels": np.asarray(labels, np.int64),
+            "probe_val_features": val_pool[keep].numpy(), "probe_val_labels": np.asarray(val_labels, np.int64)[keep],
+            "probe_per_class": per_class, "probe_num_classes": len(histogram)}
 
 
 def main(argv=None):
