@@ -65,6 +65,7 @@ rule train_tokenizer:
         "src/restok/losses/recon.py",
         "src/restok/losses/vf.py",
         "src/restok/metrics.py",
+        "src/restok/models/attention.py",
         "src/restok/models/generator.py",
         "src/restok/models/generator_config.py",
         "src/restok/models/masks.py",

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from restok.models.generator_config import GeneratorConfig
+from restok.models.attention import attention
 from restok.models.masks import group_causal_mask
 from restok.models.recompute import call
 from restok.models.recompute_mode import Checkpointing
@@ -142,7 +143,7 @@ class Attention(nn.Module):
             v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
             k, v = k_cache, v_cache
         p = self.attn_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, n, hd)
+        out = attention(q, k, v, mask, dropout_p=p)  # (B, H, n, hd)
         return self.drop(self.proj(out.transpose(1, 2).reshape(B, n, D)))
 
 

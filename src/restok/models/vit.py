@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from restok.models.attention import attention
 from restok.models.masks import group_causal_mask
 from restok.models.recompute import call
 from restok.models.rope import apply_rope, decoder_rope_ids, encoder_rope_ids, rope_table
@@ -109,7 +110,7 @@ class Attention(nn.Module):
         q, k, v = rearrange(F.linear(x, self.qkv.weight, bias), "b t (n h d) -> n b h t d", n=3, h=self.heads)
         q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)  # (B, h, T, d); LN may return fp32 under autocast
         k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, mask)
         return self.proj(rearrange(out, "b h t d -> b t (h d)"))
 
 
