@@ -102,7 +102,9 @@ def test_generator_chunked_loss_keeps_loss_and_grads_without_whole_logits(monkey
 
 def test_tokenizer_regional_compile_keeps_loss_and_grads():
     """The training stage's fast path, `compile_regions` with checkpointing 'all', against eager; then a second step
-    reuses the compiled graphs (every block shape was compiled once, nothing falls back)."""
+    reuses the compiled graphs (every block shape was compiled once, nothing falls back), and the evaluation's encode
+    and decode under no_grad compile too (they hit dynamo's recompile limit and ran eager before compile_regions
+    raised it)."""
     torch._dynamo.reset()
     ref = ResTok(PRESETS["restok-tiny/32"]).train()
     fast = copy.deepcopy(ref)
@@ -114,6 +116,11 @@ def test_tokenizer_regional_compile_keeps_loss_and_grads():
     fast.zero_grad()
     _tokenizer_loss(fast, x, 1).backward()
     assert dict(torch._dynamo.utils.counters["frames"]) == frames and frames["ok"] >= 1
+    fast.eval()
+    with torch.no_grad():
+        fast.decode(fast.encode(x))
+    frames = dict(torch._dynamo.utils.counters["frames"])
+    assert frames["total"] == frames["ok"], f"a compiled region fell back to eager: {frames}"
 
 
 def test_generator_compiled_training_step_keeps_loss_and_grads():

@@ -112,7 +112,13 @@ class ResTok(nn.Module):
         """Regional torch.compile, in place (parameter names unchanged): each ViT block and each pixel CNN, with static
         shapes. The whole tokenizer as one graph did not finish compiling in 9.5 min at size L (README); its blocks
         compile once per distinct input (the encoder's stages, merging or not, and the decoder) and are reused.
-        The quantiser, with its data-dependent codebook upkeep, stays eager."""
+        The quantiser, with its data-dependent codebook upkeep, stays eager.
+
+        Every ViT block runs one code object (`Block.forward`), and dynamo's recompile limit (8 by default) counts its
+        compiled inputs over all blocks: a sequence length per encoder stage and one for the decoder, each in training
+        and under no_grad. Past the limit a new shape runs eager without error (the tiny preset's eval fell back),
+        so the limit is raised to cover every region's shapes."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for region in (*self.encoder.blocks, *self.decoder.blocks, self.pixel_encoder, self.pixel_decoder):
             region.compile(backend=backend, dynamic=False)
 
