@@ -76,8 +76,7 @@ class TokenizerConfig:
         image_queries: decoder image queries, "learned" (official: one shared learned token) | "latent_maps"
             (upsampled latent tokens) | "learned_grid" (one learned token per image position, so the decoder can
             draw the mean image from its queries and leave the latents free for content).
-        legacy_head: TiTok's untransposed reshape before the per-level projection (official checkpoints): code j
-            mixes channels of every latent token; False projects token j to code j (the per-level structure kept).
+        legacy_head: TiTok's untransposed reshape before the per-level projection (official checkpoints).
         weight_init: "official" (trunc-normal 0.02, tokenizer.md §6) | "fan_in" (variance-preserving; what the
             short CPU profiles need to learn at all, see `restok.models.tokenizer._init_weights`).
         codebook_init: "uniform" (official: U(-1/K, 1/K)) | "data" (the first training batch's encoder outputs).
