@@ -2,6 +2,7 @@
 messages that name the file, the key and the value, before anything is written."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -11,6 +12,8 @@ import yaml
 
 from restok import config
 from restok.config import ParamsError, load_params, profile_tree, write_profile
+from restok.losses.loss_config import LossConfig
+from restok.models.tokenizer_config import TokenizerConfig
 
 PROFILES = sorted(p.stem for p in config.PROFILES_DIR.glob("*.yaml"))
 
@@ -118,3 +121,31 @@ def test_cli_profile_and_validate(tmp_path):
     bad = _write(tmp_path, lambda t: t["data"].__setitem__("num_classes", 1))
     r = subprocess.run([sys.executable, "-m", "restok.cli", "validate", bad], capture_output=True, text=True)
     assert r.returncode == 2 and "data.num_classes" in r.stderr
+
+
+# The default profile's departures from the official recipe (README: "the default recipe's departures"), besides
+# the model's size; the paper's profiles must keep the official value of every one of them.
+DEFAULT_DEPARTURES = {"image_queries", "legacy_head", "commitment_cost", "weight_init", "codebook_init",
+                      "dead_code_steps", "grey_start"}
+SIZE_FIELDS = {"pixel_channels", "pixel_res_blocks", "pixel_z_channels", "enc_width", "enc_depth", "enc_heads",
+               "dec_width", "dec_depth", "dec_heads", "level_sizes", "codebook_size"}
+
+
+def _departures(section: dict, official) -> set[str]:
+    defaults = dataclasses.asdict(official)
+    return {key for key, value in section.items()
+            if key in defaults and value != (list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key])}
+
+
+def test_default_departs_from_the_official_tokenizer_recipe_only_by_the_named_switches():
+    assert _departures(profile_tree("default")["tokenizer"], TokenizerConfig()) - SIZE_FIELDS == DEFAULT_DEPARTURES
+    assert _departures(profile_tree("default")["train_tokenizer"]["loss"], LossConfig()) == {
+        "lpips_weight", "lpips_weights", "vf_enc_weight", "vf_dec_weight", "gan_weight"}
+
+
+def test_paper_profiles_keep_the_official_tokenizer_recipe_and_loss_weights():
+    """TokenizerConfig's and LossConfig's defaults are the official config's (spec/training-and-eval.md §1.1);
+    imagenet256 once inherited default.yaml's CPU VF weights (0.1 instead of the official 1.0)."""
+    assert _departures(profile_tree("imagenet256")["tokenizer"], TokenizerConfig()) == set()
+    assert _departures(profile_tree("official-l")["tokenizer"], TokenizerConfig()) == {"drop_prob"}  # released: 0.0
+    assert _departures(profile_tree("imagenet256")["train_tokenizer"]["loss"], LossConfig()) == set()
