@@ -207,14 +207,16 @@ def test_pad_crop_resize_is_shared_and_seeded():
 
 @pytest.fixture(scope="module")
 def torch_home(tmp_path_factory):
-    """$TORCH_HOME with torchvision's VGG16 state dict at the cache path (random weights, fixture only)."""
+    """$TORCH_HOME with a torchvision VGG16 state dict at the cache path (random weights, fixture only): only the
+    `features.*` layers LPIPS reads (59 MB; the full state dict's classifier would add 470 MB of disk to the suite)."""
     home = tmp_path_factory.mktemp("torch_home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORCH_HOME", str(home))
         path = vgg16_cache_path()
         path.parent.mkdir(parents=True)
         torch.manual_seed(2)
-        state = torchvision.models.vgg16(weights=None).state_dict()
+        features = torchvision.models.vgg16(weights=None).features.state_dict()
+        state = {f"features.{key}": value for key, value in features.items()}
         torch.save(state, path)
     return home, state["features.28.weight"]
 
