@@ -43,6 +43,6 @@ def make_workspace(dest: Path, profile: str = "smoke") -> Path:
 
 
 @pytest.fixture(scope="module")
-def smoke_ws(tmp_path_factory) -> Path:
+def smoke_ws(module_tmp) -> Path:
     """One smoke workspace shared by the tests of a module (they run in file order)."""
-    return make_workspace(tmp_path_factory.mktemp("ws"))
+    return make_workspace(module_tmp("ws"))

@@ -50,8 +50,8 @@ def _section(cfg, params_cls) -> dict:
 
 
 @pytest.fixture(scope="module")
-def official_ws(tmp_path_factory):
-    ws = make_workspace(tmp_path_factory.mktemp("official"), profile="official-l")
+def official_ws(module_tmp):
+    ws = make_workspace(module_tmp("official"), profile="official-l")
     torch.manual_seed(0)
     tok_cfg = official_tokenizer_config({"model": {"vq_model": SMALL_VQ},
                                          "dataset": {"preprocessing": {"crop_size": 128}}})

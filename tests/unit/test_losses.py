@@ -206,10 +206,10 @@ def test_pad_crop_resize_is_shared_and_seeded():
 
 
 @pytest.fixture(scope="module")
-def torch_home(tmp_path_factory):
+def torch_home(module_tmp):
     """$TORCH_HOME with a torchvision VGG16 state dict at the cache path (random weights, fixture only): only the
     `features.*` layers LPIPS reads (59 MB; the full state dict's classifier would add 470 MB of disk to the suite)."""
-    home = tmp_path_factory.mktemp("torch_home")
+    home = module_tmp("torch_home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORCH_HOME", str(home))
         path = vgg16_cache_path()

@@ -29,10 +29,10 @@ NAME = "vit_small_patch16_dinov3.lvd1689m"
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
+def weights(module_tmp) -> Path:
     torch.manual_seed(3)
     model = timm.create_model(NAME, pretrained=False)
-    path = tmp_path_factory.mktemp("weights") / "dinov3_s.safetensors"
+    path = module_tmp("weights") / "dinov3_s.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
 
@@ -53,8 +53,8 @@ def _run(params: Path, shards: Path, root: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def cached(smoke_params, smoke_shards, weights, tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
+def cached(smoke_params, smoke_shards, weights, module_tmp):
+    root = module_tmp("cache")
     params = _params(smoke_params, root, weights=str(weights))
     out, results = _run(params, smoke_shards, root)
     return params, out, results

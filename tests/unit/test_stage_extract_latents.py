@@ -36,13 +36,13 @@ def _save_tokenizer(path, smoke_params, **overrides):
 
 
 @pytest.fixture(scope="module")
-def tokenizer_pt(tmp_path_factory, smoke_params):
-    return _save_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.pt", smoke_params)
+def tokenizer_pt(module_tmp, smoke_params):
+    return _save_tokenizer(module_tmp("tok") / "tokenizer.pt", smoke_params)
 
 
 @pytest.fixture(scope="module")
-def extracted(tmp_path_factory, smoke_params, smoke_shards, tokenizer_pt):
-    root = tmp_path_factory.mktemp("latents")
+def extracted(module_tmp, smoke_params, smoke_shards, tokenizer_pt):
+    root = module_tmp("latents")
     extract_latents.main(["--params", str(smoke_params), "--shards", str(smoke_shards), "--tokenizer",
                           str(tokenizer_pt), "--out", str(root / "data"), "--results", str(root / "results")])
     return root

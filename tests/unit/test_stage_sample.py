@@ -47,8 +47,8 @@ def make_artifacts(params_path: Path, out: Path, codebook_size: int | None = Non
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, smoke_params):
-    return make_artifacts(smoke_params, tmp_path_factory.mktemp("artifacts"))
+def artifacts(module_tmp, smoke_params):
+    return make_artifacts(smoke_params, module_tmp("artifacts"))
 
 
 def run_sample(params: Path, gen: Path, tok: Path, root: Path) -> tuple[dict, dict]:
@@ -64,8 +64,8 @@ def load_outputs(root: Path) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory, smoke_params, artifacts):
-    return run_sample(smoke_params, *artifacts, tmp_path_factory.mktemp("run1"))
+def first_run(module_tmp, smoke_params, artifacts):
+    return run_sample(smoke_params, *artifacts, module_tmp("run1"))
 
 
 def test_layout_grid_and_summary(first_run, smoke_params, tmp_path_factory):

@@ -45,9 +45,9 @@ def write_samples(path: Path, images: np.ndarray) -> Path:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, smoke_params, smoke_shards):
+def env(module_tmp, smoke_params, smoke_shards):
     """TORCH_HOME with fixture Inception weights at torch-fidelity's cache path, artifacts and val statistics."""
-    root = tmp_path_factory.mktemp("score")
+    root = module_tmp("score")
     demo = metrics.InceptionExtractor("inception-v3-compat-random-init", seed=0)
     weights = root / "inception-fixture.pth"
     torch.save(demo.net.state_dict(), weights)

@@ -45,8 +45,8 @@ def _write_split(d, n, views, rng):
 
 
 @pytest.fixture(scope="module")
-def latents(tmp_path_factory):
-    root = tmp_path_factory.mktemp("latents")
+def latents(module_tmp):
+    root = module_tmp("latents")
     rng = np.random.default_rng(0)
     _write_split(root / "train", 48, 10, rng)
     _write_split(root / "val", 24, 1, rng)
@@ -67,8 +67,8 @@ def _args(params, latents, root):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, smoke_params, latents):
-    root = tmp_path_factory.mktemp("gen")
+def trained(module_tmp, smoke_params, latents):
+    root = module_tmp("gen")
     train_generator.main(_args(smoke_params, latents, root))
     return root
 

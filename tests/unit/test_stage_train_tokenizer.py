@@ -47,16 +47,16 @@ def _args(params: Path, shards: Path, features: Path, root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def features(smoke_params, smoke_shards, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("features")
+def features(smoke_params, smoke_shards, module_tmp) -> Path:
+    root = module_tmp("features")
     cache_features.main(["--params", str(smoke_params), "--shards", str(smoke_shards),
                          "--out", str(root / "cache"), "--results", str(root / "results")])
     return root / "cache"
 
 
 @pytest.fixture(scope="module")
-def trained(smoke_params, smoke_shards, features, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("trained")
+def trained(smoke_params, smoke_shards, features, module_tmp) -> Path:
+    root = module_tmp("trained")
     train_tokenizer.main(_args(smoke_params, smoke_shards, features, root))
     return root
 

@@ -23,11 +23,11 @@ STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
+def source(module_tmp):
     """A random DINOv3-S and its weights saved as safetensors (a stand-in for the real checkpoint)."""
     torch.manual_seed(1)
     model = timm.create_model(NAME, pretrained=False).eval()
-    path = tmp_path_factory.mktemp("weights") / "model.safetensors"
+    path = module_tmp("weights") / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return model, path
 
