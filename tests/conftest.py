@@ -47,7 +47,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def module_tmp(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Callable[[str], Path]]:
     """module_tmp(name) -> a new directory for a module-scoped fixture. All of them are deleted when the module
     ends unless one of its tests failed (pyproject's tmp_path_retention_policy does the same for tmp_path), so the
-    suite's disk use peaks at its largest module (test_official: ~1.3 GB) instead of the sum of all."""
+    suite's disk use peaks at its largest module (test_official: 1.2 GB) instead of the sum of all."""
     made: list[Path] = []
 
     def make(name: str) -> Path:
