@@ -232,6 +232,12 @@ class Sample:
     untrained_baseline: bool = field(default=True, metadata=rng(help=(
         "also sample the same images from a freshly initialised generator of the same config (untrained.npz); "
         "score measures its gFID with the same extractor, the baseline of checks.gfid_over_untrained")))
+    precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata=rng(help=(
+        "the generator's passes under bf16 autocast with a bf16 KV cache, or fp32; auto: bf16 on CUDA, fp32 on CPU "
+        "(where a sample's codes are then bit-exact on any batch split). Decoding is fp32 always")))
+    compile: bool = field(default=False, metadata=rng(help=(
+        "torch.compile of the generator's cached pass, one graph per block size; on CUDA each replays as a CUDA "
+        "graph (mode reduce-overhead) over the static KV cache")))
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

@@ -14,7 +14,7 @@ import torch.distributed as torch_dist
 
 from restok.models.generator import HARGenerator
 from restok.models.tokenizer import ResTok
-from restok.sampling import SamplingConfig, generate
+from restok.sampling import KVCache, SamplingConfig, allocate_kv_cache, generate, pass_rows
 from restok.train.dist import DistInfo, is_dist
 from restok.train.log import progress
 
@@ -34,6 +34,12 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x.float() * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
+def sampling_bf16(precision: str, device: torch.device) -> bool:
+    """Whether the generator's passes run in bf16 (`sample.precision`): always for "bf16", never for "fp32"; "auto"
+    on CUDA only, so that CPU sampling keeps fp32 and a sample's codes bit-exact on any batch split."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # timing only, between batches
@@ -41,18 +47,27 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def sample_images(generator: HARGenerator, tokenizer: ResTok, sampling: SamplingConfig, indices: range,
-                  per_class: int, seed: int, batch_size: int, device: torch.device,
+                  per_class: int, seed: int, batch_size: int, device: torch.device, bf16: bool = False,
                   desc: str = "sample") -> tuple[np.ndarray, dict]:
     """Images of global indices `indices` (image i: class i // per_class, seed seed + i), batch by batch.
 
+    bf16: the generator's passes under bf16 autocast with a bf16 KV cache (decoding stays fp32). One KV cache per
+    batch size is allocated and reused by every batch of that size (a compiled generator replays over it).
     Returns (uint8 (n, H, W, 3) array, {"generate_seconds", "decode_seconds"}).
     """
     out, t_gen, t_dec = [], 0.0, 0.0
+    cache_dtype = torch.bfloat16 if bf16 else next(generator.parameters()).dtype
+    caches: dict[int, KVCache] = {}
     with progress(len(indices), desc) as bar:
         for start in range(indices.start, indices.stop, batch_size):
             idx = torch.arange(start, min(start + batch_size, indices.stop))  # (B,) global image indices
+            rows = pass_rows(sampling, len(idx))
+            if rows not in caches:
+                caches[rows] = allocate_kv_cache(generator, rows, cache_dtype, device)
             t0 = time.perf_counter()
-            codes = generate(generator, (idx // per_class).to(device), sampling, seeds=(seed + idx).tolist())  # (B, L)
+            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                codes = generate(generator, (idx // per_class).to(device), sampling, seeds=(seed + idx).tolist(),
+                                 kv=caches[rows])  # (B, L)
             _sync(device)
             t1 = time.perf_counter()
             images = to_uint8(tokenizer.decode(codes))  # (B, H, W, 3)

@@ -109,19 +109,46 @@ def per_sample_uniforms(seeds: Sequence[int] | torch.Tensor, num_tokens: int) ->
     return torch.stack(rows)
 
 
-def allocate_kv_cache(model: HARGenerator, batch: int, dtype: torch.dtype,
-                      device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer a (k, v) pair of zeros (batch, H, cache_len, hd)."""
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def pass_rows(sampling: SamplingConfig, batch: int) -> int:
+    """Rows of every pass for `batch` samples: 2 x batch with guidance (the null-class rows run alongside), else
+    batch."""
+    return 2 * batch if sampling.cfg_scale > 1.0 else batch
+
+
+def allocate_kv_cache(model: HARGenerator, batch: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+    """Per layer a (k, v) pair of zeros (batch, H, cache_len, hd), marked as static addresses for torch.compile
+    (a CUDA graph replays over the same buffers; outside compile the mark does nothing).
+
+    A cache may be passed to `generate` again for another batch of the same size: what a pass reads was written by
+    that same call, since the mask hides every position not yet written (an exactly zero attention weight)."""
     cfg = model.cfg
     shape = (batch, cfg.n_head, cfg.cache_len, cfg.head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(cfg.n_layer)]
+    kv = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+          for _ in range(cfg.n_layer)]
+    for t in (t for pair in kv for t in pair):
+        torch._dynamo.mark_static_address(t)
+    return kv
+
+
+def compile_sampling(model: HARGenerator) -> HARGenerator:
+    """The fast sampling path (`sample.compile`), in place: `forward_cached` compiled with static shapes, one graph
+    per block size (6 for 128 tokens with 4 AR tokens), which `generate` then runs unchanged. On CUDA the mode is
+    "reduce-overhead": each graph replays as a CUDA graph over the static KV cache (`allocate_kv_cache`; reuse it
+    across batches through `generate(kv=...)` so that the graphs are recorded once)."""
+    # every compiled generator shares forward_cached's code object: room for its block sizes x batch sizes x models
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else "default"
+    model.forward_cached = torch.compile(model.forward_cached, mode=mode, dynamic=False)
+    return model
 
 
 @torch.no_grad()
 def generate(model: HARGenerator, labels: torch.Tensor, sampling: SamplingConfig, *,
              seeds: Sequence[int] | torch.Tensor | None = None, generator: torch.Generator | None = None,
-             cache_dtype: torch.dtype | None = None,
+             cache_dtype: torch.dtype | None = None, kv: KVCache | None = None,
              return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sample codes (B, T) long for class labels (B,), one forward pass per sampling block.
 
@@ -132,6 +159,8 @@ def generate(model: HARGenerator, labels: torch.Tensor, sampling: SamplingConfig
         seeds: one seed per sample (batch-split independent draws); if None, uniforms come from `generator`
             (a CPU torch.Generator, or the global RNG when None). Unused when sampling.greedy.
         cache_dtype: KV-cache dtype (default: the model's parameter dtype; bf16 under bf16 autocast).
+        kv: a cache from `allocate_kv_cache` for 2B rows with CFG (B without), reused instead of a new one
+            (cache_dtype is then its dtype).
         return_logits: also return the (CFG-combined) logits (B, T, V) fp32 each code was drawn from.
     """
     if model.training:
@@ -142,9 +171,14 @@ def generate(model: HARGenerator, labels: torch.Tensor, sampling: SamplingConfig
     if use_cfg and cfg.null_class is None:
         raise ValueError(f"sample.cfg_scale={sampling.cfg_scale} needs a null class, but the generator was built "
                          "with class_dropout_prob=0; set cfg_scale to 1")
-    rows = 2 * B if use_cfg else B
+    rows = pass_rows(sampling, B)
     row_labels = torch.cat([labels, torch.full_like(labels, cfg.null_class)]) if use_cfg else labels  # (rows,)
-    kv = allocate_kv_cache(model, rows, cache_dtype or next(model.parameters()).dtype, device)
+    if kv is None:
+        kv = allocate_kv_cache(model, rows, cache_dtype or next(model.parameters()).dtype, device)
+    elif kv[0][0].shape[0] != rows or len(kv) != cfg.n_layer:
+        raise ValueError(f"the KV cache holds {kv[0][0].shape[0]} rows in {len(kv)} layers; this batch needs {rows} "
+                         f"rows in {cfg.n_layer}")
+    torch.compiler.cudagraph_mark_step_begin()  # a new sampling run: earlier CUDA-graph outputs may be overwritten
 
     uniforms = None
     if not sampling.greedy:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from restok import config, images
@@ -126,6 +127,43 @@ def test_two_processes_give_the_same_images(first_run, smoke_params, artifacts, 
     assert summary["world_size"] == 2
     for key in ("arr_0", "arr_1"):
         np.testing.assert_array_equal(arrays[key], first_run[0][key])
+
+
+def test_compiled_sampling_gives_the_same_images(first_run, smoke_params, artifacts, tmp_path):
+    """`sample.compile` (CPU: inductor, fp32): the stage's images equal the eager run's, byte for byte."""
+    tree = yaml.safe_load(smoke_params.read_text())
+    tree["sample"]["compile"] = True
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tree))
+    arrays, summary = run_sample(params, *artifacts, tmp_path)
+    assert summary["compile"] is True and summary["precision"] == "fp32" and first_run[1]["compile"] is False
+    for key in ("arr_0", "arr_1"):
+        np.testing.assert_array_equal(arrays[key], first_run[0][key])
+
+
+def test_bf16_sampling_runs_the_passes_and_the_cache_in_bf16(smoke_params, artifacts, monkeypatch):
+    """`sample.precision: bf16` on CPU (auto picks it on CUDA only): the KV cache and the passes are bf16, one cache
+    per batch size is reused by every batch of that size, and decoding stays fp32."""
+    p = config.load_params(smoke_params)
+    generator, tokenizer, _ = sample.load_models(*artifacts, torch.device("cpu"))
+    caches, pass_dtypes = [], []
+    allocate = images.allocate_kv_cache
+    monkeypatch.setattr(images, "allocate_kv_cache", lambda *a: caches.append(allocate(*a)) or caches[-1])
+    forward_cached = generator.forward_cached
+    monkeypatch.setattr(generator, "forward_cached",
+                        lambda *a: pass_dtypes.append(torch.get_autocast_dtype("cpu")
+                                                      if torch.is_autocast_enabled("cpu") else None)
+                        or forward_cached(*a))
+    n = p.data.num_classes * p.sample.per_class  # 8 images in batches of 3: sizes 3, 3, 2
+    out, _ = images.sample_images(generator, tokenizer, p.sample.sampling, range(n), p.sample.per_class,
+                                  p.sample.seed, 3, torch.device("cpu"), bf16=True)
+    assert out.shape == (n, p.data.resolution, p.data.resolution, 3) and out.dtype == np.uint8
+    assert [cache[0][0].shape[0] for cache in caches] == [6, 4]  # CFG rows of batch sizes 3 and 2, once each
+    assert all(t.dtype == torch.bfloat16 for cache in caches for pair in cache for t in pair)
+    assert set(pass_dtypes) == {torch.bfloat16}
+    assert images.sampling_bf16("auto", torch.device("cpu")) is False
+    assert images.sampling_bf16("auto", torch.device("cuda")) is True
+    assert images.sampling_bf16("fp32", torch.device("cuda")) is False
 
 
 def test_rank_shares_cover_whole_batches():

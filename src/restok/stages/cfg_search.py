@@ -33,10 +33,11 @@ from matplotlib.figure import Figure
 from restok.artifacts import load_models
 from restok.config import load_params
 from restok.fid import PROVENANCE_KEYS, build_extractor, load_stats
-from restok.images import gather_to_main, rank_share, sample_images
+from restok.images import gather_to_main, rank_share, sample_images, sampling_bf16
 from restok.launch import relaunch_if_requested
 from restok.metrics import Features, InceptionExtractor, frechet_distance, statistics
 from restok.provenance import write_results
+from restok.sampling import compile_sampling
 from restok.train.dist import barrier, cleanup, init_distributed
 from restok.train.log import console, print0
 
@@ -94,11 +95,14 @@ def main(argv=None):
     t0 = time.perf_counter()
     n_images = generator.cfg.num_classes * search.per_class
     share = rank_share(n_images, cfg.batch_size, info.rank, info.world_size)
+    bf16 = sampling_bf16(cfg.precision, info.device)
+    if cfg.compile:
+        compile_sampling(generator)
     fids = {}
     for scale in search.scales:
         sampling = dataclasses.replace(cfg.sampling, cfg_scale=scale)
         images, _ = sample_images(generator, tokenizer, sampling, share, search.per_class, cfg.seed,
-                                  cfg.batch_size, info.device, desc=f"cfg {scale:g}")
+                                  cfg.batch_size, info.device, bf16, desc=f"cfg {scale:g}")
         parts = gather_to_main(pool_features(extractor, images, p.fid.batch_size), info)
         if info.is_main:
             feats = Features(pool=torch.cat(parts), logits=torch.zeros(0, 1008), provenance=extractor.provenance)
@@ -110,7 +114,8 @@ def main(argv=None):
         out = {"fid": {f"{s:g}": v for s, v in fids.items()}, "best_scale": best, "best_fid": fids[best],
                "num_images_per_scale": n_images, "per_class": search.per_class,
                "random_init_extractor": random_init}
-        run_info = {"profile": p.profile, "seed": cfg.seed,
+        run_info = {"profile": p.profile, "seed": cfg.seed, "precision": "bf16" if bf16 else "fp32",
+                    "compile": cfg.compile,
                     "sampling": {k: v for k, v in dataclasses.asdict(cfg.sampling).items() if k != "cfg_scale"},
                     "reference": ref["reference"], **extractor.provenance, "generator": provenance["generator"],
                     "seconds": round(time.perf_counter() - t0, 3)}

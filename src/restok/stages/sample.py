@@ -10,6 +10,8 @@ equal the tokenizer's codebook size and token count. Image i (class i // sample.
 sample.seed + i through the KV-cache sampler (CFG schedule, top-k/top-p from sample.sampling), so a rerun gives the
 same images, and so does any number of processes: each rank takes a contiguous run of whole global batches, rank 0
 gathers and writes. Decoding is fp32, images = uint8(clamp(255 x, 0, 255)) (truncation, as the official script).
+The generator's passes run in sample.precision (auto: bf16 on CUDA, fp32 on CPU); with sample.compile its cached pass
+is compiled per block size (CUDA graphs on a GPU) over one static KV cache per batch size.
 
 Writes data/sample/samples.npz (ADM layout: arr_0 uint8 N x H x W x 3, arr_1 int64 labels), results/sample/grid.png
 (one row per class) and results/sample/summary.json (sampling steps, images/s of generation and of decoding). With
@@ -31,12 +33,12 @@ from torchvision.utils import make_grid, save_image
 
 from restok.artifacts import load_models
 from restok.config import load_params
-from restok.images import UNTRAINED, gather_to_main, rank_share, sample_images
+from restok.images import UNTRAINED, gather_to_main, rank_share, sample_images, sampling_bf16
 from restok.io import write_npz_atomic
 from restok.launch import relaunch_if_requested
 from restok.models.generator import HARGenerator
 from restok.provenance import write_results
-from restok.sampling import schedule_scales
+from restok.sampling import compile_sampling, schedule_scales
 from restok.train.dist import barrier, cleanup, init_distributed
 from restok.train.log import console, print0
 
@@ -84,17 +86,22 @@ def main(argv=None):
     steps = len(generator.cfg.block_sizes)
     print0(f"sample: {n_images} images ({num_classes} classes x {cfg.per_class}) in {steps} sampling steps on "
            f"{info.world_size} process(es), cfg {cfg.sampling.cfg_scale} ({cfg.sampling.cfg_schedule})")
+    bf16 = sampling_bf16(cfg.precision, info.device)
     t0 = time.perf_counter()
     share = rank_share(n_images, cfg.batch_size, info.rank, info.world_size)
+    if cfg.compile:
+        compile_sampling(generator)
     images, timing = sample_images(generator, tokenizer, cfg.sampling, share, cfg.per_class, cfg.seed,
-                                   cfg.batch_size, info.device)
+                                   cfg.batch_size, info.device, bf16)
     parts = gather_to_main((images, timing), info)
     untrained = None
     if cfg.untrained_baseline:  # same config, sampling, seeds and images; fresh weights (the same on every rank)
         torch.manual_seed(cfg.seed)
         fresh = HARGenerator(generator.cfg).to(info.device).eval()
+        if cfg.compile:
+            compile_sampling(fresh)
         untrained, _ = sample_images(fresh, tokenizer, cfg.sampling, share, cfg.per_class, cfg.seed, cfg.batch_size,
-                                     info.device, desc="sample (untrained generator)")
+                                     info.device, bf16, desc="sample (untrained generator)")
         untrained = gather_to_main(untrained, info)
     if info.is_main:
         images = np.concatenate([part[0] for part in parts])  # (N, H, W, 3) in global index order
@@ -114,7 +121,7 @@ def main(argv=None):
         run_info = {
             "profile": p.profile, "generator_mode": generator.cfg.mode, "cfg": dataclasses.asdict(cfg.sampling),
             "seed": cfg.seed, "batch_size": cfg.batch_size, "world_size": info.world_size,
-            "device": str(info.device), "precision": "fp32",
+            "device": str(info.device), "precision": "bf16" if bf16 else "fp32", "compile": cfg.compile,
             "generate_seconds": round(gen_s, 3), "decode_seconds": round(dec_s, 3),
             "generate_images_per_s": round(n_images / max(gen_s, 1e-9), 3),
             "decode_images_per_s": round(n_images / max(dec_s, 1e-9), 3),
