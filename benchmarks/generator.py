@@ -127,7 +127,7 @@ def main(argv=None):
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--size", default="har-L", choices=list(GENERATOR_PRESETS))
     ap.add_argument("--batch", type=int, default=32, help="training batch (the reference: 32)")
-    ap.add_argument("--sample-batch", type=int, default=50, help="sampling batch (the reference: 50)")
+    ap.add_argument("--sample-batch", type=int, default=50, help="sampling batch (the reference: 50); 0: no sampling")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast or plain fp32/TF32")
     ap.add_argument("--compile", action="store_true", help="also measure the torch.compile fast path")
     ap.add_argument("--compile-mode", default="default",
@@ -156,15 +156,22 @@ def main(argv=None):
     for path in paths:
         model = build(args.size, args.tokens, args.vocab, args.classes, device)
         net = compile_for_training(model, args.compile_mode) if path == "compiled" else model
-        train = bench_train(model, net, args.batch, args.steps, args.warmup, autocast, device)
-        del net
-        model = build(args.size, args.tokens, args.vocab, args.classes, device)
-        if path == "compiled":
-            compile_sampling(model)  # the sample stage's `sample.compile` (CUDA graphs on a GPU)
-        sample = bench_sample(model, args.sample_batch, args.reps, autocast, device, cache_dtype)
-        flops = train_flops_per_sequence(model)
-        rows[path] = {**train, **sample, "mfu": flops * train["seq_per_s"] / peak if peak else None}
-        del model
+        try:
+            train = bench_train(model, net, args.batch, args.steps, args.warmup, autocast, device)
+            train["mfu"] = train_flops_per_sequence(model) * train["seq_per_s"] / peak if peak else None
+        except torch.cuda.OutOfMemoryError:
+            train = {"oom": True}
+        del net, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        sample = {}
+        if args.sample_batch:
+            model = build(args.size, args.tokens, args.vocab, args.classes, device)
+            if path == "compiled":
+                compile_sampling(model)  # the sample stage's `sample.compile` (CUDA graphs on a GPU)
+            sample = bench_sample(model, args.sample_batch, args.reps, autocast, device, cache_dtype)
+            del model
+        rows[path] = {**train, **sample}
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -172,30 +179,33 @@ def main(argv=None):
     n_params = sum(p.numel() for p in HARGenerator(cfg).parameters()) / 1e6
     mem = "peak GiB" if device.type == "cuda" else "peak RSS GiB"
     print(f"{args.size}: {n_params:.2f}M params, {args.tokens} tokens, vocab {args.vocab}, {args.classes} classes; "
-          f"{name}, {args.dtype}, train batch {args.batch}, sample batch {args.sample_batch} "
-          f"({rows['eager']['passes']} passes, CFG 3.75)")
+          f"{name}, {args.dtype}, train batch {args.batch}, sample batch {args.sample_batch or '-'} "
+          f"({len(cfg.block_sizes)} passes, CFG 3.75)")
     print(f"{'path':10} {'train seq/s':>12} {'MFU':>7} {mem:>13} {'sample img/s':>13}")
     for path, r in rows.items():
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        graphs = f"   ({r['cudagraph_skips']} CUDA graphs declined)" if r["cudagraph_skips"] else ""
-        print(f"{path:10} {r['seq_per_s']:12.1f} {mfu:>7} {r['peak_gib']:13.2f} {r['img_per_s']:13.1f}{graphs}")
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+        graphs = f"   ({r['cudagraph_skips']} CUDA graphs declined)" if r.get("cudagraph_skips") else ""
+        train = "OOM" if r.get("oom") else f"{r['seq_per_s']:.1f}"
+        peak_gib = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "-"
+        img = f"{r['img_per_s']:.1f}" if "img_per_s" in r else "-"
+        print(f"{path:10} {train:>12} {mfu:>7} {peak_gib:>13} {img:>13}{graphs}")
     ref_sample = OFFICIAL_H100["sample_img_per_s"][args.dtype]
     ref = OFFICIAL_H100
     print(f"{'official':10} {ref['train_seq_per_s']:12.1f} {'~9%':>7} {ref['train_peak_gib']:13.2f} "
           f"{ref_sample:13.1f}   (one H100 80GB, bf16 eager, train batch 32, sample batch 50)")
-    best = rows[paths[-1]]
-    if args.compile:
-        print(f"fast / eager: train {best['seq_per_s'] / rows['eager']['seq_per_s']:.2f}x, "
-              f"sample {best['img_per_s'] / rows['eager']['img_per_s']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"size": args.size, "device": name, "dtype": args.dtype, "batch": args.batch,
                        "sample_batch": args.sample_batch, "rows": rows, "official_h100": OFFICIAL_H100}, f, indent=2)
+    best, eager = rows[paths[-1]], rows["eager"]
+    ratios = [("train", "seq_per_s", ref["train_seq_per_s"]), ("sample", "img_per_s", ref_sample)]
+    if args.compile:
+        print("fast / eager: " + ", ".join(f"{what} {best[key] / eager[key]:.2f}x" for what, key, _ in ratios
+                                           if key in best and key in eager))
     comparable = "H100" in name and args.size == "har-L" and args.tokens == 128 and args.vocab == 8192
-    print(f"{paths[-1]} / official: train {best['seq_per_s'] / OFFICIAL_H100['train_seq_per_s']:.2f}x "
-          f"(target {TARGETS['train']:.0f}x), sample {best['img_per_s'] / ref_sample:.2f}x "
-          f"(target {TARGETS['sample']:.0f}x)" + ("" if comparable else
-                                                 "  [not comparable: not har-L/128/8192 on an H100]"))
+    print(f"{paths[-1]} / official: " + ", ".join(f"{what} {best[key] / official:.2f}x (target {TARGETS[what]:.0f}x)"
+                                                   for what, key, official in ratios if key in best)
+          + ("" if comparable else "  [not comparable: not har-L/128/8192 on an H100]"))
 
 
 if __name__ == "__main__":

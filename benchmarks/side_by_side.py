@@ -9,6 +9,8 @@ parts run as separate processes, so each starts with empty GPU memory:
   tokenizer        benchmarks/tokenizer.py, ResTok-L at 256 px, batch 16, eager and regionally compiled
   tokenizer_ckpt   the same at batch 32 with `loop.checkpointing: all` (batch 32 does not fit without it)
   generator        benchmarks/generator.py, HAR GPT-L, train batch 32, sample batch 50, bf16, eager and compiled
+                   (sampling compiled as `sample.compile` runs it: CUDA graphs over the static KV cache)
+  generator_b256   the same training at batch 256 (the ImageNet recipe's global batch on one GPU), no sampling
   official         bench_official.py --size l: the official code, eager, same definitions
 
 Each part writes `<part>.json` into --out; the table at the end is read from whatever JSON files are there, so
@@ -41,6 +43,9 @@ def commands(official: Path, harness: Path, out: Path) -> dict[str, list[str]]:
                            "32", "--compile", "--checkpointing", "all", "--json", str(out / "tokenizer_ckpt.json")],
         "generator": [py, str(REPO / "benchmarks/generator.py"), "--device", "cuda", "--size", "har-L", "--batch",
                       "32", "--dtype", "bf16", "--compile", "--json", str(out / "generator.json")],
+        "generator_b256": [py, str(REPO / "benchmarks/generator.py"), "--device", "cuda", "--size", "har-L", "--batch",
+                           "256", "--sample-batch", "0", "--dtype", "bf16", "--compile", "--json",
+                           str(out / "generator_b256.json")],
         "official": [py, str(harness), "--repo", str(official), "--device", "cuda", "--size", "l",
                      "--official-commit", OFFICIAL_COMMIT, "--out", str(out / "official.json")],
     }
@@ -59,11 +64,15 @@ def table(results: dict[str, dict]) -> list[tuple[str, str, float | None, float 
             for kind in ("encode", "decode"):
                 ours = None if r.get("oom") else r[f"{kind}_images_per_s"]
                 rows.append((f"tokenizer {kind} img/s", label, ours, official.get(f"tok_{kind}_images_per_s")))
-    gen = results.get("generator", {})
-    for path, r in gen.get("rows", {}).items():
-        label = f"{path}, {gen['dtype']}"
-        rows.append(("generator train seq/s", label, r["seq_per_s"], official.get("gpt_train_sequences_per_s")))
-        rows.append(("sampling img/s", label, r["img_per_s"], official.get(f"har_sample_{gen['dtype']}_images_per_s")))
+    for part in ("generator", "generator_b256"):
+        gen = results.get(part, {})
+        for path, r in gen.get("rows", {}).items():
+            label = f"batch {gen['batch']}, {path}, {gen['dtype']}"
+            ours = None if r.get("oom") else r["seq_per_s"]
+            rows.append(("generator train seq/s", label, ours, official.get("gpt_train_sequences_per_s")))
+            if "img_per_s" in r:
+                rows.append(("sampling img/s", f"batch {gen['sample_batch']}, {path}, {gen['dtype']}",
+                             r["img_per_s"], official.get(f"har_sample_{gen['dtype']}_images_per_s")))
     return rows
 
 
@@ -85,7 +94,7 @@ def main(argv=None) -> None:
     ap.add_argument("--official", type=Path, default=REPO / "official", help="exported official work tree")
     ap.add_argument("--harness", type=Path, default=None, help=f"bench_official.py (default: shared/{HARNESS})")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/side_by_side")
-    ap.add_argument("--parts", default="tokenizer,tokenizer_ckpt,generator,official",
+    ap.add_argument("--parts", default="tokenizer,tokenizer_ckpt,generator,generator_b256,official",
                     help="comma-separated subset of the parts to run now; the report uses every JSON in --out")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

@@ -29,8 +29,10 @@ def test_report_gives_ours_over_official_per_figure():
         "tokenizer": {"device": "GPU", "rows": [tok_row]},
         "tokenizer_ckpt": {"device": "GPU", "rows": [{"batch": 32, "compile": False, "checkpointing": "all",
                                                       "oom": True}]},
-        "generator": {"device": "GPU", "dtype": "bf16", "rows": {"compiled": {"seq_per_s": 1144.0,
-                                                                             "img_per_s": 885.0}}},
+        "generator": {"device": "GPU", "dtype": "bf16", "batch": 32, "sample_batch": 50,
+                      "rows": {"compiled": {"seq_per_s": 1144.0, "img_per_s": 885.0}}},
+        "generator_b256": {"device": "GPU", "dtype": "bf16", "batch": 256, "sample_batch": 0,
+                           "rows": {"eager": {"oom": True}, "compiled": {"seq_per_s": 1430.0}}},
         "official": {"env": {"gpu": "GPU"}, "summary": {
             "tok_train_images_per_s": 38.0, "tok_encode_images_per_s": 158.0, "tok_decode_images_per_s": 234.0,
             "gpt_train_sequences_per_s": 286.0, "har_sample_bf16_images_per_s": 177.0}},
@@ -38,8 +40,11 @@ def test_report_gives_ours_over_official_per_figure():
     rows = {(figure, label): (ours, ref) for figure, label, ours, ref in sbs.table(results)}
     assert rows[("tokenizer train img/s", "batch 16, compiled, checkpointing none")] == (114.0, 38.0)
     assert rows[("tokenizer train img/s", "batch 32, eager, checkpointing all")] == (None, 38.0)
-    assert rows[("generator train seq/s", "compiled, bf16")] == (1144.0, 286.0)
-    assert rows[("sampling img/s", "compiled, bf16")] == (885.0, 177.0)
+    assert rows[("generator train seq/s", "batch 32, compiled, bf16")] == (1144.0, 286.0)
+    assert rows[("generator train seq/s", "batch 256, eager, bf16")] == (None, 286.0)
+    assert rows[("generator train seq/s", "batch 256, compiled, bf16")] == (1430.0, 286.0)
+    assert rows[("sampling img/s", "batch 50, compiled, bf16")] == (885.0, 177.0)
+    assert sum(figure == "sampling img/s" for figure, _ in rows) == 1  # the batch-256 part samples nothing
     lines = sbs.report(results).splitlines()
     for figure, ratio, target in (("tokenizer train", "x3.00", "x3"), ("generator train", "x4.00", "x4"),
                                   ("sampling", "x5.00", "x5")):
