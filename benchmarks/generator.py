@@ -11,6 +11,8 @@ inference pass), and prints the ratios fast / eager and against the official num
 eager): 286 training sequences/s at batch 32 (11.2 GiB peak, about 9 % of the bf16 peak) and 177 sampled images/s
 at batch 50 (162 in fp32). Targets on that GPU (issue 16): >= 4x training throughput and 5x sampling throughput.
 
+Each path also lists the attention kernels of one profiled training step and sampling call
+(restok.models.attention.sdpa_kernels: fused, or the `_math` fallback), and how often inductor declined a CUDA graph.
 MFU counts 6 * (matmul parameters) * T + 12 * layers * T^2 * width FLOPs per training sequence (nanoGPT's rule; the
 block mask is not subtracted) against the dense peak of the GPU model (bf16, or TF32 for fp32); none on CPU.
 """
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
+from restok.models.attention import sdpa_kernels
 from restok.models.generator import GENERATOR_PRESETS, HARGenerator, generator_config
 from restok.sampling import SamplingConfig, allocate_kv_cache, compile_sampling, generate, pass_rows
 from restok.train.optim import adamw
@@ -94,7 +97,8 @@ def bench_train(model: HARGenerator, net: nn.Module, batch: int, steps: int, war
         step()
     sync(device)
     seconds = time.perf_counter() - t0
-    return {"seq_per_s": batch * steps / seconds, "peak_gib": peak_memory_gib(device)}
+    return {"seq_per_s": batch * steps / seconds, "peak_gib": peak_memory_gib(device),
+            "attention_kernels": sdpa_kernels(step)}  # one more step, profiled: fused or math?
 
 
 def bench_sample(model: HARGenerator, batch: int, reps: int, autocast, device: torch.device,
@@ -119,7 +123,8 @@ def bench_sample(model: HARGenerator, batch: int, reps: int, autocast, device: t
         run()
     sync(device)
     return {"img_per_s": batch * reps / (time.perf_counter() - t0), "passes": len(model.cfg.block_sizes),
-            "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips,
+            "sample_attention_kernels": sdpa_kernels(run)}
 
 
 def main(argv=None):
@@ -189,6 +194,9 @@ def main(argv=None):
         peak_gib = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "-"
         img = f"{r['img_per_s']:.1f}" if "img_per_s" in r else "-"
         print(f"{path:10} {train:>12} {mfu:>7} {peak_gib:>13} {img:>13}{graphs}")
+        for what in ("attention_kernels", "sample_attention_kernels"):
+            if what in r:
+                print(f"{'':10} {what.replace('_', ' ')}: {', '.join(r[what]) or 'none seen'}")
     ref_sample = OFFICIAL_H100["sample_img_per_s"][args.dtype]
     ref = OFFICIAL_H100
     print(f"{'official':10} {ref['train_seq_per_s']:12.1f} {'~9%':>7} {ref['train_peak_gib']:13.2f} "

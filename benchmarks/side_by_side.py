@@ -84,6 +84,15 @@ def report(results: dict[str, dict]) -> str:
         cells = [f"{v:9.1f}" if v is not None else f"{'-':>9}" for v in (ours, ref)]
         lines.append(f"{figure:24} {cells[0]} {cells[1]} {f'x{ratio:.2f}' if ratio else '-':>7} "
                      f"{f'x{target:.0f}' if target else '':>7}  {label}")
+    for part in ("tokenizer", "tokenizer_ckpt", "generator", "generator_b256"):
+        rows = results.get(part, {}).get("rows", [])
+        for name, row in (rows.items() if isinstance(rows, dict) else enumerate(rows)):
+            for key, what in (("attention_kernels", "train"), ("sample_attention_kernels", "sample")):
+                if key in row:
+                    kernels = row[key]
+                    verdict = "UNFUSED" if any(k.endswith("_math") for k in kernels) else "fused"
+                    lines.append(f"attention {verdict:8} {part} {name} {what} "
+                                 f"{', '.join(kernels) or 'none seen (compiled)'}")
     devices = {r.get("device") or r.get("env", {}).get("gpu") for r in results.values()}
     lines.append(f"devices: {', '.join(sorted(str(d) for d in devices))} (compare only figures from one machine)")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ stage's `loop.checkpointing` to the training step of both paths. Size L is the p
 (bf16 autocast, eager) does 38 train images/s at batch 16 (49.9 GiB peak; batch 32 runs out of memory), and
 158 encode / 234 decode images/s at batch 16: those figures are printed beside ours as ratios.
 Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the process's peak RSS (includes everything loaded).
+Each row also lists the attention kernels one profiled training step ran (restok.models.attention.sdpa_kernels).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from restok.config import TokenizerParams, build, profile_tree
+from restok.models.attention import sdpa_kernels
 from restok.models.recompute_mode import Checkpointing
 from restok.models.tokenizer import ResTok, TokenizerConfig
 from restok.train import optim
@@ -96,6 +98,7 @@ def measure(cfg: TokenizerConfig, batch: int, device: torch.device, compile: boo
         model.train()
         result["train_images_per_s"] = _rate(train_step, batch, steps, warmup, device)
         result["train_peak_gib"] = _peak_gib(device)
+        result["attention_kernels"] = sdpa_kernels(train_step)  # one more step, profiled: fused or math?
         model.eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             codes = model.encode(x)
@@ -161,6 +164,7 @@ def main(argv=None) -> None:
             speedups = row["speedup_vs_eager"].items()
             cells.append("vs eager: " + ", ".join(f"{k.split('_')[0]} x{v:.2f}" for k, v in speedups))
         print(f"{label}: " + " | ".join(cells))
+        print(f"{'':16}  attention kernels: {', '.join(row['attention_kernels']) or 'none seen'}")
     if size == "L" and cuda:
         print(f"official reference (H100 80GB, bf16, eager): {json.dumps(OFFICIAL_H100)}")
     if args.json:

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from restok.models import attention as attention_module
-from restok.models.attention import attention
+from restok.models.attention import attention, sdpa_kernels
 from restok.models.generator import HARGenerator, generator_config
+from restok.models.masks import group_causal_mask
 from restok.models.tokenizer import PRESETS, ResTok
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,3 +86,22 @@ def test_the_benchmark_runs_both_models_and_prints_ratios(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "tokenizer: fp32 attention" in out and "generator: fp32 attention" in out
     assert bench.vit_module.attention is attention and bench.generator_module.attention is attention  # restored
+
+
+def test_group_masked_attention_runs_a_fused_kernel_forward_and_backward():
+    """What the benchmarks record on the device (sdpa_kernels): here, on CPU, the group-causal mask goes through the
+    fused flash kernel in fp32 and under bf16 autocast, forward and backward, never through the unfused math path."""
+    mask = group_causal_mask([1, 3, 4, 8])
+    q, k, v = (torch.randn(2, 2, 16, 8, requires_grad=True) for _ in range(3))
+
+    def step(bf16: bool):
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            out = attention(q, k, v, mask)
+        out.float().sum().backward()
+
+    for bf16 in (False, True):
+        kernels = sdpa_kernels(lambda: step(bf16))
+        assert kernels == ["aten::_scaled_dot_product_flash_attention_for_cpu",
+                           "aten::_scaled_dot_product_flash_attention_for_cpu_backward"], kernels
+    unfused = sdpa_kernels(lambda: torch.ops.aten._scaled_dot_product_attention_math(q, k, v, mask))
+    assert unfused == ["aten::_scaled_dot_product_attention_math"]  # what the report would flag

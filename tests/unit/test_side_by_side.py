@@ -30,7 +30,9 @@ def test_report_gives_ours_over_official_per_figure():
         "tokenizer_ckpt": {"device": "GPU", "rows": [{"batch": 32, "compile": False, "checkpointing": "all",
                                                       "oom": True}]},
         "generator": {"device": "GPU", "dtype": "bf16", "batch": 32, "sample_batch": 50,
-                      "rows": {"compiled": {"seq_per_s": 1144.0, "img_per_s": 885.0}}},
+                      "rows": {"compiled": {"seq_per_s": 1144.0, "img_per_s": 885.0, "attention_kernels": [
+                          "aten::_scaled_dot_product_efficient_attention"], "sample_attention_kernels": [
+                          "aten::_scaled_dot_product_attention_math"]}}},
         "generator_b256": {"device": "GPU", "dtype": "bf16", "batch": 256, "sample_batch": 0,
                            "rows": {"eager": {"oom": True}, "compiled": {"seq_per_s": 1430.0}}},
         "official": {"env": {"gpu": "GPU"}, "summary": {
@@ -50,4 +52,6 @@ def test_report_gives_ours_over_official_per_figure():
                                   ("sampling", "x5.00", "x5")):
         cells = next(line for line in lines if line.startswith(figure) and ratio in line).split()
         assert cells[cells.index(ratio) + 1] == target
+    assert "attention fused    generator compiled train aten::_scaled_dot_product_efficient_attention" in lines
+    assert "attention UNFUSED  generator compiled sample aten::_scaled_dot_product_attention_math" in lines
     assert lines[-1].startswith("devices: GPU")
