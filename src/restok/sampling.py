@@ -120,10 +120,8 @@ def pass_rows(sampling: SamplingConfig, batch: int) -> int:
 
 def allocate_kv_cache(model: HARGenerator, batch: int, dtype: torch.dtype, device: torch.device) -> KVCache:
     """Per layer a (k, v) pair of zeros (batch, H, cache_len, hd), marked as static addresses for torch.compile
-    (a CUDA graph replays over the same buffers; outside compile the mark does nothing).
-
-    A cache may be passed to `generate` again for another batch of the same size: what a pass reads was written by
-    that same call, since the mask hides every position not yet written (an exactly zero attention weight)."""
+    (a CUDA graph replays over the same buffers; outside compile the mark does nothing). `generate(kv=...)` reuses it
+    for every batch of the same size, zeroing it first."""
     cfg = model.cfg
     shape = (batch, cfg.n_head, cfg.cache_len, cfg.head_dim)
     kv = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
@@ -159,8 +157,8 @@ def generate(model: HARGenerator, labels: torch.Tensor, sampling: SamplingConfig
         seeds: one seed per sample (batch-split independent draws); if None, uniforms come from `generator`
             (a CPU torch.Generator, or the global RNG when None). Unused when sampling.greedy.
         cache_dtype: KV-cache dtype (default: the model's parameter dtype; bf16 under bf16 autocast).
-        kv: a cache from `allocate_kv_cache` for 2B rows with CFG (B without), reused instead of a new one
-            (cache_dtype is then its dtype).
+        kv: a cache from `allocate_kv_cache` for 2B rows with CFG (B without), zeroed and reused instead of a new
+            one (cache_dtype is then its dtype); the same addresses on every call, as a CUDA graph needs them.
         return_logits: also return the (CFG-combined) logits (B, T, V) fp32 each code was drawn from.
     """
     if model.training:
@@ -178,6 +176,9 @@ def generate(model: HARGenerator, labels: torch.Tensor, sampling: SamplingConfig
     elif kv[0][0].shape[0] != rows or len(kv) != cfg.n_layer:
         raise ValueError(f"the KV cache holds {kv[0][0].shape[0]} rows in {len(kv)} layers; this batch needs {rows} "
                          f"rows in {cfg.n_layer}")
+    else:  # the mask hides unwritten positions, but a zero weight times a stale non-finite value is still NaN
+        for t in (t for pair in kv for t in pair):
+            t.zero_()
     torch.compiler.cudagraph_mark_step_begin()  # a new sampling run: earlier CUDA-graph outputs may be overwritten
 
     uniforms = None

@@ -121,13 +121,14 @@ def test_seeded_samples_do_not_depend_on_batch_split():
 
 def test_a_reused_kv_cache_gives_the_codes_of_a_fresh_one():
     """The sample stage keeps one cache per batch size (a compiled generator replays over its fixed addresses): a
-    cache full of another batch's keys and values must not change a single code or logit."""
+    cache left by another batch, even holding non-finite values, must not change a single code or logit."""
     model = random_model("har")
     sampling = SamplingConfig(cfg_scale=2.0, top_p=0.95)
     labels = torch.tensor([1, 2, 3])
     kv = allocate_kv_cache(model, pass_rows(sampling, 3), torch.float32, torch.device("cpu"))
     generate(model, torch.tensor([4, 0, 1]), sampling, seeds=[1, 2, 3], kv=kv)  # leaves its keys/values behind
     assert all(t.abs().sum() > 0 for pair in kv for t in pair)
+    kv[0][1][:, :, -1] = float("nan")  # a masked position: weight 0, but 0 x NaN = NaN
     fresh_codes, fresh_logits = generate(model, labels, sampling, seeds=[7, 8, 9], return_logits=True)
     codes, logits = generate(model, labels, sampling, seeds=[7, 8, 9], return_logits=True, kv=kv)
     assert torch.equal(codes, fresh_codes) and torch.equal(logits, fresh_logits)
