@@ -179,7 +179,8 @@ def generate(model: HARGenerator, labels: torch.Tensor, sampling: SamplingConfig
     else:  # the mask hides unwritten positions, but a zero weight times a stale non-finite value is still NaN
         for t in (t for pair in kv for t in pair):
             t.zero_()
-    torch.compiler.cudagraph_mark_step_begin()  # a new sampling run: earlier CUDA-graph outputs may be overwritten
+    if device.type == "cuda":  # a new sampling run: earlier CUDA-graph outputs may be overwritten (on CPU the call
+        torch.compiler.cudagraph_mark_step_begin()  # would only import cudagraph_trees, 1 s inside the first batch)
 
     uniforms = None
     if not sampling.greedy:
