@@ -121,6 +121,7 @@ def test_official_profile_samples_and_scores_with_the_paper_settings(official_ws
     summary = read_results(ws / "results/sample/summary.json")  # with its provenance.json (the sampling config)
     assert summary["cfg"]["cfg_scale"] == 3.75 and summary["cfg"]["cfg_schedule"] == "step"
     assert summary["cfg"]["window_start"] == 0.25 and summary["cfg"]["top_p"] == 0.95
+    assert summary["precision"] == "fp32" and summary["compile"] is True  # the paper's fp32; compiled passes
     with np.load(ws / "data/sample/samples.npz") as npz:
         assert npz["arr_0"].shape == (8, 128, 128, 3)
     head = read_results(ws / "results/metrics.json")
