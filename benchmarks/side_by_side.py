@@ -36,16 +36,18 @@ TARGETS = {"tokenizer train": 3.0, "generator train": 4.0, "sampling": 5.0}  # t
 
 def commands(official: Path, harness: Path, out: Path) -> dict[str, list[str]]:
     py = sys.executable
+
+    def generator(part: str, batch: str, *extra: str) -> list[str]:
+        return [py, str(REPO / "benchmarks/generator.py"), "--device", "cuda", "--size", "har-L", "--batch", batch,
+                *extra, "--dtype", "bf16", "--compile", "--json", str(out / f"{part}.json")]
+
     return {
         "tokenizer": [py, str(REPO / "benchmarks/tokenizer.py"), "--device", "cuda", "--size", "L", "--batch", "16",
                       "--compile", "--json", str(out / "tokenizer.json")],
         "tokenizer_ckpt": [py, str(REPO / "benchmarks/tokenizer.py"), "--device", "cuda", "--size", "L", "--batch",
                            "32", "--compile", "--checkpointing", "all", "--json", str(out / "tokenizer_ckpt.json")],
-        "generator": [py, str(REPO / "benchmarks/generator.py"), "--device", "cuda", "--size", "har-L", "--batch",
-                      "32", "--dtype", "bf16", "--compile", "--json", str(out / "generator.json")],
-        "generator_b256": [py, str(REPO / "benchmarks/generator.py"), "--device", "cuda", "--size", "har-L", "--batch",
-                           "256", "--sample-batch", "0", "--dtype", "bf16", "--compile", "--json",
-                           str(out / "generator_b256.json")],
+        "generator": generator("generator", "32"),
+        "generator_b256": generator("generator_b256", "256", "--sample-batch", "0"),
         "official": [py, str(harness), "--repo", str(official), "--device", "cuda", "--size", "l",
                      "--official-commit", OFFICIAL_COMMIT, "--out", str(out / "official.json")],
     }
