@@ -131,10 +131,14 @@ class CacheFeatures:
 
 @dataclass(frozen=True)
 class Optim:
-    """AdamW with linear warmup and cosine decay to end_lr (spec training-and-eval.md 3.2-3.3)."""
+    """Linear warmup, then decay to end_lr (spec training-and-eval.md 3.2-3.3: AdamW, cosine)."""
     lr: float = field(default=1e-4, metadata=rng(0.0))
     end_lr: float = field(default=1e-5, metadata=rng(0.0))
     warmup_steps: int = field(default=5000, metadata=rng(0))
+    schedule: Literal["cosine", "linear"] = field(default="cosine", metadata=rng(help=(
+        "decay after the warmup: cosine (official) or linear to end_lr")))
+    algorithm: Literal["adamw", "muon"] = field(default="adamw", metadata=rng(help=(
+        "adamw (official); muon: Muon for the linear layers' weight matrices, AdamW for the rest")))
     weight_decay: float = field(default=1e-4, metadata=rng(0.0))
     betas: tuple[float, ...] = (0.9, 0.95)
     grad_clip: float = field(default=1.0, metadata=rng(0.0, help="max global grad norm (0 = off)"))

@@ -55,3 +55,10 @@ def write_json_atomic(path: str | Path, obj) -> None:
 
 def write_npz_atomic(path: str | Path, **arrays) -> None:
     write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def save_png(images: torch.Tensor, path: str | Path, nrow: int = 8, padding: int = 1) -> None:
+    """A grid of images (N, 3, H, W) in [0, 1] as one PNG (torchvision's save_image), written atomically."""
+    from torchvision.utils import save_image  # torchvision only where a stage writes pictures
+
+    write_atomic(path, lambda f: save_image(images, f, format="png", nrow=nrow, padding=padding))

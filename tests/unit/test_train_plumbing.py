@@ -44,8 +44,11 @@ def test_lr_constant_and_midpoint():
     assert lr_at(10, 1.0, 20, 100, "constant") == 0.5
     assert lr_at(90, 1.0, 20, 100, "constant") == 1.0
     assert lr_at(60, 1.0, 20, 100, "cosine", end_lr=0.2) == pytest.approx(0.6)  # halfway down the cosine
-    with pytest.raises(ValueError, match="schedule='linear'"):
-        lr_at(0, 1.0, 0, 10, "linear")
+    assert lr_at(60, 1.0, 20, 100, "linear", end_lr=0.2) == pytest.approx(0.6)  # halfway down the line
+    assert lr_at(40, 1.0, 20, 100, "linear", end_lr=0.2) == pytest.approx(0.8)
+    assert lr_at(100, 1.0, 20, 100, "linear", end_lr=0.2) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="schedule='step'"):
+        lr_at(0, 1.0, 0, 10, "step")
     with pytest.raises(ValueError, match="warmup_steps"):
         lr_at(0, 1.0, 10, 10)
 

@@ -39,13 +39,12 @@ from restok.convert.released import import_released
 from restok.launch import relaunch_if_requested
 from restok.models.generator import HARGenerator
 from restok.provenance import write_results
-from restok.train import ckpt
+from restok.train import ckpt, optim
 from restok.train.dist import (all_reduce_mean, barrier, cleanup, init_distributed, is_dist, seed_everything,
                                use_bf16)
 from restok.train.ema import EMA
 from restok.train.log import CurveWriter, print0, progress
 from restok.train.lr import lr_at
-from restok.train.optim import adamw
 
 PARAMS = ("profile", "generator", "train_generator")
 # params that change what is logged or evaluated, not the trained weights: they do not stop a resume
@@ -191,7 +190,7 @@ def main(argv=None):
     model.set_checkpointing(loop.checkpointing)
     seed_everything(loop.seed, rank)  # then one dropout stream per rank
     ema = EMA(model, loop.ema_decay)
-    opt = adamw(model, opt_cfg.lr, opt_cfg.weight_decay, tuple(opt_cfg.betas))
+    opt = optim.build(model, opt_cfg)
     out, results = Path(args.out), Path(args.results)
     sections = {k: asdict(p.sections[k]) for k in PARAMS[1:]}
     run_id = ckpt.fingerprint(ckpt.run_params(sections, NOT_SHAPING), "restok.stages.train_generator",
@@ -222,7 +221,7 @@ def main(argv=None):
     with progress(loop.max_steps, "train_generator") as bar:
         bar.advance(step)
         while step < loop.max_steps:
-            lr = lr_at(step, opt_cfg.lr, opt_cfg.warmup_steps, loop.max_steps, "cosine", opt_cfg.end_lr)
+            lr = lr_at(step, opt_cfg.lr, opt_cfg.warmup_steps, loop.max_steps, opt_cfg.schedule, opt_cfg.end_lr)
             for group in opt.param_groups:
                 group["lr"] = lr
             index, view = sampler(step)

@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.utils import save_image
 
 from restok.artifacts import save_artifact
 from restok.config import load_params, tokenizer_config
@@ -50,7 +49,7 @@ from restok.data.features import TarIndex, read_features_manifest
 from restok.data.shards import MANIFEST, decode_image, iter_split, iter_split_uint8, read_manifest, sha256_file
 from restok.data.shards import shard_paths, store_transform
 from restok.data.views import apply_view, eval_view, to_uint8_tensor, train_view_boxes
-from restok.io import save_torch_atomic
+from restok.io import save_png, save_torch_atomic
 from restok.launch import relaunch_if_requested
 from restok.losses.recon import TokenizerLoss
 from restok.metrics import codebook_stats, psnr, ssim
@@ -137,17 +136,32 @@ def collate(batch):
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def vf_setup(p, shards: str, features: str) -> dict:
-    """Which VF source the run uses: {"need", "cached", "dim", "provenance", "reason"}; refuses stale caches."""
+@dataclasses.dataclass(frozen=True)
+class VFSource:
+    """Where the VF alignment targets come from: `need` (some VF weight > 0 with vf_align on), `cached` (read from
+    cache_features' shards) or computed online by the teacher; the teacher's width `dim`; for a cache its
+    provenance, views per image and manifest sha256; `reason` says why in words."""
+
+    need: bool
+    cached: bool
+    dim: int | None
+    reason: str
+    views: int = 1
+    provenance: dict | None = None
+    manifest_sha256: str | None = None
+
+
+def vf_setup(p, shards: str, features: str) -> VFSource:
+    """Which VF source the run uses; refuses a stale feature cache."""
     vf, cfg, loss = p.vf, p.tokenizer, p.train_tokenizer.loss
     manifest_path = Path(features) / MANIFEST
     manifest = read_features_manifest(features)
     if not cfg.vf_align:
-        return {"need": False, "cached": False, "dim": None, "reason": "off (tokenizer.vf_align false)"}
+        return VFSource(need=False, cached=False, dim=None, reason="off (tokenizer.vf_align false)")
     need = loss.vf_enc_weight > 0 or loss.vf_dec_weight > 0
     if vf.mode == "online" or not need:
         dim = teacher_dim(vf.teacher)  # the width only; weights are loaded below when the teacher runs
-        return {"need": need, "cached": False, "dim": dim, "reason": "online teacher" if need else "off (weight 0)"}
+        return VFSource(need=need, cached=False, dim=dim, reason="online teacher" if need else "off (weight 0)")
     image_sha = sha256_file(Path(shards) / "train" / MANIFEST)
     facts = {"cached": (manifest["cached"], True), "teacher": (manifest["teacher"], vf.teacher),
              "grid": (manifest.get("grid"), vf.grid), "image_shards_manifest_sha256":
@@ -156,8 +170,9 @@ def vf_setup(p, shards: str, features: str) -> dict:
         if found != expected:
             raise ValueError(f"{manifest_path} says {name}={found!r} but {p.path} / {shards} give {expected!r}; "
                              f"rerun cache_features (dvc repro cache_features)")
-    return {"need": True, "cached": True, "dim": manifest["dim"], "provenance": manifest["provenance"],
-            "views": manifest["views_per_image"], "manifest_sha256": sha256_file(manifest_path)}
+    return VFSource(need=True, cached=True, dim=manifest["dim"], reason="cached teacher features",
+                    views=manifest["views_per_image"], provenance=manifest["provenance"],
+                    manifest_sha256=sha256_file(manifest_path))
 
 
 def params_hash(p) -> str:
@@ -247,28 +262,81 @@ def evaluate(model: ResTok, shards: str, n: int, device: torch.device, batch: in
 
 
 # ---------------------------------------------------------------------------------------------------- main
+@dataclasses.dataclass
+class Run:
+    """A training run set up by `setup`, advanced by `train` and ended by `finish` (the stage's main, read in order).
+    Everything the loop changes lives here: the step, the running means of the logged losses, the clock."""
+
+    p: object
+    args: argparse.Namespace
+    cfg: object
+    vfs: VFSource
+    info: object
+    model: ResTok
+    net: torch.nn.Module
+    ema: EMA
+    opts: dict
+    loss_fn: TokenizerLoss
+    teacher: torch.nn.Module | None
+    loader: object
+    run_id: str
+    bf16: bool
+    columns: list
+    curve: CurveWriter | None
+    local_bs: int
+    step: int
+    resumed: int | None
+    prior_seconds: float
+    disc_params: list
+    start_step: int = 0
+    logged: int = 0
+    acc: torch.Tensor | None = None
+    acc_n: int = 0
+    t_start: float = 0.0
+    seconds_this_run: float = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.args.out) / "ckpt"
+
+
 def main(argv=None):
     relaunch_if_requested("restok.stages.train_tokenizer", argv)
+    args = parse_args(argv)
+    p = load_params(args.params, PARAMS)
+    if p.train_tokenizer.official is not None:
+        return import_tokenizer(p, args)
+    run = setup(p, args)
+    train(run)
+    finish(run)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--shards", default="data/shard")
     ap.add_argument("--features", default="data/cache_features")
     ap.add_argument("--out", default="data/train_tokenizer")
     ap.add_argument("--results", default="results/train_tokenizer")
-    args = ap.parse_args(argv)
-    p = load_params(args.params, PARAMS)
+    return ap.parse_args(argv)
+
+
+def setup(p, args: argparse.Namespace) -> Run:
+    """Check the inputs, build model, EMA, optimisers, loss and data; resume from ckpt/ when the run matches."""
     tt, loop, opt_cfg = p.train_tokenizer, p.train_tokenizer.loop, p.train_tokenizer.optim
-    if tt.official is not None:
-        return import_tokenizer(p, args)
     image_manifest = read_manifest(args.shards, "train")
     res = image_manifest["resolution"]
     vfs = vf_setup(p, args.shards, args.features)
-    cfg = tokenizer_config(p.tokenizer, res, vfs["dim"])
-    if vfs["need"] and cfg.grid != (p.vf.grid, p.vf.grid):
+    cfg = tokenizer_config(p.tokenizer, res, vfs.dim)
+    if vfs.need and cfg.grid != (p.vf.grid, p.vf.grid):
         raise ValueError(f"{p.path}: vf.grid={p.vf.grid} but the tokenizer's image-token grid is {cfg.grid[0]} "
                          f"(data resolution {res} from {args.shards}/train/{MANIFEST}); set vf.grid={cfg.grid[0]}")
     loss_cfg = tt.loss if cfg.vf_align else dataclasses.replace(tt.loss, vf_enc_weight=0.0, vf_dec_weight=0.0)
-    teacher = build_teacher(p.vf.teacher, p.vf.weights) if vfs["need"] and not vfs["cached"] else None
+    teacher = build_teacher(p.vf.teacher, p.vf.weights) if vfs.need and not vfs.cached else None
     dist.seed_everything(loop.seed)
     loss_fn = TokenizerLoss(loss_cfg)  # LPIPS / discriminator weights checked here, before any work
 
@@ -281,7 +349,7 @@ def main(argv=None):
     out, results, ckpt_dir = Path(args.out), Path(args.results), Path(args.out) / "ckpt"
     sections = {k: dataclasses.asdict(p.sections[k]) for k in PARAMS[1:]}
     run_id = ckpt.fingerprint(ckpt.run_params(sections, NOT_SHAPING), "restok.stages.train_tokenizer",
-                              {"features_manifest_sha256": vfs.get("manifest_sha256"),
+                              {"features_manifest_sha256": vfs.manifest_sha256,
                                "image_shards": image_manifest["shards"], "world_size": info.world_size})
 
     dist.seed_everything(loop.seed)  # the same init on every rank
@@ -290,7 +358,7 @@ def main(argv=None):
     ema = EMA(model, loop.ema_decay)
     loss_fn = loss_fn.to(device).train()
     teacher = teacher.to(device) if teacher is not None else None
-    opts = {"tokenizer": optim.adamw(model, opt_cfg.lr, opt_cfg.weight_decay, tuple(opt_cfg.betas))}
+    opts = {"tokenizer": optim.build(model, opt_cfg)}
     if loss_fn.gan is not None:
         opts["discriminator"] = optim.adamw(loss_fn.gan.discriminator, tt.disc_lr, opt_cfg.weight_decay,
                                             tuple(opt_cfg.betas))
@@ -308,7 +376,7 @@ def main(argv=None):
             stale.unlink(missing_ok=True)
     dist.barrier()
 
-    dataset = ViewDataset(args.shards, image_manifest, args.features if vfs["cached"] else None, vfs.get("views", 1))
+    dataset = ViewDataset(args.shards, image_manifest, args.features if vfs.cached else None, vfs.views)
     sampler = EpochSampler(len(dataset), info.rank, info.world_size, loop.seed, step * local_bs)
     loader = iter(DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=loader_workers(loop.workers),
                              collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
@@ -325,95 +393,113 @@ def main(argv=None):
     columns = ["loss", *loss_terms(loss_cfg), *(["d_loss"] if loss_fn.gan else []), "lr"]
     curve = CurveWriter(results / "curve.tsv", columns, resumed) if info.is_main else None
     print0(f"train_tokenizer: {sum(q.numel() for q in model.parameters()) / 1e6:.2f}M params, device {device}, "
-           f"world {info.world_size}, bf16 {bf16}, VF {vfs['reason'] if 'reason' in vfs else 'cached'}, "
+           f"world {info.world_size}, bf16 {bf16}, optimizer {opt_cfg.algorithm}, VF {vfs.reason}, "
            + (f"resumed from step {resumed}" if resumed is not None else "fresh start"))
+    return Run(p=p, args=args, cfg=cfg, vfs=vfs, info=info, model=model, net=net, ema=ema, opts=opts,
+               loss_fn=loss_fn, teacher=teacher, loader=loader, run_id=run_id, bf16=bf16, columns=columns,
+               curve=curve, local_bs=local_bs, step=step, resumed=resumed, prior_seconds=prior_seconds,
+               disc_params=disc_params, start_step=step, logged=step)
 
-    acc, acc_n, t_start, start_step, logged = None, 0, time.time(), step, step
-    with progress(loop.max_steps - step, "train_tokenizer", every=loop.log_every_steps) as bar:
-        while step < loop.max_steps:
-            views, t_cls, t_patches = next(loader)
+
+def train(run: Run, deadline: float | None = None, steps: int | None = None) -> None:
+    """Train from run.step to max_steps, logging, checkpointing and exporting on the way; with a `deadline`
+    (time.time()) stop at the first step that ends after it, with `steps` after that many. Called once by the stage; in pieces by
+    benchmarks/time_to_target.py, which evaluates in between."""
+    p, tt, loop, opt_cfg = run.p, run.p.train_tokenizer, run.p.train_tokenizer.loop, run.p.train_tokenizer.optim
+    device, loss_fn, model = run.device, run.loss_fn, run.model
+    last = loop.max_steps if steps is None else min(loop.max_steps, run.step + steps)
+    t_start = time.time()
+    with progress(last - run.step, "train_tokenizer", every=loop.log_every_steps) as bar:
+        while run.step < last and (deadline is None or time.time() < deadline):
+            views, t_cls, t_patches = next(run.loader)
             x = views.to(device, non_blocking=True).float() / 255  # (B, 3, H, W) in [0, 1]
-            if teacher is not None:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    t_cls, t_patches = teacher(x, grid=(p.vf.grid, p.vf.grid))
-            t_cls = t_cls.to(device, non_blocking=True).float() if vfs["need"] else None
-            t_patches = t_patches.to(device, non_blocking=True).float() if vfs["need"] else None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                o = net(x)
-            loss, logs = loss_fn(x, o.recon, o.quant_loss, step=step, teacher_cls=t_cls, teacher_patches=t_patches,
+            if run.teacher is not None:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.bf16):
+                    t_cls, t_patches = run.teacher(x, grid=(p.vf.grid, p.vf.grid))
+            t_cls = t_cls.to(device, non_blocking=True).float() if run.vfs.need else None
+            t_patches = t_patches.to(device, non_blocking=True).float() if run.vfs.need else None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.bf16):
+                o = run.net(x)
+            loss, logs = loss_fn(x, o.recon, o.quant_loss, step=run.step, teacher_cls=t_cls,
+                                 teacher_patches=t_patches,
                                  enc_tokens_proj=o.enc_cls_feat[:, None] if o.enc_cls_feat is not None else None,
                                  dec_feat_proj=o.dec_patch_feat)
-            lr = lr_at(step, opt_cfg.lr, opt_cfg.warmup_steps, loop.max_steps, end_lr=opt_cfg.end_lr)
-            apply_step(opts["tokenizer"], loss, model.parameters(), lr, opt_cfg.grad_clip)
-            values = [loss.detach(), *(logs[c] for c in columns[1:-1] if c != "d_loss")]
+            lr = lr_at(run.step, opt_cfg.lr, opt_cfg.warmup_steps, loop.max_steps, end_lr=opt_cfg.end_lr,
+                       schedule=opt_cfg.schedule)
+            apply_step(run.opts["tokenizer"], loss, model.parameters(), lr, opt_cfg.grad_clip)
+            values = [loss.detach(), *(logs[c] for c in run.columns[1:-1] if c != "d_loss")]
             if loss_fn.gan is not None:
                 d_loss = torch.zeros((), device=device)
-                if loss_fn.gan.active(step):
+                if loss_fn.gan.active(run.step):
                     d_loss, _ = loss_fn.gan.discriminator_loss(x, o.recon.detach())
-                    apply_step(opts["discriminator"], d_loss, disc_params, disc_lr(step, tt, loop), opt_cfg.grad_clip,
-                               average_grads=True)
+                    apply_step(run.opts["discriminator"], d_loss, run.disc_params, disc_lr(run.step, tt, loop),
+                               opt_cfg.grad_clip, average_grads=True)
                 values.append(d_loss.detach())
-            ema.update(model)
-            step += 1
+            run.ema.update(model)
+            run.step += 1
             row = torch.stack([v.float() for v in values])
-            acc, acc_n = (row if acc is None else acc + row), acc_n + 1
-            if step % loop.log_every_steps == 0 or step == loop.max_steps:
-                mean = dist.all_reduce_mean(acc / acc_n).tolist()
-                if curve is not None:
-                    curve.write(step, **dict(zip(columns, [*mean, lr])))
-                acc, acc_n = None, 0
-                bar.advance(step - logged, **dict(zip(columns, mean)))
-                logged = step
-            if step == tt.export_step and step < loop.max_steps and info.is_main:  # before the resume checkpoint
-                save_torch_atomic({k: v.detach().cpu() for k, v in ema.model.state_dict().items()},
-                                  ckpt_dir / EXPORT_EMA)
-            if step % loop.ckpt_every_steps == 0 or step == loop.max_steps:
+            run.acc, run.acc_n = (row if run.acc is None else run.acc + row), run.acc_n + 1
+            if run.step % loop.log_every_steps == 0 or run.step == loop.max_steps:
+                mean = dist.all_reduce_mean(run.acc / run.acc_n).tolist()
+                if run.curve is not None:
+                    run.curve.write(run.step, **dict(zip(run.columns, [*mean, lr])))
+                run.acc, run.acc_n = None, 0
+                bar.advance(run.step - run.logged, **dict(zip(run.columns, mean)))
+                run.logged = run.step
+            if run.step == tt.export_step and run.step < loop.max_steps and run.info.is_main:  # before the ckpt
+                save_torch_atomic({k: v.detach().cpu() for k, v in run.ema.model.state_dict().items()},
+                                  run.ckpt_dir / EXPORT_EMA)
+            if run.step % loop.ckpt_every_steps == 0 or run.step == loop.max_steps:
                 extra = {"gan": loss_fn.gan.state_dict()} if loss_fn.gan is not None else {}
-                state = ckpt.capture(step, model, opts, ema, data={"samples_per_rank": step * local_bs},
-                                     fingerprint=run_id, train_seconds=prior_seconds + time.time() - t_start,
-                                     **extra)
-                if info.is_main:
-                    ckpt.save(ckpt_dir, state, step, keep=loop.keep_ckpts)
+                seconds = run.prior_seconds + run.seconds_this_run + time.time() - t_start
+                state = ckpt.capture(run.step, model, run.opts, run.ema, data={"samples_per_rank": run.step * run.local_bs},
+                                     fingerprint=run.run_id, train_seconds=seconds, **extra)
+                if run.info.is_main:
+                    ckpt.save(run.ckpt_dir, state, run.step, keep=loop.keep_ckpts)
                 dist.barrier()
-    run_seconds = time.time() - t_start
-    train_seconds = prior_seconds + run_seconds  # over every (resumed) run of this training
-    if curve is not None:
-        curve.close()
+    run.seconds_this_run += time.time() - t_start
 
-    if info.is_main:
-        ema_step = step if tt.export_step is None else tt.export_step
-        if ema_step < step:  # the EMA of `export_step` is what is evaluated and exported (spec: 750k of 1M steps)
-            ema.model.load_state_dict(ckpt.load(ckpt_dir / EXPORT_EMA))
-        metrics, tiles, rows = evaluate(ema.model, args.shards, tt.eval_images, device, local_bs,
+
+def finish(run: Run) -> dict | None:
+    """Evaluate the EMA (or the exported step's EMA), write tokenizer.pt, metrics.json, recon.png; returns metrics."""
+    p, tt, loop, cfg = run.p, run.p.train_tokenizer, run.p.train_tokenizer.loop, run.cfg
+    out, results = Path(run.args.out), Path(run.args.results)
+    train_seconds = run.prior_seconds + run.seconds_this_run  # over every (resumed) run of this training
+    if run.curve is not None:
+        run.curve.close()
+    metrics = None
+    if run.info.is_main:
+        ema_step = run.step if tt.export_step is None else tt.export_step
+        if ema_step < run.step:  # the EMA of `export_step` is what is evaluated and exported (spec: 750k of 1M)
+            run.ema.model.load_state_dict(ckpt.load(run.ckpt_dir / EXPORT_EMA))
+        metrics, tiles, rows = evaluate(run.ema.model, run.args.shards, tt.eval_images, run.device, run.local_bs,
                                         tt.baseline_train_images)
-        results.mkdir(parents=True, exist_ok=True)
-        tmp = results / "recon.tmp.png"
-        save_image(tiles, tmp, nrow=len(tiles) // len(rows), padding=1)
-        tmp.replace(results / "recon.png")
-        teacher_info = (vfs.get("provenance") or (teacher.provenance if teacher is not None else None))
-        losses = loss_report(loss_cfg, cfg, vfs, loss_fn, tt.loop.max_steps)
-        provenance = {"params_hash": params_hash(p), "step": step, "ema_step": ema_step, "profile": p.profile,
-                      "teacher": teacher_info, "losses": losses, "features_manifest_sha256": vfs.get("manifest_sha256")}
-        state_dict = {k: v.detach().cpu() for k, v in ema.model.state_dict().items()}
+        save_png(tiles, results / "recon.png", nrow=len(tiles) // len(rows))
+        teacher_info = run.vfs.provenance or (run.teacher.provenance if run.teacher is not None else None)
+        losses = loss_report(run.loss_fn.cfg, cfg, run.vfs, run.loss_fn, loop.max_steps)
+        provenance = {"params_hash": params_hash(p), "step": run.step, "ema_step": ema_step, "profile": p.profile,
+                      "teacher": teacher_info, "losses": losses, "features_manifest_sha256": run.vfs.manifest_sha256}
+        state_dict = {k: v.detach().cpu() for k, v in run.ema.model.state_dict().items()}
         out.mkdir(parents=True, exist_ok=True)
         save_artifact(out / "tokenizer.pt", state_dict, dataclasses.asdict(cfg), provenance)
-        trained = step - start_step
+        trained = run.step - run.start_step
         metrics.update({
-            "step": step, "ema_step": ema_step,
-            "num_params_millions": round(sum(q.numel() for q in model.parameters()) / 1e6, 3)})
+            "step": run.step, "ema_step": ema_step,
+            "num_params_millions": round(sum(q.numel() for q in run.model.parameters()) / 1e6, 3)})
         run_info = {
             "profile": p.profile, "teacher": teacher_info, "losses": losses,
             "train_seconds": round(train_seconds, 2), "steps_this_run": trained,
-            "train_images_per_second": round(trained * loop.batch_size / max(run_seconds, 1e-9), 2),
-            "world_size": info.world_size, "device": str(device), "bf16": bf16, "resumed_from_step": resumed,
-            "recon_png_rows": rows}
-        write_results(results / "metrics.json", metrics, run_info, device)
+            "train_images_per_second": round(trained * loop.batch_size / max(run.seconds_this_run, 1e-9), 2),
+            "world_size": run.info.world_size, "device": str(run.device), "bf16": run.bf16,
+            "optimizer": tt.optim.algorithm, "resumed_from_step": run.resumed, "recon_png_rows": rows}
+        write_results(results / "metrics.json", metrics, run_info, run.device)
         console.print(f"train_tokenizer: EMA PSNR {metrics['psnr']:.2f} dB ({metrics['psnr_above_class_mean_db']:+.2f}"
                       f" dB above the class-mean image), SSIM {metrics['ssim']:.3f}, "
                       f"{run_info['train_images_per_second']} img/s, "
                       f"{train_seconds:.1f} s")
     dist.barrier()
     dist.cleanup()
+    return metrics
 
 
 def import_tokenizer(p, args) -> None:
@@ -432,9 +518,7 @@ def import_tokenizer(p, args) -> None:
     CurveWriter(results / "curve.tsv", ["loss", *loss_terms(tt.loss), "lr"]).close()  # header only: nothing trained
     metrics, tiles, rows = evaluate(model.to(device), args.shards, tt.eval_images, device, tt.loop.batch_size,
                                     tt.baseline_train_images)
-    tmp = results / "recon.tmp.png"
-    save_image(tiles, tmp, nrow=len(tiles) // len(rows), padding=1)
-    tmp.replace(results / "recon.png")
+    save_png(tiles, results / "recon.png", nrow=len(tiles) // len(rows))
     provenance_out = {"params_hash": params_hash(p), "step": None, "profile": p.profile, "teacher": None,
                       "losses": None, "features_manifest_sha256": None, "official": provenance}
     out.mkdir(parents=True, exist_ok=True)
@@ -460,7 +544,7 @@ def loss_terms(loss_cfg) -> list[str]:
     return terms + (["gan_g"] if loss_cfg.gan_weight > 0 else [])
 
 
-def loss_report(loss_cfg, cfg, vfs: dict, loss_fn: TokenizerLoss, max_steps: int) -> dict:
+def loss_report(loss_cfg, cfg, vfs: VFSource, loss_fn: TokenizerLoss, max_steps: int) -> dict:
     """Each term: its weight and the weights source of its frozen model, or why it is off."""
     built = loss_fn.provenance
     off = "off (tokenizer.vf_align false)" if not cfg.vf_align else "off (weight 0)"
@@ -469,7 +553,7 @@ def loss_report(loss_cfg, cfg, vfs: dict, loss_fn: TokenizerLoss, max_steps: int
     sha = f", sha256 {lpips['sha256']}" if "sha256" in lpips else ""
     report["lpips"] = (f"on (weight {loss_cfg.lpips_weight}, {lpips['weights']}{sha}, heads {lpips['heads']})"
                        if loss_cfg.lpips_weight > 0 else "off (weight 0)")
-    source = "cached" if vfs["cached"] else "online"
+    source = "cached" if vfs.cached else "online"
     for name in ("vf_enc", "vf_dec"):
         weight = getattr(loss_cfg, f"{name}_weight")
         report[name] = f"on (weight {weight}, teacher features {source})" if weight > 0 else off

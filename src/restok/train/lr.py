@@ -3,14 +3,15 @@
 lr(n) = base * n / W                                            for n < W
 lr(n) = end + (base - end) * 0.5 * (1 + cos(pi * (n - W) / (T - W)))   for W <= n <= T, and end after T.
 The tokenizer, its discriminator (with its own step counter, starting at its first update) and the generator all use
-this rule; "constant" keeps the same linear warm-up and then stays at base.
+this rule; "linear" decays in a straight line from base to end instead; "constant" keeps the same linear warm-up and
+then stays at base.
 Set it on the optimiser each step, nanoGPT style: `for g in opt.param_groups: g["lr"] = lr_at(step, ...)`.
 """
 from __future__ import annotations
 
 import math
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, max_steps: int, schedule: str = "cosine",
@@ -27,4 +28,6 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, max_steps: int, schedule
     if schedule == "constant":
         return base_lr
     progress = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
+    if schedule == "linear":
+        return base_lr + (end_lr - base_lr) * progress
     return end_lr + (base_lr - end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))

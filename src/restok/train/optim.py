@@ -5,6 +5,11 @@ same for the tokenizer (wd 1e-4), the discriminator heads (wd 1e-4) and the HAR 
 norms, biases, layer scales, level embeddings, mask/query tokens, the codebook, token/class embeddings and RoPE tables.
 Frozen parameters (requires_grad False: DINOv3, LPIPS, the discriminator's DINO) are left out.
 
+`build` picks the algorithm from params `optim.algorithm`: "adamw" (official) or "muon", where the weight matrices of
+the linear layers (2D parameters of the decay group) are updated by Muon (momentum orthogonalised by Newton-Schulz,
+`torch.optim.Muon`, with its learning rate matched to AdamW's update RMS, so one `optim.lr` serves both) and every
+other parameter (convolutions, norms, biases, embeddings, the codebook) by AdamW as before.
+
 The official rule (`utils/train_utils.create_optimizer`) matches substrings of the *official* parameter names. Some of
 our names differ (key tables: restok.convert.tokenizer, restok.convert.official), so OUR_NO_DECAY_KEYWORDS names the
 same parameters in our spelling; the test checks both rules give the same groups through the key tables.
@@ -52,6 +57,55 @@ def param_groups(model: nn.Module, weight_decay: float,
     return [group for group in (groups[True], groups[False]) if group["params"]]
 
 
+class Optimizers:
+    """Several optimisers stepped as one: `param_groups` lists every group (so a loop that sets each group's LR sets
+    them all), and the state dict keeps each optimiser's under its name."""
+
+    def __init__(self, **optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for opt in self.optimizers.values() for group in opt.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(self.optimizers):
+            raise ValueError(f"optimizer state holds {sorted(state)}, this run has {sorted(self.optimizers)}")
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+def build(model: nn.Module, cfg) -> torch.optim.Optimizer | Optimizers:
+    """The optimiser of params `optim` (an `Optim` section): AdamW, or Muon for the linear layers' weight matrices
+    (the decay group's 2D parameters) with AdamW for the rest."""
+    if cfg.algorithm == "adamw":
+        return adamw(model, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
+    decay, *no_decay = param_groups(model, cfg.weight_decay)
+
+    def part(group: dict, matrices: bool) -> dict:
+        keep = [i for i, q in enumerate(group["params"]) if (q.ndim == 2) == matrices]
+        return {**group, "params": [group["params"][i] for i in keep],
+                "param_names": [group["param_names"][i] for i in keep]}
+
+    matrices = part(decay, True)
+    if not matrices["params"]:
+        raise ValueError(f"optim.algorithm=muon: {type(model).__name__} has no weight matrix for Muon")
+    rest = [g for g in (part(decay, False), *no_decay) if g["params"]]
+    muon = torch.optim.Muon([matrices], lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+    return Optimizers(adamw=_adamw(rest, cfg.lr, tuple(cfg.betas)), muon=muon)
+
+
 def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
           no_decay_names: Callable[[str], bool] = spec_no_decay) -> torch.optim.AdamW:
     """AdamW over `param_groups(model, ...)`: fused kernels on CUDA, foreach on CPU. eps is PyTorch's default.
@@ -66,5 +120,9 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, 
     groups = param_groups(model, weight_decay, no_decay_names)
     if not groups:
         raise ValueError(f"{type(model).__name__} has no trainable parameters to optimise")
+    return _adamw(groups, lr, betas)
+
+
+def _adamw(groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
     on_cuda = all(p.is_cuda for group in groups for p in group["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=on_cuda or None, foreach=None if on_cuda else True)
