@@ -147,7 +147,20 @@ def test_score_ranks_real_like_above_noise_and_writes_headline(env, tmp_path):
     assert all(isinstance(c["pass"], bool) for c in written.values())
     assert len(checks) == 6 and checks["generator far better than untrained"]["pass"]
     assert checks["every level carries information"]["reason"] == "level(s) [0] at or below 0 bits"
-    assert "12 samples but rFID on 24 images" in checks["generator close to its tokenizer"]["reason"]
+    # 12 samples, 24 val images: the check compares both on 12 (3 per class), never the headline FIDs' counts
+    paired = good["paired"]
+    assert paired["num_images"] == 12 and paired["gfid"] == pytest.approx(good["gfid"]["fid"])
+    assert checks["generator close to its tokenizer"]["reason"] is None
+    assert checks["generator close to its tokenizer"]["value"] == pytest.approx(paired["gfid"])
+    assert checks["generator close to its tokenizer"]["baseline"] == pytest.approx(paired["rfid"])
+    assert paired["rfid"] != pytest.approx(good["rfid"]["fid"])  # 12 of the 24 reconstructions: another FID
+
+
+def test_balanced_order_takes_the_classes_in_turn():
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    order = score.balanced_order(labels)
+    assert labels[order[:3]].tolist() == [0, 1, 2] and labels[order[3:6]].tolist() == [0, 1, 2]
+    assert sorted(order.tolist()) == list(range(9)) and labels[order[6:]].tolist() == [0, 2, 2]
     assert checks["tokenizer beats the class-mean image"]["baseline"] == 25
     probe = good["class_probe"]
     assert (probe["train_images"], probe["real_val_images"], probe["samples"], probe["chance"]) == (12, 12, 12, 0.25)

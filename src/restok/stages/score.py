@@ -15,6 +15,9 @@ numbers (spec training-and-eval.md sections 5.1-5.2; notes/ecosystem.md section 
 - rFID: every val image through the EMA tokenizer (eval, fp32, all tokens), reconstruction clamped to [0, 1] and
   rounded to the 8-bit grid, FID against the val statistics of reference_stats (the same val images); PSNR is the
   mean over images of -10 log10 MSE; codebook usage and entropy over the val codes.
+- gFID and rFID paired: both again on the same number of images (the smaller of the two counts, class-balanced),
+  which the check "generator close to its tokenizer" compares: on a user's data the val split rarely holds exactly
+  sample.per_class x classes images.
 - gFID of an untrained generator: the same images from a freshly initialised generator of the same config
   (data/sample/untrained.npz, sample.untrained_baseline), same extractor and reference: what training has to beat.
 Writes results/score/metrics.json, results/metrics.json (headline numbers of the whole run, collected from the
@@ -129,6 +132,35 @@ def class_probe(ref: dict, per_class: int, name: str, samples: Features, sample_
     return {**report, "train_images": len(ref["probe_train_labels"]), "per_class_cap": per_class}
 
 
+def balanced_order(labels) -> np.ndarray:
+    """Indices that take the classes in turn: each class's first image (in class order), then each class's second,
+    and so on. A prefix of it is as class-balanced as the labels allow."""
+    labels = np.asarray(labels)
+    rank = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        rank[where] = np.arange(len(where))
+    return np.lexsort((labels, rank))
+
+
+def paired_fids(samples: Features, sample_labels, recons: Features, recon_labels, ref: dict) -> dict:
+    """gFID and rFID on the same number of images n = min(samples, val images), each side a class-balanced prefix
+    (`balanced_order`) where it holds more: FID falls with the count, so only equal counts compare. With equal
+    counts (the default run) these are the headline gFID and rFID."""
+    n = min(len(samples.pool), len(recons.pool))
+
+    def first(feats: Features, labels) -> Features:
+        if len(feats.pool) == n:
+            return feats
+        keep = torch.from_numpy(balanced_order(labels)[:n])
+        return Features(pool=feats.pool[keep], logits=None, provenance=feats.provenance)
+
+    val_ref = {"mu": ref["val_mu"], "sigma": ref["val_sigma"], **{k: ref[k] for k in PROVENANCE_KEYS}}
+    return {"num_images": n,
+            "gfid": frechet_distance(statistics(first(samples, sample_labels)), reference_stats(ref))["fid"],
+            "rfid": frechet_distance(statistics(first(recons, recon_labels)), val_ref)["fid"]}
+
+
 def score_untrained(samples_npz: Path, extractor, batch_size: int, ref: dict) -> dict:
     """gFID of the untrained generator's samples (sample.untrained_baseline) against the same reference."""
     images = load_samples(samples_npz)
@@ -172,6 +204,8 @@ def headline(p, scores: dict, tok_provenance: dict, args) -> dict:
         "probe_reliable": pick(scores, "class_probe.reliable"), "probe_note": pick(scores, "class_probe.note"),
         "num_samples": scores["gfid"]["num_samples"], "fid_reference": scores["gfid"]["reference"],
         "rFID_num_images": scores["rfid"]["num_images"],
+        "gFID_paired": scores["paired"]["gfid"], "rFID_paired": scores["paired"]["rfid"],
+        "paired_num_images": scores["paired"]["num_images"],
         "gFID_untrained_generator": pick(scores, "gfid_untrained_generator.fid"),
         "code_position_entropy_bits": codes.get("position_entropy_bits"),
         "code_conditional_entropy_bits": codes.get("conditional_entropy_bits"),
@@ -273,7 +307,8 @@ def main(argv=None):
     sample_scores, sample_feats, sample_labels = score_samples(samples, extractor, p.fid.batch_size, ref)
     tok_scores, recon_feats, recon_labels = score_tokenizer(tokenizer, extractor, Path(args.shards),
                                                             p.fid.batch_size, ref)
-    scores = {**sample_scores, **tok_scores}
+    scores = {**sample_scores, **tok_scores,
+              "paired": paired_fids(sample_feats, sample_labels, recon_feats, recon_labels, ref)}
     if p.fid.probe_per_class:
         scores["class_probe"] = class_probe(ref, p.fid.probe_per_class, extractor.provenance["extractor"],
                                             sample_feats, sample_labels, recon_feats, recon_labels)
