@@ -123,8 +123,8 @@ def test_cli_profile_and_validate(tmp_path):
     assert r.returncode == 2 and "data.num_classes" in r.stderr
 
 
-# The default profile's departures from the official recipe (README: "the default recipe's departures"), besides
-# the model's size; the paper's profiles must keep the official value of every one of them.
+# The default profile's departures from the official recipe (docs/experiments.md: "the default recipe's
+# departures"), besides the model's size; the paper's profiles must keep the official value of every one of them.
 DEFAULT_DEPARTURES = {"image_queries", "legacy_head", "commitment_cost", "weight_init", "codebook_init",
                       "dead_code_steps", "grey_start"}
 SIZE_FIELDS = {"pixel_channels", "pixel_res_blocks", "pixel_z_channels", "enc_width", "enc_depth", "enc_heads",

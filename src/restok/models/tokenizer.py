@@ -110,9 +110,9 @@ class ResTok(nn.Module):
 
     def compile_regions(self, backend: str = "inductor") -> None:
         """Regional torch.compile, in place (parameter names unchanged): each ViT block and each pixel CNN, with static
-        shapes. The whole tokenizer as one graph did not finish compiling in 9.5 min at size L (README); its blocks
-        compile once per distinct input (the encoder's stages, merging or not, and the decoder) and are reused.
-        The quantiser, with its data-dependent codebook upkeep, stays eager.
+        shapes. The whole tokenizer as one graph did not finish compiling in 9.5 min at size L (benchmarks/README.md);
+        its blocks compile once per distinct input (the encoder's stages, merging or not, and the decoder) and are
+        reused. The quantiser, with its data-dependent codebook upkeep, stays eager.
 
         Every ViT block runs one code object (`Block.forward`), and dynamo's recompile limit (8 by default) counts its
         compiled inputs over all blocks: a sequence length per encoder stage and one for the decoder, each in training

@@ -59,7 +59,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
 def use_bf16(precision: str, device: torch.device) -> bool:
     """Whether a training step runs under bf16 autocast: always for "bf16", never for "fp32"; "auto" on CUDA and on
     a CPU with native bf16 dot products (AVX512-BF16 or AMX), where oneDNN runs the matmuls and convolutions in bf16
-    (the default tokenizer: 1.26x steps/s on 2 EPYC cores, README); fp32 on other CPUs, where bf16 is emulated."""
+    (the default tokenizer: 1.26x steps/s on 2 EPYC cores, docs/experiments.md); fp32 on other CPUs, where bf16 is
+    emulated."""
     if precision != "auto":
         return precision == "bf16"
     return device.type == "cuda" or (device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported()
