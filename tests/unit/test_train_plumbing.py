@@ -360,3 +360,43 @@ def test_seed_everything_offsets_by_rank():
         assert dist.seed_everything(5, rank) == 5 + rank
         draws.append((torch.rand(1).item(), float(np.random.rand()), random.random()))
     assert draws[0] == draws[2] and all(not math.isclose(a, b) for a, b in zip(draws[0], draws[1]))
+
+
+def test_muon_follows_torch_muon_in_fp32():
+    # the same algorithm as torch.optim.Muon's "match_rms_adamw" rule; only the orthogonalisation dtype differs
+    # (fp32 here on a CPU, bf16 in torch's), so the two agree to bf16 rounding
+    torch.manual_seed(0)
+    ours_w = torch.nn.Parameter(torch.randn(48, 24))
+    ref_w = torch.nn.Parameter(ours_w.detach().clone())
+    ours = optim.Muon([ours_w], lr=0.02, weight_decay=0.1)
+    ref = torch.optim.Muon([ref_w], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        grad = torch.randn(48, 24)
+        ours_w.grad, ref_w.grad = grad.clone(), grad.clone()
+        ours.step()
+        ref.step()
+    assert torch.allclose(ours_w, ref_w, atol=2e-3) and not torch.equal(ours_w, ref_w)
+    singular = torch.linalg.svdvals(optim.orthogonalise(torch.randn(24, 48)))
+    assert singular.min() > 0.5 and singular.max() < 1.5  # Newton-Schulz's near-orthogonal output
+    assert optim.orthogonalise(torch.randn(24, 48)).dtype == torch.float32
+
+
+def test_build_muon_splits_weight_matrices_from_the_rest():
+    from restok.config import Optim
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LayerNorm(4),
+                                torch.nn.Linear(4, 5))
+    opt = optim.build(model, Optim(lr=1e-3, algorithm="muon"))
+    muon = {n for g in opt.optimizers["muon"].param_groups for n in g["param_names"]}
+    adamw = [n for g in opt.optimizers["adamw"].param_groups for n in g["param_names"]]
+    assert muon == {"3.weight"} and sorted(adamw) == ["0.bias", "0.weight", "2.bias", "2.weight", "3.bias"]
+    for group in opt.param_groups:  # the loop sets every group's LR through the one object
+        group["lr"] = 0.5
+    assert {g["lr"] for o in opt.optimizers.values() for g in o.param_groups} == {0.5}
+    model(torch.randn(2, 3, 3, 3)).sum().backward()
+    opt.step()
+    state = opt.state_dict()
+    fresh = optim.build(model, Optim(lr=1e-3, algorithm="muon"))
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.optimizers["muon"].state_dict()["state"][0]["momentum_buffer"],
+                       state["muon"]["state"][0]["momentum_buffer"])
+    assert isinstance(optim.build(model, Optim(lr=1e-3)), torch.optim.AdamW)

@@ -7,8 +7,8 @@ Frozen parameters (requires_grad False: DINOv3, LPIPS, the discriminator's DINO)
 
 `build` picks the algorithm from params `optim.algorithm`: "adamw" (official) or "muon", where the weight matrices of
 the linear layers (2D parameters of the decay group) are updated by Muon (momentum orthogonalised by Newton-Schulz,
-`torch.optim.Muon`, with its learning rate matched to AdamW's update RMS, so one `optim.lr` serves both) and every
-other parameter (convolutions, norms, biases, embeddings, the codebook) by AdamW as before.
+`Muon` below, with its learning rate matched to AdamW's update RMS, so one `optim.lr` serves both) and every other
+parameter (convolutions, norms, biases, embeddings, the codebook) by AdamW as before.
 
 The official rule (`utils/train_utils.create_optimizer`) matches substrings of the *official* parameter names. Some of
 our names differ (key tables: restok.convert.tokenizer, restok.convert.official), so OUR_NO_DECAY_KEYWORDS names the
@@ -57,6 +57,51 @@ def param_groups(model: nn.Module, weight_decay: float,
     return [group for group in (groups[True], groups[False]) if group["params"]]
 
 
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic Newton-Schulz iteration of Muon's reference code
+
+
+def orthogonalise(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately U V^T of update = U S V^T (2D) by `steps` Newton-Schulz iterations, in bf16 on CUDA and in
+    fp32 elsewhere: a CPU without native bf16 emulates it (torch.optim.Muon, which always uses bf16, made the
+    default tokenizer's step 5x slower on a 2-core AVX2 CPU)."""
+    a, b, c = NS_COEFFICIENTS
+    x = update.to(torch.bfloat16 if update.is_cuda else torch.float32)
+    wide = x.shape[0] <= x.shape[1]
+    x = x if wide else x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x if wide else x.T).to(update.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2D weight matrices: Nesterov momentum, orthogonalised (`orthogonalise`), decoupled weight decay, the
+    step scaled by 0.2 sqrt(max(rows, cols)) so that its RMS matches AdamW's and AdamW's learning rate applies
+    (the "match_rms_adamw" rule of torch.optim.Muon, which this follows except for the orthogonalisation dtype)."""
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.95, ns_steps: int = 5):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "ns_steps": ns_steps})
+        for group in self.param_groups:
+            if any(q.ndim != 2 for q in group["params"]):
+                raise ValueError("Muon takes 2D weight matrices only")
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param)
+                buf = state["momentum_buffer"].lerp_(param.grad, 1 - momentum)
+                update = orthogonalise(param.grad.lerp(buf, momentum), group["ns_steps"])
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(update, alpha=-lr * 0.2 * max(param.shape) ** 0.5)
+
+
 class Optimizers:
     """Several optimisers stepped as one: `param_groups` lists every group (so a loop that sets each group's LR sets
     them all), and the state dict keeps each optimiser's under its name."""
@@ -102,8 +147,7 @@ def build(model: nn.Module, cfg) -> torch.optim.Optimizer | Optimizers:
     if not matrices["params"]:
         raise ValueError(f"optim.algorithm=muon: {type(model).__name__} has no weight matrix for Muon")
     rest = [g for g in (part(decay, False), *no_decay) if g["params"]]
-    muon = torch.optim.Muon([matrices], lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
-    return Optimizers(adamw=_adamw(rest, cfg.lr, tuple(cfg.betas)), muon=muon)
+    return Optimizers(adamw=_adamw(rest, cfg.lr, tuple(cfg.betas)), muon=Muon([matrices], cfg.lr, cfg.weight_decay))
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
