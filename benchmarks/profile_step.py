@@ -10,7 +10,8 @@ thread, so the wall clock between two hooks is the part's). The decoder ViT's sh
 and the feature queries of VF alignment (the second half of its rows; a decoder pass costs the same per row, so the
 split is by rows). The rest of the step is timed around its calls: data loading (next batch), loss, backward not
 inside a part (loss terms, quantiser straight-through), optimiser step (with clipping), EMA update, logging and
-checkpointing. CUDA runs are synchronised at every hook, which slows them: read CUDA shares as rough.
+checkpointing. To time the pixel encoder's backward, its input (the normalised image) is made to require a gradient,
+which adds that one gradient (3 channels) to its backward. CUDA runs are synchronised at every hook, which slows them: read CUDA shares as rough.
 """
 from __future__ import annotations
 
@@ -52,7 +53,13 @@ class Clock:
 
 
 def hook(module: torch.nn.Module, name: str, clock: Clock) -> None:
-    module.register_forward_pre_hook(lambda *_: clock.start(f"{name} forward"))
+    def start(_module, inputs):
+        clock.start(f"{name} forward")
+        if not inputs[0].requires_grad:  # the first part (the pixel encoder sees the image): without an input that
+            return (inputs[0].detach().requires_grad_(True), *inputs[1:])  # needs a gradient its hooks fire together
+        return None
+
+    module.register_forward_pre_hook(start)
     module.register_forward_hook(lambda *_: clock.stop(f"{name} forward"))
     module.register_full_backward_pre_hook(lambda *_: clock.start(f"{name} backward"))
     module.register_full_backward_hook(lambda *_: clock.stop(f"{name} backward"))

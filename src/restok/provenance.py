@@ -68,7 +68,30 @@ def environment(device: torch.device | str, root: Path = REPO) -> dict:
         platform.machine(),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
+        "cpu": cpu_facts(),
     }
+
+
+def cpu_facts() -> dict:
+    """What makes CPU results differ between machines of one platform string: the CPU model, the kernels torch
+    dispatches to (its CPU capability: AVX2, AVX512, ...; native bf16, which `precision: auto` follows), the math
+    libraries' versions and whether deterministic algorithms were asked for. Two machines that differ here may give
+    different bits from the same code and seeds (docs/experiments.md measured it)."""
+    model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        model = platform.processor() or None
+    config = torch.__config__.show()
+    libraries = {name: next((ln.split(name, 1)[1].split("(")[0].split(" for ")[0].strip(" v") for ln in config.splitlines()
+                             if name in ln), None) for name in ("Math Kernel Library Version", "MKL-DNN")}
+    return {"model": model, "capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()),
+            "mkl": libraries["Math Kernel Library Version"], "onednn": libraries["MKL-DNN"],
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
 
 
 def check_numbers(obj, where: str) -> None:

@@ -58,3 +58,11 @@ def test_lock_differences_are_named(tmp_path):
     assert not lock["matches_installed"]
     assert lock["differences"] == ["not-installed-package==1.0 (installed: missing)"]
     assert provenance.environment("cpu", root=tmp_path / "nowhere")["lock"] is None
+
+
+def test_environment_names_what_makes_cpu_results_differ():
+    cpu = provenance.environment("cpu")["cpu"]
+    assert cpu["capability"] == torch.backends.cpu.get_cpu_capability()  # e.g. AVX2 / AVX512: the kernels that ran
+    assert cpu["native_bf16"] is bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    assert cpu["onednn"] and cpu["onednn"][0].isdigit() and cpu["deterministic_algorithms"] is False
+    assert cpu["model"]
