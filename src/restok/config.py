@@ -278,6 +278,10 @@ class CfgSearch:
     scales: tuple[float, ...] = field(default=(1.0, 1.5, 2.0, 3.0), metadata=rng(help="CFG scales tried"))
     per_class: int = field(default=10, metadata=rng(1, help="samples per class for each scale"))
 
+    def __post_init__(self):
+        if not self.scales or not all(s > 0 for s in self.scales):
+            raise ValueError(f"cfg_search.scales={list(self.scales)}: need at least one scale, every one > 0")
+
 
 @dataclass(frozen=True)
 class RuleResources:
@@ -562,12 +566,33 @@ class Params:
                                  f"{sorted(self.sections)}); add it to the stage's PARAMS and dvc.yaml") from None
 
 
+def _refuse_duplicate_keys(node, path: Path, where: str = "") -> None:
+    """A mapping that repeats a key: YAML keeps the last value and drops the first without a word, so a params
+    file with one is refused, naming the dotted key and both lines."""
+    if isinstance(node, yaml.MappingNode):
+        lines = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key, line = key_node.value, key_node.start_mark.line + 1
+            if key in lines:
+                raise ParamsError(f"{path}:{where}{key}: duplicate key (lines {lines[key]} and {line}); YAML would "
+                                  f"keep only the last value: remove one")
+            lines[key] = line
+            _refuse_duplicate_keys(value_node, path, f"{where}{key}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, path, f"{where.removesuffix('.')}[{i}].")
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
