@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -332,6 +333,10 @@ class Comparison:
         "the paper's direction for `variant` against `versus`; null: no stated direction (difference only)")))
 
 
+# a variant name becomes a run name, a folder (data/ablations/<run>/) and a shell argument: nothing else is allowed
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
 @dataclass(frozen=True)
 class Ablations:
     """The paper's ablations as named variants: dotted-key overrides on this params file (`restok ablate`)."""
@@ -339,12 +344,18 @@ class Ablations:
     jobs: int = field(default=1, metadata=rng(1, 64, help=(
         "DVC experiments run at once (`dvc exp run --run-all -j`); each gets cores / jobs CPU threads. On a small "
         "CPU machine two single-thread runs do more work than one two-thread run")))
-    variants: dict[str, Override] = field(default_factory=dict, metadata=rng(
-        help="variant name -> {dotted.key: value}; each variant is validated as a whole params file"))
+    variants: dict[str, Override] = field(default_factory=dict, metadata={**rng(
+        help="variant name -> {dotted.key: value}; each variant is validated as a whole params file"),
+        "key_pattern": VARIANT_NAME.pattern})
     comparisons: list[Comparison] = field(default_factory=list, metadata=rng(
         help="the claims the table tests, each on two variants"))
 
     def __post_init__(self):
+        for name in self.variants:
+            if not VARIANT_NAME.match(name):
+                raise ValueError(f"ablations.variants: variant name {name!r} is not allowed; use letters, digits, "
+                                 f"'_', '.' and '-' only, not starting with '.' or '-' (it names folders and is "
+                                 f"passed to shell commands)")
         for i, c in enumerate(self.comparisons):
             for role in ("variant", "versus"):
                 if getattr(c, role) not in self.variants:
@@ -694,6 +705,8 @@ def _schema(tp, meta: dict | None = None) -> dict:
         out["minimum"] = meta["minimum"]
     if meta.get("maximum") is not None:
         out["maximum"] = meta["maximum"]
+    if meta.get("key_pattern"):
+        out["propertyNames"] = {"pattern": meta["key_pattern"]}
     if meta.get("help"):
         out["description"] = meta["help"]
     return out

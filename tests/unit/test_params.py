@@ -58,6 +58,8 @@ BAD = {
                     "ablations.variants", "tokenizer.nope"),
     "variant value": (lambda t: t["ablations"]["variants"].__setitem__("x", {"generator.mode": "diffusion"}),
                       "ablations.variants.x", "diffusion"),
+    "variant name": (lambda t: t["ablations"]["variants"].__setitem__("x$(touch /tmp/pwn)", {}),
+                     "ablations.variants", "x$(touch /tmp/pwn)"),
     "rope theta": (lambda t: t["tokenizer"].__setitem__("rope_theta", -1.0), "tokenizer.rope_theta", "-1.0"),
     "no cfg scales": (lambda t: t["cfg_search"].__setitem__("scales", []), "cfg_search.scales", "[]"),
     "cfg scale 0": (lambda t: t["cfg_search"].__setitem__("scales", [1.0, 0.0]), "cfg_search.scales", "0.0"),
@@ -86,7 +88,8 @@ def test_a_variant_params_file_loads_although_another_variant_conflicts_with_it(
 
 
 def test_schema_refuses_what_the_dataclasses_refuse(tmp_path):
-    for case in ("wrong type", "unknown key", "missing key", "bad enum", "out of range", "unknown section"):
+    for case in ("wrong type", "unknown key", "missing key", "bad enum", "out of range", "unknown section",
+                 "variant name"):
         tree = profile_tree("default")
         BAD[case][0](tree)
         with pytest.raises(jsonschema.ValidationError):
