@@ -94,7 +94,8 @@ class Shard:
         "checkpoints and needs val only)")))
     max_image_pixels: int = field(default=100_000_000, metadata=rng(1, help=(
         "larger images (width x height, read from the header) are not decoded but skipped and listed in the "
-        "manifest: a decompression-bomb guard")))
+        "manifest: a decompression-bomb guard; so are images that would be larger once resized to the stored "
+        "short side (an extreme aspect ratio: a 1 x 100000 strip would become 320 x 32,000,000 at res 256)")))
     alpha_background: list[int] = field(default_factory=lambda: [255, 255, 255], metadata=rng(help=(
         "R, G, B (0..255) the transparent parts of an image are composited on")))
 
