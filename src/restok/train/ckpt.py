@@ -11,6 +11,19 @@ The fingerprint (`fingerprint`) covers what shapes the result: the params withou
 checkpoint a finished run leaves at `max_steps` is resumed only by the same run (a rerun after a logging param
 change publishes the same weights without training again); any other run moves it aside and trains afresh.
 
+Environment changes that restart training (they change the fingerprint): another Python minor version (3.11 ->
+3.12; a patch release, 3.11.7 -> 3.11.9, does not), another torch version or build (2.14.1+cu130 -> 2.14.1+cpu),
+another numpy or torchvision version, and another number of processes (world size). The process count is part of
+the run because the tokenizer's data stream is cut per rank (each rank reads its own slice of every epoch's
+permutation and its position is counted per rank, so another count would skip or repeat images) and every rank's
+dropout/augmentation RNG stream is stored per rank; the generator's global batch would survive another count, but
+its per-rank RNG streams would not, so both stages keep one rule: a resumed run computes what an uninterrupted one
+computes (bit for bit on CPU). Other machines, thread counts and devices of the same versions resume.
+
+Only a checkpoint whose content is bad (a zip or unpickling error, not a resume state) is moved aside; an error of
+the filesystem or the machine while reading (OSError: EIO, ESTALE, ENOSPC, a vanished file; out of memory) stops
+the stage with that error and every checkpoint stays where it is.
+
 Loop usage (both training stages):
     run = ckpt.fingerprint(ckpt.run_params(sections, LOGGING_KNOBS), "restok.stages.<stage>", inputs)
     state = ckpt.resume(ckpt_dir, run, info.is_main)       # collective under torchrun: rank 0 chooses
@@ -26,7 +39,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import platform
+import pickle
 import random
 import re
 import sys
@@ -171,10 +184,10 @@ def fingerprint(params: dict, module: str, inputs: dict) -> dict[str, str]:
             checkpoint of older code is never resumed.
         inputs: identity of the input artifacts and of the process layout (manifest hashes, world size, ...).
     Returns:
-        {"params", "code", "inputs", "environment"} -> short hashes; "environment" covers the Python, torch,
-        torchvision and numpy versions.
+        {"params", "code", "inputs", "environment"} -> short hashes; "environment" covers the Python minor version
+        (not its patch release) and the torch, torchvision and numpy versions.
     """
-    env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+    env = {"python": "{}.{}".format(*sys.version_info[:2]), "torch": torch.__version__, "numpy": np.__version__,
            "torchvision": importlib.metadata.version("torchvision")}
     return {"params": _sha(params), "code": code_sha256(module)[:16], "inputs": _sha(inputs),
             "environment": _sha(env)}
@@ -185,7 +198,8 @@ def resume(ckpt_dir: str | Path, run: dict[str, str], is_main: bool = True) -> d
 
     Rank 0 chooses and broadcasts the file, so every rank resumes the same step even where their views of a
     shared folder differ. Nothing is deleted: an unreadable checkpoint (killed mid-save on a filesystem without
-    atomic rename, a bad disk) is moved to `ckpt/aside/` and the previous one is tried; checkpoints of another run
+    atomic rename, bad content) is moved to `ckpt/aside/` and the previous one is tried (an I/O or memory error
+    while reading propagates instead, moving nothing); checkpoints of another run
     (a changed param, code, input or library; DVC and Snakemake keep the folder across reruns) are all moved to
     `ckpt/aside/` with a message naming what differs.
     """
@@ -198,11 +212,39 @@ def resume(ckpt_dir: str | Path, run: dict[str, str], is_main: bool = True) -> d
     return load(chosen) if chosen is not None else None
 
 
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that loads, but not to a resume state (not a dict, or without its step or fingerprint)."""
+
+
+RESUME_KEYS = ("step", "fingerprint")
+
+
+def _fingerprint_of(path: Path) -> dict:
+    state = load(path)
+    if not isinstance(state, dict):
+        raise UnreadableCheckpoint(f"it holds a {type(state).__name__}, not a resume state")
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise UnreadableCheckpoint(f"it lacks {missing}")
+    return state["fingerprint"]
+
+
+def _bad_content(err: Exception) -> bool:
+    """Whether a load error says the file's content is bad (zip or unpickling errors, not a resume state), not that
+    reading it failed: OSError (EIO, ESTALE, ENOSPC, ...) and running out of memory, which torch reports on the CPU as
+    a RuntimeError "can't allocate memory", are not."""
+    if isinstance(err, RuntimeError) and (isinstance(err, torch.OutOfMemoryError) or "allocate memory" in str(err)):
+        return False
+    return isinstance(err, (RuntimeError, EOFError, pickle.UnpicklingError, UnreadableCheckpoint))
+
+
 def _choose(ckpt_dir: Path, run: dict[str, str]) -> Path | None:
     for path in reversed(_checkpoints(ckpt_dir)):
         try:
-            found = load(path).get("fingerprint")
-        except Exception as e:  # any unreadable file: torch raises RuntimeError, EOFError, pickle errors, ...
+            found = _fingerprint_of(path)
+        except Exception as e:
+            if not _bad_content(e):  # I/O or memory: stop here, nothing moved
+                raise
             _move_aside(ckpt_dir, [path], "corrupt", f"{path} cannot be read ({type(e).__name__}: {e})")
             continue
         if found == run:
