@@ -105,6 +105,21 @@ def test_another_run_is_moved_aside_with_a_message_not_deleted(tmp_path, capsys)
     assert ckpt.resume(tmp_path, new)["step"] == 2
 
 
+def test_aside_keeps_the_newest_sets_only(tmp_path, capsys):
+    """Four runs in turn in one folder: each resume moves the previous run's checkpoints aside as one set, and only
+    the newest ckpt.KEEP_ASIDE (2) sets stay, so reruns cannot fill the disk."""
+    runs = [run_id(with_loop(seed=seed)) for seed in range(4)]
+    for before, now in zip(runs, runs[1:]):
+        for step in (2, 4):
+            _save(tmp_path, step, before)
+        assert ckpt.resume(tmp_path, now) is None
+    sets = sorted((tmp_path / "aside").iterdir())
+    assert len(sets) == 2 and "deleted" in capsys.readouterr().err
+    for folder, run in zip(sets, runs[1:3]):  # the sets of the 2nd and 3rd runs; the 1st run's set is gone
+        assert sorted(p.name for p in folder.iterdir()) == ["step_000000002.pt", "step_000000004.pt"]
+        assert all(torch.load(p, weights_only=True)["fingerprint"] == run for p in folder.iterdir())
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
     run = run_id()
     for step in (2, 4):

@@ -11,6 +11,7 @@ tokenizer.pt tensors bit for bit with an uninterrupted run.
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,6 +93,22 @@ def test_outputs(trained):
 
     with Image.open(trained / "results/train_tokenizer/recon.png") as png:  # 8 columns; original + 5 prefix rows
         assert png.size == (8 * 33 + 1, 6 * 33 + 1)
+
+
+def test_an_evaluation_param_change_resumes_the_finished_run(smoke_params, smoke_shards, features, trained, tmp_path):
+    """baseline_train_images changes only the mean-image baselines of the evaluation: the finished run's checkpoint
+    is resumed (nothing trained, nothing moved aside) and only the evaluation changes."""
+    again = tmp_path / "again"
+    shutil.copytree(trained, again)
+    params = _params(smoke_params, tmp_path, {"train_tokenizer": {"baseline_train_images": 8}})
+    train_tokenizer.main(_args(params, smoke_shards, features, again))
+    metrics = read_results(again / "results/train_tokenizer/metrics.json")
+    assert metrics["resumed_from_step"] == 6 and metrics["steps_this_run"] == 0
+    assert metrics["baseline_train_images"] == 8
+    assert not (again / "data/train_tokenizer/ckpt/aside").exists()
+    a, _, _ = load_artifact(again / "data/train_tokenizer/tokenizer.pt")
+    b, _, _ = load_artifact(trained / "data/train_tokenizer/tokenizer.pt")
+    assert all(torch.equal(a[k], b[k]) for k in b)
 
 
 def test_loader_crops_the_cached_view(smoke_shards, features):

@@ -64,7 +64,8 @@ from restok.train.lr import lr_at
 PARAMS = ("profile", "vf", "tokenizer", "train_tokenizer")
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
 # params that change what is logged or evaluated, not the trained weights: they do not stop a resume
-NOT_SHAPING = (*(f"train_tokenizer.{k}" for k in ckpt.LOGGING_KNOBS), "train_tokenizer.eval_images")
+NOT_SHAPING = (*(f"train_tokenizer.{k}" for k in ckpt.LOGGING_KNOBS), "train_tokenizer.eval_images",
+               "train_tokenizer.baseline_train_images")
 EXPORT_EMA = "export_ema.pt"  # in ckpt/ (kept across resumes): the EMA weights of train_tokenizer.export_step
 
 

@@ -35,6 +35,7 @@ Loop usage (both training stages):
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import importlib.metadata
 import json
@@ -42,8 +43,8 @@ import os
 import pickle
 import random
 import re
+import shutil
 import sys
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -58,6 +59,9 @@ from restok.train.dist import is_dist, unwrap
 from restok.train.ema import EMA
 
 _CKPT_NAME = re.compile(r"^step_(\d+)\.pt$")
+# sets of checkpoints kept in ckpt/aside/ (a set: what one resume moved aside); older sets are deleted, so the folder
+# holds at most 2 x keep_ckpts old checkpoints (plus any unreadable ones) whatever the number of reruns
+KEEP_ASIDE = 2
 
 
 def rng_state() -> dict:
@@ -197,11 +201,12 @@ def resume(ckpt_dir: str | Path, run: dict[str, str], is_main: bool = True) -> d
     """The state of the newest loadable checkpoint of *this* run (`fingerprint`), or None to start afresh.
 
     Rank 0 chooses and broadcasts the file, so every rank resumes the same step even where their views of a
-    shared folder differ. Nothing is deleted: an unreadable checkpoint (killed mid-save on a filesystem without
-    atomic rename, bad content) is moved to `ckpt/aside/` and the previous one is tried (an I/O or memory error
-    while reading propagates instead, moving nothing); checkpoints of another run
-    (a changed param, code, input or library; DVC and Snakemake keep the folder across reruns) are all moved to
-    `ckpt/aside/` with a message naming what differs.
+    shared folder differ. No checkpoint is deleted on the spot: an unreadable checkpoint (killed mid-save on a
+    filesystem without atomic rename, bad content) is moved to `ckpt/aside/` and the previous one is tried (an I/O or
+    memory error while reading propagates instead, moving nothing); checkpoints of another run (a changed param,
+    code, input or library; DVC and Snakemake keep the folder across reruns) are all moved to `ckpt/aside/` with a
+    message naming what differs. What one resume moves forms one set, `ckpt/aside/<UTC time>-<why>/`; only the
+    newest KEEP_ASIDE (2) sets are kept, older ones are deleted with a message, so the disk use stays bounded.
     """
     ckpt_dir = Path(ckpt_dir)
     chosen = _choose(ckpt_dir, run) if is_main else None
@@ -239,30 +244,40 @@ def _bad_content(err: Exception) -> bool:
 
 
 def _choose(ckpt_dir: Path, run: dict[str, str]) -> Path | None:
+    aside = None  # one set of ckpt/aside/ for everything this resume moves
     for path in reversed(_checkpoints(ckpt_dir)):
         try:
             found = _fingerprint_of(path)
         except Exception as e:
             if not _bad_content(e):  # I/O or memory: stop here, nothing moved
                 raise
-            _move_aside(ckpt_dir, [path], "corrupt", f"{path} cannot be read ({type(e).__name__}: {e})")
+            aside = _move_aside(ckpt_dir, [path], "corrupt", f"{path} cannot be read ({type(e).__name__}: {e})",
+                                aside)
             continue
         if found == run:
             return path
         differs = sorted(k for k in run if not isinstance(found, dict) or found.get(k) != run[k])
         _move_aside(ckpt_dir, _checkpoints(ckpt_dir), "other-run",
-                    f"{ckpt_dir} holds checkpoints of another run ({', '.join(differs)} differ)")
+                    f"{ckpt_dir} holds checkpoints of another run ({', '.join(differs)} differ)", aside)
         return None
     return None
 
 
-def _move_aside(ckpt_dir: Path, paths: list[Path], why: str, message: str) -> None:
-    dest = ckpt_dir / "aside" / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{why}"
+def _move_aside(ckpt_dir: Path, paths: list[Path], why: str, message: str, dest: Path | None = None) -> Path:
+    """Move `paths` into the set `dest` of ckpt/aside/ (None: a new set named by the UTC time and `why`), then delete
+    all but the newest KEEP_ASIDE sets; returns the set."""
+    aside = ckpt_dir / "aside"
+    if dest is None:
+        dest = aside / f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S.%f}-{why}"
     dest.mkdir(parents=True, exist_ok=True)
     for path in paths:
         os.replace(path, dest / path.name)
     print(f"{message}; moved {len(paths)} file(s) to {dest}, training does not resume from them", file=sys.stderr,
           flush=True)
+    for old in sorted(p for p in aside.iterdir() if p.is_dir())[:-KEEP_ASIDE]:  # names sort by time
+        shutil.rmtree(old)
+        print(f"deleted {old}: ckpt/aside/ keeps the newest {KEEP_ASIDE} sets", file=sys.stderr, flush=True)
+    return dest
 
 
 def latest(ckpt_dir: str | Path) -> Path | None:
