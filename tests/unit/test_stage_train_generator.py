@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from restok.artifacts import load_artifact
 from restok.models.generator import GeneratorConfig, HARGenerator
 from restok.provenance import read_results
 from restok.stages import train_generator
+from restok.train import ckpt
 
 LEVELS = [1, 1, 2, 4, 8]  # the smoke tokenizer: 16 tokens
 K, CLASSES = 32, 4
@@ -159,6 +161,34 @@ def test_a_code_change_trains_again(trained, latents, tmp_path, smoke_params):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "another run (code differ)" in r.stderr
     assert read_results(again / "results" / "metrics.json")["steps_this_run"] == 6
+
+
+HOLDER = """
+import sys
+from restok.train import ckpt
+with ckpt.exclusive(sys.argv[1]):
+    print("holding", flush=True)
+    sys.stdin.read()  # until the test closes stdin
+"""
+
+
+def test_a_second_writer_of_the_folder_stops_at_once_naming_the_holder(tmp_path, smoke_params, latents):
+    """Another run (here a process holding the lock, as a training stage does) writes data/ckpt/: this one stops
+    before it reads, prunes or moves anything, naming the holder; once the holder is gone, it trains."""
+    ckpt_dir = tmp_path / "data" / "ckpt"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(ckpt_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "SLURM_JOB_ID": "4242"})
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        with pytest.raises(ckpt.CheckpointDirLocked) as e:
+            train_generator.main(_args(smoke_params, latents, tmp_path))
+        assert f"host {socket.gethostname()}, pid {holder.pid}, SLURM job 4242" in str(e.value), str(e.value)
+        assert not ckpt_dir.exists() and not (tmp_path / "results").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    train_generator.main(_args(smoke_params, latents, tmp_path))  # the lock went with its holder
+    assert read_results(tmp_path / "results" / "metrics.json")["steps"] == 6
 
 
 def _cmd(params, latents, root):

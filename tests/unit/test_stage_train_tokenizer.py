@@ -32,6 +32,7 @@ from restok.data.views import apply_view
 from restok.models.tokenizer import ResTok, TokenizerConfig
 from restok.provenance import read_results
 from restok.stages import cache_features, train_tokenizer
+from restok.train import ckpt
 from restok.weights import PACKAGED
 
 
@@ -109,6 +110,21 @@ def test_an_evaluation_param_change_resumes_the_finished_run(smoke_params, smoke
     a, _, _ = load_artifact(again / "data/train_tokenizer/tokenizer.pt")
     b, _, _ = load_artifact(trained / "data/train_tokenizer/tokenizer.pt")
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_second_writer_of_the_folder_stops_at_once(smoke_params, smoke_shards, features, tmp_path):
+    ckpt_dir = tmp_path / "data/train_tokenizer/ckpt"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from restok.train import ckpt\n"
+                               "with ckpt.exclusive(sys.argv[1]): print('holding', flush=True); sys.stdin.read()",
+                               str(ckpt_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        with pytest.raises(ckpt.CheckpointDirLocked, match=f"pid {holder.pid}"):
+            train_tokenizer.main(_args(smoke_params, smoke_shards, features, tmp_path))
+        assert not ckpt_dir.exists()
+    finally:
+        holder.stdin.close()
+        holder.wait()
 
 
 def test_loader_crops_the_cached_view(smoke_shards, features):

@@ -43,7 +43,7 @@ from restok.train import ckpt, optim
 from restok.train.dist import (all_reduce_mean, barrier, cleanup, init_distributed, is_dist, seed_everything,
                                use_bf16)
 from restok.train.ema import EMA
-from restok.train.log import CurveWriter, print0, progress
+from restok.train.log import CurveWriter, is_main_process, print0, progress
 from restok.train.lr import lr_at
 
 PARAMS = ("profile", "generator", "train_generator")
@@ -162,10 +162,15 @@ def main(argv=None):
     ap.add_argument("--results", default="results/train_generator")
     args = ap.parse_args(argv)
     p = load_params(args.params, PARAMS)
-    loop, opt_cfg = p.train_generator.loop, p.train_generator.optim
     if p.train_generator.official is not None:
         return import_generator(p, args)
+    with ckpt.exclusive(Path(args.out) / "ckpt", is_main_process()):  # one writer of ckpt/ for the whole run
+        train_and_evaluate(p, args)
 
+
+def train_and_evaluate(p, args) -> None:
+    """Train on the latents (resuming from <out>/ckpt/ when the run matches), evaluate the EMA, write the outputs."""
+    loop, opt_cfg = p.train_generator.loop, p.train_generator.optim
     latents = Path(args.latents)
     train, val = Latents(latents, "train"), Latents(latents, "val")
     for key in ("codebook_size", "num_tokens", "num_classes", "level_sizes"):

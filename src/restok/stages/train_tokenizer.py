@@ -58,7 +58,7 @@ from restok.models.tokenizer import ResTok
 from restok.provenance import write_results
 from restok.train import ckpt, dist, optim
 from restok.train.ema import EMA
-from restok.train.log import CurveWriter, console, print0, progress
+from restok.train.log import CurveWriter, console, is_main_process, print0, progress
 from restok.train.lr import lr_at
 
 PARAMS = ("profile", "vf", "tokenizer", "train_tokenizer")
@@ -311,9 +311,10 @@ def main(argv=None):
     p = load_params(args.params, PARAMS)
     if p.train_tokenizer.official is not None:
         return import_tokenizer(p, args)
-    run = setup(p, args)
-    train(run)
-    finish(run)
+    with ckpt.exclusive(Path(args.out) / "ckpt", is_main_process()):  # one writer of ckpt/ for the whole run
+        run = setup(p, args)
+        train(run)
+        finish(run)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

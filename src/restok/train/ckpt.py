@@ -24,6 +24,9 @@ Only a checkpoint whose content is bad (a zip or unpickling error, not a resume 
 the filesystem or the machine while reading (OSError: EIO, ESTALE, ENOSPC, a vanished file; out of memory) stops
 the stage with that error and every checkpoint stays where it is.
 
+One writer per folder: a stage holds `exclusive(ckpt_dir)` (an flock on `<out>/ckpt.lock`) for its whole training,
+so two runs never prune and move aside each other's checkpoints; a second writer stops at once, naming the holder.
+
 Loop usage (both training stages):
     run = ckpt.fingerprint(ckpt.run_params(sections, LOGGING_KNOBS), "restok.stages.<stage>", inputs)
     state = ckpt.resume(ckpt_dir, run, info.is_main)       # collective under torchrun: rank 0 chooses
@@ -36,6 +39,7 @@ Loop usage (both training stages):
 from __future__ import annotations
 
 import datetime
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -44,8 +48,10 @@ import pickle
 import random
 import re
 import shutil
+import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +68,44 @@ _CKPT_NAME = re.compile(r"^step_(\d+)\.pt$")
 # sets of checkpoints kept in ckpt/aside/ (a set: what one resume moved aside); older sets are deleted, so the folder
 # holds at most 2 x keep_ckpts old checkpoints (plus any unreadable ones) whatever the number of reruns
 KEEP_ASIDE = 2
+
+
+class CheckpointDirLocked(RuntimeError):
+    """Another process is training into the same checkpoint folder."""
+
+
+@contextmanager
+def exclusive(ckpt_dir: str | Path, take: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on `ckpt_dir` (fcntl.flock on `<ckpt_dir>.lock`, beside it) for the `with` block.
+
+    The holder writes its host, pid, SLURM job id (when set) and start time into the lock file; a second writer
+    stops at once with CheckpointDirLocked naming them. The kernel drops the lock with the process (kill -9
+    included), so a dead holder never blocks a rerun. On a shared filesystem the lock needs flock across nodes
+    (NFS, Lustre mounted with -o flock); where flock is not supported the stage stops with that error. `take` False
+    (every rank but 0): nothing is locked.
+    """
+    if not take:
+        yield
+        return
+    path = Path(f"{ckpt_dir}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown (not written yet)"
+            raise CheckpointDirLocked(f"{ckpt_dir} is in use by another training run: {holder} (lock {path}). Two "
+                                      f"writers would delete and move aside each other's checkpoints; wait for it "
+                                      f"or stop it, then rerun") from None
+        job = os.environ.get("SLURM_JOB_ID")
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (f"host {socket.gethostname()}, pid {os.getpid()}" + (f", SLURM job {job}" if job else "")
+                       + f", since {stamp}\n").encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def rng_state() -> dict:
