@@ -11,6 +11,7 @@ tokenizer.pt tensors bit for bit with an uninterrupted run.
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -32,7 +33,7 @@ from restok.data.views import apply_view
 from restok.models.tokenizer import ResTok, TokenizerConfig
 from restok.provenance import read_results
 from restok.stages import cache_features, train_tokenizer
-from restok.train import ckpt
+from restok.train import ckpt, finite
 from restok.weights import PACKAGED
 
 
@@ -125,6 +126,27 @@ def test_a_second_writer_of_the_folder_stops_at_once(smoke_params, smoke_shards,
     finally:
         holder.stdin.close()
         holder.wait()
+
+
+def test_a_non_finite_loss_stops_training_before_a_checkpoint_holds_it(smoke_params, smoke_shards, features,
+                                                                        tmp_path):
+    """optim.lr 1e6: the loss turns NaN a few steps in (1e3 only makes it large). The stage stops naming the step
+    and the loss parts; the checkpoints (one per step) end at the step before, with finite weights, and nothing is
+    published."""
+    params = _params(smoke_params, tmp_path, {"train_tokenizer": {
+        "optim": {"lr": 1e6}, "loop": {"ckpt_every_steps": 1, "keep_ckpts": 10, "log_every_steps": 100}}})
+    with pytest.raises(finite.NonFiniteLoss) as e:
+        train_tokenizer.main(_args(params, smoke_shards, features, tmp_path))
+    message = str(e.value)
+    step = int(re.search(r"non-finite loss at step (\d+) \(loss ", message)[1])
+    assert all(f"{part} " in message for part in ("mse", "quant", "lpips", "vf_enc", "vf_dec", "grad_norm"))
+    saved = sorted((tmp_path / "data/train_tokenizer/ckpt").glob("step_*.pt"))
+    assert step > 1 and [int(p.stem.split("_")[1]) for p in saved] == list(range(1, step))
+    state = torch.load(saved[-1], weights_only=True)
+    assert all(torch.isfinite(v).all() for v in (*state["model"].values(), *state["ema"]["model"].values())
+               if v.is_floating_point())
+    assert not (tmp_path / "data/train_tokenizer/tokenizer.pt").exists()
+    assert len((tmp_path / "results/train_tokenizer/curve.tsv").read_text().splitlines()) == 1  # header only
 
 
 def test_loader_crops_the_cached_view(smoke_shards, features):
