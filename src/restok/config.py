@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -93,7 +94,8 @@ class Shard:
         "checkpoints and needs val only)")))
     max_image_pixels: int = field(default=100_000_000, metadata=rng(1, help=(
         "larger images (width x height, read from the header) are not decoded but skipped and listed in the "
-        "manifest: a decompression-bomb guard")))
+        "manifest: a decompression-bomb guard; so are images that would be larger once resized to the stored "
+        "short side (an extreme aspect ratio: a 1 x 100000 strip would become 320 x 32,000,000 at res 256)")))
     alpha_background: list[int] = field(default_factory=lambda: [255, 255, 255], metadata=rng(help=(
         "R, G, B (0..255) the transparent parts of an image are composited on")))
 
@@ -278,6 +280,10 @@ class CfgSearch:
     scales: tuple[float, ...] = field(default=(1.0, 1.5, 2.0, 3.0), metadata=rng(help="CFG scales tried"))
     per_class: int = field(default=10, metadata=rng(1, help="samples per class for each scale"))
 
+    def __post_init__(self):
+        if not self.scales or not all(s > 0 for s in self.scales):
+            raise ValueError(f"cfg_search.scales={list(self.scales)}: need at least one scale, every one > 0")
+
 
 @dataclass(frozen=True)
 class RuleResources:
@@ -328,6 +334,10 @@ class Comparison:
         "the paper's direction for `variant` against `versus`; null: no stated direction (difference only)")))
 
 
+# a variant name becomes a run name, a folder (data/ablations/<run>/) and a shell argument: nothing else is allowed
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
 @dataclass(frozen=True)
 class Ablations:
     """The paper's ablations as named variants: dotted-key overrides on this params file (`restok ablate`)."""
@@ -335,12 +345,18 @@ class Ablations:
     jobs: int = field(default=1, metadata=rng(1, 64, help=(
         "DVC experiments run at once (`dvc exp run --run-all -j`); each gets cores / jobs CPU threads. On a small "
         "CPU machine two single-thread runs do more work than one two-thread run")))
-    variants: dict[str, Override] = field(default_factory=dict, metadata=rng(
-        help="variant name -> {dotted.key: value}; each variant is validated as a whole params file"))
+    variants: dict[str, Override] = field(default_factory=dict, metadata={**rng(
+        help="variant name -> {dotted.key: value}; each variant is validated as a whole params file"),
+        "key_pattern": VARIANT_NAME.pattern})
     comparisons: list[Comparison] = field(default_factory=list, metadata=rng(
         help="the claims the table tests, each on two variants"))
 
     def __post_init__(self):
+        for name in self.variants:
+            if not VARIANT_NAME.match(name):
+                raise ValueError(f"ablations.variants: variant name {name!r} is not allowed; use letters, digits, "
+                                 f"'_', '.' and '-' only, not starting with '.' or '-' (it names folders and is "
+                                 f"passed to shell commands)")
         for i, c in enumerate(self.comparisons):
             for role in ("variant", "versus"):
                 if getattr(c, role) not in self.variants:
@@ -562,12 +578,33 @@ class Params:
                                  f"{sorted(self.sections)}); add it to the stage's PARAMS and dvc.yaml") from None
 
 
+def _refuse_duplicate_keys(node, path: Path, where: str = "") -> None:
+    """A mapping that repeats a key: YAML keeps the last value and drops the first without a word, so a params
+    file with one is refused, naming the dotted key and both lines."""
+    if isinstance(node, yaml.MappingNode):
+        lines = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key, line = key_node.value, key_node.start_mark.line + 1
+            if key in lines:
+                raise ParamsError(f"{path}:{where}{key}: duplicate key (lines {lines[key]} and {line}); YAML would "
+                                  f"keep only the last value: remove one")
+            lines[key] = line
+            _refuse_duplicate_keys(value_node, path, f"{where}{key}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, path, f"{where.removesuffix('.')}[{i}].")
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -669,6 +706,8 @@ def _schema(tp, meta: dict | None = None) -> dict:
         out["minimum"] = meta["minimum"]
     if meta.get("maximum") is not None:
         out["maximum"] = meta["maximum"]
+    if meta.get("key_pattern"):
+        out["propertyNames"] = {"pattern": meta["key_pattern"]}
     if meta.get("help"):
         out["description"] = meta["help"]
     return out

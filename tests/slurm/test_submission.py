@@ -89,3 +89,35 @@ def test_status_script(tmp_path, sacct, squeue, want):
                        text=True, env=fake_tools(tmp_path, sacct, squeue), check=True)
     assert p.stdout == f"{want}\n"
     assert ("unknown to sacct and squeue" in p.stderr) == (not sacct and not squeue)
+
+
+DOWN = (1, "", "sacct: error: slurmdbd: Connection refused\n")    # the database or controller cannot be reached
+GONE = (1, "", "slurm_load_jobs error: Invalid job id specified\n")  # squeue: the job has left the queue
+
+
+def answering(tmp_path: Path, **tools: list[tuple[int, str, str]]) -> dict:
+    """Fake tools answering (exit status, stdout, stderr) per call, the last one again for later calls."""
+    for name, answers in tools.items():
+        f = tmp_path / name
+        f.write_text(f"#!{sys.executable}\nimport pathlib, sys\ncalls = pathlib.Path({str(tmp_path / name)!r} + '.calls')\n"
+                     f"n = len(calls.read_text()) if calls.exists() else 0\ncalls.write_text('x' * (n + 1))\n"
+                     f"rc, out, err = {answers!r}[min(n, {len(answers) - 1})]\n"
+                     f"sys.stdout.write(out)\nsys.stderr.write(err)\nsys.exit(rc)\n")
+        f.chmod(0o755)
+    return {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize("sacct, squeue, want, calls", [
+    ([DOWN], [DOWN], "running", (3, 3)),                  # SLURM cannot be asked: no end state known, ask again later
+    ([DOWN], [GONE], "running", (3, 1)),                  # out of the queue, but how it ended is unknown
+    ([(0, "", "")], [GONE], "failed", (1, 1)),            # known to neither: gone
+    ([DOWN, (0, "COMPLETED\n", "")], [DOWN], "success", (2, 0)),  # a transient error, then the answer
+])
+def test_status_script_reads_a_failing_query_as_running(tmp_path, sacct, squeue, want, calls):
+    p = subprocess.run([sys.executable, str(SCRIPTS / "slurm_status.py"), "77;cluster"], capture_output=True,
+                       text=True, env=answering(tmp_path, sacct=sacct, squeue=squeue), check=True)
+    assert p.stdout == f"{want}\n", p.stderr
+    made = tuple(len((tmp_path / f"{name}.calls").read_text()) if (tmp_path / f"{name}.calls").exists() else 0
+                 for name in ("sacct", "squeue"))
+    assert made == calls
+    assert ("failed 3 times" in p.stderr) == (want == "running")

@@ -1,10 +1,15 @@
 """The ablation grid: runs from params, which stages each run recomputes, redirected commands, the table."""
 from __future__ import annotations
 
+import ast
 import json
+import re
+import shlex
+from types import SimpleNamespace
 
 import pytest
 import yaml
+from snakemake.utils import format as snakemake_format
 
 from restok import ablate
 from restok.config import REPO, ParamsError, load_params, profile_tree
@@ -61,6 +66,21 @@ def test_commands_redirect_only_recomputed_artifacts(graph):
             if producer and producer != name and dep in st.cmd.split():
                 expect = dep if producer not in own else graph.path(dep, "plain_ar", own)
                 assert f" {expect}" in cmd, (name, dep, cmd)
+
+
+def test_variant_rules_quote_every_value_they_substitute(graph):
+    """Behind the name check in params validation: the variant rules' shell command keeps a run name that a shell
+    would read as code one plain word (formatted as Snakemake formats it, then split as a shell splits it)."""
+    text = (REPO / "workflow/rules/ablations.smk").read_text()
+    template = ast.literal_eval("(" + re.search(r"\n        shell:\n((?:\s*#.*\n)*(?:\s+\".*\"\n)+)", text)[1] + ")")
+    run = "x$(touch /tmp/pwn)"
+    cmd = snakemake_format(template, wildcards=SimpleNamespace(run=run), log=f"logs/ablations/{run}/shard.log",
+                           resources=SimpleNamespace(gpus_per_node=0, nodes=1),
+                           params=SimpleNamespace(cmd=graph.command("shard", run, {"shard"})))
+    words = shlex.split(cmd)
+    assert words[words.index("--run") + 1] == run
+    assert f"data/ablations/{run}/params.yaml" in words and f"data/ablations/{run}/shard" in words
+    assert words[words.index(">") + 1] == f"logs/ablations/{run}/shard.log"
 
 
 def test_dvc_queue_commands_set_exactly_the_overrides():

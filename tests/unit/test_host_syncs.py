@@ -7,6 +7,7 @@ restarts, the bypass), whose bookkeeping used to read its buffers each step.
 import dataclasses
 import traceback
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -16,6 +17,7 @@ from restok.models.generator import HARGenerator, generator_config
 from restok.models.tokenizer import PRESETS, ResTok
 from restok.sampling import generate
 from restok.sampling_config import SamplingConfig
+from restok.train.finite import FiniteGuard, NonFiniteLoss
 
 SYNCING_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal"}
 
@@ -79,3 +81,16 @@ def test_generator_training_step_and_sampling_loop_never_read_a_device_value():
     with HostSyncs() as syncs:
         generate(model.eval(), labels, sampling, generator=uniforms)
     assert not syncs.calls, "\n".join(syncs.calls)
+
+
+def test_the_non_finite_guard_records_every_step_without_reading_a_device_value():
+    """Both training loops record each step's losses and gradient norm; only `check`, at the logging interval and
+    before a save, reads them. The first non-finite step is the one reported."""
+    guard = FiniteGuard("train_x", ["loss", "grad_norm"], torch.device("cpu"))
+    steps = [torch.tensor(v) for v in ([1.0, 2.0], [float("nan"), 1.0], [3.0, float("inf")])]
+    with HostSyncs() as syncs:
+        for step, values in enumerate(steps, 1):
+            guard.record(step, values)
+    assert not syncs.calls, "\n".join(syncs.calls)
+    with pytest.raises(NonFiniteLoss, match=r"train_x: non-finite loss at step 2 \(loss nan, grad_norm 1\)"):
+        guard.check(3)

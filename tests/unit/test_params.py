@@ -58,6 +58,11 @@ BAD = {
                     "ablations.variants", "tokenizer.nope"),
     "variant value": (lambda t: t["ablations"]["variants"].__setitem__("x", {"generator.mode": "diffusion"}),
                       "ablations.variants.x", "diffusion"),
+    "variant name": (lambda t: t["ablations"]["variants"].__setitem__("x$(touch /tmp/pwn)", {}),
+                     "ablations.variants", "x$(touch /tmp/pwn)"),
+    "rope theta": (lambda t: t["tokenizer"].__setitem__("rope_theta", -1.0), "tokenizer.rope_theta", "-1.0"),
+    "no cfg scales": (lambda t: t["cfg_search"].__setitem__("scales", []), "cfg_search.scales", "[]"),
+    "cfg scale 0": (lambda t: t["cfg_search"].__setitem__("scales", [1.0, 0.0]), "cfg_search.scales", "0.0"),
 }
 
 
@@ -83,11 +88,28 @@ def test_a_variant_params_file_loads_although_another_variant_conflicts_with_it(
 
 
 def test_schema_refuses_what_the_dataclasses_refuse(tmp_path):
-    for case in ("wrong type", "unknown key", "missing key", "bad enum", "out of range", "unknown section"):
+    for case in ("wrong type", "unknown key", "missing key", "bad enum", "out of range", "unknown section",
+                 "variant name"):
         tree = profile_tree("default")
         BAD[case][0](tree)
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(tree, config.json_schema())
+
+
+@pytest.mark.parametrize("after, line, key", [
+    ("\ntrain_generator:\n", "  val_batches: 9\n", "train_generator.val_batches"),  # nested
+    (None, "profile: other\n", "profile"),                                      # top level, at the end
+])
+def test_duplicate_keys_are_refused_naming_file_key_and_lines(tmp_path, after, line, key):
+    """YAML keeps the last of two equal keys without a word; the loader refuses the file instead."""
+    text = yaml.safe_dump(profile_tree("default"))
+    text = text.replace(after, after + line, 1) if after else text + line
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    first, second = [i + 1 for i, t in enumerate(text.splitlines()) if t.startswith(line.split(":")[0] + ":")]
+    with pytest.raises(ParamsError) as e:
+        load_params(path)
+    assert f"{path}:{key}: duplicate key (lines {first} and {second})" in str(e.value), str(e.value)
 
 
 def test_stage_refuses_bad_params_before_writing_anything(tmp_path):

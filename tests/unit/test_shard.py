@@ -86,6 +86,53 @@ def test_folder_tree_with_a_corrupt_file(tmp_path):
         assert min(img.size) == stored_train_side(32)
 
 
+def test_an_image_too_thin_to_resize_is_skipped_and_listed(tmp_path):
+    """A 2 x 3000 strip has 6,000 pixels, but resized to the stored short side (40 px for train at res 32, 32 for
+    val) it would hold 40 x 60,000: more than shard.max_image_pixels, so it is listed as skipped, not stored."""
+    root = tmp_path / "photos"
+    _image_tree(root, {"a": [(40, 40)] * 3, "b": [(40, 40)] * 3})
+    Image.new("RGB", (2, 3000), (200, 10, 10)).save(root / "a" / "strip.png")
+    tree = profile_tree("smoke")
+    tree["data"].update(source="folder", root=str(root), num_classes=2, val_fraction=0.25)
+    tree["shard"]["max_image_pixels"] = 1_000_000
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tree))
+    out = run_shard(str(params), tmp_path / "ws")
+    train, val = read_manifest(out, "train"), read_manifest(out, "val")
+    skipped = train["skipped"] + val["skipped"]
+    assert [Path(s["path"]).name for s in skipped] == ["strip.png"]
+    assert "2x3000 would be resized to" in skipped[0]["reason"] and "max_image_pixels=1000000" in skipped[0]["reason"]
+    assert train["num_samples"] + val["num_samples"] == 6
+
+
+KILLED_WORKER = """
+import os, signal, sys
+from restok.stages import shard
+
+encode = shard._encode_shard
+
+
+def killed_on_the_second_shard(job):  # what the OOM killer does to a worker
+    if job[0].endswith("train-000001.tar"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return encode(job)
+
+
+shard._encode_shard = killed_on_the_second_shard
+shard.main(sys.argv[1:])
+"""
+
+
+def test_a_killed_worker_stops_the_stage_with_a_message_instead_of_hanging(smoke_params, tmp_path):
+    out = tmp_path / "shard"
+    p = subprocess.run([sys.executable, "-c", KILLED_WORKER, "--params", str(smoke_params), "--out", str(out),
+                        "--results", str(tmp_path / "results")], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode != 0
+    assert "shard train: a worker process died" in p.stderr and "train-000001.tar" in p.stderr, p.stderr[-2000:]
+    assert not (out / "train" / "manifest.json").exists()
+
+
 def test_folder_class_count_mismatch_is_refused(tmp_path):
     root = tmp_path / "photos"
     _image_tree(root, {"a": [(40, 40)] * 2, "b": [(40, 40)] * 2})

@@ -9,8 +9,10 @@ tolerance, and DDP with 2 CPU processes (gloo) through the torchrun relaunch.
 """
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +27,7 @@ from restok.artifacts import load_artifact
 from restok.models.generator import GeneratorConfig, HARGenerator
 from restok.provenance import read_results
 from restok.stages import train_generator
+from restok.train import ckpt, finite
 
 LEVELS = [1, 1, 2, 4, 8]  # the smoke tokenizer: 16 tokens
 K, CLASSES = 32, 4
@@ -159,6 +162,55 @@ def test_a_code_change_trains_again(trained, latents, tmp_path, smoke_params):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "another run (code differ)" in r.stderr
     assert read_results(again / "results" / "metrics.json")["steps_this_run"] == 6
+
+
+def test_a_non_finite_loss_stops_training_before_a_checkpoint_holds_it(tmp_path, smoke_params, latents):
+    """optim.lr 1e6: the loss turns NaN a few steps in. The stage stops naming the step, the loss and the gradient
+    norm; the checkpoints (one per step) end at the step before, with finite weights, and nothing is published."""
+    tree = yaml.safe_load(smoke_params.read_text())
+    tree["train_generator"]["optim"]["lr"] = 1e6
+    tree["train_generator"]["loop"].update(ckpt_every_steps=1, keep_ckpts=10, log_every_steps=100)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tree))
+    with pytest.raises(finite.NonFiniteLoss) as e:
+        train_generator.main(_args(params, latents, tmp_path))
+    found = re.search(r"train_generator: non-finite loss at step (\d+) \(loss \S+, grad_norm \S+\)", str(e.value))
+    assert found, str(e.value)
+    step = int(found[1])
+    saved = sorted((tmp_path / "data" / "ckpt").glob("step_*.pt"))
+    assert step > 1 and [int(p.stem.split("_")[1]) for p in saved] == list(range(1, step))
+    state = torch.load(saved[-1], weights_only=True)
+    assert all(torch.isfinite(v).all() for v in (*state["model"].values(), *state["ema"]["model"].values())
+               if v.is_floating_point())
+    assert not (tmp_path / "data" / "generator.pt").exists()
+
+
+HOLDER = """
+import sys
+from restok.train import ckpt, finite
+with ckpt.exclusive(sys.argv[1]):
+    print("holding", flush=True)
+    sys.stdin.read()  # until the test closes stdin
+"""
+
+
+def test_a_second_writer_of_the_folder_stops_at_once_naming_the_holder(tmp_path, smoke_params, latents):
+    """Another run (here a process holding the lock, as a training stage does) writes data/ckpt/: this one stops
+    before it reads, prunes or moves anything, naming the holder; once the holder is gone, it trains."""
+    ckpt_dir = tmp_path / "data" / "ckpt"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(ckpt_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "SLURM_JOB_ID": "4242"})
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        with pytest.raises(ckpt.CheckpointDirLocked) as e:
+            train_generator.main(_args(smoke_params, latents, tmp_path))
+        assert f"host {socket.gethostname()}, pid {holder.pid}, SLURM job 4242" in str(e.value), str(e.value)
+        assert not ckpt_dir.exists() and not (tmp_path / "results").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    train_generator.main(_args(smoke_params, latents, tmp_path))  # the lock went with its holder
+    assert read_results(tmp_path / "results" / "metrics.json")["steps"] == 6
 
 
 def _cmd(params, latents, root):

@@ -11,6 +11,8 @@ tokenizer.pt tensors bit for bit with an uninterrupted run.
 import io
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +33,7 @@ from restok.data.views import apply_view
 from restok.models.tokenizer import ResTok, TokenizerConfig
 from restok.provenance import read_results
 from restok.stages import cache_features, train_tokenizer
+from restok.train import ckpt, finite
 from restok.weights import PACKAGED
 
 
@@ -92,6 +95,58 @@ def test_outputs(trained):
 
     with Image.open(trained / "results/train_tokenizer/recon.png") as png:  # 8 columns; original + 5 prefix rows
         assert png.size == (8 * 33 + 1, 6 * 33 + 1)
+
+
+def test_an_evaluation_param_change_resumes_the_finished_run(smoke_params, smoke_shards, features, trained, tmp_path):
+    """baseline_train_images changes only the mean-image baselines of the evaluation: the finished run's checkpoint
+    is resumed (nothing trained, nothing moved aside) and only the evaluation changes."""
+    again = tmp_path / "again"
+    shutil.copytree(trained, again)
+    params = _params(smoke_params, tmp_path, {"train_tokenizer": {"baseline_train_images": 8}})
+    train_tokenizer.main(_args(params, smoke_shards, features, again))
+    metrics = read_results(again / "results/train_tokenizer/metrics.json")
+    assert metrics["resumed_from_step"] == 6 and metrics["steps_this_run"] == 0
+    assert metrics["baseline_train_images"] == 8
+    assert not (again / "data/train_tokenizer/ckpt/aside").exists()
+    a, _, _ = load_artifact(again / "data/train_tokenizer/tokenizer.pt")
+    b, _, _ = load_artifact(trained / "data/train_tokenizer/tokenizer.pt")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_second_writer_of_the_folder_stops_at_once(smoke_params, smoke_shards, features, tmp_path):
+    ckpt_dir = tmp_path / "data/train_tokenizer/ckpt"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from restok.train import ckpt\n"
+                               "with ckpt.exclusive(sys.argv[1]): print('holding', flush=True); sys.stdin.read()",
+                               str(ckpt_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        with pytest.raises(ckpt.CheckpointDirLocked, match=f"pid {holder.pid}"):
+            train_tokenizer.main(_args(smoke_params, smoke_shards, features, tmp_path))
+        assert not ckpt_dir.exists()
+    finally:
+        holder.stdin.close()
+        holder.wait()
+
+
+def test_a_non_finite_loss_stops_training_before_a_checkpoint_holds_it(smoke_params, smoke_shards, features,
+                                                                        tmp_path):
+    """optim.lr 1e6: the loss turns NaN a few steps in (1e3 only makes it large). The stage stops naming the step
+    and the loss parts; the checkpoints (one per step) end at the step before, with finite weights, and nothing is
+    published."""
+    params = _params(smoke_params, tmp_path, {"train_tokenizer": {
+        "optim": {"lr": 1e6}, "loop": {"ckpt_every_steps": 1, "keep_ckpts": 10, "log_every_steps": 100}}})
+    with pytest.raises(finite.NonFiniteLoss) as e:
+        train_tokenizer.main(_args(params, smoke_shards, features, tmp_path))
+    message = str(e.value)
+    step = int(re.search(r"non-finite loss at step (\d+) \(loss ", message)[1])
+    assert all(f"{part} " in message for part in ("mse", "quant", "lpips", "vf_enc", "vf_dec", "grad_norm"))
+    saved = sorted((tmp_path / "data/train_tokenizer/ckpt").glob("step_*.pt"))
+    assert step > 1 and [int(p.stem.split("_")[1]) for p in saved] == list(range(1, step))
+    state = torch.load(saved[-1], weights_only=True)
+    assert all(torch.isfinite(v).all() for v in (*state["model"].values(), *state["ema"]["model"].values())
+               if v.is_floating_point())
+    assert not (tmp_path / "data/train_tokenizer/tokenizer.pt").exists()
+    assert len((tmp_path / "results/train_tokenizer/curve.tsv").read_text().splitlines()) == 1  # header only
 
 
 def test_loader_crops_the_cached_view(smoke_shards, features):

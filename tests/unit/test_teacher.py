@@ -14,6 +14,8 @@ import torch
 from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
 
+from restok.losses.loss_config import LossConfig
+from restok.losses.recon import TokenizerLoss
 from restok.models import teacher as teacher_mod
 from restok.models.teacher import MissingWeightsError, Teacher, load_timm_model
 
@@ -124,3 +126,30 @@ def test_random_init_is_seeded_labelled_and_leaves_global_rng(source):
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown timm model"):
         load_timm_model("not_a_model", "random-init")
+
+
+class _OpensAFile:
+    """Unpickling this runs code: builtins.open creates the file `path`."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("key, build", [
+    ("vf.weights", lambda path: Teacher(NAME, str(path))),
+    ("train_tokenizer.loss.disc_weights", lambda path: TokenizerLoss(LossConfig(
+        lpips_weight=0.0, gan_weight=0.5, disc_model="vit_tiny_patch16_224", disc_weights=str(path)))),
+])
+def test_a_weights_file_that_would_run_code_is_refused_and_runs_nothing(tmp_path, key, build):
+    ran, path = tmp_path / "ran", tmp_path / "weights.pth"
+    torch.save({"patch_embed.proj.bias": torch.zeros(384), "extra": _OpensAFile(ran)}, path)
+    torch.load(path, weights_only=False)  # what an unrestricted unpickler does with it
+    assert ran.exists(), "the file must be one whose unpickling runs code"
+    ran.unlink()
+    with pytest.raises(ValueError) as e:
+        build(path)
+    assert f"{key}={path.resolve()}: refused" in str(e.value), str(e.value)
+    assert not ran.exists()

@@ -9,6 +9,7 @@
 from pathlib import Path
 
 from restok import ablate
+from restok.config import VARIANT_NAME
 
 ABLATION_GRAPH = ablate.Graph("dvc.yaml")
 ABLATION_RUNS = ablate.runs(config)
@@ -16,7 +17,7 @@ ABLATION_OWN = {run: ABLATION_GRAPH.own(config, tree) for run, tree in ABLATION_
 
 
 wildcard_constraints:
-    run="[^/]+",
+    run=VARIANT_NAME.pattern.strip("^$"),  # a run is a variant name (validated) or one with -s<k>
 
 
 def ablation_output(path):
@@ -45,9 +46,12 @@ for _stage in ABLATION_GRAPH.stages.values():
         resources:
             **rule_resources(_stage.name),
         shell:
-            "python -m restok.ablate params --params params.yaml --run {wildcards.run} "
-            "--out data/ablations/{wildcards.run}/params.yaml && "
-            "RESTOK_NPROC_PER_NODE={resources.gpus_per_node} RESTOK_NNODES={resources.nodes} {params.cmd} > {log} 2>&1"
+            # every substituted value is quoted (:q) but params.cmd, a whole command that Graph.command quotes word
+            # by word (shlex.join)
+            "python -m restok.ablate params --params params.yaml --run {wildcards.run:q} "
+            "--out data/ablations/{wildcards.run:q}/params.yaml && "
+            "RESTOK_NPROC_PER_NODE={resources.gpus_per_node:q} RESTOK_NNODES={resources.nodes:q} {params.cmd} "
+            "> {log:q} 2>&1"
 
 
 rule ablations:

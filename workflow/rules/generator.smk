@@ -83,6 +83,7 @@ rule train_generator:
         "src/restok/train/ckpt.py",
         "src/restok/train/dist.py",
         "src/restok/train/ema.py",
+        "src/restok/train/finite.py",
         "src/restok/train/log.py",
         "src/restok/train/lr.py",
         "src/restok/train/optim.py",

@@ -85,6 +85,7 @@ rule train_tokenizer:
         "src/restok/train/ckpt.py",
         "src/restok/train/dist.py",
         "src/restok/train/ema.py",
+        "src/restok/train/finite.py",
         "src/restok/train/log.py",
         "src/restok/train/lr.py",
         "src/restok/train/optim.py",

@@ -19,7 +19,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
-from restok.data.views import eval_view, to_uint8_tensor, train_stored
+from restok.data.views import eval_view, resized_size, stored_train_side, to_uint8_tensor, train_stored
 
 MANIFEST = "manifest.json"
 
@@ -51,7 +51,16 @@ def write_shard(path: Path, samples: list[dict]) -> dict:
     return {"path": path.name, "samples": len(samples), "sha256": sha256_file(path)}
 
 
-def store_transform(img: Image.Image, split: str, res: int) -> Image.Image:
+def store_transform(img: Image.Image, split: str, res: int, max_pixels: int | None = None) -> Image.Image:
+    """What `shard` stores of an image. With `max_pixels`, an image whose resized size (short side at the stored
+    side, aspect kept) would hold more pixels is refused (ValueError) before anything is resized: a 1 x 100000 strip
+    would become 320 x 32,000,000 at res 256."""
+    if max_pixels is not None:
+        side = stored_train_side(res) if split == "train" else res
+        w, h = resized_size(img.size, side)
+        if w * h > max_pixels:
+            raise ValueError(f"{img.size[0]}x{img.size[1]} would be resized to {w}x{h} = {w * h} pixels (short side "
+                             f"{side}), more than shard.max_image_pixels={max_pixels}: too thin; not stored")
     return train_stored(img, res) if split == "train" else eval_view(img, res)
 
 

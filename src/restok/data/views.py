@@ -24,12 +24,19 @@ def stored_train_side(res: int) -> int:
     return math.ceil(res / 0.8)
 
 
-def resize_short_side(img: Image.Image, side: int) -> Image.Image:
-    w, h = img.size
+def resized_size(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """(w, h) of an image of `size` with its short side resized to `side`, aspect kept (`resize_short_side`)."""
+    w, h = size
     if min(w, h) == side:
-        return img
+        return w, h
     scale = side / min(w, h)
-    return img.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.BICUBIC)
+    return max(side, round(w * scale)), max(side, round(h * scale))
+
+
+def resize_short_side(img: Image.Image, side: int) -> Image.Image:
+    if min(img.size) == side:
+        return img
+    return img.resize(resized_size(img.size, side), Image.BICUBIC)
 
 
 def train_stored(img: Image.Image, res: int) -> Image.Image:

@@ -6,7 +6,9 @@ ImageNet-normalised, with the 5 prefix tokens (CLS + 4 registers) split off.
 
 Weights come from one of three places, chosen by params and recorded as provenance:
 - `None`: timm's normal path, `timm.create_model(name, pretrained=True)` through the HF hub cache;
-- a file path: `pretrained_cfg_overlay=dict(file=...)` (safetensors or .pth);
+- a file path (safetensors or .pth): read here without running any code (`read_weights_file`: a pickle that needs
+  more than tensors is refused) and handed to timm as `pretrained_cfg_overlay=dict(state_dict=...)`, so timm's own
+  key conversion for the model still applies (its file loader is not used: its unpickling is timm's to choose);
 - `"random-init"`: a seeded random init of the same architecture, for offline demos only. It is never a fallback:
   missing weights raise `MissingWeightsError` before any model is built.
 
@@ -18,8 +20,10 @@ so (`provenance["substitute_for"]`). `build_teacher` picks the class from `vf.te
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
+import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
@@ -66,6 +70,34 @@ def _hub_file(name: str, params_key: str) -> None:
         raise MissingWeightsError(missing_weights_message(name, [looked_in], reason, expected, params_key)) from err
 
 
+def read_weights_file(path: Path, params_key: str) -> dict[str, torch.Tensor]:
+    """A user's weights file as a state dict, running none of its code: `.safetensors`, or a torch file read with
+    `torch.load(weights_only=True)`, which builds tensors and plain containers only. Like timm's file loader, a
+    training checkpoint's EMA / `state_dict` / `model` entry is taken and a DDP `module.` prefix dropped.
+
+    Raises ValueError naming `params_key` and the file when the file is refused, unreadable or holds no tensors."""
+    try:
+        if path.suffix == ".safetensors":
+            state = safetensors.torch.load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{params_key}={path}: refused: unpickling it would build objects other than tensors and "
+                         f"plain containers, which can run code ({first}); save the weights as a state dict of "
+                         f"tensors (safetensors, or torch.save(model.state_dict()))") from None
+    except (RuntimeError, EOFError, safetensors.SafetensorError) as err:
+        raise ValueError(f"{params_key}={path}: not a readable weights file ({type(err).__name__}: {err})") from None
+    if isinstance(state, dict):
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{params_key}={path}: holds no state dict of tensors (found {type(state).__name__})")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
 def load_timm_model(
     name: str, weights_file: str | None = None, *, seed: int = 0, params_key: str = "weights", **create_kwargs
 ) -> tuple[nn.Module, dict]:
@@ -73,7 +105,8 @@ def load_timm_model(
 
     Args:
         name: timm model name with its pretrained tag, e.g. "vit_small_patch16_dinov3.lvd1689m".
-        weights_file: None (hub cache), a path to a .safetensors/.pth file, or "random-init" (seeded, demo only).
+        weights_file: None (hub cache), a path to a .safetensors/.pth file (`read_weights_file`), or "random-init"
+            (seeded, demo only).
         seed: seed of the random init when weights_file == "random-init"; the global RNG is left untouched.
         params_key: the params key that names the weights file, quoted in error messages.
         **create_kwargs: passed to `timm.create_model` (e.g. act_layer).
@@ -94,7 +127,8 @@ def load_timm_model(
         if not path.is_file():
             message = missing_weights_message(name, [str(path)], "file does not exist", str(path), params_key)
             raise MissingWeightsError(message)
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **create_kwargs)
+        state = read_weights_file(path, params_key)
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state), **create_kwargs)
         source = f"file:{path}"
     else:
         _hub_file(name, params_key)

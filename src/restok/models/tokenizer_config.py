@@ -137,6 +137,8 @@ class TokenizerConfig:
                      "hierarchy_stages", "min_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"tokenizer.{name}={getattr(self, name)} must be >= 1")
+        if not self.rope_theta > 0:
+            raise ValueError(f"tokenizer.rope_theta={self.rope_theta} must be > 0 (the RoPE base)")
         if not self.layer_scale_init > 0:
             raise ValueError(f"tokenizer.layer_scale_init={self.layer_scale_init} must be > 0")
         if self.quantizer_bypass_steps < 0:

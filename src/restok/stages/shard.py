@@ -4,8 +4,10 @@
 
 Train images are stored with the short side at ceil(res / 0.8), aspect kept, so the training crops and the
 ten-crop are taken at read time; val images are stored already in the eval view (res x res). Train order is
-shuffled (seeded) across shards. Unreadable images are counted, listed in the manifest with the reason and
-skipped. With `data.source: wds` nothing is copied: the manifest lists the external shards (sha256, counts).
+shuffled (seeded) across shards. Unreadable images, and images larger than shard.max_image_pixels before or after
+the resize (an extreme aspect ratio), are counted, listed in the manifest with the reason and skipped. A worker
+process that dies (the OOM killer, a signal) stops the stage with a message, the split without a manifest. With
+`data.source: wds` nothing is copied: the manifest lists the external shards (sha256, counts).
 """
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ import multiprocessing as mp
 import shutil
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +39,23 @@ PARAMS = ("profile", "data", "shard")
 SPLITS = ("train", "val")
 
 
+@contextmanager
 def _pool(n: int):
-    """Worker processes; fork (no re-import of torch per worker) where the platform has it."""
+    """Worker processes; fork (no re-import of torch per worker) where the platform has it. A worker that dies
+    breaks the pool, and waiting for a result then raises BrokenProcessPool (multiprocessing's Pool would wait
+    forever for the dead worker's task). On the way out, jobs not yet started are cancelled."""
     methods = mp.get_all_start_methods()
-    return mp.get_context("fork" if "fork" in methods else "spawn").Pool(n)
+    pool = ProcessPoolExecutor(n, mp_context=mp.get_context("fork" if "fork" in methods else "spawn"))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _died(what: str, done: int, total: int, pending: str, err: BrokenProcessPool) -> RuntimeError:
+    return RuntimeError(f"{what}: a worker process died (killed by a signal, e.g. the OOM killer) after {done} of "
+                        f"{total} shards, in {pending} or a later one; the split gets no manifest. Check memory "
+                        f"(dmesg), lower shard.workers or shard.max_image_pixels, and rerun ({err})")
 
 
 def _encode_shard(job):
@@ -46,7 +64,7 @@ def _encode_shard(job):
     samples, labels, skipped = [], [], []
     for it in items:
         try:
-            img = store_transform(load_image(it, data, cfg), split, data.resolution)
+            img = store_transform(load_image(it, data, cfg), split, data.resolution, cfg.max_image_pixels)
         except Exception as e:  # any decode failure: counted and listed, never silent
             skipped.append({"path": it.path or it.key, "reason": f"{type(e).__name__}: {e}"})
             continue
@@ -66,11 +84,14 @@ def shard_local(split: str, items: list[Item], names: list[str], out: Path, p) -
             for k, i in enumerate(range(0, len(items), n))]
     entries, hist, skipped = [], Counter(), []
     with _pool(min(cfg.workers, job_cpus(), max(1, len(jobs)))) as pool, progress(len(jobs), f"shard {split}") as bar:
-        for entry, labels, skip in pool.imap(_encode_shard, jobs):  # imap keeps shard order
-            entries.append(entry)
-            hist.update(labels)
-            skipped += skip
-            bar.advance(1)
+        try:
+            for entry, labels, skip in pool.map(_encode_shard, jobs):  # map keeps shard order
+                entries.append(entry)
+                hist.update(labels)
+                skipped += skip
+                bar.advance(1)
+        except BrokenProcessPool as e:
+            raise _died(f"shard {split}", len(entries), len(jobs), jobs[len(entries)][0], e) from None
     return {"shards": entries, "external": False, "num_samples": sum(e["samples"] for e in entries),
             "class_histogram": [hist[c] for c in range(len(names))], "skipped": skipped}
 
@@ -99,10 +120,13 @@ def shard_external(split: str, pattern: str, names: list[str], p) -> dict:
         _refuse_compressed(u, f"data.wds.{split}={pattern!r}")
     entries, hist = [], Counter()
     with _pool(min(p.shard.workers, job_cpus())) as pool, progress(len(urls), f"scan {split}") as bar:
-        for entry, labels in pool.imap(_scan_external, urls):
-            entries.append(entry)
-            hist.update(labels)
-            bar.advance(1)
+        try:
+            for entry, labels in pool.map(_scan_external, urls):
+                entries.append(entry)
+                hist.update(labels)
+                bar.advance(1)
+        except BrokenProcessPool as e:
+            raise _died(f"shard {split} (scan)", len(entries), len(urls), urls[len(entries)], e) from None
     k = max(hist) + 1 if hist else 0
     return {"shards": entries, "external": True, "num_samples": sum(e["samples"] for e in entries),
             "class_histogram": [hist[c] for c in range(max(k, len(names)))], "skipped": []}

@@ -39,11 +39,11 @@ from restok.convert.released import import_released
 from restok.launch import relaunch_if_requested
 from restok.models.generator import HARGenerator
 from restok.provenance import write_results
-from restok.train import ckpt, optim
+from restok.train import ckpt, finite, optim
 from restok.train.dist import (all_reduce_mean, barrier, cleanup, init_distributed, is_dist, seed_everything,
                                use_bf16)
 from restok.train.ema import EMA
-from restok.train.log import CurveWriter, print0, progress
+from restok.train.log import CurveWriter, is_main_process, print0, progress
 from restok.train.lr import lr_at
 
 PARAMS = ("profile", "generator", "train_generator")
@@ -162,10 +162,15 @@ def main(argv=None):
     ap.add_argument("--results", default="results/train_generator")
     args = ap.parse_args(argv)
     p = load_params(args.params, PARAMS)
-    loop, opt_cfg = p.train_generator.loop, p.train_generator.optim
     if p.train_generator.official is not None:
         return import_generator(p, args)
+    with ckpt.exclusive(Path(args.out) / "ckpt", is_main_process()):  # one writer of ckpt/ for the whole run
+        train_and_evaluate(p, args)
 
+
+def train_and_evaluate(p, args) -> None:
+    """Train on the latents (resuming from <out>/ckpt/ when the run matches), evaluate the EMA, write the outputs."""
+    loop, opt_cfg = p.train_generator.loop, p.train_generator.optim
     latents = Path(args.latents)
     train, val = Latents(latents, "train"), Latents(latents, "val")
     for key in ("codebook_size", "num_tokens", "num_classes", "level_sizes"):
@@ -216,6 +221,7 @@ def main(argv=None):
     curve = CurveWriter(results / "curve.tsv", columns, resume_step=step if resume else None) if info.is_main \
         else None
     loss_sum, loss_steps, train_secs, first_step = torch.zeros((), device=device), 0, 0.0, step
+    guard = finite.FiniteGuard("train_generator", ["loss", "grad_norm"], device)
     net.train()
     t0 = time.perf_counter()
     with progress(loop.max_steps, "train_generator") as bar:
@@ -231,14 +237,17 @@ def main(argv=None):
                 _, loss = net(codes, labels, with_logits=False)  # chunked CE: no (B, L, V) fp32 logits
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if opt_cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip, foreach=True)
+            grad_norm = finite.grad_norm(model.parameters(), opt_cfg.grad_clip, foreach=True)
             opt.step()
             ema.update(model)
             loss_sum += loss.detach()
             loss_steps += 1
             step += 1
             bar.advance(1)
+            guard.record(step, torch.stack([loss.detach().float(), grad_norm.float()]))  # on the device: no sync
+            saving = step % loop.ckpt_every_steps == 0 or step == loop.max_steps
+            if saving or step % loop.log_every_steps == 0:  # stop at a NaN/inf before it is logged or saved
+                guard.check(step, model.parameters() if saving else ())
 
             if step % loop.log_every_steps == 0 or step == loop.max_steps:
                 train_secs += time.perf_counter() - t0

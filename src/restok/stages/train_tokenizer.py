@@ -56,15 +56,16 @@ from restok.metrics import codebook_stats, psnr, ssim
 from restok.models.teacher import build_teacher, teacher_dim
 from restok.models.tokenizer import ResTok
 from restok.provenance import write_results
-from restok.train import ckpt, dist, optim
+from restok.train import ckpt, dist, finite, optim
 from restok.train.ema import EMA
-from restok.train.log import CurveWriter, console, print0, progress
+from restok.train.log import CurveWriter, console, is_main_process, print0, progress
 from restok.train.lr import lr_at
 
 PARAMS = ("profile", "vf", "tokenizer", "train_tokenizer")
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
 # params that change what is logged or evaluated, not the trained weights: they do not stop a resume
-NOT_SHAPING = (*(f"train_tokenizer.{k}" for k in ckpt.LOGGING_KNOBS), "train_tokenizer.eval_images")
+NOT_SHAPING = (*(f"train_tokenizer.{k}" for k in ckpt.LOGGING_KNOBS), "train_tokenizer.eval_images",
+               "train_tokenizer.baseline_train_images")
 EXPORT_EMA = "export_ema.pt"  # in ckpt/ (kept across resumes): the EMA weights of train_tokenizer.export_step
 
 
@@ -310,9 +311,10 @@ def main(argv=None):
     p = load_params(args.params, PARAMS)
     if p.train_tokenizer.official is not None:
         return import_tokenizer(p, args)
-    run = setup(p, args)
-    train(run)
-    finish(run)
+    with ckpt.exclusive(Path(args.out) / "ckpt", is_main_process()):  # one writer of ckpt/ for the whole run
+        run = setup(p, args)
+        train(run)
+        finish(run)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -408,6 +410,7 @@ def train(run: Run, deadline: float | None = None, steps: int | None = None) -> 
     p, tt, loop, opt_cfg = run.p, run.p.train_tokenizer, run.p.train_tokenizer.loop, run.p.train_tokenizer.optim
     device, loss_fn, model = run.device, run.loss_fn, run.model
     last = loop.max_steps if steps is None else min(loop.max_steps, run.step + steps)
+    guard = finite.FiniteGuard("train_tokenizer", [*run.columns[:-1], "grad_norm"], device)
     t_start = time.time()
     with progress(last - run.step, "train_tokenizer", every=loop.log_every_steps) as bar:
         while run.step < last and (deadline is None or time.time() < deadline):
@@ -426,7 +429,7 @@ def train(run: Run, deadline: float | None = None, steps: int | None = None) -> 
                                  dec_feat_proj=o.dec_patch_feat)
             lr = lr_at(run.step, opt_cfg.lr, opt_cfg.warmup_steps, loop.max_steps, end_lr=opt_cfg.end_lr,
                        schedule=opt_cfg.schedule)
-            apply_step(run.opts["tokenizer"], loss, model.parameters(), lr, opt_cfg.grad_clip)
+            grad_norm = apply_step(run.opts["tokenizer"], loss, model.parameters(), lr, opt_cfg.grad_clip)
             values = [loss.detach(), *(logs[c] for c in run.columns[1:-1] if c != "d_loss")]
             if loss_fn.gan is not None:
                 d_loss = torch.zeros((), device=device)
@@ -438,6 +441,10 @@ def train(run: Run, deadline: float | None = None, steps: int | None = None) -> 
             run.ema.update(model)
             run.step += 1
             row = torch.stack([v.float() for v in values])
+            guard.record(run.step, torch.cat([row, grad_norm.float().view(1)]))  # on the device: no sync
+            saving = run.step % loop.ckpt_every_steps == 0 or run.step in (tt.export_step, loop.max_steps)
+            if saving or run.step % loop.log_every_steps == 0:  # stop at a NaN/inf before it is logged or saved
+                guard.check(run.step, [*model.parameters(), *run.disc_params] if saving else ())
             run.acc, run.acc_n = (row if run.acc is None else run.acc + row), run.acc_n + 1
             if run.step % loop.log_every_steps == 0 or run.step == loop.max_steps:
                 mean = dist.all_reduce_mean(run.acc / run.acc_n).tolist()
@@ -568,19 +575,20 @@ def loss_report(loss_cfg, cfg, vfs: VFSource, loss_fn: TokenizerLoss, max_steps:
 
 
 def apply_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, lr: float, clip: float,
-               average_grads: bool = False) -> None:
-    """zero_grad, backward, (average gradients over ranks), clip the global norm, set the LR, step."""
+               average_grads: bool = False) -> torch.Tensor:
+    """zero_grad, backward, (average gradients over ranks), clip the global norm, set the LR, step; returns the
+    global gradient norm before clipping (a device tensor)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     params = [q for q in params if q.grad is not None]
     if average_grads and dist.is_dist():  # parameters outside DDP (the discriminator heads)
         for q in params:
             torch.distributed.all_reduce(q.grad, op=torch.distributed.ReduceOp.AVG)
-    if clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, clip)
+    norm = finite.grad_norm(params, clip)
     for group in opt.param_groups:
         group["lr"] = lr
     opt.step()
+    return norm
 
 
 def disc_lr(step: int, tt, loop) -> float:

@@ -11,6 +11,22 @@ The fingerprint (`fingerprint`) covers what shapes the result: the params withou
 checkpoint a finished run leaves at `max_steps` is resumed only by the same run (a rerun after a logging param
 change publishes the same weights without training again); any other run moves it aside and trains afresh.
 
+Environment changes that restart training (they change the fingerprint): another Python minor version (3.11 ->
+3.12; a patch release, 3.11.7 -> 3.11.9, does not), another torch version or build (2.14.1+cu130 -> 2.14.1+cpu),
+another numpy or torchvision version, and another number of processes (world size). The process count is part of
+the run because the tokenizer's data stream is cut per rank (each rank reads its own slice of every epoch's
+permutation and its position is counted per rank, so another count would skip or repeat images) and every rank's
+dropout/augmentation RNG stream is stored per rank; the generator's global batch would survive another count, but
+its per-rank RNG streams would not, so both stages keep one rule: a resumed run computes what an uninterrupted one
+computes (bit for bit on CPU). Other machines, thread counts and devices of the same versions resume.
+
+Only a checkpoint whose content is bad (a zip or unpickling error, not a resume state) is moved aside; an error of
+the filesystem or the machine while reading (OSError: EIO, ESTALE, ENOSPC, a vanished file; out of memory) stops
+the stage with that error and every checkpoint stays where it is.
+
+One writer per folder: a stage holds `exclusive(ckpt_dir)` (an flock on `<out>/ckpt.lock`) for its whole training,
+so two runs never prune and move aside each other's checkpoints; a second writer stops at once, naming the holder.
+
 Loop usage (both training stages):
     run = ckpt.fingerprint(ckpt.run_params(sections, LOGGING_KNOBS), "restok.stages.<stage>", inputs)
     state = ckpt.resume(ckpt_dir, run, info.is_main)       # collective under torchrun: rank 0 chooses
@@ -22,16 +38,20 @@ Loop usage (both training stages):
 """
 from __future__ import annotations
 
+import datetime
+import fcntl
 import hashlib
 import importlib.metadata
 import json
 import os
-import platform
+import pickle
 import random
 import re
+import shutil
+import socket
 import sys
-import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +65,47 @@ from restok.train.dist import is_dist, unwrap
 from restok.train.ema import EMA
 
 _CKPT_NAME = re.compile(r"^step_(\d+)\.pt$")
+# sets of checkpoints kept in ckpt/aside/ (a set: what one resume moved aside); older sets are deleted, so the folder
+# holds at most 2 x keep_ckpts old checkpoints (plus any unreadable ones) whatever the number of reruns
+KEEP_ASIDE = 2
+
+
+class CheckpointDirLocked(RuntimeError):
+    """Another process is training into the same checkpoint folder."""
+
+
+@contextmanager
+def exclusive(ckpt_dir: str | Path, take: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on `ckpt_dir` (fcntl.flock on `<ckpt_dir>.lock`, beside it) for the `with` block.
+
+    The holder writes its host, pid, SLURM job id (when set) and start time into the lock file; a second writer
+    stops at once with CheckpointDirLocked naming them. The kernel drops the lock with the process (kill -9
+    included), so a dead holder never blocks a rerun. On a shared filesystem the lock needs flock across nodes
+    (NFS, Lustre mounted with -o flock); where flock is not supported the stage stops with that error. `take` False
+    (every rank but 0): nothing is locked.
+    """
+    if not take:
+        yield
+        return
+    path = Path(f"{ckpt_dir}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown (not written yet)"
+            raise CheckpointDirLocked(f"{ckpt_dir} is in use by another training run: {holder} (lock {path}). Two "
+                                      f"writers would delete and move aside each other's checkpoints; wait for it "
+                                      f"or stop it, then rerun") from None
+        job = os.environ.get("SLURM_JOB_ID")
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (f"host {socket.gethostname()}, pid {os.getpid()}" + (f", SLURM job {job}" if job else "")
+                       + f", since {stamp}\n").encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def rng_state() -> dict:
@@ -171,10 +232,10 @@ def fingerprint(params: dict, module: str, inputs: dict) -> dict[str, str]:
             checkpoint of older code is never resumed.
         inputs: identity of the input artifacts and of the process layout (manifest hashes, world size, ...).
     Returns:
-        {"params", "code", "inputs", "environment"} -> short hashes; "environment" covers the Python, torch,
-        torchvision and numpy versions.
+        {"params", "code", "inputs", "environment"} -> short hashes; "environment" covers the Python minor version
+        (not its patch release) and the torch, torchvision and numpy versions.
     """
-    env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+    env = {"python": "{}.{}".format(*sys.version_info[:2]), "torch": torch.__version__, "numpy": np.__version__,
            "torchvision": importlib.metadata.version("torchvision")}
     return {"params": _sha(params), "code": code_sha256(module)[:16], "inputs": _sha(inputs),
             "environment": _sha(env)}
@@ -184,10 +245,12 @@ def resume(ckpt_dir: str | Path, run: dict[str, str], is_main: bool = True) -> d
     """The state of the newest loadable checkpoint of *this* run (`fingerprint`), or None to start afresh.
 
     Rank 0 chooses and broadcasts the file, so every rank resumes the same step even where their views of a
-    shared folder differ. Nothing is deleted: an unreadable checkpoint (killed mid-save on a filesystem without
-    atomic rename, a bad disk) is moved to `ckpt/aside/` and the previous one is tried; checkpoints of another run
-    (a changed param, code, input or library; DVC and Snakemake keep the folder across reruns) are all moved to
-    `ckpt/aside/` with a message naming what differs.
+    shared folder differ. No checkpoint is deleted on the spot: an unreadable checkpoint (killed mid-save on a
+    filesystem without atomic rename, bad content) is moved to `ckpt/aside/` and the previous one is tried (an I/O or
+    memory error while reading propagates instead, moving nothing); checkpoints of another run (a changed param,
+    code, input or library; DVC and Snakemake keep the folder across reruns) are all moved to `ckpt/aside/` with a
+    message naming what differs. What one resume moves forms one set, `ckpt/aside/<UTC time>-<why>/`; only the
+    newest KEEP_ASIDE (2) sets are kept, older ones are deleted with a message, so the disk use stays bounded.
     """
     ckpt_dir = Path(ckpt_dir)
     chosen = _choose(ckpt_dir, run) if is_main else None
@@ -198,29 +261,67 @@ def resume(ckpt_dir: str | Path, run: dict[str, str], is_main: bool = True) -> d
     return load(chosen) if chosen is not None else None
 
 
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that loads, but not to a resume state (not a dict, or without its step or fingerprint)."""
+
+
+RESUME_KEYS = ("step", "fingerprint")
+
+
+def _fingerprint_of(path: Path) -> dict:
+    state = load(path)
+    if not isinstance(state, dict):
+        raise UnreadableCheckpoint(f"it holds a {type(state).__name__}, not a resume state")
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise UnreadableCheckpoint(f"it lacks {missing}")
+    return state["fingerprint"]
+
+
+def _bad_content(err: Exception) -> bool:
+    """Whether a load error says the file's content is bad (zip or unpickling errors, not a resume state), not that
+    reading it failed: OSError (EIO, ESTALE, ENOSPC, ...) and running out of memory, which torch reports on the CPU as
+    a RuntimeError "can't allocate memory", are not."""
+    if isinstance(err, RuntimeError) and (isinstance(err, torch.OutOfMemoryError) or "allocate memory" in str(err)):
+        return False
+    return isinstance(err, (RuntimeError, EOFError, pickle.UnpicklingError, UnreadableCheckpoint))
+
+
 def _choose(ckpt_dir: Path, run: dict[str, str]) -> Path | None:
+    aside = None  # one set of ckpt/aside/ for everything this resume moves
     for path in reversed(_checkpoints(ckpt_dir)):
         try:
-            found = load(path).get("fingerprint")
-        except Exception as e:  # any unreadable file: torch raises RuntimeError, EOFError, pickle errors, ...
-            _move_aside(ckpt_dir, [path], "corrupt", f"{path} cannot be read ({type(e).__name__}: {e})")
+            found = _fingerprint_of(path)
+        except Exception as e:
+            if not _bad_content(e):  # I/O or memory: stop here, nothing moved
+                raise
+            aside = _move_aside(ckpt_dir, [path], "corrupt", f"{path} cannot be read ({type(e).__name__}: {e})",
+                                aside)
             continue
         if found == run:
             return path
         differs = sorted(k for k in run if not isinstance(found, dict) or found.get(k) != run[k])
         _move_aside(ckpt_dir, _checkpoints(ckpt_dir), "other-run",
-                    f"{ckpt_dir} holds checkpoints of another run ({', '.join(differs)} differ)")
+                    f"{ckpt_dir} holds checkpoints of another run ({', '.join(differs)} differ)", aside)
         return None
     return None
 
 
-def _move_aside(ckpt_dir: Path, paths: list[Path], why: str, message: str) -> None:
-    dest = ckpt_dir / "aside" / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{why}"
+def _move_aside(ckpt_dir: Path, paths: list[Path], why: str, message: str, dest: Path | None = None) -> Path:
+    """Move `paths` into the set `dest` of ckpt/aside/ (None: a new set named by the UTC time and `why`), then delete
+    all but the newest KEEP_ASIDE sets; returns the set."""
+    aside = ckpt_dir / "aside"
+    if dest is None:
+        dest = aside / f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S.%f}-{why}"
     dest.mkdir(parents=True, exist_ok=True)
     for path in paths:
         os.replace(path, dest / path.name)
     print(f"{message}; moved {len(paths)} file(s) to {dest}, training does not resume from them", file=sys.stderr,
           flush=True)
+    for old in sorted(p for p in aside.iterdir() if p.is_dir())[:-KEEP_ASIDE]:  # names sort by time
+        shutil.rmtree(old)
+        print(f"deleted {old}: ckpt/aside/ keeps the newest {KEEP_ASIDE} sets", file=sys.stderr, flush=True)
+    return dest
 
 
 def latest(ckpt_dir: str | Path) -> Path | None:
