@@ -3,7 +3,7 @@
     python benchmarks/generator.py --device cuda --size har-L --batch 32 --dtype bf16 --compile    # GPU
     python benchmarks/generator.py --device cpu --size har-tiny --batch 8 --sample-batch 4 --steps 3  # CPU smoke
 
-Setting of the paper's reference (spec generator.md sections 1-4): GPT-L HAR (`har-L`), 128 tokens, vocabulary
+Setting of the paper's reference (docs/method.md, generator §1-4): GPT-L HAR (`har-L`), 128 tokens, vocabulary
 8192, 1000 classes; training = forward + cross-entropy + backward + AdamW step (fused on CUDA) at batch 32;
 sampling = generator only, 9 passes, CFG 3.75 with the step schedule, top-p 0.95, batch 50. Every run measures our
 plain eager path and, with --compile, the fast path (torch.compile of the training model and of the cached
@@ -40,7 +40,7 @@ PEAK_FLOPS = {"H100": {"bf16": 989.4e12, "fp32": 494.7e12}, "H200": {"bf16": 989
 
 
 def build(size: str, tokens: int, vocab: int, classes: int, device: torch.device) -> HARGenerator:
-    """The preset with a N(0, 0.02) output head (the zero head would make sampling uniform, spec section 1)."""
+    """The preset with a N(0, 0.02) output head (the zero head would make sampling uniform, docs/method.md, generator §1)."""
     torch.manual_seed(0)
     model = HARGenerator(generator_config(size, num_tokens=tokens, vocab_size=vocab, num_classes=classes))
     nn.init.normal_(model.head.weight, std=model.cfg.init_std)

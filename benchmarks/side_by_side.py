@@ -3,7 +3,7 @@
     python benchmarks/side_by_side.py --official official/          # one CUDA GPU; writes benchmarks/results/side_by_side/
 
 `--official` is the official ResTok work tree (Kwai-Kolors/ResTok e0059cb), exported as
-../shared/bench-official/README.md says (an untracked folder in the checkout travels to a device machine). The
+benchmarks/README.md says (an untracked folder in the checkout travels to a device machine). The
 parts run as separate processes, so each starts with empty GPU memory:
 
   tokenizer        benchmarks/tokenizer.py, ResTok-L at 256 px, batch 16, eager and regionally compiled

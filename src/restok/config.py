@@ -107,7 +107,7 @@ class Shard:
 
 @dataclass(frozen=True)
 class Vf:
-    """The frozen vision foundation model (teacher) for VF alignment (spec training-and-eval.md 2.5)."""
+    """The frozen vision foundation model (teacher) for VF alignment (docs/method.md, training-and-eval §2.5)."""
     teacher: str = field(default="efficientnet_lite0", metadata=rng(help=(
         "efficientnet_lite0: the ImageNet EfficientNet-Lite0 packaged on PyPI (offline; a CNN substitute for "
         "DINOv3, named as such next to every metric); otherwise a timm model name, the paper: "
@@ -133,7 +133,7 @@ class CacheFeatures:
 
 @dataclass(frozen=True)
 class Optim:
-    """Linear warmup, then decay to end_lr (spec training-and-eval.md 3.2-3.3: AdamW, cosine)."""
+    """Linear warmup, then decay to end_lr (docs/method.md, training-and-eval §3.2-3.3: AdamW, cosine)."""
     lr: float = field(default=1e-4, metadata=rng(0.0))
     end_lr: float = field(default=1e-5, metadata=rng(0.0))
     warmup_steps: int = field(default=5000, metadata=rng(0))
@@ -173,7 +173,7 @@ class Loop:
 
 @dataclass(frozen=True)
 class Official:
-    """A released checkpoint, imported instead of training (spec: the official hub folders)."""
+    """A released checkpoint, imported instead of training (the authors' hub repos; README.md, "Official checkpoints")."""
     repo_id: str = field(default="", metadata=rng(help="Hugging Face hub repo id, fetched through huggingface_hub's "
                                                        "cache when `file` is null"))
     revision: str | None = field(default=None, metadata=rng(help="hub branch, tag or commit (null: main)"))

@@ -5,7 +5,7 @@
     restok deps --check    # exit 1 when dvc.yaml or a rule is out of date (tests/unit/test_deps.py does the same)
 
 A stage declares exactly the files it imports, so an edit reruns exactly the stages that import the edited file
-(DESIGN.md, "A stage declares as deps every file it imports"). Every import counts, also one inside a function or
+(README.md, "A stage declares as deps every file it imports"). Every import counts, also one inside a function or
 under `if TYPE_CHECKING:` (it may run, and the walk stays simple). A package's `__init__.py` counts when it imports or
 defines something; one holding only a docstring and constants cannot change what a stage computes. The same file
 list gives the code hash in a training run's resume fingerprint (restok.train.ckpt), so a checkpoint of older code

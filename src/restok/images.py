@@ -1,4 +1,4 @@
-"""Class-balanced image generation shared by `sample` and `cfg_search` (spec generator.md sections 3-5).
+"""Class-balanced image generation shared by `sample` and `cfg_search` (docs/method.md, generator §3-5).
 
 Image i (class i // per_class) draws its codes with seed `seed + i`, so a rerun and any process count give the same
 images: each rank takes a contiguous run of whole global batches (`rank_share`) and rank 0 gathers them

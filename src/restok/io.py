@@ -1,4 +1,4 @@
-"""Atomic writes shared by every stage (DESIGN.md: outputs appear only complete).
+"""Atomic writes shared by every stage (README.md: outputs appear only complete).
 
 Each writer puts the bytes under `<name>.tmp.<pid>` in the destination folder and renames it with os.replace, so a
 killed process leaves either the old file or the complete new one, never a half-written file that DVC, Snakemake or

@@ -16,7 +16,7 @@ started inside a step anyway (SLURM_STEP_ID set, e.g. by a user's own `srun`), i
 documented form for a step that shares the resources of a running one. The c10d rendezvous is hosted on this
 machine (the first node, which runs one of the torchrun agents) on a port free here, not a fixed 29500 that
 two jobs on one node would both claim. `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` is set so `--max-restarts` works
-on torch 2.14 (notes/ecosystem.md section 6); restarted workers resume from the last checkpoint.
+on torch 2.14 (docs/tooling.md, ecosystem §6); restarted workers resume from the last checkpoint.
 """
 from __future__ import annotations
 

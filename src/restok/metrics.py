@@ -1,4 +1,4 @@
-"""Evaluation metrics (spec training-and-eval.md section 5; torch-fidelity glue per notes/ecosystem.md sections 5, 8).
+"""Evaluation metrics (docs/method.md, training-and-eval §5; torch-fidelity glue per docs/tooling.md, ecosystem §5, §8).
 
 - PSNR and SSIM on [0, 1] images (data range 1; SSIM with the standard 11x11 Gaussian window, sigma 1.5).
 - Codebook usage, entropy (bits) and perplexity per latent level; per-position and class-conditional code entropy.
@@ -191,7 +191,7 @@ class _SeededInceptionV3(FeatureExtractorInceptionV3):
 
     torch-fidelity's constructor ends by loading the "weights" it is given; here they are the init recipe
     {"seed": s}: Kaiming-normal convolutions and N(0, 0.01) for the classifier, from a generator seeded with s.
-    (PyTorch's default init leaves features near 1e-10 and every FID near 0; notes/ecosystem.md section 8.)
+    (PyTorch's default init leaves features near 1e-10 and every FID near 0; docs/tooling.md, ecosystem §8.)
     """
 
     def load_state_dict(self, state_dict, strict=True, assign=False):

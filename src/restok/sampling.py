@@ -1,6 +1,6 @@
 """Sampling from the HAR (or plain AR) generator with a static KV cache, CFG schedules and top-k/top-p.
 
-Spec: generator.md §3-6, restok.md fact 10 and §4 #8, #9, #19. One forward pass per sampling block: 9 passes for
+docs/method.md, generator §3-6, restok fact 10 and §4 #8, #9, #19. One forward pass per sampling block: 9 passes for
 128 codes with HAR (6 for 16), T passes for plain AR. With guidance the conditional and the unconditional (null
 class) rows run as one 2B batch and share the sampled codes; the combined logits are
 uncond + s_k * (cond - uncond) with s_k from the schedule at ratio k / (passes - 1).
@@ -28,7 +28,7 @@ _EPS = 1e-4  # the official schedules add it to keep s > 1 so that the CFG branc
 
 def cfg_schedule_scale(schedule: str, ratio: float, cfg_scale: float, *, window_start: float = 0.25,
                        window_end: float = 1.0, peak: float = 0.5, min_cfg_scale: float = 1.0) -> float:
-    """Guidance scale at ratio r in [0, 1] (generator.md §4), float64 arithmetic as the official code.
+    """Guidance scale at ratio r in [0, 1] (docs/method.md, generator §4), float64 arithmetic as the official code.
 
     `cosine` is 1 + (s-1)(1 - cos(pi r))/2 and `cosine_re` 1 + (s-1)(1 + cos(pi r))/2; the official versions
     raise NameError (`math` is never imported in its generate.py), so these two have no official reference.
@@ -60,7 +60,7 @@ def cfg_schedule_scale(schedule: str, ratio: float, cfg_scale: float, *, window_
 
 
 def schedule_scales(sampling: SamplingConfig, num_passes: int) -> list[float]:
-    """Scale of every pass k = 0..num_passes-1 at ratio k / (num_passes - 1) (restok.md §4 #8)."""
+    """Scale of every pass k = 0..num_passes-1 at ratio k / (num_passes - 1) (docs/method.md, restok §4 #8)."""
     ratios = [k / max(num_passes - 1, 1) for k in range(num_passes)]
     return [cfg_schedule_scale(sampling.cfg_schedule, r, sampling.cfg_scale, window_start=sampling.window_start,
                                window_end=sampling.window_end, peak=sampling.peak,
@@ -91,7 +91,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
                     top_p: float = 1.0) -> torch.Tensor:
-    """Temperature, then top-k/top-p filtering, then softmax (generator.md §5); zero outside the kept set."""
+    """Temperature, then top-k/top-p filtering, then softmax (docs/method.md, generator §5); zero outside the kept set."""
     return filter_logits(logits / max(temperature, 1e-5), top_k, top_p).softmax(-1)
 
 

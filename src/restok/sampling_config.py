@@ -15,7 +15,7 @@ CFG_SCHEDULES = get_args(CfgSchedule)
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Sampling knobs (params section `sample`); defaults are the reported setting (generator.md §4)."""
+    """Sampling knobs (params section `sample`); defaults are the reported setting (docs/method.md, generator §4)."""
 
     cfg_scale: float = 3.75
     cfg_schedule: CfgSchedule = "step"

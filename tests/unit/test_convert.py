@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python -m pytest tests/unit/test_convert.py -q
 
-`official_tok_small.npz` holds the official tokenizer's answers at spec restok.md §5.1 "tiny-parity" (official
+`official_tok_small.npz` holds the official tokenizer's answers at docs/method.md, restok §5.1 "tiny-parity" (official
 "small" ViTs and fixed pixel CNNs, 93M parameters) for weights that `official_fill` regenerates from each key's
 name, so no state dict is stored (tests/data/README.md, last section). The tokenizer tests share one model built
 through the user-facing importer (module fixture); that oracle costs ~15 s on 2 cores, the rest is milliseconds.

@@ -22,7 +22,7 @@ GREEDY = dict(greedy=True, top_p=1.0)
 
 
 def official_tiny(vectors) -> tuple[HARGenerator, dict]:
-    """The spec §5.2 model with the official weights from har_tiny_gpt.npz."""
+    """The model of docs/method.md, restok §5.2, with the official weights from har_tiny_gpt.npz."""
     d = vectors("har_tiny_gpt")
     cfg = generator_config("har-smoke", vocab_size=64, num_tokens=16, spe_token_num=15, num_classes=10, **NO_DROPOUT)
     model = HARGenerator(cfg).eval()
@@ -171,7 +171,7 @@ def test_causality_changing_a_code_leaves_earlier_blocks_unchanged(mode):
 
 
 def test_special_rows_beyond_the_used_ones_get_no_gradient():
-    """Only S_0..S_{T/2-2} appear in the input (restok.md §4 #7); the other rows stay for checkpoint shape."""
+    """Only S_0..S_{T/2-2} appear in the input (docs/method.md, restok §4 #7); the other rows stay for checkpoint shape."""
     model = random_model("har").train()
     _, loss = model(torch.randint(0, 32, (3, 16)), torch.tensor([0, 1, 2]))
     loss.backward()
@@ -225,7 +225,7 @@ def test_har_l_parameter_count_on_meta_device():
         model = HARGenerator(generator_config("har-L"))
     assert model.cfg.ffn_hidden_dim == 2816 and model.cls_emb.table.num_embeddings == 1001
     assert model.special_emb.num_embeddings == 127 and model.cfg.block_sizes == [1, 1, 1, 1, 4, 8, 16, 32, 64]
-    assert sum(p.numel() for p in model.parameters()) == 326_263_808  # 326.264M (restok.md §5.3)
+    assert sum(p.numel() for p in model.parameters()) == 326_263_808  # 326.264M (docs/method.md, restok §5.3)
 
 
 @pytest.mark.parametrize("name", list(GENERATOR_PRESETS))

@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python -m pytest tests/unit/test_losses.py -q
 
-Values are checked on hand-made inputs whose answers follow from the spec's formulas (training-and-eval.md §2).
+Values are checked on hand-made inputs whose answers follow from the formulas of docs/method.md, training-and-eval §2.
 The discriminator mechanics run on a randomly initialised `vit_tiny_patch16_224` backbone (same layout as the
 paper's ViT-S/16, 4x cheaper on CPU); the paper's backbone is built once to check its head sizes. LPIPS loads a
 VGG16 file written by the test into a temporary $TORCH_HOME (fixture weights, not a real metric).

@@ -3,7 +3,7 @@
 Run: .venv/bin/python -m pytest tests/unit/test_metrics.py -q
 No pretrained Inception weights exist offline, so a session fixture writes a weights file from the seeded
 random-init extractor and the real "inception-v3-compat" path loads it through torch-fidelity's own loader
-(notes/ecosystem.md section 8). The FID test therefore checks orderings, never absolute values. Images are 16 per set
+(docs/tooling.md, ecosystem §8). The FID test therefore checks orderings, never absolute values. Images are 16 per set
 at 64 px (torch-fidelity resizes to 299), to keep the file within seconds on 2 cores.
 """
 import math

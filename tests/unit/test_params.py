@@ -166,7 +166,7 @@ def test_default_departs_from_the_official_tokenizer_recipe_only_by_the_named_sw
 
 
 def test_paper_profiles_keep_the_official_tokenizer_recipe_and_loss_weights():
-    """TokenizerConfig's and LossConfig's defaults are the official config's (spec/training-and-eval.md §1.1);
+    """TokenizerConfig's and LossConfig's defaults are the official config's (docs/method.md, training-and-eval §1.1);
     imagenet256 once inherited default.yaml's CPU VF weights (0.1 instead of the official 1.0)."""
     assert _departures(profile_tree("imagenet256")["tokenizer"], TokenizerConfig()) == set()
     assert _departures(profile_tree("official-l")["tokenizer"], TokenizerConfig()) == {"drop_prob"}  # released: 0.0

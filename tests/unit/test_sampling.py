@@ -3,7 +3,7 @@
 Run: .venv/bin/python -m pytest tests/unit/test_sampling.py -q
 Schedules are compared in float64 exactly; the sampling step at the tolerances of tests/data/README.md §5. The
 cached loop is checked against the teacher-forced forward on the codes it produced, which validates the mask
-rows, RoPE positions, special-token indexing and cache bookkeeping together (spec restok.md §5.2).
+rows, RoPE positions, special-token indexing and cache bookkeeping together (docs/method.md, restok §5.2).
 """
 import math
 import os
@@ -190,7 +190,7 @@ def test_sampling_config_refuses_bad_values(bad):
 
 
 def test_reported_setting_per_step():
-    """restok.md fact 10: s = 1.0001 at k = 0, 1 and 3.75 from k = 2 (ratio 0.25) on, over 9 passes."""
+    """docs/method.md, restok fact 10: s = 1.0001 at k = 0, 1 and 3.75 from k = 2 (ratio 0.25) on, over 9 passes."""
     scales = schedule_scales(SamplingConfig(), 9)
     assert scales[:2] == [1.0001, 1.0001] and scales[2:] == [3.75] * 7
     assert math.isclose(SamplingConfig().top_p, 0.95)

@@ -3,7 +3,7 @@
 Run: .venv/bin/python -m pytest tests/unit/test_stage_cache_features.py -q
 
 No DINOv3 weights exist offline, so the DINOv3 teacher weights are a file this test writes from a seeded random timm
-DINOv3-S, loaded through the production path (vf.weights: <file>, timm pretrained_cfg_overlay; ecosystem.md 8).
+DINOv3-S, loaded through the production path (vf.weights: <file>, timm pretrained_cfg_overlay; docs/tooling.md, ecosystem §8).
 The profile's own teacher (the packaged ImageNet EfficientNet-Lite0) runs once too. The cached features must equal a
 fresh teacher forward on the same view, read back with plain webdataset.
 """

@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python -m pytest tests/unit/test_stage_score.py -q
 No pretrained Inception weights exist offline: a fixture writes a weights file from the seeded random-init extractor
-(torch-fidelity's InceptionV3 with re-initialised convolutions and linears, notes/ecosystem.md section 8) and puts it
+(torch-fidelity's InceptionV3 with re-initialised convolutions and linears, docs/tooling.md, ecosystem §8) and puts it
 at torch-fidelity's cache path under a temporary TORCH_HOME, so fid.extractor "inception-v3-compat" loads it with the
 production code; one test points fid.weights at the file instead. Such weights give no real FID, so the tests check
 orderings (real-like samples score better than noise), never absolute values. Images are the smoke profile's
@@ -154,13 +154,6 @@ def test_score_ranks_real_like_above_noise_and_writes_headline(env, tmp_path):
     assert checks["generator close to its tokenizer"]["value"] == pytest.approx(paired["gfid"])
     assert checks["generator close to its tokenizer"]["baseline"] == pytest.approx(paired["rfid"])
     assert paired["rfid"] != pytest.approx(good["rfid"]["fid"])  # 12 of the 24 reconstructions: another FID
-
-
-def test_balanced_order_takes_the_classes_in_turn():
-    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
-    order = score.balanced_order(labels)
-    assert labels[order[:3]].tolist() == [0, 1, 2] and labels[order[3:6]].tolist() == [0, 1, 2]
-    assert sorted(order.tolist()) == list(range(9)) and labels[order[6:]].tolist() == [0, 2, 2]
     assert checks["tokenizer beats the class-mean image"]["baseline"] == 25
     probe = good["class_probe"]
     assert (probe["train_images"], probe["real_val_images"], probe["samples"], probe["chance"]) == (12, 12, 12, 0.25)
@@ -173,6 +166,13 @@ def test_balanced_order_takes_the_classes_in_turn():
     assert "WARNING: NOT REAL METRICS" in readme and "![samples, one row per class](sample/grid.png)" in readme
     assert "| gFID |" in readme and "| train_generator (s) | n/a |" in readme
     assert "| PSNR above the class-mean image (dB) | 4.5 |" in readme
+
+
+def test_balanced_order_takes_the_classes_in_turn():
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    order = score.balanced_order(labels)
+    assert labels[order[:3]].tolist() == [0, 1, 2] and labels[order[3:6]].tolist() == [0, 1, 2]
+    assert sorted(order.tolist()) == list(range(9)) and labels[order[6:]].tolist() == [0, 2, 2]
 
 
 def test_extractor_mismatch_is_refused(env, tmp_path):

@@ -4,7 +4,7 @@ Run: .venv/bin/python -m pytest tests/unit/test_teacher.py -q
 
 Pretrained weights cannot be had offline, so the tests write a weights file from a randomly initialised timm model
 and load it through the real paths (a local file via pretrained_cfg_overlay, and a seeded HF cache with the
-production `pretrained=True` call; ecosystem.md §7-8). The loaded teacher must reproduce that model's own forward.
+production `pretrained=True` call; docs/tooling.md, ecosystem §7-8). The loaded teacher must reproduce that model's own forward.
 """
 import shutil
 

@@ -6,7 +6,7 @@ criterion is known to bite.
 Run: .venv/bin/python -m pytest tests/unit/test_tokenizer_collapse.py -q
 
 The recipe is the default profile's model (tokenizer section, including its switches), its optimiser (AdamW with
-the spec's groups, LR, betas, weight decay, clip) and the MSE + VQ objective, without VF alignment (no teacher here).
+the groups, LR, betas, weight decay and clip of docs/method.md, training-and-eval §3.2) and the MSE + VQ objective, without VF alignment (no teacher here).
 The old default collapsed to the mean image: every prefix decoded to the same blur (docs/experiments.md, "a tokenizer
 that learns"). Distinct codes alone did not catch that (they passed on the collapsed recipe); the reconstruction gain
 over the mean image does.

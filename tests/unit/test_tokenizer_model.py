@@ -1,4 +1,4 @@
-"""ResTok model tests on a tiny config (32 px, 4x pixel CNN -> 8x8 grid, 32 tokens, 4 stages), spec restok.md §5.1.
+"""ResTok model tests on a tiny config (32 px, 4x pixel CNN -> 8x8 grid, 32 tokens, 4 stages), docs/method.md, restok §5.1.
 
 Run: .venv/bin/python -m pytest tests/unit/test_tokenizer_model.py -q
 Shapes, prefix decoding, nested-dropout independence, the latent-init / merge / legacy-head invariants,
@@ -195,7 +195,7 @@ def test_bf16_autocast_keeps_vq_and_pixel_decoder_fp32():
 
 
 def test_paper_size_parameter_count_on_meta():
-    """restok.md §5.3: 659.694M without the VF parts, 661.792M with them (frozen teacher excluded)."""
+    """docs/method.md, restok §5.3: 659.694M without the VF parts, 661.792M with them (frozen teacher excluded)."""
     with torch.device("meta"):
         model = ResTok(TokenizerConfig(vf_align=False))
         with_vf = ResTok(TokenizerConfig())

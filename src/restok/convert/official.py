@@ -11,7 +11,7 @@ the model is left untouched. Official keys our model lacks by design (the frozen
 when they match the caller's allow-list of glob patterns, and are returned by name.
 
 The tokenizer's table lives in `restok.convert.tokenizer`; reading and writing checkpoint files in
-`restok.convert.checkpoint`. Spec: generator.md §1 (sizes), restok.md §0 (configs).
+`restok.convert.checkpoint`. docs/method.md, generator §1 (sizes), restok §0 (configs).
 """
 from __future__ import annotations
 

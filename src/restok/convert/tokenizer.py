@@ -1,7 +1,7 @@
 """Official ResTok tokenizer checkpoints: key layout and config translation, both directions.
 
-Official layout (Kwai-Kolors/ResTok e0059cb, `modeling/restok.py`, `modules/blocks.py`, `maskgit_vqgan.py`; spec
-tokenizer.md §2-7) against ours (`restok.models.tokenizer`):
+Official layout (Kwai-Kolors/ResTok e0059cb, `modeling/restok.py`, `modules/blocks.py`, `maskgit_vqgan.py`; docs/method.md,
+tokenizer §2-7) against ours (`restok.models.tokenizer`):
 
     official                                         ours
     pixel_encoder.conv_in / down.i.block.j / mid.j   pixel_encoder.layers.k (flat Sequential, same order)

@@ -3,11 +3,11 @@
 - `train_stored`: short side resized to ceil(res / 0.8), aspect kept, not cropped (320 for 256).
 - `eval_view`: the ADM evaluation transform (box-downsample while the short side is >= 2x the target, bicubic
   resize of the short side to res, centre crop res), as in guided-diffusion's `center_crop_arr`.
-- `train_view_boxes`: the training augmentation (ADM `random_crop_arr`, spec training-and-eval.md 3.1: draw s from
+- `train_view_boxes`: the training augmentation (ADM `random_crop_arr`, docs/method.md, training-and-eval §3.1: draw s from
   the integers res..ceil(res/0.8), resize the short side to s, take a random res x res crop, flip with p = 0.5),
   expressed as a square box in stored pixels (side = res * short / s) plus a flip bit and drawn from a seeded
   generator, so the feature cache and the tokenizer trainer see exactly the same views.
-- `ten_crop_views`: the generator's code-extraction views (spec generator.md 7: ADM centre crop to
+- `ten_crop_views`: the generator's code-extraction views (docs/method.md, generator §7: ADM centre crop to
   floor(res * crop_range), then the 4 corners and the centre at res, and the same of the flipped image).
 A view is (left, top, side, flip) in stored-image pixels; `apply_view` turns it into a (3, res, res) uint8 tensor.
 """

@@ -1,4 +1,4 @@
-"""Adversarial loss: DINO discriminator, DiffAugment, hinge and LeCam, training-and-eval.md §2.6-2.9.
+"""Adversarial loss: DINO discriminator, DiffAugment, hinge and LeCam, docs/method.md, training-and-eval §2.6-2.9.
 
 - Discriminator (`DinoDiscriminator`, norm "bn"): a frozen DINO ViT-S/16 (timm `vit_small_patch16_224.dino`, the
   self-supervised `dino_deitsmall16` weights; tanh GELU, key part of every qkv bias zeroed, no final norm) read out

@@ -1,4 +1,4 @@
-"""The tokenizer's training objective, training-and-eval.md §2.1-2.5.
+"""The tokenizer's training objective, docs/method.md, training-and-eval §2.1-2.5.
 
 L_G = MSE + w_lpips * LPIPS + L_VQ + w_enc * L_vf,enc + w_dec * L_vf,dec + [step >= start] * w_gan * L_adv,
 all in fp32 (autocast off). Paper weights: 1, 1, 1, 1, 1 and 0.5 from step 20,000.

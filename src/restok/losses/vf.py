@@ -1,14 +1,14 @@
-"""Vision-foundation-model (VF) alignment losses, training-and-eval.md §2.5.
+"""Vision-foundation-model (VF) alignment losses, docs/method.md, training-and-eval §2.5.
 
 Both terms are the margin cosine loss ReLU(1 - m - cos), m = 0.25, computed in fp32:
 - encoder term: cosine between the teacher CLS and the mean over the coarsest image group's tokens after the
-  tokenizer's 1x1 projection P_e (tokenizer.md §2.11, §5), averaged over the batch;
+  tokenizer's 1x1 projection P_e (docs/method.md, tokenizer §2.11, §5), averaged over the batch;
 - decoder term: cosine over channels between each teacher patch token and the projected feature-branch output
-  P_d(g) at the same grid position (tokenizer.md §4.4), averaged over batch and positions.
+  P_d(g) at the same grid position (docs/method.md, tokenizer §4.4), averaged over batch and positions.
 The projections belong to the tokenizer; these functions take their outputs.
 
 Cosine is `F.cosine_similarity(eps=1e-8)`, whose torch 2.x semantics clamp each norm separately:
-x.y / (max(|x|, eps) * max(|y|, eps)), as the spec's correction says.
+x.y / (max(|x|, eps) * max(|y|, eps)), as docs/method.md, training-and-eval §2.5 says.
 """
 import torch
 import torch.nn.functional as F

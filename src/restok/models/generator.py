@@ -1,6 +1,6 @@
 """HAR generator: a class-conditional LlamaGen GPT that predicts a ResTok code sequence level by level.
 
-Spec: generator.md §1-2 and §6, restok.md fact 9 and §4 #7. The codes t_0..t_{T-1} come in level order. HAR
+docs/method.md, generator §1-2 and §6, restok fact 9 and §4 #7. The codes t_0..t_{T-1} come in level order. HAR
 predicts the first A = `ar_token_num` codes one at a time, then every remaining level (A, 2A, ..., T/2 codes) in
 one block whose inputs are the previous level's codes followed by learnable special query tokens. Attention is
 block-causal over the sampling blocks and bidirectional inside a block; position p always predicts t_p; RoPE is
@@ -54,7 +54,7 @@ def generator_config(name: str, **overrides) -> GeneratorConfig:
 def input_layout(cfg: GeneratorConfig) -> tuple[list[int], list[int], list[int]]:
     """What each input position holds: (kind, token index or -1, special index or -1), each of length T.
 
-    HAR (generator.md §2.2): position 0 = class; positions 1..A hold t_0..t_{A-1}; a block starting at k >= A
+    HAR (docs/method.md, generator §2.2): position 0 = class; positions 1..A hold t_0..t_{A-1}; a block starting at k >= A
     holds, for k = A, t_{A-1} then S_0..S_{A-2}; for k > A, t_{k/2}..t_{k-1} then S_{k/2-1}..S_{k-2}
     (special at position p is S_{p-k-1}). AR: position p >= 1 holds t_{p-1}.
     """

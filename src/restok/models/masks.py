@@ -3,7 +3,7 @@
 A sequence is cut into consecutive groups; position q may attend to position k iff
 group(q) >= group(k). Inside a group attention is bidirectional. The ResTok encoder uses it
 with groups [coarsest image group, ..., finest image group, latent level 0, ..., latent level S-1]
-(spec restok.md fact 4); HAR uses it over its 9 sampling blocks (fact 9).
+(docs/method.md, restok fact 4); HAR uses it over its 9 sampling blocks (fact 9).
 Masks are boolean `allowed[q, k]` (True = may attend), the layout SDPA takes as `attn_mask`.
 """
 from __future__ import annotations

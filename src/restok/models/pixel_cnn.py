@@ -1,6 +1,6 @@
 """Pixel CNN encoder and decoder of the ResTok tokenizer (MaskGIT-VQGAN layout, no attention).
 
-Spec: tokenizer.md §2.2 (encoder) and §4.8 (decoder). Ported in structure from TiTok's
+docs/method.md, tokenizer §2.2 (encoder) and §4.8 (decoder). Ported in structure from TiTok's
 `maskgit_vqgan.py` (https://github.com/bytedance/1d-tokenizer). One resolution stage per entry of
 `channels`; each stage but the last halves (encoder: 2x2 average pool) or doubles (decoder: nearest
 upsample + 3x3 conv) the resolution, so the overall factor is 2^(len(channels) - 1). The paper's plan
@@ -24,7 +24,7 @@ def _norm(channels: int) -> nn.GroupNorm:
 
 class ResBlock(nn.Module):
     """GN-SiLU-Conv3x3 twice. With in != out the shortcut is a 1x1 conv of the block's *output* h, not of its
-    input (output = h + W h): a quirk of the TiTok port that the official weights depend on (restok.md §4 #11)."""
+    input (output = h + W h): a quirk of the TiTok port that the official weights depend on (docs/method.md, restok §4 #11)."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()

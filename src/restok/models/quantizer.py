@@ -1,6 +1,6 @@
 """Vector quantiser of the ResTok tokenizer (cosine VQ, straight-through).
 
-Spec: tokenizer.md §3. The input rows and the codebook rows are L2-normalised, the nearest code is the
+docs/method.md, tokenizer §3. The input rows and the codebook rows are L2-normalised, the nearest code is the
 argmin of the squared distance (= argmax cosine), and the output is the normalised codebook row with a
 straight-through gradient. Losses: commitment = beta * mean((sg(q) - z)^2) and codebook = mean((q - sg(z))^2),
 both over every element. No EMA updates, no entropy term. Everything runs in float32 with autocast

@@ -1,6 +1,6 @@
 """2D rotary position embedding (Flux style) for the ResTok encoder and decoder.
 
-Spec: tokenizer.md §2.9. Every token carries two integer ids (a, b). A head of d channels is cut in
+docs/method.md, tokenizer §2.9. Every token carries two integer ids (a, b). A head of d channels is cut in
 halves; the first half rotates with a, the second with b. Inside a half the adjacent channels (2m, 2m+1)
 form a plane rotated by the angle id * theta^(-2m / (d/2)). Angles are computed in float64 and the
 tables kept in float32 (at id 12345 float32 angles would be off by 1e-4); the rotation itself runs in

@@ -1,6 +1,6 @@
 """Frozen foundation models loaded through timm: the VF teachers and the loader the losses share.
 
-The teacher gives the VF-alignment targets (training-and-eval.md §2.5, tokenizer.md §5): a CLS vector and the patch
+The teacher gives the VF-alignment targets (docs/method.md, training-and-eval §2.5, tokenizer §5): a CLS vector and the patch
 tokens of a frozen DINOv3 ViT (paper: `vit_large_patch16_dinov3.lvd1689m`, 1024-d) on the unaugmented image,
 ImageNet-normalised, with the 5 prefix tokens (CLS + 4 registers) split off.
 
@@ -40,7 +40,7 @@ HUB_WEIGHTS_FILE = "model.safetensors"
 
 
 def missing_weights_message(what: str, looked_in: list[str], reason: str, expected: str, params_key: str) -> str:
-    """The one message every stage prints when real weights are missing (ecosystem.md §8)."""
+    """The one message every stage prints when real weights are missing (docs/tooling.md, ecosystem §8)."""
     return (
         f"restok: pretrained weights for {what} not found (looked in: {', '.join(looked_in)}; {reason}). "
         f"Put the file at {expected} or set {params_key}=<file>; see README, \"Pretrained weights\"."

@@ -1,6 +1,6 @@
 """ResTok: hierarchical-residual 1D visual tokenizer (model only; losses live in restok.losses).
 
-Spec: restok.md §2–3 (data flow, the ten facts), tokenizer.md (every block). Official code: Kwai-Kolors/ResTok
+docs/method.md, restok §2–3 (data flow, the ten facts), tokenizer (every block). Official code: Kwai-Kolors/ResTok
 e0059cb, built on TiTok (bytedance/1d-tokenizer); facts and numbers carry over, the code is our own.
 
     img [0,1] -> ImageNet norm -> PixelEncoder -> ResTokEncoder (ViT, residual merging, group-causal mask)
@@ -55,7 +55,7 @@ class TokenizerOut:
 
 
 def _init_weights(module: nn.Module, weight_init: str) -> None:
-    """Model-wide init (tokenizer.md §6): Linear/Conv weights, zero biases, LayerNorm (1, 0).
+    """Model-wide init (docs/method.md, tokenizer §6): Linear/Conv weights, zero biases, LayerNorm (1, 0).
 
     "official": trunc-normal std 0.02, as the released models were trained. With it the pixel CNN's output is tiny
     next to the level embeddings, so at first every image gets the same codes and the decoder learns the mean
@@ -139,7 +139,7 @@ class ResTok(nn.Module):
         return self.encoder(self.pixel_encoder((img - self.pixel_mean) / self.pixel_std))
 
     def _pixel_decode(self, feat: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=feat.device.type, enabled=False):  # fp32 pixel decoder (restok.md §4 #17)
+        with torch.autocast(device_type=feat.device.type, enabled=False):  # fp32 pixel decoder (docs/method.md, restok §4 #17)
             return self.pixel_decoder(feat.float())
 
     def encode(self, img: torch.Tensor) -> torch.Tensor:

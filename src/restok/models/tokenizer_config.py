@@ -38,7 +38,7 @@ def merge_block_indices(depth: int, stages: int) -> tuple[int, ...]:
 
 
 def keep_lengths(level_sizes: tuple[int, ...], min_tokens: int) -> list[int]:
-    """Nested-dropout keep lengths: the level prefix lengths that are >= min_tokens (tokenizer.md §4.1)."""
+    """Nested-dropout keep lengths: the level prefix lengths that are >= min_tokens (docs/method.md, tokenizer §4.1)."""
     return [n for n in accumulate(level_sizes) if n >= min_tokens]
 
 
@@ -77,7 +77,7 @@ class TokenizerConfig:
             (upsampled latent tokens) | "learned_grid" (one learned token per image position, so the decoder can
             draw the mean image from its queries and leave the latents free for content).
         legacy_head: TiTok's untransposed reshape before the per-level projection (official checkpoints).
-        weight_init: "official" (trunc-normal 0.02, tokenizer.md §6) | "fan_in" (variance-preserving; what the
+        weight_init: "official" (trunc-normal 0.02, docs/method.md, tokenizer §6) | "fan_in" (variance-preserving; what the
             short CPU profiles need to learn at all, see `restok.models.tokenizer._init_weights`).
         codebook_init: "uniform" (official: U(-1/K, 1/K)) | "data" (the first training batch's encoder outputs).
         dead_code_steps: restart a code no input chose for this many training steps on an encoder output of the

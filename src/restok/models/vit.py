@@ -1,6 +1,6 @@
 """Transformer half of the ResTok tokenizer: structure, encoder ViT with residual merging, decoder ViT.
 
-Spec: tokenizer.md §2.4–2.10 (encoder) and §4 (decoder); restok.md facts 1–6.
+docs/method.md, tokenizer §2.4–2.10 (encoder) and §4 (decoder); restok facts 1–6.
 The first section holds model-free structure functions (per-stage groups, residual pooling init, merge
 operator, decoder latent maps, legacy head map; the level grids and the merge schedule, which TokenizerConfig
 derives, live in restok.models.tokenizer_config). They take plain sizes, so the test vectors of the paper's L

@@ -4,10 +4,10 @@
         --results results/cache_features
     RESTOK_NPROC_PER_NODE=8 python -m restok.stages.cache_features ...     # one process per GPU, shards split
 
-VF alignment (spec training-and-eval.md 2.5, tokenizer.md 5) needs the teacher's CLS vector and patch tokens of the
+VF alignment (docs/method.md, training-and-eval §2.5, tokenizer §5) needs the teacher's CLS vector and patch tokens of the
 exact view the tokenizer sees. Instead of running DINOv3 inside every training step (as the official code does),
 each train image gets `cache_features.views_per_image` views drawn once from a generator seeded by
-(cache_features.seed, image key) with `restok.data.views.train_view_boxes` (the training crop + flip, spec 3.1).
+(cache_features.seed, image key) with `restok.data.views.train_view_boxes` (the training crop + flip, docs/method.md, training-and-eval §3.1).
 Each view is cut at the training resolution (`apply_view`) and resized for the teacher to 16 * vf.grid px, so the
 teacher's patch grid equals the tokenizer's image-token grid; `train_tokenizer` picks one cached view per sample
 and step (seeded) and crops exactly that view.

@@ -1,4 +1,4 @@
-"""Stage `cfg_search`: FID as a function of the classifier-free guidance scale (spec training-and-eval.md 5.3).
+"""Stage `cfg_search`: FID as a function of the classifier-free guidance scale (docs/method.md, training-and-eval §5.3).
 
     python -m restok.stages.cfg_search --params params.yaml --generator data/train_generator/generator.pt \
         --tokenizer data/train_tokenizer/tokenizer.pt --reference data/reference_stats --results results/cfg_search
@@ -10,7 +10,7 @@ compares scales on common random numbers and reruns give the same numbers. Proce
 does (RESTOK_NPROC_PER_NODE); rank 0 gathers the features and writes results/cfg_search/cfg_search.json
 (scale -> FID, the best scale) and fid_vs_scale.png.
 
-Relation to the paper's search (spec 5.3): the official script runs a greedy 1-D hill-climb per schedule, from
+Relation to the paper's search (docs/method.md, training-and-eval §5.3): the official script runs a greedy 1-D hill-climb per schedule, from
 1.75 (step, constant, linear) or 2.5 (rectangular), trying best +- 0.25 until both neighbours of the best were
 evaluated, 50k samples per point (and for rectangular an outer grid over the window). Here the points are a fixed
 grid taken from params, evaluated in full: the result is a pure function of params (DVC can cache and diff it), the

@@ -3,7 +3,7 @@
     python -m restok.stages.extract_latents --params params.yaml --shards data/shard \
         --tokenizer data/train_tokenizer/tokenizer.pt --out data/extract_latents --results results/extract_latents
 
-Spec: generator.md section 7. Train images are encoded under the paper's views (`ten_crop`: ADM centre crop to
+docs/method.md, generator §7. Train images are encoded under the paper's views (`ten_crop`: ADM centre crop to
 floor(res * crop_range), its 4 corners and centre at res, and the same of the flipped image; `center_flip`: the eval
 view and its flip); val images under the eval view only (one view, for the generator's val loss). The tokenizer is
 rebuilt from the config stored in tokenizer.pt and runs in eval mode in fp32 (TF32 matmuls allowed on CUDA).
@@ -187,7 +187,7 @@ def main(argv=None):
     if el.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{args.params}:extract_latents.device='cuda' but no CUDA device is available; use 'auto'")
     device = torch.device("cuda" if el.device != "cpu" and torch.cuda.is_available() else "cpu")
-    torch.set_float32_matmul_precision("high")  # fp32 weights and activations; TF32 matmuls on CUDA (spec 7)
+    torch.set_float32_matmul_precision("high")  # fp32 weights and activations; TF32 matmuls on CUDA (docs/method.md, generator §7)
 
     shard_dir, tok_path = Path(args.shards), Path(args.tokenizer)
     model, tok_provenance = load_tokenizer(tok_path, device)

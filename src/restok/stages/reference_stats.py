@@ -1,5 +1,5 @@
 """Stage `reference_stats`: Inception statistics that gFID, precision/recall and rFID are measured against
-(spec training-and-eval.md sections 5.1-5.2; notes/ecosystem.md section 5).
+(docs/method.md, training-and-eval §5.1-5.2; docs/tooling.md, ecosystem §5).
 
     python -m restok.stages.reference_stats --params params.yaml --shards data/shard --out data/reference_stats
 
@@ -14,7 +14,7 @@ data/reference_stats/stats.npz holds
   the precision/recall reference, as the ADM evaluator's 10k reference batch), `reference`, `count`:
   with fid.reference "val" these come from the val split; with "adm" `mu`/`sigma` are the ADM batch's own (the whole
   ImageNet train set, computed by the TF evaluator) and `features` those of its `arr_0` images;
-- the rFID reference, always the val split: `val_mu`, `val_sigma`, `val_count` (spec 5.1: rFID is the distance
+- the rFID reference, always the val split: `val_mu`, `val_sigma`, `val_count` (docs/method.md, training-and-eval §5.1: rFID is the distance
   between the val images and their reconstructions, so `score` only has to extract the reconstructions);
 - the class probe's real images (score fits a linear probe on the first and reports it on the second):
   `probe_train_features` / `probe_train_labels`, pool3 of the first fid.probe_per_class images of each class of the

@@ -1,5 +1,5 @@
-"""Stage `sample`: class-balanced images from the EMA generator, decoded by the EMA tokenizer (spec generator.md
-sections 3-5, training-and-eval.md section 5.2).
+"""Stage `sample`: class-balanced images from the EMA generator, decoded by the EMA tokenizer (docs/method.md, generator
+§3-5, docs/method.md, training-and-eval §5.2).
 
     python -m restok.stages.sample --params params.yaml --generator data/train_generator/generator.pt \
         --tokenizer data/train_tokenizer/tokenizer.pt --out data/sample --results results/sample

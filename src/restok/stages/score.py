@@ -1,5 +1,5 @@
 """Stage `score`: gFID, IS, precision/recall of the samples, rFID and PSNR of the tokenizer, and the run's headline
-numbers (spec training-and-eval.md sections 5.1-5.2; notes/ecosystem.md section 5).
+numbers (docs/method.md, training-and-eval §5.1-5.2; docs/tooling.md, ecosystem §5).
 
     python -m restok.stages.score --params params.yaml --samples data/sample --reference data/reference_stats \
         --tokenizer data/train_tokenizer/tokenizer.pt --shards data/shard --results results
@@ -57,7 +57,7 @@ NOT_METRICS = ("generate_images_per_s", "decode_images_per_s", "train_tokenizer_
 
 @torch.no_grad()
 def reconstruct(tokenizer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """uint8 (B, 3, H, W) -> (reconstruction uint8 (B, 3, H, W), PSNR (B,), codes (B, L)); spec 5.1 post-process."""
+    """uint8 (B, 3, H, W) -> (reconstruction uint8 (B, 3, H, W), PSNR (B,), codes (B, L)); docs/method.md, training-and-eval §5.1 post-process."""
     device = next(tokenizer.parameters()).device
     x = images.to(device).float() / 255  # (B, 3, H, W)
     codes = tokenizer.encode(x)  # (B, L)

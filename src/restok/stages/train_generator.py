@@ -4,11 +4,11 @@
         --out data/train_generator --results results/train_generator
     RESTOK_NPROC_PER_NODE=8 python -m restok.stages.train_generator ...     # torchrun, one process per GPU
 
-Spec: generator.md section 8, training-and-eval.md section 4. The tokenizer is never loaded: the data are the codes
+docs/method.md, generator §8, training-and-eval §4. The tokenizer is never loaded: the data are the codes
 of `extract_latents` (N x views x L) and their labels. Every step draws a global batch from a seeded permutation of
 the images (one per epoch, drop_last) and, for each sample, one of its views uniformly at random; both are pure
 functions of (seed, step), so a resumed run and any process count read the same samples (each rank takes its slice
-of the global batch). Label dropout for CFG happens inside the model. AdamW with the spec's no-decay groups, linear
+of the global batch). Label dropout for CFG happens inside the model. AdamW with the no-decay groups of docs/method.md, training-and-eval §3.2, linear
 warmup + cosine LR, gradient clipping, EMA, bf16 autocast and fused AdamW on CUDA, DDP under torchrun.
 Checkpoints every `loop.ckpt_every_steps` go to `<out>/ckpt/` (atomic, resume after kill -9 is exact on CPU).
 

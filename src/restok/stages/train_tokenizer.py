@@ -4,7 +4,7 @@
         --features data/cache_features --out data/train_tokenizer --results results/train_tokenizer
     torchrun --standalone --nproc_per_node=8 -m restok.stages.train_tokenizer ...    # or RESTOK_NPROC_PER_NODE=8
 
-Spec: training-and-eval.md 2 (losses), 3 (procedure), 5.1 (reconstruction metrics). One iteration (3.5): tokenizer
+docs/method.md, training-and-eval §2 (losses), §3 (procedure), §5.1 (reconstruction metrics). One iteration (training-and-eval §3.5): tokenizer
 forward under bf16 autocast (`loop.precision`; VQ, pixel decoder and losses in fp32), L_G backward, global
 grad-norm clip, AdamW step (weight-decay groups of 3.2, warmup + cosine LR of 3.3); from `gan_start_step` the
 discriminator step on (x, sg(x_hat)) with its own optimiser and step counter; then the EMA update (3.4).
@@ -213,7 +213,7 @@ def trained_prefixes(cfg) -> list[int]:
 @torch.no_grad()
 def evaluate(model: ResTok, shards: str, n: int, device: torch.device, batch: int, baseline_images: int | None,
              show: int = 8):
-    """EMA model in fp32 on the first `n` val images (spec 5.1): PSNR/SSIM after clamping and 8-bit rounding,
+    """EMA model in fp32 on the first `n` val images (docs/method.md, training-and-eval §5.1): PSNR/SSIM after clamping and 8-bit rounding,
     codebook usage, PSNR of each trained token prefix (the others are listed as untrained), and two baselines on
     the same images: the mean train image of the image's class and the mean train image; and the recon.png tiles."""
     model.eval()
@@ -477,7 +477,7 @@ def finish(run: Run) -> dict | None:
     metrics = None
     if run.info.is_main:
         ema_step = run.step if tt.export_step is None else tt.export_step
-        if ema_step < run.step:  # the EMA of `export_step` is what is evaluated and exported (spec: 750k of 1M)
+        if ema_step < run.step:  # the EMA of `export_step` is what is evaluated and exported (docs/method.md, restok §4 #6: 750k of 1M)
             run.ema.model.load_state_dict(ckpt.load(run.ckpt_dir / EXPORT_EMA))
         metrics, tiles, rows = evaluate(run.ema.model, run.args.shards, tt.eval_images, run.device, run.local_bs,
                                         tt.baseline_train_images)
@@ -592,7 +592,7 @@ def apply_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, lr: float
 
 
 def disc_lr(step: int, tt, loop) -> float:
-    """Discriminator LR: the same warmup + cosine rule on its own counter (step - gan_start_step, spec 3.3); its
+    """Discriminator LR: the same warmup + cosine rule on its own counter (step - gan_start_step, docs/method.md, training-and-eval §3.3); its
     end LR keeps the tokenizer's end/base ratio."""
     total = loop.max_steps - tt.loss.gan_start_step
     end = tt.optim.end_lr * tt.disc_lr / tt.optim.lr if tt.optim.lr > 0 else 0.0

@@ -4,7 +4,7 @@ Resume state lives in `data/train_<x>/ckpt/step_<step>.pt`: model, EMA, optimize
 rank, the data position and the run's fingerprint. Files are written under a temporary name, fsynced and renamed
 (restok.io.save_torch_atomic), so a killed writer never leaves a file that `latest()` takes for a checkpoint.
 Everything is stored as tensors, ints, floats, strings, lists and dicts, so `torch.load(weights_only=True)` reads it
-(numpy RNG states are converted; notes/ecosystem.md section 6).
+(numpy RNG states are converted; docs/tooling.md, ecosystem §6).
 
 The fingerprint (`fingerprint`) covers what shapes the result: the params without logging and checkpointing knobs
 (`run_params`), the code of every module the stage imports, the input artifacts and the library versions. So the

@@ -1,4 +1,4 @@
-"""Process-group setup for single-process and torchrun runs (STYLE.md section 5; nanoGPT/DiT style).
+"""Process-group setup for single-process and torchrun runs (nanoGPT/DiT style).
 
 Single process:   python -m restok.stages.train_tokenizer
 Multi process:    torchrun --standalone --nproc_per_node=8 -m restok.stages.train_tokenizer
@@ -7,7 +7,7 @@ CPU, 2 processes: torchrun --standalone --nproc_per_node=2 -m restok.stages.trai
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one process on one device.
 With `torchrun --max-restarts=N`, export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: in torch 2.14.1 the restarted ranks
 otherwise reuse the agent's TCPStore and read the previous attempt's addresses, which ends in "Gloo connectFullMesh
-failed ... Connection refused" or a hang (pytorch/pytorch#135712, NCCL too; notes/ecosystem.md section 6).
+failed ... Connection refused" or a hang (pytorch/pytorch#135712, NCCL too; docs/tooling.md, ecosystem §6).
 """
 from __future__ import annotations
 

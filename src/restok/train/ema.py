@@ -1,4 +1,4 @@
-"""Exponential moving average of a model's weights (spec training-and-eval.md section 3.4; DiT's `update_ema`).
+"""Exponential moving average of a model's weights (docs/method.md, training-and-eval §3.4; DiT's `update_ema`).
 
 After every optimiser step, with k counting EMA updates (k = 1 for the first):
     decay_1 = 0 (the first update copies the weights), decay_k = min(max_decay, k / (9 + k)) for k >= 2,

@@ -1,4 +1,4 @@
-"""Console output and per-step curves (STYLE.md section 10).
+"""Console output and per-step curves.
 
 One rich Console for the whole process, on stderr (stdout stays free for a command's data); `print0` prints on rank 0
 only (nanochat). Text is printed as given: no markup (a path like `data/[run]/x.pt` stays intact), no highlighting,

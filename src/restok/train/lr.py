@@ -1,4 +1,4 @@
-"""Learning-rate schedule as a pure function of the optimiser step (spec training-and-eval.md section 3.3).
+"""Learning-rate schedule as a pure function of the optimiser step (docs/method.md, training-and-eval §3.3).
 
 lr(n) = base * n / W                                            for n < W
 lr(n) = end + (base - end) * 0.5 * (1 + cos(pi * (n - W) / (T - W)))   for W <= n <= T, and end after T.

@@ -1,4 +1,4 @@
-"""AdamW with the weight-decay parameter groups of spec training-and-eval.md sections 3.2 and 4.
+"""AdamW with the weight-decay parameter groups of docs/method.md, training-and-eval §3.2 and §4.
 
 No weight decay for a parameter if it has ndim < 2 or its name contains any of NO_DECAY_KEYWORDS. This rule is the
 same for the tokenizer (wd 1e-4), the discriminator heads (wd 1e-4) and the HAR generator (wd 0.05): it excludes
@@ -35,7 +35,7 @@ OUR_NO_DECAY_KEYWORDS = {
 
 
 def spec_no_decay(name: str) -> bool:
-    """The spec's name rule: True if `name` contains one of NO_DECAY_KEYWORDS (as a substring, as the paper code)
+    """The name rule of docs/method.md, training-and-eval §3.2: True if `name` contains one of NO_DECAY_KEYWORDS (as a substring, as the paper code)
     or one of OUR_NO_DECAY_KEYWORDS (the same parameters under our names)."""
     return any(keyword in name for keyword in (*NO_DECAY_KEYWORDS, *OUR_NO_DECAY_KEYWORDS))
 
@@ -159,7 +159,7 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, 
         lr: initial learning rate; the loop overwrites it every step with `lr.lr_at`.
         weight_decay: decay of the decay group (1e-4 tokenizer and discriminator, 0.05 generator).
         betas: (0.9, 0.95) in the paper for all three optimisers.
-        no_decay_names: name predicate for the no-decay group (the spec's rule by default).
+        no_decay_names: name predicate for the no-decay group (by default the rule of docs/method.md, training-and-eval §3.2).
     """
     groups = param_groups(model, weight_decay, no_decay_names)
     if not groups:
