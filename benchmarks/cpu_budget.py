@@ -35,7 +35,7 @@ def worker(batch: int, steps: int) -> None:
     spec = importlib.util.spec_from_file_location("tokenizer_benchmark", HERE / "tokenizer.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    row = bench.measure(bench.tokenizer_cfg("default"), batch, torch.device("cpu"), False, steps, 1)
+    row = bench.measure(bench.tokenizer_cfg("default"), batch, torch.device("cpu"), False, "none", steps, 1)
     print(json.dumps({"threads": torch.get_num_threads(), "images_per_s": row["train_images_per_s"]}))
 
 

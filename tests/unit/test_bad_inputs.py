@@ -9,7 +9,6 @@ shard stage converts or lists each of them and loses nothing else.
 from __future__ import annotations
 
 import gzip
-import io
 import shutil
 from pathlib import Path
 

@@ -6,7 +6,6 @@ save_artifact (no dependency on the training stages). The generator's zero-initi
 that the logits, and with them CFG and top-p, are not uniform.
 """
 import dataclasses
-import json
 import os
 import subprocess
 import sys

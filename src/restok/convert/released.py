@@ -74,7 +74,7 @@ def import_released(kind: Kind, official, params_key: str, expected: TokenizerCo
     bad = mismatches(kind, expected, cfg)
     if bad:
         raise ValueError(f"{section} does not describe the released {kind} at {path}: " + "; ".join(bad)
-                         + f". Set these keys in params (the official-l profile has the released values).")
+                         + ". Set these keys in params (the official-l profile has the released values).")
     provenance.update(repo_id=official.repo_id or None, revision=official.revision, local_file=official.file,
                       weights=f"official:{official.repo_id or official.file}@{provenance.get('sha256', '')[:12]}")
     provenance.pop("official_config", None)  # kept in the checkpoint folder; the artifact stores our config
