@@ -27,7 +27,7 @@ import torch
 import yaml
 
 import restok.stages  # noqa: F401  (torch threads from the job's CPUs, as in every stage)
-from restok.config import load_params, read_yaml
+from restok.config import cli_value, load_params, read_yaml, set_dotted
 from restok.stages import train_tokenizer as stage
 
 PARTS = {"pixel CNN encoder": "pixel_encoder", "ViT encoder": "encoder", "quantiser": "quantizer",
@@ -78,13 +78,7 @@ def main(argv=None) -> None:
     tree = read_yaml(args.params)
     for item in args.set:
         key, _, value = item.partition("=")
-        *parents, leaf = key.split(".")
-        node = tree
-        for k in parents:
-            node = node[k]
-        if leaf not in node:
-            raise SystemExit(f"{args.params} has no key {key!r}")
-        node[leaf] = yaml.safe_load(value)
+        set_dotted(tree, key, cli_value(value), f"{args.params}: ")
     with tempfile.TemporaryDirectory(prefix="profile_step.") as work:
         params_path = Path(work) / "params.yaml"
         params_path.write_text(yaml.safe_dump(tree, sort_keys=False))

@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 import restok.stages  # noqa: F401  (torch threads from the job's CPUs, as in every stage)
-from restok.config import load_params, read_yaml
+from restok.config import cli_value, load_params, read_yaml, set_dotted
 from restok.stages import train_tokenizer as stage
 
 # The tokenizer and its training before the speedrun (the default profile until then), as overrides.
@@ -55,21 +55,13 @@ def parse_recipe(text: str) -> tuple[str, dict]:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"recipe {text!r}: {item!r} is not key=value")
-        overrides[key.strip()] = yaml.safe_load(value)
+        overrides[key.strip()] = cli_value(value)
     return name, overrides
 
 
 def apply(tree: dict, overrides: dict) -> dict:
     for dotted, value in overrides.items():
-        node = tree
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            if not isinstance(node.get(key), dict):
-                raise SystemExit(f"params has no section {dotted!r}")
-            node = node[key]
-        if leaf not in node:
-            raise SystemExit(f"params has no key {dotted!r}")
-        node[leaf] = value
+        set_dotted(tree, dotted, value, "recipe key ")
     return tree
 
 

@@ -417,6 +417,18 @@ SECTIONS: dict[str, Any] = {
 }
 
 
+def cli_value(text: str):
+    """A params value as written on a command line (`key=value`): YAML, except that 3e-3 is a number (YAML 1.1,
+    which PyYAML reads, wants 3.0e-3)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def set_dotted(tree: dict, key: str, value, where: str = "") -> None:
     """tree["a"]["b"]["c"] = value for key "a.b.c"; refuses keys that do not exist."""
     *parents, leaf = key.split(".")

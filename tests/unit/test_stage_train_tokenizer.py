@@ -8,6 +8,7 @@ resume test runs the stage as a subprocess with every loss on (LPIPS and the DIN
 weights, GAN from step 3), SIGKILLs it once the first checkpoint exists, reruns it, and compares the final
 tokenizer.pt tensors bit for bit with an uninterrupted run.
 """
+import importlib.util
 import io
 import json
 import os
@@ -35,6 +36,8 @@ from restok.provenance import read_results
 from restok.stages import cache_features, train_tokenizer
 from restok.train import ckpt, finite
 from restok.weights import PACKAGED
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _params(smoke_params, tmp: Path, over: dict) -> Path:
@@ -248,3 +251,27 @@ def test_ddp_two_processes(smoke_params, smoke_shards, features, tmp_path):
     assert metrics["world_size"] == 2 and metrics["step"] == 6 and np.isfinite(metrics["psnr"])
     state = torch.load(sorted((tmp_path / "data/train_tokenizer/ckpt").glob("step_*.pt"))[-1], weights_only=True)
     assert len(state["rng"]) == 2 and state["data"] == {"samples_per_rank": 6 * 4}
+
+
+def test_time_to_target_benchmark_trains_with_the_stage_and_evaluates_like_it(smoke_params, smoke_shards, features,
+                                                                               trained, tmp_path):
+    """benchmarks/time_to_target.py runs the stage's own setup and loop: a recipe run to its last step in pieces,
+    evaluated in between, ends at the stage's own EMA PSNR (the `trained` fixture, same params, seed 0)."""
+    spec = importlib.util.spec_from_file_location("time_to_target", REPO / "benchmarks/time_to_target.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.parse_recipe("muon:train_tokenizer.optim.algorithm=muon,train_tokenizer.optim.lr=3e-3") == (
+        "muon", {"train_tokenizer.optim.algorithm": "muon", "train_tokenizer.optim.lr": 3e-3})
+    with pytest.raises(ParamsError, match="train_tokenizer.optim.nope: no such params key"):
+        bench.apply(yaml.safe_load(Path(smoke_params).read_text()), {"train_tokenizer.optim.nope": 1})
+    out = tmp_path / "ttt.json"
+    bench.main(["--recipe", "new", "--recipe", "muon:train_tokenizer.optim.algorithm=muon", "--every", "0.01",
+                "--budget", "1000", "--marks", "1000", "--params", str(smoke_params), "--shards", str(smoke_shards),
+                "--features", str(features), "--json", str(out)])
+    rows = {row["recipe"]: row for row in json.loads(out.read_text())["rows"]}
+    stage = read_results(trained / "results/train_tokenizer/metrics.json")
+    new = rows["new"]
+    assert new["steps"] == new["max_steps"] == 6 and len(new["evals"]) > 1  # evaluated between pieces
+    assert [e["step"] for e in new["evals"]] == sorted(e["step"] for e in new["evals"])
+    assert new["evals"][-1]["psnr"] == pytest.approx(stage["psnr"], abs=1e-3)
+    assert rows["muon"]["evals"][-1]["psnr"] != pytest.approx(stage["psnr"], abs=1e-3)  # another optimiser
