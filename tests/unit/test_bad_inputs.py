@@ -216,17 +216,18 @@ def test_a_folder_of_every_bad_file_loses_nothing(tmp_path, capsys):
     exif_rotated(root / "a" / "phone.jpg")
     rgba(root / "a" / "logo [tag].png")
     cmyk(root / "b[" / "print.jpg")
-    Image.new("RGB", (64, 64)).save(root / "b[" / "huge.png")
+    Image.new("RGB", (70, 70)).save(root / "b[" / "huge.png")
     (root / "b[" / "]broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
     (root / "b[" / "old [tag].png").write_bytes(b"\x89PNG truncated")
     (root / "b[" / "gone.png").symlink_to(root / "b[" / "deleted.png")
-    params = params_file(tmp_path, {"max_image_pixels": 60 * 60}, source="folder", root=str(root), num_classes=2,
+    # the limit stops huge.png (4,900 pixels) but not the 16-bit PNG, which is stored at 128 x 32 = 4,096
+    params = params_file(tmp_path, {"max_image_pixels": 4500}, source="folder", root=str(root), num_classes=2,
                          val_fraction=0.3)
     out = run_shard(params, tmp_path / "ws")
     manifests = [read_manifest(out, s) for s in ("train", "val")]
     skipped = {Path(s["path"]).name: s["reason"] for m in manifests for s in m["skipped"]}
     assert sorted(skipped) == ["]broken.jpg", "gone.png", "huge.png", "old [tag].png"]
-    assert "No such file" in skipped["gone.png"] and "exceeds shard.max_image_pixels=3600" in skipped["huge.png"]
+    assert "No such file" in skipped["gone.png"] and "exceeds shard.max_image_pixels=4500" in skipped["huge.png"]
     stored = sum(m["num_samples"] for m in manifests)
     assert stored == (6 + 3) + (6 + 1), "every plain and every convertible file is stored"
     assert sum(1 for s in ("train", "val") for _ in iter_split(out, s)) == stored
