@@ -9,16 +9,19 @@ shard stage converts or lists each of them and loses nothing else.
 from __future__ import annotations
 
 import gzip
+import json
+import io
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, UnidentifiedImageError
 
 from restok.config import ParamsError, Shard, load_params, profile_tree
-from restok.data.shards import iter_split, read_manifest
+from restok.data.shards import iter_split, read_manifest, store_transform
 from restok.data.sources import Item, SourceError, list_items, load_image, to_rgb
 from restok.stages import shard
 
@@ -202,6 +205,170 @@ def test_compressed_external_shard_is_refused_by_name(smoke_shards, tmp_path):
     params = params_file(tmp_path, source="wds", wds={"train": str(gz), "val": str(plain)})
     with pytest.raises(ValueError, match=rf"data.wds.train=.*: {gz} is gzip-compressed; external shards must "
                                          rf"be plain .tar"):
+        run_shard(params, tmp_path / "ws")
+
+
+# ------------------------------------------------------------------------------- every input accounted for
+def test_a_class_whose_files_are_all_unreadable_is_refused_by_name(tmp_path):
+    root = tmp_path / "photos"
+    for c in ("cats", "dogs"):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            if c == "cats":
+                Image.new("RGB", (24, 24), (40 * i, 0, 0)).save(root / c / f"{i}.png")
+            else:
+                (root / c / f"{i}.png").write_bytes(b"\x89PNG truncated")
+    params = params_file(tmp_path, source="folder", root=str(root), num_classes=2, val_fraction=0.3)
+    with pytest.raises(ValueError, match=r"shard train: class 'dogs' kept no image: every file of it was skipped "
+                                         r"\(e\.g\. .*dogs/\d\.png: "):
+        run_shard(params, tmp_path / "ws")
+    assert not (tmp_path / "ws/data/shard/train/manifest.json").exists()
+
+
+def test_files_skipped_by_kind_are_counted_and_listed(tmp_path):
+    root = tmp_path / "photos"
+    for split in ("train", "val"):
+        for c in ("cats", "dogs"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (24, 24), (40 * i, 100, 0)).save(root / split / c / f"{i}.png")
+    cats = root / "train" / "cats"
+    Image.new("RGB", (24, 24)).save(cats / "anim.gif")
+    (cats / "phone.heic").write_bytes(b"heic")
+    (cats / "README").write_text("no extension")
+    Image.new("RGB", (24, 24)).save(cats / ".hidden.png")
+    (cats / "more").mkdir()
+    Image.new("RGB", (24, 24)).save(cats / "more" / "x.png")
+    (root / "val" / "birds").mkdir()  # a val class that train lacks
+    Image.new("RGB", (24, 24)).save(root / "val" / "birds" / "0.png")
+    (root / "notes.txt").write_text("beside the splits")
+    params = params_file(tmp_path, source="folder", root=str(root), num_classes=2)
+    out = run_shard(params, tmp_path / "ws")
+    train, val = read_manifest(out, "train"), read_manifest(out, "val")
+    assert train["num_samples"] == 4 and val["num_samples"] == 4 and train["skipped"] == val["skipped"] == []
+    ignored = {str(Path(e["path"]).relative_to(root)): e["reason"] for e in train["ignored"]}
+    assert sorted(ignored) == ["notes.txt", "train/cats/.hidden.png", "train/cats/README", "train/cats/anim.gif",
+                               "train/cats/more", "train/cats/phone.heic"]
+    assert ignored["train/cats/anim.gif"].startswith("file kind .gif is not read (.bmp .jpeg")
+    assert ignored["train/cats/README"].startswith("file kind (no extension) is not read")
+    assert ignored["train/cats/.hidden.png"] == "hidden file"
+    assert ignored["train/cats/more"] == "nested folder (1 files under it not read)"
+    assert ignored["notes.txt"] == "a file beside the class folders is not read"
+    assert val["ignored"] == [{"path": str(root / "val" / "birds"),
+                               "reason": f"class folder that {root / 'train'} lacks (1 files under it not read)"}]
+    summary = json.loads((tmp_path / "ws/results/shard/summary.json").read_text())
+    assert summary["splits"]["train"]["num_ignored"] == 6 and summary["splits"]["val"]["num_ignored"] == 1
+
+
+def _imagenet_tree(root: Path) -> None:
+    for wnid in ("n01440764", "n01443537"):
+        (root / "train" / wnid).mkdir(parents=True)
+        Image.new("RGB", (24, 24)).save(root / "train" / wnid / f"{wnid}_1.JPEG")
+    (root / "val").mkdir()
+    for i in range(2):
+        Image.new("RGB", (24, 24)).save(root / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
+
+
+@pytest.mark.parametrize("labels, message", [
+    ("ILSVRC2012_val_00000000.JPEG 1\nILSVRC2012_val_00000001.JPEG 2\n",
+     r"line 2: label '2' is a class index outside 0\.\.1 \(2 classes in .*train\)"),
+    ("ILSVRC2012_val_00000000.JPEG n01440764\nILSVRC2012_val_00000001.JPEG n09999999\n",
+     r"line 2: label 'n09999999' is a WordNet id not among the class folders of train/"),
+    ("ILSVRC2012_val_00000000.JPEG -1\nILSVRC2012_val_00000001.JPEG 0\n",
+     r"line 1: label '-1' is a class index outside 0\.\.1"),
+    ("ILSVRC2012_val_00000000.JPEG\n", r"line 1: expected '<file> <label>', got 'ILSVRC2012_val_00000000.JPEG'"),
+])
+def test_imagenet_val_labels_outside_the_classes_are_refused_by_name(tmp_path, labels, message):
+    root = tmp_path / "ILSVRC2012"
+    _imagenet_tree(root)
+    (root / "val.txt").write_text(labels)
+    p = load_params(params_file(tmp_path, source="imagenet", root=str(root), num_classes=2,
+                                val_labels=str(root / "val.txt")))
+    with pytest.raises(SourceError, match=rf"data.val_labels='.*val.txt', {message}"):
+        list_items(p.data, "val")
+
+
+def test_imagenet_unknown_wnid_in_the_csv_and_extra_val_folders_are_refused_by_name(tmp_path):
+    root = tmp_path / "ILSVRC2012"
+    _imagenet_tree(root)
+    (root / "LOC.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000000,n01440764 1 2 3 4\n"
+                                  "ILSVRC2012_val_00000001,n04000000 1 2 3 4\n")
+    p = load_params(params_file(tmp_path, source="imagenet", root=str(root), num_classes=2,
+                                val_labels=str(root / "LOC.csv")))
+    with pytest.raises(SourceError, match=r"LOC.csv', line 3: label 'n04000000' is a WordNet id not among"):
+        list_items(p.data, "val")
+    for i, wnid in enumerate(("n01440764", "n01443537", "n02000000")):
+        (root / "val" / wnid).mkdir()
+        Image.new("RGB", (24, 24)).save(root / "val" / wnid / f"{i}.JPEG")
+    with pytest.raises(SourceError, match=rf"{root / 'val'} has class folders \['n02000000'\] that "
+                                          rf"{root / 'train'} lacks \(1\)"):
+        list_items(p.data, "val")
+
+
+def test_a_postscript_file_renamed_jpg_never_reaches_ghostscript(tmp_path):
+    eps = tmp_path / "photo.jpg"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\nshowpage\n%%EOF\n")
+    with pytest.raises(UnidentifiedImageError, match="cannot identify image file"):
+        load(eps)
+
+
+def _tar(path: Path, samples: list[dict]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for name, data in sample.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _encoded(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_wds_samples_get_the_folder_sources_conversion_and_skip_list(tmp_path):
+    """External shards are decoded at shard time like files: EXIF, 16-bit, alpha converted, upper-case extensions
+    read, a bad sample listed (it used to reach training, which stopped with a bare StopIteration)."""
+    png16(tmp_path / "deep.png")
+    rgba(tmp_path / "logo.png")
+    exif_rotated(tmp_path / "phone.jpg")
+    files = {"deep": (tmp_path / "deep.png").read_bytes(), "logo": (tmp_path / "logo.png").read_bytes(),
+             "phone": (tmp_path / "phone.jpg").read_bytes()}
+    plain = _encoded(Image.new("RGB", (48, 48), (0, 90, 200)), "PNG")
+    _tar(tmp_path / "train.tar", [
+        {"a.JPEG": files["phone"], "a.cls": b"0"}, {"b.png": files["deep"], "b.cls": b"1"},
+        {"c.png": files["logo"], "c.cls": b"0"}, {"d.jpg": b"\xff\xd8\xff truncated", "d.cls": b"1"},
+        {"e.png": plain}, {"f.txt": b"text", "f.cls": b"1"}, {"g.png": plain, "g.cls": b"1"}])
+    _tar(tmp_path / "val.tar", [{"v0.png": plain, "v0.cls": b"0"}, {"v1.png": plain, "v1.cls": b"1"}])
+    params = params_file(tmp_path, source="wds", num_classes=2, wds={"train": str(tmp_path / "train.tar"),
+                                                                     "val": str(tmp_path / "val.tar")})
+    out = run_shard(params, tmp_path / "ws")
+    m = read_manifest(out, "train")
+    skipped = {s["path"].rsplit("#", 1)[1]: s["reason"] for s in m["skipped"]}
+    assert sorted(skipped) == ["d", "e", "f"]
+    assert skipped["e"].startswith("no integer class (cls)") and skipped["f"].startswith("no image field")
+    assert m["num_samples"] == 4 and m["class_histogram"] == [2, 2] and not m["external"]
+    assert m["sources"] == [{"path": str(tmp_path / "train.tar"), "samples": 7,
+                             "sha256": m["sources"][0]["sha256"]}]
+    stored = list(iter_split(out, "train"))
+    p = load_params(params)
+    for (_, img, _), name in zip(stored[:3], ("phone", "deep", "logo")):
+        want = to_rgb(Image.open(io.BytesIO(files[name])), WHITE)
+        assert np.array_equal(np.asarray(img), np.asarray(store_transform(want, "train", p.data.resolution)))
+
+
+def test_wds_class_left_without_images_is_refused(tmp_path):
+    plain = _encoded(Image.new("RGB", (48, 48)), "PNG")
+    _tar(tmp_path / "train.tar", [{"a.png": plain, "a.cls": b"0"}, {"b.png": b"bad", "b.cls": b"1"}])
+    _tar(tmp_path / "val.tar", [{"v0.png": plain, "v0.cls": b"0"}, {"v1.png": plain, "v1.cls": b"1"}])
+    params = params_file(tmp_path, source="wds", num_classes=2, wds={"train": str(tmp_path / "train.tar"),
+                                                                     "val": str(tmp_path / "val.tar")})
+    with pytest.raises(ValueError, match=r"shard train: class '1' kept no image: .*train.tar#b: "
+                                         r"UnidentifiedImageError"):
+        run_shard(params, tmp_path / "ws")
+    _tar(tmp_path / "train.tar", [{"a.png": plain, "a.cls": b"0"}, {"b.png": plain, "b.cls": b"7"}])
+    with pytest.raises(SourceError, match=r"data.wds.train: .*train.tar#b has class 7, outside 0\.\.1"):
         run_shard(params, tmp_path / "ws")
 
 

@@ -159,16 +159,20 @@ def test_imagenet_layout_with_flat_val_and_labels_csv(tmp_path):
     assert sorted(label for *_, label in iter_split(out, "val")) == [0, 1, 1]
 
 
-def test_external_wds_shards_are_listed_not_copied(smoke_shards, tmp_path):
+def test_external_wds_shards_are_converted_like_files(smoke_shards, tmp_path):
     params = params_file(tmp_path, source="wds",
                          wds={"train": str(smoke_shards / "train/train-{000000..000002}.tar"),
                               "val": str(smoke_shards / "val/val-{000000..000001}.tar")})
     out = run_shard(params, tmp_path / "ws")
     m = read_manifest(out, "train")
-    assert m["external"] and m["num_samples"] == 48 and m["class_histogram"] == [12] * 4
-    assert not list((out / "train").glob("*.tar"))
-    assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in read_manifest(smoke_shards, "train")["shards"]]
-    assert sum(1 for _ in iter_split(out, "val")) == 24
+    assert not m["external"] and m["num_samples"] == 48 and m["class_histogram"] == [12] * 4 and m["skipped"] == []
+    assert len(list((out / "train").glob("*.tar"))) == 3
+    assert [s["sha256"] for s in m["sources"]] == [s["sha256"] for s in read_manifest(smoke_shards, "train")["shards"]]
+    for split in ("train", "val"):  # already stored images go through the store transform unchanged
+        ours, theirs = list(iter_split(out, split)), list(iter_split(smoke_shards, split))
+        assert len(ours) == len(theirs) and sum(1 for _ in iter_split(out, "val")) == 24
+        for (_, a, la), (_, b, lb) in zip(ours, theirs):
+            assert la == lb and np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_kill_9_leaves_nothing_that_looks_complete_and_rerun_matches(tmp_path):

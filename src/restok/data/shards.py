@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,7 +85,7 @@ def shard_paths(shard_dir: str | Path, manifest: dict) -> list[str]:
 def decode_image(sample: dict) -> Image.Image:
     for ext in ("png", "jpg", "jpeg", "webp"):
         if ext in sample:
-            with Image.open(io.BytesIO(sample[ext])) as im:
+            with Image.open(io.BytesIO(sample[ext]), formats=("PNG", "JPEG", "WEBP")) as im:
                 return im.convert("RGB")
     raise KeyError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image field")
 
@@ -108,13 +107,3 @@ def iter_split(shard_dir: str | Path, split: str, paths: list[str] | None = None
 def iter_split_uint8(shard_dir, split, paths=None):
     for key, img, label in iter_split(shard_dir, split, paths):
         yield key, to_uint8_tensor(img), label
-
-
-def count_tar(path: str) -> tuple[int, list[int]]:
-    """Samples in an external shard and their labels (one pass over the tar headers and cls members)."""
-    labels = []
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if member.name.endswith(".cls"):
-                labels.append(int(tar.extractfile(member).read().decode().strip()))
-    return len(labels), labels

@@ -2,8 +2,11 @@
 
 `list_items(data, split)` enumerates a split as picklable `Item`s (sorted, so the listing is deterministic) together
 with the class names; `load_image(item, data, shard)` opens one as 8-bit RGB (raising on a corrupt, missing or
-too large file, which the shard stage counts and lists). Class indices follow the sorted folder names (for
-ImageNet: sorted WordNet ids, the usual 0..999 order).
+too large file, which the shard stage counts and lists); `ignored_entries(data, split)` lists what the listing
+leaves out by kind (other file types, hidden files, nested folders, val class folders that train lacks), which the
+manifest lists too. Class indices follow the sorted folder names (for ImageNet: sorted WordNet ids, the usual 0..999
+order). Files are opened as one of the image formats of IMAGE_EXTS only (`FORMATS`): an EPS or PDF renamed .jpg is
+refused by PIL instead of being handed to Ghostscript.
 
 What a user's folder may hold is converted, not guessed at (`to_rgb`): EXIF orientation is applied, 16-bit
 images are scaled to 8 bits (not clipped), transparency is composited on `shard.alpha_background`, CMYK goes
@@ -24,6 +27,7 @@ from restok.config import Data, Shard
 from restok.data import builtin
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
+FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "PPM")  # the PIL decoders of IMAGE_EXTS, the only ones tried
 # shard.max_image_pixels is the one size limit: checked from the header before decoding (load_image), so PIL's
 # own warn-at-89-Mpx / refuse-at-179-Mpx pair is switched off instead of half-applying.
 Image.MAX_IMAGE_PIXELS = None
@@ -46,6 +50,54 @@ def _images_in(folder: Path) -> list[Path]:
     """Image files of a folder; a broken symlink is kept, so that loading it fails and the manifest lists it."""
     return sorted(p for p in folder.iterdir() if (p.is_file() or p.is_symlink()) and not p.name.startswith(".")
                   and p.suffix.lower() in IMAGE_EXTS)
+
+
+def _ignored_in(folder: Path, read_dirs: set[str] | list[str] = (), read_files: bool = True,
+               other_dirs: str = "") -> list[dict]:
+    """What the listing leaves out of `folder`, each with the reason: hidden entries, folders other than
+    `read_dirs` (with the number of files under them; `other_dirs` says why, default: a nested folder), and files
+    of other kinds (or every file, where `read_files` is False: a folder of class folders)."""
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.is_dir() and p.name in read_dirs:
+            continue
+        if p.name.startswith("."):
+            reason = "hidden " + ("folder" if p.is_dir() else "file")
+        elif p.is_dir():
+            n = sum(1 for q in p.rglob("*") if not q.is_dir())
+            reason = f"{other_dirs or 'nested folder'} ({n} files under it not read)"
+        elif not read_files:
+            reason = "a file beside the class folders is not read"
+        elif p.suffix.lower() in IMAGE_EXTS:
+            continue
+        else:
+            reason = f"file kind {p.suffix.lower() or '(no extension)'} is not read ({' '.join(sorted(IMAGE_EXTS))})"
+        out.append({"path": str(p), "reason": reason})
+    return out
+
+
+def ignored_entries(data: Data, split: str) -> list[dict]:
+    """Everything under data.root that the listing of `split` leaves out by kind, with the reason (the shard
+    stage's manifest lists it). Entries outside the split folders, and with a held-out val (no train/ and val/
+    folders) the class folders' own, are listed with the train split."""
+    if data.source not in ("folder", "imagenet"):
+        return []
+    root = Path(data.root)
+    split_layout = data.source == "imagenet" or ((root / "train").is_dir() and (root / "val").is_dir())
+    if not split_layout:
+        if split != "train":
+            return []
+        dirs = [d.name for d in _class_dirs(root)]
+        return _ignored_in(root, dirs, read_files=False) + [e for d in dirs for e in _ignored_in(root / d)]
+    names = [d.name for d in _class_dirs(root / "train")]
+    out = _ignored_in(root, ("train", "val"), read_files=False) if split == "train" else []
+    split_dir = root / split
+    if data.source == "imagenet" and split == "val" and not _class_dirs(split_dir):
+        return out + _ignored_in(split_dir)  # flat val
+    present = [n for n in names if (split_dir / n).is_dir()]
+    return (out + _ignored_in(split_dir, present, read_files=False,
+                              other_dirs=f"class folder that {root / 'train'} lacks")
+            + [e for n in present for e in _ignored_in(split_dir / n)])
 
 
 def _class_images(folder: Path) -> list[Path]:
@@ -95,20 +147,39 @@ def _folder_split(data: Data, split: str) -> tuple[list[tuple[Path, int]], list[
 
 
 def _imagenet_val_labels(data: Data, wnids: list[str]) -> dict[str, int]:
+    """{file stem: class index} from data.val_labels; a label that names no class of train/ (an unknown wnid, an
+    integer outside 0..n-1, anything else) is refused with the file, line and value."""
     path = Path(data.val_labels)
     if not path.is_file():
         raise SourceError(f"data.val_labels={data.val_labels!r}: file not found")
     index = {w: i for i, w in enumerate(wnids)}
+
+    def label(value: str, where: str) -> int:
+        if value in index:
+            return index[value]
+        if value.isdigit() and int(value) < len(wnids):
+            return int(value)
+        kind = (f"class index outside 0..{len(wnids) - 1}" if value.lstrip("+-").isdigit()
+                else "WordNet id not among the class folders of train/")
+        raise SourceError(f"data.val_labels={data.val_labels!r}, {where}: label {value!r} is a {kind} "
+                          f"({len(wnids)} classes in {Path(data.root) / 'train'})")
+
     labels = {}
     with open(path) as f:
         if path.suffix == ".csv":  # Kaggle LOC_val_solution.csv: ImageId,PredictionString ("n01751748 x y x y ...")
-            for row in csv.DictReader(f):
-                labels[row["ImageId"]] = index[row["PredictionString"].split()[0]]
+            for line, row in enumerate(csv.DictReader(f), start=2):
+                if not row.get("ImageId") or not (row.get("PredictionString") or "").split():
+                    raise SourceError(f"data.val_labels={data.val_labels!r}, line {line}: expected the columns "
+                                      f"ImageId,PredictionString, got {row}")
+                labels[row["ImageId"]] = label(row["PredictionString"].split()[0], f"line {line}")
         else:  # "<file> <wnid or class index>" per line
-            for line in f:
-                if line.strip():
-                    name, lab = line.split()[:2]
-                    labels[Path(name).stem] = index[lab] if lab in index else int(lab)
+            for line, text in enumerate(f, start=1):
+                if text.strip():
+                    parts = text.split()
+                    if len(parts) < 2:
+                        raise SourceError(f"data.val_labels={data.val_labels!r}, line {line}: expected "
+                                          f"'<file> <label>', got {text.strip()!r}")
+                    labels[Path(parts[0]).stem] = label(parts[1], f"line {line}")
     return labels
 
 
@@ -125,6 +196,10 @@ def _imagenet_split(data: Data, split: str) -> tuple[list[tuple[Path, int]], lis
     if not val.is_dir():
         raise SourceError(f"data.root={data.root!r}: no val/ folder")
     if _class_dirs(val):
+        extra = [d.name for d in _class_dirs(val) if d.name not in wnids]
+        if extra:
+            raise SourceError(f"{val} has class folders {extra[:5]}{' ...' if len(extra) > 5 else ''} that {train} "
+                              f"lacks ({len(extra)}); remove them or add them to train/")
         return [(p, wnids.index(d.name)) for d in _class_dirs(val) for p in _class_images(d)], wnids
     if not data.val_labels:
         raise SourceError(f"{val} is flat: set data.val_labels to LOC_val_solution.csv or a 'file label' list")
@@ -180,15 +255,22 @@ def to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(item: Item, data: Data, shard: Shard) -> Image.Image:
-    """Open one item as 8-bit RGB (`to_rgb`). Raises (OSError, ValueError, ...) on an unreadable, missing or
-    larger than shard.max_image_pixels file, which the shard stage lists as skipped."""
-    if data.source == "builtin":
-        return builtin.render(item.label, item.index, builtin_native_size(data.resolution), data.builtin.seed)
-    with Image.open(item.path) as im:
+def open_image(fp, shard: Shard) -> Image.Image:
+    """A file name or binary file object as 8-bit RGB (`to_rgb`), tried with the decoders of FORMATS only; raises
+    (OSError, ValueError, ...) on an unreadable file or one larger than shard.max_image_pixels (checked from the
+    header, before decoding)."""
+    with Image.open(fp, formats=FORMATS) as im:
         w, h = im.size
         if w * h > shard.max_image_pixels:
             raise ValueError(f"{w}x{h} = {w * h} pixels exceeds shard.max_image_pixels={shard.max_image_pixels} "
                              f"(a decompression bomb or an oversized scan); not decoded")
         im.load()
         return to_rgb(im, tuple(shard.alpha_background))
+
+
+def load_image(item: Item, data: Data, shard: Shard) -> Image.Image:
+    """Open one item as 8-bit RGB (`open_image`). Raises (OSError, ValueError, ...) on an unreadable, missing or
+    larger than shard.max_image_pixels file, which the shard stage lists as skipped."""
+    if data.source == "builtin":
+        return builtin.render(item.label, item.index, builtin_native_size(data.resolution), data.builtin.seed)
+    return open_image(item.path, shard)

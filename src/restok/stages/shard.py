@@ -5,15 +5,21 @@
 Train images are stored with the short side at ceil(res / 0.8), aspect kept, so the training crops and the
 ten-crop are taken at read time; val images are stored already in the eval view (res x res). Train order is
 shuffled (seeded) across shards. Unreadable images, and images larger than shard.max_image_pixels before or after
-the resize (an extreme aspect ratio), are counted, listed in the manifest with the reason and skipped. A worker
+the resize (an extreme aspect ratio), are counted, listed in the manifest with the reason and skipped; so are,
+under `ignored`, the entries the listing leaves out by kind (other file types, hidden files, nested folders). A
+class left with no image (all of its files unreadable) stops the stage by name, like an empty class folder. A worker
 process that dies (the OOM killer, a signal) stops the stage with a message, the split without a manifest. With
-`data.source: wds` nothing is copied: the manifest lists the external shards (sha256, counts).
+`data.source: wds` each external shard is converted into one local shard the same way (same decoding, same
+conversion, same skips; samples keep the external order, keys become digits), and the manifest lists the external
+shards it read (`sources`: sha256, counts).
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import io
 import shutil
+import tarfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -28,9 +34,8 @@ from torchvision.utils import make_grid, save_image
 
 from restok.config import load_params
 from restok.cpus import job_cpus
-from restok.data.shards import (MANIFEST, count_tar, encode_image, iter_split_uint8, sha256_file,
-                                store_transform, write_shard)
-from restok.data.sources import Item, list_items, load_image
+from restok.data.shards import MANIFEST, encode_image, iter_split_uint8, sha256_file, store_transform, write_shard
+from restok.data.sources import IMAGE_EXTS, Item, SourceError, ignored_entries, list_items, load_image, open_image
 from restok.io import write_json_atomic
 from restok.provenance import write_results
 from restok.train.log import console, progress
@@ -106,30 +111,98 @@ def _refuse_compressed(url: str, where: str) -> None:
                              f"(decompress it, e.g. `{name} -d`, and point the pattern at the .tar)")
 
 
-def _scan_external(url: str):
-    n, labels = count_tar(url)
-    return {"path": url, "samples": n, "sha256": sha256_file(url)}, labels
+def _external_samples(url: str):
+    """(key, {extension (lower case): bytes}) per sample of a tar, grouped as webdataset groups them (the key is
+    the member path up to the first dot of its file name)."""
+    key, fields = None, {}
+    with tarfile.open(url) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            head, _, name = member.name.rpartition("/")
+            stem, dot, ext = name.partition(".")
+            if not dot:
+                continue
+            k = f"{head}/{stem}" if head else stem
+            if k != key and key is not None:
+                yield key, fields
+                fields = {}
+            key = k
+            fields[ext.lower()] = tar.extractfile(member).read()
+    if key is not None:
+        yield key, fields
 
 
-def shard_external(split: str, pattern: str, names: list[str], p) -> dict:
+def _convert_external(job):
+    """Worker: one external shard into one local shard, each sample through `open_image` and the store transform
+    like a file of a folder source; returns (entry, labels, skipped, source entry)."""
+    url, path, k, split, data, cfg = job
+    exts = [e.lstrip(".") for e in sorted(IMAGE_EXTS)]
+    samples, labels, skipped = [], [], []
+    for j, (key, fields) in enumerate(_external_samples(url)):
+        where = f"{url}#{key}"
+        try:
+            label = int(fields["cls"].decode().strip())
+        except (KeyError, ValueError, UnicodeDecodeError) as e:
+            skipped.append({"path": where, "reason": f"no integer class (cls): {type(e).__name__}: {e}"})
+            continue
+        if not 0 <= label < data.num_classes:
+            raise SourceError(f"data.wds.{split}: {where} has class {label}, outside 0..{data.num_classes - 1} "
+                              f"(data.num_classes={data.num_classes})")
+        field = next((e for e in exts if e in fields), None)
+        if field is None:
+            skipped.append({"path": where, "reason": f"no image field ({' '.join(exts)}); it has {sorted(fields)}"})
+            continue
+        try:
+            img = store_transform(open_image(io.BytesIO(fields[field]), cfg), split, data.resolution,
+                                  cfg.max_image_pixels)
+        except Exception as e:  # any decode failure: counted and listed, never silent
+            skipped.append({"path": where, "reason": f"{type(e).__name__}: {e}"})
+            continue
+        samples.append({"__key__": f"{k:06d}{j:06d}", cfg.image_format: encode_image(img, cfg.image_format,
+                                                                                   cfg.jpeg_quality),
+                        "cls": label})
+        labels.append(label)
+    source = {"path": url, "samples": len(samples) + len(skipped), "sha256": sha256_file(url)}
+    return write_shard(Path(path), samples), labels, skipped, source
+
+
+def shard_external(split: str, pattern: str, names: list[str], out: Path, p) -> dict:
     urls = list(wds.shardlists.expand_urls(pattern))
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(f"data.wds.{split}={pattern!r}: {len(missing)} shard(s) not found, e.g. {missing[0]}")
     for u in urls:
         _refuse_compressed(u, f"data.wds.{split}={pattern!r}")
-    entries, hist = [], Counter()
-    with _pool(min(p.shard.workers, job_cpus())) as pool, progress(len(urls), f"scan {split}") as bar:
+    jobs = [(u, str(out / f"{split}-{k:06d}.tar"), k, split, p.data, p.shard) for k, u in enumerate(urls)]
+    entries, sources, hist, skipped = [], [], Counter(), []
+    with _pool(min(p.shard.workers, job_cpus(), max(1, len(jobs)))) as pool, \
+            progress(len(jobs), f"shard {split} (wds)") as bar:
         try:
-            for entry, labels in pool.map(_scan_external, urls):
+            for entry, labels, skip, source in pool.map(_convert_external, jobs):
                 entries.append(entry)
+                sources.append(source)
                 hist.update(labels)
+                skipped += skip
                 bar.advance(1)
         except BrokenProcessPool as e:
-            raise _died(f"shard {split} (scan)", len(entries), len(urls), urls[len(entries)], e) from None
-    k = max(hist) + 1 if hist else 0
-    return {"shards": entries, "external": True, "num_samples": sum(e["samples"] for e in entries),
-            "class_histogram": [hist[c] for c in range(max(k, len(names)))], "skipped": []}
+            raise _died(f"shard {split} (wds)", len(entries), len(urls), urls[len(entries)], e) from None
+    return {"shards": entries, "external": False, "sources": sources,
+            "num_samples": sum(e["samples"] for e in entries),
+            "class_histogram": [hist[c] for c in range(len(names))], "skipped": skipped}
+
+
+def _refuse_lost_classes(split: str, body: dict, names: list[str], listed: Counter | None) -> None:
+    """A class that had images but kept none (every one unreadable) is refused by name, like an empty folder."""
+    lost = [c for c, n in enumerate(body["class_histogram"]) if n == 0 and (listed is None or listed[c] > 0)]
+    if not lost:
+        return
+    first = body["skipped"][0] if body["skipped"] else None
+    raise ValueError(f"shard {split}: class{'es' if len(lost) > 1 else ''} "
+                     f"{', '.join(repr(names[c]) for c in lost[:5])}{' ...' if len(lost) > 5 else ''} kept no image: "
+                     f"every file of {'them' if len(lost) > 1 else 'it'} was skipped"
+                     + (f" (e.g. {first['path']}: {first['reason']})" if first else "")
+                     + "; fix or remove the files, or remove the class folder")
 
 
 def sample_grid(shard_dir: Path, split: str, num_classes: int, per_class: int = 8) -> torch.Tensor:
@@ -169,7 +242,8 @@ def main(argv=None):
             body = {"shards": [], "external": False, "num_samples": 0, "class_histogram": [0] * len(names),
                     "skipped": [], "left_out": f"not in shard.splits {p.shard.splits}"}
         elif data.source == "wds":
-            body = shard_external(split, getattr(data.wds, split), names, p)
+            body = shard_external(split, getattr(data.wds, split), names, split_dir, p)
+            _refuse_lost_classes(split, body, names, None)  # every class must have images in both splits
         else:
             items, names = listings[split]
             body = shard_local(split, items, names, split_dir, p)
@@ -177,17 +251,23 @@ def main(argv=None):
                 first = body["skipped"][0]
                 raise ValueError(f"shard {split}: none of its {len(items)} images could be read, e.g. "
                                  f"{first['path']}: {first['reason']}")
+            _refuse_lost_classes(split, body, names, Counter(it.label for it in items))
+        body["ignored"] = [] if split not in wanted else ignored_entries(data, split)
         manifest = {"split": split, "source": data.source, "root": data.root, "resolution": data.resolution,
                     "stored": ("short_side=ceil(res/0.8)" if split == "train" else "eval_view(res)"),
                     "num_classes": len(names), "class_names": names, **body}
         write_json_atomic(split_dir / MANIFEST, manifest)
         summary["splits"][split] = {"num_samples": body["num_samples"], "num_shards": len(body["shards"]),
-                                    "num_skipped": len(body["skipped"]), "class_histogram": body["class_histogram"]}
+                                    "num_skipped": len(body["skipped"]), "num_ignored": len(body["ignored"]),
+                                    "class_histogram": body["class_histogram"]}
         # file names such as "a [tag].png" or "x[/b].jpg" are printed verbatim (no rich markup), one line each
         console.print(f"shard {split}: {body['num_samples']} images in {len(body['shards'])} shards, "
-                      f"{len(body['skipped'])} skipped", markup=False, highlight=False, soft_wrap=True)
+                      f"{len(body['skipped'])} skipped, {len(body['ignored'])} entries not read by kind",
+                      markup=False, highlight=False, soft_wrap=True)
         for s in body["skipped"][:10]:
             console.print(f"  skipped {s['path']}: {s['reason']}", markup=False, highlight=False, soft_wrap=True)
+        for s in body["ignored"][:10]:
+            console.print(f"  not read {s['path']}: {s['reason']}", markup=False, highlight=False, soft_wrap=True)
 
     results.mkdir(parents=True, exist_ok=True)
     grid = sample_grid(out, "val" if "val" in wanted else "train", data.num_classes)
