@@ -14,13 +14,18 @@ node, outside any job step). It starts one torchrun per node with `srun --nodes=
 step of the allocation, not a nested one, so it cannot wait for resources an enclosing step holds. When it is
 started inside a step anyway (SLURM_STEP_ID set, e.g. by a user's own `srun`), it adds `--overlap`, SLURM's
 documented form for a step that shares the resources of a running one. The c10d rendezvous is hosted on this
-machine (the first node, which runs one of the torchrun agents) on a port free here, not a fixed 29500 that
-two jobs on one node would both claim. `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` is set so `--max-restarts` works
-on torch 2.14 (docs/tooling.md, ecosystem §6); restarted workers resume from the last checkpoint.
+machine (the first node, which runs one of the torchrun agents) at the address SLURM has for it (`NodeAddr` of
+the allocation's first node, from `scontrol`; `gethostname()` may resolve to 127.0.1.1 through /etc/hosts, which
+no other node can reach), on a port free here, not a fixed 29500 that two jobs on one node would both claim.
+`TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` is set so `--max-restarts` works on torch 2.14 (docs/tooling.md, ecosystem
+§6); restarted workers resume from the last checkpoint. An error that a restart would only repeat (a full disk
+while checkpointing) calls `stop_without_restart`: the worker's torchrun agent is told to stop, so the job fails
+once, with the worker's message, instead of after three restarts.
 """
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +38,33 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def first_node_address() -> str:
+    """The address SLURM has for the allocation's first node (`NodeAddr`; by default its node name)."""
+    def scontrol(*args: str) -> str:
+        try:
+            return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise RuntimeError(f"`scontrol {' '.join(args)}` failed ({getattr(e, 'stderr', '') or e}): the "
+                               f"rendezvous address of a multi-node run comes from SLURM") from None
+
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        raise RuntimeError("SLURM_JOB_NODELIST is not set: not inside a SLURM allocation")
+    names = scontrol("show", "hostnames", nodelist).split()
+    if not names:
+        raise RuntimeError(f"`scontrol show hostnames {nodelist}` listed no node")
+    fields = dict(f.split("=", 1) for f in scontrol("show", "node", "--oneliner", names[0]).split() if "=" in f)
+    return fields.get("NodeAddr") or names[0]
+
+
+def stop_without_restart(message: str) -> None:
+    """Print `message` and, in a torchrun worker, tell its agent (the parent process) to stop rather than restart
+    the workers: for an error that a restart would repeat after redoing the steps since the last checkpoint."""
+    print(f"restok: {message}; stopping without a restart", file=sys.stderr, flush=True)
+    if "TORCHELASTIC_RUN_ID" in os.environ and os.getppid() > 1:
+        os.kill(os.getppid(), signal.SIGTERM)  # the agent shuts its workers down and exits non-zero
 
 
 def srun_command(nnodes: int) -> list[str]:
@@ -50,7 +82,7 @@ def torchrun_command(module: str, args: list[str], nproc: int, nnodes: int, max_
     if "SLURM_JOB_ID" not in os.environ:
         raise RuntimeError(f"RESTOK_NNODES={nnodes} needs a SLURM allocation (or launch torchrun on each node "
                            f"yourself: torchrun --nnodes={nnodes} --rdzv-endpoint=HOST:PORT -m {module} ...)")
-    rdzv = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={socket.gethostname()}:{free_port()}",
+    rdzv = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={first_node_address()}:{free_port()}",
             f"--rdzv-id={os.environ['SLURM_JOB_ID']}"]
     return [*srun_command(nnodes), *run, *rdzv, "-m", module, *args]
 

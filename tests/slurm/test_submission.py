@@ -30,6 +30,8 @@ def script_module(name: str):
 @pytest.mark.parametrize("in_step", [False, True])
 def test_multi_node_launch_is_one_srun_step_with_a_free_port(monkeypatch, in_step):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", socket.gethostname())
+    monkeypatch.setenv("PATH", f"{Path(__file__).parent / 'fakes'}{os.pathsep}{os.environ['PATH']}")  # scontrol
     if in_step:
         monkeypatch.setenv("SLURM_STEP_ID", "0")
     else:

@@ -39,6 +39,7 @@ Loop usage (both training stages):
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import hashlib
 import importlib.metadata
@@ -61,6 +62,7 @@ from torch import nn
 
 from restok.deps import code_sha256
 from restok.io import save_torch_atomic
+from restok.launch import stop_without_restart
 from restok.train.dist import is_dist, unwrap
 from restok.train.ema import EMA
 
@@ -187,7 +189,16 @@ def save(ckpt_dir: str | Path, state: dict, step: int, keep: int = 2) -> Path:
         raise ValueError(f"keep={keep} must be >= 1 (checkpoints to keep)")
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / f"step_{step:09d}.pt"
-    save_torch_atomic(state, path)
+    try:
+        save_torch_atomic(state, path)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        message = (f"cannot write checkpoint {path}: {e.strerror} ({errno.errorcode[e.errno]}); "
+                   f"free space in {ckpt_dir} (or lower loop.keep_ckpts) and rerun: the run resumes from the last "
+                   f"checkpoint")
+        stop_without_restart(message)
+        raise OSError(e.errno, message) from e
     for old in _checkpoints(ckpt_dir)[:-keep]:
         old.unlink()
     for stale in ckpt_dir.glob("*.tmp.*"):  # left by a writer killed mid-write
