@@ -3,13 +3,18 @@ edit touches."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import time
 
 import yaml
 
 from restok import ablate, deps
+from restok.provenance import read_results
 
-from .conftest import run
+from .conftest import BIN, run
 from .test_graphs import dvc_graph
 
 
@@ -128,6 +133,44 @@ def test_a_param_change_reruns_only_the_stages_that_declare_it(smoke_ws):
     finally:
         params_path.write_text(original)
     assert changed_stages(smoke_ws) == set()
+
+
+def test_kill_9_in_dvc_repro_extract_latents_resumes(smoke_ws, tmp_path):
+    """DVC deletes data/extract_latents before rerunning the stage; the progress kept beside it survives, so the
+    rerun resumes where the killed one stopped and writes what an uninterrupted run writes."""
+    params_path = smoke_ws / "params.yaml"
+    original = params_path.read_text()
+    tree = yaml.safe_load(original)
+    tree["extract_latents"]["batch_size"] = 1  # one image per progress update: a window for the kill
+    params_path.write_text(yaml.safe_dump(tree))
+    progress = smoke_ws / "data/extract_latents.partial/train/progress.json"
+    try:
+        victim = subprocess.Popen(["dvc", "repro", "extract_latents"], cwd=smoke_ws, start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                                       "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"})
+        deadline, done = time.time() + 600, 0
+        while not done and victim.poll() is None and time.time() < deadline:
+            try:
+                done = json.loads(progress.read_text())["done"]
+            except (FileNotFoundError, json.JSONDecodeError):
+                time.sleep(0.005)
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+        done = json.loads(progress.read_text())["done"]
+        assert 0 < done < 48, f"killed after {done} of 48 train images"
+        run(["dvc", "repro", "extract_latents"], smoke_ws, env={"OMP_NUM_THREADS": "1"})
+        resumed = read_results(smoke_ws / "results/extract_latents/summary.json")["splits"]["train"]
+        assert resumed["resumed_from"] == done and not progress.parent.parent.exists()
+        clean = tmp_path / "clean"
+        run(["python", "-m", "restok.stages.extract_latents", "--params", "params.yaml", "--out", str(clean / "data"),
+             "--results", str(clean / "results")], smoke_ws, env={"OMP_NUM_THREADS": "1"})
+        for split in ("train", "val"):
+            for name in ("codes.npy", "labels.npy", "meta.json"):
+                assert (smoke_ws / "data/extract_latents" / split / name).read_bytes() == \
+                    (clean / "data" / split / name).read_bytes(), f"{split}/{name}"
+    finally:
+        params_path.write_text(original)
 
 
 def test_changed_resolution_reruns_shard(smoke_ws):

@@ -99,8 +99,9 @@ def test_outputs_and_val_numbers(trained, latents):
     assert rows[0].split("\t") == ["step", "loss", "val_loss", "lr"]
     assert [r.split("\t")[0] for r in rows[1:]] == ["2", "4", "6"]
     assert all(len(r.split("\t")) == 4 and "" not in r.split("\t") for r in rows[1:])
-    assert sorted(p.name for p in (trained / "data" / "ckpt").iterdir()) == ["step_000000003.pt",
+    assert sorted(p.name for p in (trained / "data" / "ckpt").iterdir()) == ["curve.tsv", "step_000000003.pt",
                                                                              "step_000000006.pt"]
+    assert (trained / "data" / "ckpt" / "curve.tsv").read_text() == (trained / "results" / "curve.tsv").read_text()
 
 
 def test_sampler_is_seeded_and_covers_epochs():

@@ -231,6 +231,7 @@ def test_kill9_resume_is_bitwise_identical(smoke_params, smoke_shards, features,
     victim.wait()
     assert not (killed / "data/train_tokenizer/tokenizer.pt").exists()  # killed mid-run
     assert runner.wait() == 0, (tmp_path / "straight.log").read_text()
+    shutil.rmtree(killed / "results")  # DVC and Snakemake delete the outputs (curve.tsv too) before a rerun
     rerun = _launch(_args(params, smoke_shards, features, killed), tmp_path / "rerun.log")
     assert rerun.wait() == 0, (tmp_path / "rerun.log").read_text()
     assert "resumed from step 2" in (tmp_path / "rerun.log").read_text()

@@ -310,6 +310,22 @@ def test_curve_writer_resume_truncates(tmp_path):
     assert path.read_text() == "step\tloss\tlr\n"
 
 
+def test_curve_history_survives_the_orchestrator_deleting_the_curve(tmp_path):
+    """DVC and Snakemake delete results/<stage>/curve.tsv (an output) before rerunning the stage; the copy kept
+    beside the checkpoints gives a resumed run its history back."""
+    path, keep = tmp_path / "results" / "curve.tsv", tmp_path / "ckpt" / "curve.tsv"
+    with log.CurveWriter(path, ["loss"], keep=keep) as curve:
+        for step in range(1, 5):
+            curve.write(step, loss=1.0 / step)
+    path.unlink()
+    with log.CurveWriter(path, ["loss"], resume_step=2, keep=keep) as curve:
+        curve.write(3, loss=0.25)
+    want = "step\tloss\n1\t1\n2\t0.5\n3\t0.25\n"
+    assert path.read_text() == want and keep.read_text() == want
+    log.CurveWriter(path, ["loss"], keep=keep).close()  # a fresh start clears both
+    assert path.read_text() == keep.read_text() == "step\tloss\n"
+
+
 def test_progress_plain_lines_when_not_interactive():
     assert not log.console.is_interactive  # pytest captures stdout: the Snakemake/SLURM case
     with log.console.capture() as captured:

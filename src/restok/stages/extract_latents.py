@@ -9,10 +9,12 @@ view and its flip); val images under the eval view only (one view, for the gener
 rebuilt from the config stored in tokenizer.pt and runs in eval mode in fp32 (TF32 matmuls allowed on CUDA).
 
 Per split, `data/extract_latents/<split>/` holds `codes.npy` (N x views x L, the smallest integer dtype that holds
-the codebook), `labels.npy` (N,) int64 and `meta.json` (written last). The run is resumable after kill -9: codes go
-into `codes.npy.partial` (a memmap, flushed before `progress.json` records how many images are done) and are renamed
-when the split is complete. Batches always start at multiples of `batch_size` images, so a resumed run encodes the
-same batches as an uninterrupted one and writes identical files. `results/extract_latents/summary.json` has code usage
+the codebook), `labels.npy` (N,) int64 and `meta.json` (written last). The run is resumable after kill -9, also
+under DVC and Snakemake, which delete a stage's outputs before running it: the work happens in the sibling folder
+`<out>.partial/` (data/extract_latents.partial, no orchestrator's output), codes going into `codes.npy.partial` (a
+memmap, flushed before `progress.json` records how many images are done), renamed when the split is complete; when
+both splits are, they move into `<out>/` and the sibling folder is removed. Batches always start at multiples of
+`batch_size` images, so a resumed run encodes the same batches as an uninterrupted one and writes identical files. `results/extract_latents/summary.json` has code usage
 and entropy per level (pooled over a level's positions), the per-position entropy per level and its conditional
 given the class (`per_position`, restok.metrics.position_entropy), throughput and the tokenizer's provenance.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -106,6 +109,21 @@ def _clear(split_dir: Path) -> None:
     """Remove this stage's outputs and partial files of one split (a fresh start)."""
     for name in ("codes.npy", "labels.npy", "meta.json", "codes.npy.partial", "labels.npy.partial", "progress.json"):
         (split_dir / name).unlink(missing_ok=True)
+
+
+def work_dir(out: Path) -> Path:
+    """Where a run keeps its resumable state: beside `out`, which DVC and Snakemake delete before a run."""
+    return out.with_name(out.name + ".partial")
+
+
+def publish(out: Path, work: Path) -> None:
+    """Move the complete splits from the work folder into `out` (each replaced whole) and remove the work folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        if (out / split).exists():
+            shutil.rmtree(out / split)
+        os.replace(work / split, out / split)
+    work.rmdir()
 
 
 def encode_split(model: ResTok, shard_dir: Path, split: str, kind: str, p, split_dir: Path, source: dict,
@@ -208,14 +226,20 @@ def main(argv=None):
     summary = {"splits": {}}
     run_info = {"profile": p.profile, "device": str(device), "params": asdict(el), "tokenizer": tokenizer,
                 "splits": {}}
+    work, runs = work_dir(out), {}
     for split, kind in (("train", el.views), ("val", "eval")):
+        if (out / split / "meta.json").is_file() and not (work / split).exists():  # a finished run's: reusable
+            (work / split).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(out / split, work / split)
         # what the codes depend on: a resumed or finished split is reused only if all of it is unchanged
         source = {"tokenizer": tokenizer, "shards_sha256": [s["sha256"] for s in manifests[split]["shards"]],
                   "batch_size": el.batch_size, "device": device.type}
-        run = encode_split(model, shard_dir, split, kind, p, out / split, source, device)
+        runs[split] = encode_split(model, shard_dir, split, kind, p, work / split, source, device)
+        console.print(f"extract_latents {split}: {NUM_VIEWS[kind]} views in {runs[split]['seconds']:.1f}s"
+                      + (f" (resumed from image {runs[split]['resumed_from']})" if runs[split]["resumed_from"] else ""))
+    publish(out, work)
+    for split, run in runs.items():
         summary["splits"][split], run_info["splits"][split] = split_summary(out / split, model, run)
-        console.print(f"extract_latents {split}: {summary['splits'][split]['num_images']} images x "
-                      f"{NUM_VIEWS[kind]} views in {run['seconds']:.1f}s")
     results.mkdir(parents=True, exist_ok=True)
     write_results(results / "summary.json", summary, run_info, device)
 

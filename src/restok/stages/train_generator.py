@@ -218,8 +218,8 @@ def train_and_evaluate(p, args) -> None:
     val_num = min(val.num, p.train_generator.val_batches * loop.batch_size)
     level_sizes = train.meta["level_sizes"]
     columns = ["loss", "val_loss", "lr"] if val_num else ["loss", "lr"]
-    curve = CurveWriter(results / "curve.tsv", columns, resume_step=step if resume else None) if info.is_main \
-        else None
+    curve = CurveWriter(results / "curve.tsv", columns, resume_step=step if resume else None,
+                        keep=out / "ckpt" / "curve.tsv") if info.is_main else None
     loss_sum, loss_steps, train_secs, first_step = torch.zeros((), device=device), 0, 0.0, step
     guard = finite.FiniteGuard("train_generator", ["loss", "grad_norm"], device)
     net.train()

@@ -393,7 +393,7 @@ def setup(p, args: argparse.Namespace) -> Run:
     bf16 = dist.use_bf16(loop.precision, device)
     disc_params = [q for q in loss_fn.gan.discriminator.parameters() if q.requires_grad] if loss_fn.gan else []
     columns = ["loss", *loss_terms(loss_cfg), *(["d_loss"] if loss_fn.gan else []), "lr"]
-    curve = CurveWriter(results / "curve.tsv", columns, resumed) if info.is_main else None
+    curve = CurveWriter(results / "curve.tsv", columns, resumed, keep=ckpt_dir / "curve.tsv") if info.is_main else None
     print0(f"train_tokenizer: {sum(q.numel() for q in model.parameters()) / 1e6:.2f}M params, device {device}, "
            f"world {info.world_size}, bf16 {bf16}, optimizer {opt_cfg.algorithm}, VF {vfs.reason}, "
            + (f"resumed from step {resumed}" if resumed is not None else "fresh start"))

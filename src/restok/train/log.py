@@ -76,25 +76,33 @@ class CurveWriter:
         columns: value columns after "step".
         resume_step: None starts a fresh file; otherwise rows with step > resume_step (written after the checkpoint
             the run resumes from) and any half-written last line are dropped, and writing continues.
+        keep: a second copy, written row for row, where the orchestrators leave it (<out>/ckpt/curve.tsv): DVC and
+            Snakemake delete `path` (a stage output) before a rerun, and a resumed run then takes its history from
+            `keep`.
     """
 
-    def __init__(self, path: str | Path, columns: Sequence[str], resume_step: int | None = None):
+    def __init__(self, path: str | Path, columns: Sequence[str], resume_step: int | None = None,
+                 keep: str | Path | None = None):
         self.path = Path(path)
         self.columns = list(columns)
         header = "\t".join(["step", *self.columns])
-        rows = self._kept_rows(header, resume_step) if resume_step is not None and self.path.exists() else []
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.tmp.{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in [header, *rows]))
-        os.replace(tmp, self.path)
-        self._file = open(self.path, "a")
+        paths = [self.path] + ([Path(keep)] if keep is not None else [])
+        source = next((q for q in paths if q.exists()), None) if resume_step is not None else None
+        rows = self._kept_rows(source, header, resume_step) if source is not None else []
+        self._files = []
+        for q in paths:
+            q.parent.mkdir(parents=True, exist_ok=True)
+            tmp = q.with_name(f"{q.name}.tmp.{os.getpid()}")
+            tmp.write_text("".join(line + "\n" for line in [header, *rows]))
+            os.replace(tmp, q)
+            self._files.append(open(q, "a"))
 
-    def _kept_rows(self, header: str, resume_step: int) -> list[str]:
-        lines = self.path.read_text().split("\n")  # the piece after the last "\n" is "" or a half-written row
+    def _kept_rows(self, source: Path, header: str, resume_step: int) -> list[str]:
+        lines = source.read_text().split("\n")  # the piece after the last "\n" is "" or a half-written row
         if lines == [""]:
             return []
         if lines[0] != header:
-            raise ValueError(f"{self.path} has header {lines[0]!r} but this run writes {header!r}; "
+            raise ValueError(f"{source} has header {lines[0]!r} but this run writes {header!r}; "
                              f"delete the file to start the curve afresh")
         n_fields = len(self.columns) + 1
         kept = []
@@ -108,11 +116,13 @@ class CurveWriter:
         if set(values) != set(self.columns):
             raise ValueError(f"{self.path}: got columns {sorted(values)}, expected {sorted(self.columns)}")
         cells = [str(int(step)), *(f"{float(values[c]):.6g}" for c in self.columns)]
-        self._file.write("\t".join(cells) + "\n")
-        self._file.flush()
+        for f in self._files:
+            f.write("\t".join(cells) + "\n")
+            f.flush()
 
     def close(self) -> None:
-        self._file.close()
+        for f in self._files:
+            f.close()
 
     def __enter__(self) -> CurveWriter:
         return self
