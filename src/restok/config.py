@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from restok.losses.loss_config import LossConfig
+from restok.losses.loss_config import LossConfig, check_sha256_param
 from restok.models.generator_config import GeneratorConfig
 from restok.models.recompute_mode import Checkpointing
 from restok.models.tokenizer_config import TokenizerConfig
@@ -121,6 +121,14 @@ class Vf:
     grid: int = field(default=8, metadata=rng(1, 64, help=(
         "teacher patch grid side: each view is resized to 16 * grid px so the teacher's patch grid equals the "
         "tokenizer's image-token grid (16 at the paper's 256 px); train_tokenizer checks it")))
+    revision: str | None = field(default=None, metadata=rng(help=(
+        "hub weights (weights: null, a timm hub model): the branch, tag or commit fetched (null: main)")))
+    sha256: str | None = field(default=None, metadata=rng(help=(
+        "the weights file's expected sha256, checked before it is read; required for hub weights (the error "
+        "prints the downloaded file's sha256 to compare with the hub's listing), checked for a local file when set")))
+
+    def __post_init__(self):
+        check_sha256_param("vf.sha256", self.sha256)
 
 
 @dataclass(frozen=True)
@@ -180,6 +188,12 @@ class Official:
     file: str | None = field(default=None, metadata=rng(help=(
         "a local folder (config.json + model.safetensors or pytorch_model.bin) or weights file, used instead of "
         "the hub")))
+    sha256: str | None = field(default=None, metadata=rng(help=(
+        "the weights file's expected sha256, checked before it is read; required when it comes from the hub "
+        "(repo_id), checked for a local file when set")))
+
+    def __post_init__(self):
+        check_sha256_param("official.sha256", self.sha256)
 
 
 OFFICIAL_HELP = "null: train; a mapping: import this released checkpoint instead (the stage trains nothing)"
@@ -258,6 +272,9 @@ class Fid:
             "test fixtures only (never a metric)"))))
     weights: str | None = field(default=None, metadata=rng(
         help="local Inception weights file; null = torch-fidelity's cache/download"))
+    weights_sha256: str | None = field(default=None, metadata=rng(help=(
+        "inception-v3-compat: the expected sha256 of the Inception weights file (fid.weights or the download "
+        "cache), checked before use when set")))
     reference: Literal["val", "adm"] = field(default="val", metadata=rng(
         help="val: statistics of our val split; adm: the ADM reference batch (adm_batch)"))
     adm_batch: str | None = field(default=None, metadata=rng(help="path to VIRTUAL_imagenet256_labeled.npz"))
@@ -270,6 +287,10 @@ class Fid:
     def __post_init__(self):
         if self.reference == "adm" and not self.adm_batch:
             raise ValueError("fid.adm_batch is required when fid.reference is 'adm'")
+        check_sha256_param("fid.weights_sha256", self.weights_sha256)
+        if self.weights_sha256 is not None and self.extractor != "inception-v3-compat":
+            raise ValueError(f"fid.weights_sha256 is checked only for fid.extractor 'inception-v3-compat', not "
+                             f"{self.extractor!r} (the packaged weights are pinned already); set it to null")
         if self.weights is not None and self.extractor != "inception-v3-compat":
             raise ValueError(f"fid.weights={self.weights!r} is read only by fid.extractor 'inception-v3-compat', "
                              f"not {self.extractor!r}; set fid.weights: null")

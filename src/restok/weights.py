@@ -68,6 +68,28 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+class WeightsHashError(ValueError):
+    """A weights file whose sha256 is not the one params pin (or hub weights without a pin); it is not used."""
+
+
+def verify_pinned(path: Path, expected: str | None, what: str, params_key: str, origin: str | None = None) -> str:
+    """The sha256 of `path`, checked against `expected` before the file is used; returns it.
+
+    `origin` (e.g. "hub repo@revision") marks a download: weights from a hub are used only pinned, so a missing
+    `expected` is refused too, the message giving the file's sha256 to compare with what the hub lists for it.
+    Raises WeightsHashError naming the model, the file, the expected and the actual sha256."""
+    actual = sha256_of(path)
+    if expected is None and origin is not None:
+        raise WeightsHashError(
+            f"restok: {what}: weights downloaded from {origin} are used only with their sha256 pinned; set "
+            f"{params_key}. The file {path} has sha256 {actual}: compare it with the sha256 the hub lists for the "
+            f"file (its page shows it) before pinning it")
+    if expected is not None and actual != expected:
+        raise WeightsHashError(f"restok: {what}: {path} has sha256 {actual}, expected {expected} ({params_key}); "
+                               f"not used")
+    return actual
+
+
 @functools.cache
 def packaged_file(key: str) -> Path:
     """The checked path of packaged weights `key` (a key of PACKAGED); raises MissingWeightsError naming the package,

@@ -17,12 +17,13 @@ import yaml
 
 from restok.artifacts import load_artifact
 from restok.config import GeneratorParams, TokenizerParams, deep_merge, profile_tree
-from restok.convert.checkpoint import export_official_checkpoint
+from restok.convert.checkpoint import export_official_checkpoint, weights_file
 from restok.convert.official import official_generator_config
 from restok.convert.tokenizer import official_tokenizer_config
 from restok.models.generator import HARGenerator
 from restok.models.tokenizer import ResTok
 from restok.provenance import read_results
+from restok.weights import sha256_of
 
 from .conftest import make_workspace, run
 
@@ -59,7 +60,7 @@ def official_ws(module_tmp):
     generator = HARGenerator(gen_cfg).eval()
     # the tokenizer as huggingface_hub caches a snapshot of the profile's repo; the generator as a local folder
     snapshot = ws / "hf" / f"models--{TOKENIZER_REPO.replace('/', '--')}" / "snapshots" / ("0" * 40)
-    export_official_checkpoint(tokenizer, snapshot)
+    pin = sha256_of(weights_file(export_official_checkpoint(tokenizer, snapshot)))  # hub weights are used pinned
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     export_official_checkpoint(generator, ws / "released" / "generator", weights_format="bin")
@@ -72,7 +73,7 @@ def official_ws(module_tmp):
         "generator": _section(gen_cfg, GeneratorParams),
         "fid": {"extractor": "inception-v3-compat-random-init", "reference": "val", "adm_batch": None,
                 "batch_size": 16},
-        "train_tokenizer": {"loop": {"batch_size": 8}, "eval_images": 8},
+        "train_tokenizer": {"loop": {"batch_size": 8}, "eval_images": 8, "official": {"sha256": pin}},
         "extract_latents": {"batch_size": 8},
         "train_generator": {"loop": {"batch_size": 8},
                             "official": {"file": str(ws / "released" / "generator")}},

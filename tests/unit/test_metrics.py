@@ -6,6 +6,7 @@ random-init extractor and the real "inception-v3-compat" path loads it through t
 (docs/tooling.md, ecosystem §8). The FID test therefore checks orderings, never absolute values. Images are 16 per set
 at 64 px (torch-fidelity resizes to 299), to keep the file within seconds on 2 cores.
 """
+import hashlib
 import math
 
 import numpy as np
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 
 from restok import metrics
+from restok.config import Fid
+from restok.weights import WeightsHashError
 
 
 # ----------------------------------------------------------------------------------------------- PSNR / SSIM
@@ -151,6 +154,23 @@ def test_weights_found_in_cache_env_and_params(empty_torch_home, tmp_path, monke
     assert metrics.resolve_inception_weights(None) == tmp_path / "env.pth"
     (tmp_path / "params.pth").write_bytes(b"w")
     assert metrics.resolve_inception_weights(str(tmp_path / "params.pth")) == tmp_path / "params.pth"
+
+
+def test_inception_weights_with_another_sha256_than_the_pin_are_not_used(empty_torch_home, monkeypatch):
+    empty_torch_home.parent.mkdir(parents=True)
+    empty_torch_home.write_bytes(b"not the 2015 weights")
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the network was built before the sha256 check")
+
+    monkeypatch.setattr(metrics, "FeatureExtractorInceptionV3", must_not_build)
+    actual, wrong = hashlib.sha256(b"not the 2015 weights").hexdigest(), "2" * 64
+    with pytest.raises(WeightsHashError) as err:
+        metrics.InceptionExtractor("inception-v3-compat", weights_sha256=wrong)
+    assert str(err.value) == (f"restok: inception-2015-12-05: {empty_torch_home} has sha256 {actual}, expected "
+                              f"{wrong} (fid.weights_sha256); not used")
+    with pytest.raises(ValueError, match=r"fid.weights_sha256 is checked only for fid.extractor 'inception-v3-compat'"):
+        Fid(extractor="inception-v3-compat-fid-helper", weights_sha256=wrong)
 
 
 def test_unknown_extractor_refused():

@@ -18,6 +18,7 @@ from restok.losses.loss_config import LossConfig
 from restok.losses.recon import TokenizerLoss
 from restok.models import teacher as teacher_mod
 from restok.models.teacher import MissingWeightsError, Teacher, load_timm_model
+from restok.weights import WeightsHashError, sha256_of
 
 NAME = "vit_small_patch16_dinov3.lvd1689m"
 MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
@@ -59,23 +60,55 @@ def test_weights_file_reproduces_source(source, file_teacher):
     assert cls.shape == (2, 384) and patches.shape == (2, 6, 384)
     torch.testing.assert_close(cls, ref_cls, rtol=0, atol=0)
     torch.testing.assert_close(patches, ref_patches, rtol=0, atol=0)
-    assert file_teacher.provenance == {"model": NAME, "weights": f"file:{path.resolve()}"}
+    assert file_teacher.provenance == {"model": NAME, "weights": f"file:{path.resolve()}", "sha256": sha256_of(path)}
 
 
-def test_seeded_hub_cache_loads_with_pretrained_true(source, hf_cache):
-    model, path = source
-    snapshot = hf_cache / f"models--timm--{NAME}" / "snapshots" / "abc123"
+def _seed_hub_cache(hf_cache, path, revision="abc123", ref="main"):
+    snapshot = hf_cache / f"models--timm--{NAME}" / "snapshots" / revision
     snapshot.mkdir(parents=True)
     shutil.copy(path, snapshot / "model.safetensors")
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
-    teacher = Teacher(NAME)
+    (snapshot.parent.parent / "refs").mkdir(exist_ok=True)
+    (snapshot.parent.parent / "refs" / ref).write_text(revision)
+    return snapshot / "model.safetensors"
+
+
+def test_seeded_hub_cache_loads_the_pinned_file(source, hf_cache):
+    model, path = source
+    _seed_hub_cache(hf_cache, path)
+    teacher = Teacher(NAME, sha256=sha256_of(path))
     img = torch.rand(2, 3, 32, 32)
     cls, patches = teacher(img)
     ref_cls, ref_patches = _reference(model, img)
     torch.testing.assert_close(cls, ref_cls, rtol=0, atol=0)
     torch.testing.assert_close(patches, ref_patches, rtol=0, atol=0)
-    assert teacher.provenance == {"model": NAME, "weights": "hub"}
+    assert teacher.provenance == {"model": NAME, "weights": f"hub:timm/{NAME}@main/model.safetensors",
+                                  "sha256": sha256_of(path)}
+
+
+def test_hub_weights_are_used_only_at_their_pinned_sha256(source, hf_cache, monkeypatch):
+    """A hub file is checked against the pin before anything reads it: a wrong pin and no pin both stop the load,
+    naming the model, the file, the expected and the actual sha256; the pinned revision is the one fetched."""
+    _, path = source
+    cached = _seed_hub_cache(hf_cache, path, revision="def456", ref="v1")
+
+    def must_not_read(*args, **kwargs):
+        raise AssertionError("the weights were read before their sha256 was checked")
+
+    monkeypatch.setattr(teacher_mod, "read_weights_file", must_not_read)
+    actual, wrong = sha256_of(path), "0" * 64
+    with pytest.raises(WeightsHashError) as err:
+        Teacher(NAME, revision="v1", sha256=wrong)
+    assert str(err.value) == (f"restok: {NAME}: {cached} has sha256 {actual}, expected {wrong} (vf.sha256); "
+                              f"not used")
+    with pytest.raises(WeightsHashError, match=rf"restok: {NAME}: weights downloaded from the hub "
+                                               rf"\(timm/{NAME}@v1/model.safetensors\) are used only with their "
+                                               rf"sha256 pinned; set vf.sha256. The file .*def456/model.safetensors "
+                                               rf"has sha256 {actual}"):
+        Teacher(NAME, revision="v1")
+    with pytest.raises(MissingWeightsError, match="refs/v2 containing <rev>"):  # another revision: not in the cache
+        Teacher(NAME, revision="v2", sha256=actual)
+    with pytest.raises(WeightsHashError, match=rf"{path.resolve()} has sha256 {actual}, expected {wrong}"):
+        Teacher(NAME, str(path), sha256=wrong)  # a local file is checked when a pin is given
 
 
 def test_grid_resize_shapes_and_frozen(file_teacher):
@@ -153,3 +186,17 @@ def test_a_weights_file_that_would_run_code_is_refused_and_runs_nothing(tmp_path
         build(path)
     assert f"{key}={path.resolve()}: refused" in str(e.value), str(e.value)
     assert not ran.exists()
+
+
+def test_the_discriminator_weights_are_checked_against_their_pin(tmp_path):
+    path = tmp_path / "disc.safetensors"
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    wrong = "3" * 64
+    with pytest.raises(WeightsHashError, match=rf"restok: vit_tiny_patch16_224: {path} has sha256 {sha256_of(path)}, "
+                                               rf"expected {wrong} \(train_tokenizer.loss.disc_sha256\); not used"):
+        TokenizerLoss(LossConfig(lpips_weight=0.0, gan_weight=0.5, disc_model="vit_tiny_patch16_224",
+                                 disc_weights=str(path), disc_sha256=wrong))
+    loss = TokenizerLoss(LossConfig(lpips_weight=0.0, gan_weight=0.5, disc_model="vit_tiny_patch16_224",
+                                    disc_weights=str(path), disc_sha256=sha256_of(path)))
+    assert loss.provenance["discriminator"]["sha256"] == sha256_of(path)

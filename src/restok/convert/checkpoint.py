@@ -36,7 +36,8 @@ PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers, stripped
 WRAPPERS = ("state_dict", "model", "module")  # a state dict nested one level down in a training checkpoint
 
 
-def _weights_file(path: Path) -> Path:
+def weights_file(path: Path) -> Path:
+    """The weights file of a released folder (model.safetensors, else pytorch_model.bin), or `path` itself."""
     if path.is_file():
         return path
     for name in WEIGHT_FILES:
@@ -109,7 +110,7 @@ def import_official_checkpoint(source: str | Path | Mapping[str, torch.Tensor], 
     if isinstance(source, Mapping):
         raw, provenance["source"] = source, "<state dict>"
     else:
-        weights = _weights_file(Path(source))
+        weights = weights_file(Path(source))
         raw = read_state_dict(weights)
         provenance.update(source=str(weights), sha256=_sha256(weights))
         if config is None and (weights.parent / "config.json").is_file():

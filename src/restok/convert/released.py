@@ -18,10 +18,11 @@ from pathlib import Path
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import snapshot_download
 
-from restok.convert.checkpoint import WEIGHT_FILES, Kind, import_official_checkpoint
+from restok.convert.checkpoint import WEIGHT_FILES, Kind, import_official_checkpoint, weights_file
 from restok.models.generator import GeneratorConfig, HARGenerator
 from restok.models.teacher import MissingWeightsError, missing_weights_message
 from restok.models.tokenizer import ResTok, TokenizerConfig
+from restok.weights import verify_pinned
 
 HUB_FILES = ["config.json", *WEIGHT_FILES]
 TRAINING_ONLY = {
@@ -70,6 +71,8 @@ def import_released(kind: Kind, official, params_key: str, expected: TokenizerCo
     """Fetch, import (exactly or not at all) and check a released checkpoint. Returns (model in eval mode,
     provenance). `expected` is the config the params describe; `section` names the params section for errors."""
     path = fetch(official, params_key)
+    origin = None if official.file is not None else f"the hub ({official.repo_id}@{official.revision or 'main'})"
+    verify_pinned(weights_file(path), official.sha256, f"the released {kind}", f"{params_key}.sha256", origin)
     model, cfg, provenance = import_official_checkpoint(path, kind)
     bad = mismatches(kind, expected, cfg)
     if bad:

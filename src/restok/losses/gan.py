@@ -134,16 +134,18 @@ class DinoDiscriminator(nn.Module):
         model_name: timm name of the backbone (paper "vit_small_patch16_224.dino").
         weights: None (hub cache), a weights file, or "random-init" (see `restok.models.teacher.load_timm_model`).
         seed: seed of the random init.
+        revision, sha256: the pin of the backbone's weights (params disc_revision, disc_sha256; hub weights need it).
         kernel_size: width of the heads' residual conv (9).
         params_key: params key naming the weights, for error messages.
     """
 
     def __init__(self, model_name: str, weights: str | None = None, *, seed: int = 0, kernel_size: int = 9,
-                 params_key: str = "disc_weights"):
+                 params_key: str = "disc_weights", revision: str | None = None, sha256: str | None = None):
         super().__init__()
+        section = params_key.rsplit(".", 1)[0] + "." if "." in params_key else ""
         backbone, self.provenance = load_timm_model(
-            model_name, weights, seed=seed, params_key=params_key, act_layer="gelu_tanh"
-        )
+            model_name, weights, seed=seed, params_key=params_key, act_layer="gelu_tanh", revision=revision,
+            sha256=sha256, pin_keys=(f"{section}disc_revision", f"{section}disc_sha256"))
         if len(backbone.blocks) <= max(READOUT_BLOCKS) or backbone.num_prefix_tokens != 1:
             raise ValueError(f"{params_key}: {model_name} needs >= 12 blocks and one CLS token for the DINO readouts")
         with torch.no_grad():
@@ -227,9 +229,11 @@ class GANLoss(nn.Module):
     """
 
     def __init__(self, *, disc_model: str, disc_weights: str | None, seed: int, start_step: int, lecam_weight: float,
-                 lecam_decay: float, diffaug_policy: str, diffaug_prob: float, params_key: str = "disc_weights"):
+                 lecam_decay: float, diffaug_policy: str, diffaug_prob: float, params_key: str = "disc_weights",
+                 disc_revision: str | None = None, disc_sha256: str | None = None):
         super().__init__()
-        self.discriminator = DinoDiscriminator(disc_model, disc_weights, seed=seed, params_key=params_key)
+        self.discriminator = DinoDiscriminator(disc_model, disc_weights, seed=seed, params_key=params_key,
+                                               revision=disc_revision, sha256=disc_sha256)
         self.start_step, self.lecam_weight, self.lecam_decay = start_step, lecam_weight, lecam_decay
         self.policy, self.diffaug_prob = parse_diffaug_policy(diffaug_policy), diffaug_prob
         self.register_buffer("ema_real", torch.zeros(()))

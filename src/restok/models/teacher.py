@@ -32,7 +32,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
 from timm.data import resolve_data_config
 
-from restok.weights import MissingWeightsError, packaged_file, sha256_of
+from restok.weights import MissingWeightsError, packaged_file, sha256_of, verify_pinned
 from restok.weights import provenance as packaged_provenance
 
 RANDOM_INIT = "random-init"
@@ -54,20 +54,23 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def _hub_file(name: str, params_key: str) -> None:
-    """Make sure the hub weights of `name` are in the HF cache (downloading them when online), else raise."""
+def _hub_file(name: str, params_key: str, revision: str | None = None) -> tuple[Path, str]:
+    """The hub weights file of `name` at `revision` (None: main) from the HF cache (downloaded when online), and
+    its origin "repo@revision/file"; raises MissingWeightsError when it cannot be had."""
     cfg = timm.models.get_pretrained_cfg(name)
     repo = cfg.hf_hub_id if cfg is not None else None
     if not repo:
         raise ValueError(f"{params_key}: timm model {name!r} has no hub weights; give a weights file instead")
     repo_dir = Path(hf_constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
     try:
-        hf_hub_download(repo, HUB_WEIGHTS_FILE)
+        path = Path(hf_hub_download(repo, HUB_WEIGHTS_FILE, revision=revision))
     except (OSError, ValueError) as err:  # LocalEntryNotFoundError and HTTP errors are OSErrors
         reason = "HF_HUB_OFFLINE=1, no network" if hf_constants.HF_HUB_OFFLINE else f"download failed: {err}"
-        expected = f"{repo_dir}/snapshots/<rev>/{HUB_WEIGHTS_FILE} with refs/main containing <rev>"
+        ref = revision or "main"
+        expected = f"{repo_dir}/snapshots/<rev>/{HUB_WEIGHTS_FILE} with refs/{ref} containing <rev>"
         looked_in = f"{repo_dir}/snapshots/*/{HUB_WEIGHTS_FILE}"
         raise MissingWeightsError(missing_weights_message(name, [looked_in], reason, expected, params_key)) from err
+    return path, f"{repo}@{revision or 'main'}/{HUB_WEIGHTS_FILE}"
 
 
 def read_weights_file(path: Path, params_key: str) -> dict[str, torch.Tensor]:
@@ -99,7 +102,9 @@ def read_weights_file(path: Path, params_key: str) -> dict[str, torch.Tensor]:
 
 
 def load_timm_model(
-    name: str, weights_file: str | None = None, *, seed: int = 0, params_key: str = "weights", **create_kwargs
+    name: str, weights_file: str | None = None, *, seed: int = 0, params_key: str = "weights",
+    revision: str | None = None, sha256: str | None = None, pin_keys: tuple[str, str] = ("revision", "sha256"),
+    **create_kwargs
 ) -> tuple[nn.Module, dict]:
     """Build a frozen timm model with its weights; checks that the weights exist before building anything.
 
@@ -109,11 +114,14 @@ def load_timm_model(
             (seeded, demo only).
         seed: seed of the random init when weights_file == "random-init"; the global RNG is left untouched.
         params_key: the params key that names the weights file, quoted in error messages.
+        revision, sha256: the pin (params): the hub revision to fetch (None: main) and the file's expected sha256,
+            checked before the file is read (`restok.weights.verify_pinned`); hub weights are refused without a
+            sha256, a local file is checked when one is given. `pin_keys` names their params keys for messages.
         **create_kwargs: passed to `timm.create_model` (e.g. act_layer).
 
     Returns:
-        (model in eval mode with requires_grad False, provenance {"model": name, "weights": "hub" | "file:<path>" |
-        "random-init(seed=N)"}).
+        (model in eval mode with requires_grad False, provenance {"model": name, "weights": "hub:<repo>@<rev>/<file>"
+        | "file:<path>" | "random-init(seed=N)", "sha256": ... for real weights}).
     """
     if not timm.is_model(name):
         raise ValueError(f"{params_key}: unknown timm model {name!r}")
@@ -121,20 +129,20 @@ def load_timm_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = timm.create_model(name, pretrained=False, **create_kwargs)
-        source = f"{RANDOM_INIT}(seed={seed})"
-    elif weights_file is not None:
+        return freeze(model), {"model": name, "weights": f"{RANDOM_INIT}(seed={seed})"}
+    if weights_file is not None:
         path = Path(weights_file).expanduser().resolve()
         if not path.is_file():
             message = missing_weights_message(name, [str(path)], "file does not exist", str(path), params_key)
             raise MissingWeightsError(message)
-        state = read_weights_file(path, params_key)
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state), **create_kwargs)
-        source = f"file:{path}"
+        source, origin = f"file:{path}", None
     else:
-        _hub_file(name, params_key)
-        model = timm.create_model(name, pretrained=True, **create_kwargs)
-        source = "hub"
-    return freeze(model), {"model": name, "weights": source}
+        path, where = _hub_file(name, params_key, revision)
+        source, origin = f"hub:{where}", f"the hub ({where})"
+    digest = verify_pinned(path, sha256, name, pin_keys[1], origin=origin)  # before the file is read
+    state = read_weights_file(path, params_key)  # the checked file itself, not whatever timm would fetch
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state), **create_kwargs)
+    return freeze(model), {"model": name, "weights": source, "sha256": digest}
 
 
 class Teacher(nn.Module):
@@ -148,9 +156,12 @@ class Teacher(nn.Module):
         params_key: params key naming the weights, for error messages.
     """
 
-    def __init__(self, name: str, weights: str | None = None, *, seed: int = 0, params_key: str = "vf.weights"):
+    def __init__(self, name: str, weights: str | None = None, *, seed: int = 0, params_key: str = "vf.weights",
+                 revision: str | None = None, sha256: str | None = None):
         super().__init__()
-        self.model, self.provenance = load_timm_model(name, weights, seed=seed, params_key=params_key)
+        self.model, self.provenance = load_timm_model(name, weights, seed=seed, params_key=params_key,
+                                                      revision=revision, sha256=sha256,
+                                                      pin_keys=("vf.revision", "vf.sha256"))
         data_cfg = resolve_data_config({}, model=self.model)
         self.register_buffer("mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1), persistent=False)
@@ -227,7 +238,8 @@ class CnnTeacher(nn.Module):
         params_key: params key naming the weights, for error messages.
     """
 
-    def __init__(self, name: str, weights: str | None = None, *, seed: int = 0, params_key: str = "vf.weights"):
+    def __init__(self, name: str, weights: str | None = None, *, seed: int = 0, params_key: str = "vf.weights",
+                 revision: str | None = None, sha256: str | None = None):
         super().__init__()
         arch, packaged, self.stride = CNN_TEACHERS[name]
         with torch.random.fork_rng(devices=[]):
@@ -240,6 +252,7 @@ class CnnTeacher(nn.Module):
             if not path.is_file():
                 message = missing_weights_message(name, [str(path)], "file does not exist", str(path), params_key)
                 raise MissingWeightsError(message)
+            verify_pinned(path, sha256, name, "vf.sha256")  # the packaged file is pinned already; a user's if set
             state = torch.load(path, map_location="cpu", weights_only=True)
             try:
                 model.load_state_dict(efficientnet_lite_to_timm(state, model))
@@ -278,10 +291,12 @@ class CnnTeacher(nn.Module):
         return patches.mean(dim=1), patches
 
 
-def build_teacher(name: str, weights: str | None = None, *, seed: int = 0, params_key: str = "vf.weights"):
-    """The frozen VF teacher `name` (vf.teacher): a CnnTeacher for CNN_TEACHERS names, else a timm DINOv3 Teacher."""
+def build_teacher(name: str, weights: str | None = None, *, seed: int = 0, params_key: str = "vf.weights",
+                  revision: str | None = None, sha256: str | None = None):
+    """The frozen VF teacher `name` (vf.teacher): a CnnTeacher for CNN_TEACHERS names, else a timm DINOv3 Teacher;
+    `revision`/`sha256`: the pin of its weights (vf.revision, vf.sha256; see `load_timm_model`)."""
     cls = CnnTeacher if name in CNN_TEACHERS else Teacher
-    return cls(name, weights, seed=seed, params_key=params_key)
+    return cls(name, weights, seed=seed, params_key=params_key, revision=revision, sha256=sha256)
 
 
 def teacher_dim(name: str) -> int:

@@ -125,7 +125,8 @@ def main(argv=None):
     res = image_manifest["resolution"]
     teacher = None
     if vf.mode == "cache" and image_manifest["num_samples"] > 0:
-        teacher = build_teacher(vf.teacher, vf.weights, params_key="vf.weights")  # MissingWeightsError before any work
+        teacher = build_teacher(vf.teacher, vf.weights, params_key="vf.weights", revision=vf.revision,
+                                sha256=vf.sha256)  # MissingWeightsError before any work
     info = dist.init_distributed(cfg.device)
     out, results = Path(args.out), Path(args.results)
     if info.is_main and out.exists():

@@ -338,7 +338,8 @@ def setup(p, args: argparse.Namespace) -> Run:
         raise ValueError(f"{p.path}: vf.grid={p.vf.grid} but the tokenizer's image-token grid is {cfg.grid[0]} "
                          f"(data resolution {res} from {args.shards}/train/{MANIFEST}); set vf.grid={cfg.grid[0]}")
     loss_cfg = tt.loss if cfg.vf_align else dataclasses.replace(tt.loss, vf_enc_weight=0.0, vf_dec_weight=0.0)
-    teacher = build_teacher(p.vf.teacher, p.vf.weights) if vfs.need and not vfs.cached else None
+    teacher = (build_teacher(p.vf.teacher, p.vf.weights, revision=p.vf.revision, sha256=p.vf.sha256)
+               if vfs.need and not vfs.cached else None)
     dist.seed_everything(loop.seed)
     loss_fn = TokenizerLoss(loss_cfg)  # LPIPS / discriminator weights checked here, before any work
 
