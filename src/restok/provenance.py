@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 from pathlib import Path
 
 import torch
@@ -92,6 +93,46 @@ def cpu_facts() -> dict:
             "native_bf16": bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()),
             "mkl": libraries["Math Kernel Library Version"], "onednn": libraries["MKL-DNN"],
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+
+
+# what makes two machines give other bits from the same code, seeds and lock (docs/experiments.md measured it)
+MACHINE_KEYS = (("cpu", "model"), ("cpu", "capability"), ("cpu", "native_bf16"), ("cpu", "mkl"), ("cpu", "onednn"),
+                ("cpu", "deterministic_algorithms"), ("device_name",), ("cuda",), ("torch_threads",))
+
+
+def committed_environment(results: str | Path, name: str = "provenance.json") -> dict | None:
+    """The environment recorded in the committed (git HEAD) version of `results`/`name`: the machine of the run
+    this one replaces. None when there is no such committed file (not a git checkout, never committed)."""
+    try:
+        shown = subprocess.run(["git", "show", f"HEAD:./{name}"], cwd=results, capture_output=True, text=True,
+                               timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if shown.returncode != 0:
+        return None
+    try:
+        env = json.loads(shown.stdout).get("environment")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return env if isinstance(env, dict) else None
+
+
+def machine_differences(run: dict, committed: dict) -> list[str]:
+    """Where the machine of environment `run` differs from that of `committed` ("cpu.model: 'A' here, 'B'
+    committed", ...); a fact the committed run did not record reads as unknown there."""
+    def get(env, path):
+        for key in path:
+            if not isinstance(env, dict) or key not in env:
+                return "not recorded"
+            env = env[key]
+        return env
+
+    out = []
+    for path in MACHINE_KEYS:
+        here, there = get(run, path), get(committed, path)
+        if here != there:
+            out.append(f"{'.'.join(path)}: {here!r} here, {there!r} committed")
+    return out
 
 
 def check_numbers(obj, where: str) -> None:

