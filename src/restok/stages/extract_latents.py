@@ -14,9 +14,10 @@ under DVC and Snakemake, which delete a stage's outputs before running it: the w
 `<out>.partial/` (data/extract_latents.partial, no orchestrator's output), codes going into `codes.npy.partial` (a
 memmap, flushed before `progress.json` records how many images are done), renamed when the split is complete; when
 both splits are, they move into `<out>/` and the sibling folder is removed. Batches always start at multiples of
-`batch_size` images, so a resumed run encodes the same batches as an uninterrupted one and writes identical files. `results/extract_latents/summary.json` has code usage
-and entropy per level (pooled over a level's positions), the per-position entropy per level and its conditional
-given the class (`per_position`, restok.metrics.position_entropy), throughput and the tokenizer's provenance.
+`batch_size` images, so a resumed run encodes the same batches as an uninterrupted one and writes identical files.
+`results/extract_latents/summary.json` has code usage and entropy per level (pooled over a level's positions), the
+per-position entropy per level and its conditional given the class (`per_position`,
+restok.metrics.position_entropy), throughput and the tokenizer's provenance.
 """
 from __future__ import annotations
 
