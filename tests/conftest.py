@@ -63,7 +63,7 @@ def module_tmp(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Cal
 @pytest.fixture(scope="session")
 def smoke_params(tmp_path_factory) -> Path:
     """The smoke profile written to a params file (workflow/params/smoke.yaml over default.yaml)."""
-    from restok.config import write_profile
+    from restok.config.profiles import write_profile
     return write_profile("smoke", tmp_path_factory.mktemp("params") / "params.yaml")
 
 

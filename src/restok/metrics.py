@@ -15,7 +15,6 @@ only; nothing falls back to it: a missing weights file is an error before any wo
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from collections.abc import Iterable, Sequence
@@ -30,6 +29,7 @@ from torch_fidelity import FeatureExtractorInceptionV3
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
+from restok.hashing import sha256_file
 from restok.weights import packaged_file
 from restok.weights import provenance as packaged_provenance
 
@@ -289,7 +289,7 @@ class InceptionExtractor:
         if name == "inception-v3-compat":
             weights = resolve_inception_weights(weights_file)
             self.provenance = {"extractor": name, "extractor_weights": str(weights),
-                               "extractor_weights_sha256": _sha256(weights)}
+                               "extractor_weights_sha256": sha256_file(weights)}
             self.net = FeatureExtractorInceptionV3(name, list(FEATURES), feature_extractor_weights_path=str(weights))
         elif name == PACKAGED_EXTRACTOR:
             prov = packaged_provenance("fid-inception")  # sha256 checked before the network is built
@@ -326,14 +326,6 @@ class InceptionExtractor:
             raise ValueError("no images were given to the Inception extractor")
         return Features(pool=torch.cat(pools), logits=torch.cat(logits) if logits else None,
                         provenance=dict(self.provenance))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- FID / IS / PR

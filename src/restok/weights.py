@@ -15,7 +15,6 @@ before anything uses it, and otherwise stops with `MissingWeightsError` naming t
 from __future__ import annotations
 
 import functools
-import hashlib
 import pickle
 from dataclasses import dataclass
 from importlib import metadata
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from restok.hashing import sha256_file
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -60,14 +60,6 @@ PACKAGED = {
 }
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @functools.cache
 def packaged_file(key: str) -> Path:
     """The checked path of packaged weights `key` (a key of PACKAGED); raises MissingWeightsError naming the package,
@@ -86,7 +78,7 @@ def packaged_file(key: str) -> Path:
     if not path.is_file():
         raise MissingWeightsError(f"restok: {spec.package}=={spec.version} is installed but its file {path} is "
                                   f"missing{stop}")
-    found = sha256_of(path)
+    found = sha256_file(path)
     if found != spec.sha256:
         raise MissingWeightsError(f"restok: {path} (from {spec.package}=={spec.version}) has sha256 {found}, "
                                   f"expected {spec.sha256}{stop} --force-reinstall")

@@ -16,7 +16,10 @@ import torch
 import yaml
 
 from restok.artifacts import load_artifact
-from restok.config import GeneratorParams, TokenizerParams, deep_merge, profile_tree
+from restok.config.engine import deep_merge
+from restok.config.generator import GeneratorParams
+from restok.config.profiles import profile_tree
+from restok.config.tokenizer import TokenizerParams
 from restok.convert.checkpoint import export_official_checkpoint
 from restok.convert.official import official_generator_config
 from restok.convert.tokenizer import official_tokenizer_config

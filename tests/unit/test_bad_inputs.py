@@ -17,7 +17,10 @@ import pytest
 import yaml
 from PIL import Image, ImageCms
 
-from restok.config import ParamsError, Shard, load_params, profile_tree
+from restok.config.data import Shard
+from restok.config.engine import ParamsError
+from restok.config.load import load_params
+from restok.config.profiles import profile_tree
 from restok.data.shards import iter_split, read_manifest
 from restok.data.sources import Item, SourceError, list_items, load_image, to_rgb
 from restok.stages import shard

@@ -7,7 +7,7 @@ import pytest
 import torch
 from huggingface_hub import constants as hf_constants
 
-from restok.config import Official
+from restok.config.training import Official
 from restok.convert import released
 from restok.convert.checkpoint import export_official_checkpoint
 from restok.models.generator import GeneratorConfig, HARGenerator

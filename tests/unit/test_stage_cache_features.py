@@ -19,8 +19,9 @@ import webdataset as wds
 import yaml
 from safetensors.torch import save_file
 
-from restok.data.shards import decode_image, sha256_file
+from restok.data.shards import decode_image
 from restok.data.views import apply_view, train_view_boxes
+from restok.hashing import sha256_file
 from restok.models.teacher import MissingWeightsError, Teacher, build_teacher
 from restok.weights import PACKAGED, installed
 from restok.stages import cache_features

@@ -19,7 +19,8 @@ import yaml
 
 from restok.artifacts import load_tokenizer, save_artifact
 from restok import metrics
-from restok.config import load_params, tokenizer_config
+from restok.config.load import load_params
+from restok.config.tokenizer import tokenizer_config
 from restok.data.shards import iter_split
 from restok.models.tokenizer import ResTok
 from restok.provenance import read_results

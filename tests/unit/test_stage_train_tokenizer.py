@@ -28,7 +28,8 @@ import yaml
 from PIL import Image
 
 from restok.artifacts import load_artifact
-from restok.config import ParamsError, deep_merge, load_params
+from restok.config.engine import ParamsError, deep_merge
+from restok.config.load import load_params
 from restok.data.shards import iter_split
 from restok.data.views import apply_view
 from restok.models.tokenizer import ResTok, TokenizerConfig
