@@ -1,7 +1,7 @@
 """Bad inputs a user's image folder or params may hold (issue 15): each is converted correctly, refused with an
 error naming the file or key, or skipped and listed in the manifest; never lost silently.
 
-    python -m pytest -q tests/unit/test_bad_inputs.py
+    python -m pytest -q tests/stage/test_bad_inputs.py
 
 Every case generates its own file. The last test puts all the per-file cases in one folder and checks that the
 shard stage converts or lists each of them and loses nothing else.

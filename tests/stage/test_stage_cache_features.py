@@ -1,6 +1,6 @@
 """Stage cache_features: teacher features of fixed, seeded views, as webdataset shards keyed by image.
 
-Run: .venv/bin/python -m pytest tests/unit/test_stage_cache_features.py -q
+Run: .venv/bin/python -m pytest tests/stage/test_stage_cache_features.py -q
 
 No DINOv3 weights exist offline, so the DINOv3 teacher weights are a file this test writes from a seeded random timm
 DINOv3-S, loaded through the production path (vf.weights: <file>, timm pretrained_cfg_overlay; docs/tooling.md, ecosystem §8).

@@ -1,6 +1,6 @@
 """Stage `sample`: determinism (rerun, 1 vs 2 processes), the ADM npz layout, the summary, artifact checks.
 
-Run: .venv/bin/python -m pytest tests/unit/test_stage_sample.py -q
+Run: .venv/bin/python -m pytest tests/stage/test_stage_sample.py -q
 The generator.pt / tokenizer.pt artifacts are tiny randomly initialised smoke-profile models saved with
 save_artifact (no dependency on the training stages). The generator's zero-initialised output head is re-drawn so
 that the logits, and with them CFG and top-p, are not uniform.
