@@ -18,7 +18,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from restok.config import generator_config, load_params, tokenizer_config
+from restok.config.generator import generator_config
+from restok.config.load import load_params
+from restok.config.tokenizer import tokenizer_config
 from restok.losses.recon import TokenizerLoss
 from restok.models import generator as generator_module
 from restok.models import vit as vit_module

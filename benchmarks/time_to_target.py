@@ -30,7 +30,8 @@ from pathlib import Path
 import yaml
 
 import restok.stages  # noqa: F401  (torch threads from the job's CPUs, as in every stage)
-from restok.config import cli_value, load_params, read_yaml, set_dotted
+from restok.config.engine import cli_value, read_yaml, set_dotted
+from restok.config.load import load_params
 from restok.stages import train_tokenizer as stage
 
 # The tokenizer and its training before the speedrun (the default profile until then), as overrides.

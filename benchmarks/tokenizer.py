@@ -26,7 +26,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from restok.config import TokenizerParams, build, profile_tree
+from restok.config.engine import build
+from restok.config.profiles import profile_tree
+from restok.config.tokenizer import TokenizerParams
 from restok.models.attention import sdpa_kernels
 from restok.models.recompute_mode import Checkpointing
 from restok.models.tokenizer import ResTok, TokenizerConfig

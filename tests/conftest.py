@@ -35,6 +35,19 @@ def _seed():
 
 
 REPO = Path(__file__).resolve().parents[1]
+# tests/<kind>/, each kind a marker (pyproject.toml): unit (library code), stage (whole stages, kill -9 resume),
+# pipeline (DVC and Snakemake on the smoke profile), slurm (the workflow through fake SLURM executables)
+KINDS = ("unit", "stage", "pipeline", "slurm")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its folder's kind (`pytest -m unit`, `-m "not pipeline and not slurm"`)."""
+    here = Path(__file__).resolve().parent
+    for item in items:
+        parts = Path(item.path).resolve().relative_to(here).parts
+        if len(parts) < 2 or parts[0] not in KINDS:
+            raise pytest.UsageError(f"{item.nodeid}: a test lives in tests/<kind>/, kind one of {KINDS}")
+        item.add_marker(getattr(pytest.mark, parts[0]))
 _FAILED_MODULES: set[str] = set()
 
 
@@ -63,7 +76,7 @@ def module_tmp(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Cal
 @pytest.fixture(scope="session")
 def smoke_params(tmp_path_factory) -> Path:
     """The smoke profile written to a params file (workflow/params/smoke.yaml over default.yaml)."""
-    from restok.config import write_profile
+    from restok.config.profiles import write_profile
     return write_profile("smoke", tmp_path_factory.mktemp("params") / "params.yaml")
 
 

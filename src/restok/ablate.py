@@ -29,7 +29,9 @@ from pathlib import Path
 
 import yaml
 
-from restok.config import ParamsError, read_yaml, validate, variant_tree
+from restok.config.ablations import variant_tree
+from restok.config.engine import ParamsError, read_yaml
+from restok.config.validate import validate
 
 PREFIX = "abl-"  # DVC experiment names
 

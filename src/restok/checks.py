@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from restok.config import Checks
+from restok.config.evaluation import Checks
 
 
 def _number(head: dict, key: str):

@@ -2,7 +2,7 @@
 
     restok profile imagenet256     # write workflow/params/imagenet256.yaml (over default.yaml) into params.yaml
     restok validate [params.yaml]  # check a params file against the schema, as every stage does first
-    restok schema                  # regenerate workflow/schemas/params.schema.yaml from src/restok/config.py
+    restok schema                  # regenerate workflow/schemas/params.schema.yaml from src/restok/config/
     restok ablate [--dry]          # the ablation grid as DVC experiments, then results/ablations.md (restok.ablate)
     restok deps --write            # src deps of dvc.yaml and workflow/rules/*.smk from the imports (restok.deps)
 """
@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from restok import config
+from restok.config.engine import ParamsError
+from restok.config.profiles import write_profile
+from restok.config.schema import SCHEMA_PATH, schema_text
+from restok.config.validate import check_file
 
 
 def main(argv=None) -> int:
@@ -36,14 +39,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.cmd == "profile":
-            print(f"wrote profile {args.name!r} to {config.write_profile(args.name, args.out)}")
+            print(f"wrote profile {args.name!r} to {write_profile(args.name, args.out)}")
         elif args.cmd == "validate":
-            config.check_file(args.path)
+            check_file(args.path)
             print(f"{args.path}: ok")
         else:
-            config.SCHEMA_PATH.write_text(config.schema_text())
-            print(f"wrote {config.SCHEMA_PATH}")
-    except config.ParamsError as e:
+            SCHEMA_PATH.write_text(schema_text())
+            print(f"wrote {SCHEMA_PATH}")
+    except ParamsError as e:
         print(f"restok: {e}", file=sys.stderr)
         return 2
     return 0

@@ -7,7 +7,10 @@
 A stage declares exactly the files it imports, so an edit reruns exactly the stages that import the edited file
 (README.md, "A stage declares as deps every file it imports"). Every import counts, also one inside a function or
 under `if TYPE_CHECKING:` (it may run, and the walk stays simple). A package's `__init__.py` counts when it imports or
-defines something; one holding only a docstring and constants cannot change what a stage computes. The same file
+defines something; one holding only a docstring and constants cannot change what a stage computes. A module imported
+by name (importlib) is not followed: the one such import in a stage's path is the whole-file params check
+(restok.config.load), which can refuse a params file but never change a value a stage reads, so the config of the
+sections a stage does not read is no dep of it. The same file
 list gives the code hash in a training run's resume fingerprint (restok.train.ckpt), so a checkpoint of older code
 is never resumed.
 """

@@ -57,8 +57,13 @@ def write_npz_atomic(path: str | Path, **arrays) -> None:
     write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
-def save_png(images: torch.Tensor, path: str | Path, nrow: int = 8, padding: int = 1) -> None:
-    """A grid of images (N, 3, H, W) in [0, 1] as one PNG (torchvision's save_image), written atomically."""
+def save_png(image, path: str | Path, nrow: int = 8, padding: int = 1, dpi: float | None = None) -> None:
+    """An image as one PNG, written atomically: a tensor (N, 3, H, W) or (3, H, W) in [0, 1], laid out as a grid by
+    torchvision's save_image (`nrow`, `padding`), or a matplotlib Figure (`dpi`; None: the figure's)."""
+    if hasattr(image, "savefig"):
+        kwargs = {} if dpi is None else {"dpi": dpi}
+        write_atomic(path, lambda f: image.savefig(f, format="png", **kwargs))
+        return
     from torchvision.utils import save_image  # torchvision only where a stage writes pictures
 
-    write_atomic(path, lambda f: save_image(images, f, format="png", nrow=nrow, padding=padding))
+    write_atomic(path, lambda f: save_image(image, f, format="png", nrow=nrow, padding=padding))

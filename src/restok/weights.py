@@ -15,7 +15,6 @@ before anything uses it, and otherwise stops with `MissingWeightsError` naming t
 from __future__ import annotations
 
 import functools
-import hashlib
 import pickle
 from dataclasses import dataclass
 from importlib import metadata
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from restok.hashing import sha256_file
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -60,14 +60,6 @@ PACKAGED = {
 }
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class WeightsHashError(ValueError):
     """A weights file whose sha256 is not the one params pin (or hub weights without a pin); it is not used."""
 
@@ -78,7 +70,7 @@ def verify_pinned(path: Path, expected: str | None, what: str, params_key: str, 
     `origin` (e.g. "hub repo@revision") marks a download: weights from a hub are used only pinned, so a missing
     `expected` is refused too, the message giving the file's sha256 to compare with what the hub lists for it.
     Raises WeightsHashError naming the model, the file, the expected and the actual sha256."""
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     if expected is None and origin is not None:
         raise WeightsHashError(
             f"restok: {what}: weights downloaded from {origin} are used only with their sha256 pinned; set "
@@ -108,7 +100,7 @@ def packaged_file(key: str) -> Path:
     if not path.is_file():
         raise MissingWeightsError(f"restok: {spec.package}=={spec.version} is installed but its file {path} is "
                                   f"missing{stop}")
-    found = sha256_of(path)
+    found = sha256_file(path)
     if found != spec.sha256:
         raise MissingWeightsError(f"restok: {path} (from {spec.package}=={spec.version}) has sha256 {found}, "
                                   f"expected {spec.sha256}{stop} --force-reinstall")

@@ -118,6 +118,21 @@ def test_a_code_edit_reruns_exactly_the_stages_that_import_it(smoke_ws):
     assert changed_stages(smoke_ws) == set()
 
 
+def test_a_config_edit_reruns_exactly_the_stages_that_read_it(smoke_ws):
+    """A comment in the generator's model config flags the stages that read `generator` or build a generator, not
+    `shard`, `cache_features` or `reference_stats`: a stage imports only its own sections' config
+    (restok.config.load), and the whole-file check it also runs is no dep of it."""
+    readers = {"train_tokenizer", "extract_latents", "train_generator", "sample", "score", "cfg_search"}
+    path = smoke_ws / "src/restok/models/generator_config.py"
+    original = path.read_text()
+    try:
+        path.write_text(original + "\n# a comment\n")
+        assert changed_stages(smoke_ws) == readers
+    finally:
+        path.write_text(original)
+    assert changed_stages(smoke_ws) == set()
+
+
 def test_a_param_change_reruns_only_the_stages_that_declare_it(smoke_ws):
     params_path = smoke_ws / "params.yaml"
     original = params_path.read_text()

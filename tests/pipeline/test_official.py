@@ -16,14 +16,17 @@ import torch
 import yaml
 
 from restok.artifacts import load_artifact
-from restok.config import GeneratorParams, TokenizerParams, deep_merge, profile_tree
+from restok.config.engine import deep_merge
+from restok.config.generator import GeneratorParams
+from restok.config.profiles import profile_tree
+from restok.config.tokenizer import TokenizerParams
 from restok.convert.checkpoint import export_official_checkpoint, weights_file
 from restok.convert.official import official_generator_config
 from restok.convert.tokenizer import official_tokenizer_config
 from restok.models.generator import HARGenerator
 from restok.models.tokenizer import ResTok
 from restok.provenance import read_results
-from restok.weights import sha256_of
+from restok.hashing import sha256_file
 
 from .conftest import make_workspace, run
 
@@ -60,7 +63,7 @@ def official_ws(module_tmp):
     generator = HARGenerator(gen_cfg).eval()
     # the tokenizer as huggingface_hub caches a snapshot of the profile's repo; the generator as a local folder
     snapshot = ws / "hf" / f"models--{TOKENIZER_REPO.replace('/', '--')}" / "snapshots" / ("0" * 40)
-    pin = sha256_of(weights_file(export_official_checkpoint(tokenizer, snapshot)))  # hub weights are used pinned
+    pin = sha256_file(weights_file(export_official_checkpoint(tokenizer, snapshot)))  # hub weights are used pinned
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     export_official_checkpoint(generator, ws / "released" / "generator", weights_format="bin")

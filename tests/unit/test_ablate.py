@@ -12,7 +12,9 @@ import yaml
 from snakemake.utils import format as snakemake_format
 
 from restok import ablate
-from restok.config import REPO, ParamsError, load_params, profile_tree
+from restok.config.engine import REPO, ParamsError
+from restok.config.load import load_params
+from restok.config.profiles import profile_tree
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from restok import checks
-from restok.config import Checks
+from restok.config.evaluation import Checks
 
 LEARNED = {"PSNR_dB": 29.5, "PSNR_class_mean_dB": 25.2, "code_position_entropy_bits": [0.4, 1.2, 2.5],
            "probe_sample_accuracy": 0.93, "probe_val_accuracy": 0.99, "gFID": 9.0, "rFID": 5.0,

@@ -1,4 +1,4 @@
-"""Stage deps = stage imports (issue 14): no stage imports another, and dvc.yaml and the rules list exactly the
+"""Stage deps = stage imports: no stage imports another, and dvc.yaml and the rules list exactly the
 files each stage module reaches through its `restok.*` imports (read with the AST, never executed).
 
     python -m pytest -q tests/unit/test_deps.py
@@ -11,6 +11,7 @@ tests/pipeline/test_dvc.py.
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -51,20 +52,43 @@ def test_declared_deps_are_current():
     assert not stale, f"{stale} out of date: run `restok deps --write`"
 
 
-PARAMS_ONLY = {  # the torch-free config modules the params loader (restok.config) imports from models/ and losses/
+TORCH_FREE_CONFIGS = {  # model, loss and sampling configs that params sections are typed with
     "src/restok/losses/loss_config.py", "src/restok/models/generator_config.py",
-    "src/restok/models/recompute_mode.py", "src/restok/models/tokenizer_config.py",
+    "src/restok/models/recompute_mode.py", "src/restok/models/tokenizer_config.py", "src/restok/sampling_config.py",
 }
 
 
-def test_params_loader_pulls_in_no_model_loss_or_training_code():
-    """Every stage imports restok.config, so what it imports is a dep of every stage: `shard`, which builds no
-    model, must not rerun after an edit to model, loss, sampling or training code."""
+def _section_modules() -> dict[str, str]:
+    """section name -> the restok.config module defining its type, read from restok.config.sections (AST)."""
+    tree = ast.parse((REPO / "src/restok/config/sections.py").read_text())
+    defined_in = {alias.name: node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                  and node.module.startswith("restok.config.") for alias in node.names}
+    (table,) = [n.value for n in ast.walk(tree) if isinstance(n, ast.AnnAssign) and n.target.id == "SECTIONS"]
+    return {k.value: defined_in[v.id] for k, v in zip(table.keys, table.values) if v.id in defined_in}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_imports_only_the_config_of_the_sections_it_reads(stage):
+    """A stage's config deps are the loader and the modules of the sections in its PARAMS (and what those import),
+    never the whole-file check or another section's module: an edit there must not rerun it."""
+    module = importlib.import_module(f"restok.stages.{stage}")
+    where = _section_modules()
+    own = {where[name] for name in module.PARAMS if name != "profile"}
+    expected = {"restok.config.load"} | own
+    expected = {deps.repo_path(f) for m in expected for f in deps.closure(m) if "/config/" in deps.repo_path(f)}
+    got = {p for p in deps.stage_deps(stage) if p.startswith("src/restok/config/")}
+    assert got == expected
+    assert not got & {f"src/restok/config/{m}.py" for m in ("validate", "sections", "profiles", "schema")}
+
+
+def test_shard_pulls_in_no_model_loss_sampling_or_training_code():
+    """`shard` builds no model and reads no model section: an edit to model, loss, sampling or training code (model
+    configs included) must not rerun it."""
     shard = deps.stage_deps("shard")
-    assert {p for p in shard if p.startswith(("src/restok/models/", "src/restok/losses/"))} == PARAMS_ONLY
+    assert not [p for p in shard if p.startswith(("src/restok/models/", "src/restok/losses/"))]
     assert [p for p in shard if p.startswith("src/restok/train/")] == ["src/restok/train/log.py"]  # its console
-    assert "src/restok/sampling.py" not in shard
-    for path in sorted(PARAMS_ONLY | {"src/restok/sampling_config.py"}):
+    assert not {"src/restok/sampling.py", "src/restok/sampling_config.py"} & set(shard)
+    for path in sorted(TORCH_FREE_CONFIGS):
         tree = ast.parse((REPO / path).read_text())
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

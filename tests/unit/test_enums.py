@@ -15,7 +15,9 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from restok.config import SCHEMA_PATH, ParamsError, check_file, read_yaml
+from restok.config.engine import ParamsError, read_yaml
+from restok.config.schema import SCHEMA_PATH
+from restok.config.validate import check_file
 
 REPO = Path(__file__).resolve().parents[2]
 TYPOS = [  # (dotted key, a typo of an allowed value)

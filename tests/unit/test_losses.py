@@ -28,7 +28,8 @@ from restok.losses.loss_config import LossConfig, parse_diffaug_policy
 from restok.losses.recon import LPIPSLoss, TokenizerLoss, mse_loss, pad_crop_resize, vgg16_cache_path
 from restok.losses.vf import margin_cosine_loss, vf_cls_loss, vf_patch_loss
 from restok.models.teacher import MissingWeightsError
-from restok.weights import WeightsHashError, sha256_of
+from restok.hashing import sha256_file
+from restok.weights import WeightsHashError
 
 POLICY = parse_diffaug_policy("color,translation,cutout_0.2")
 TINY_DISC = "vit_tiny_patch16_224"
@@ -233,7 +234,7 @@ def test_lpips_loads_vgg_from_torch_home(lpips_loss, torch_home):
     home, last_conv = torch_home
     assert torch.equal(lpips_loss.net.net.slice5.get_submodule("28").weight, last_conv)  # features.28 = conv5_3
     assert lpips_loss.provenance["weights"] == f"file:{home / 'hub' / 'checkpoints' / 'vgg16-397923af.pth'}"
-    assert lpips_loss.provenance["sha256"] == sha256_of(home / "hub" / "checkpoints" / "vgg16-397923af.pth")
+    assert lpips_loss.provenance["sha256"] == sha256_file(home / "hub" / "checkpoints" / "vgg16-397923af.pth")
     assert not any(p.requires_grad for p in lpips_loss.parameters())
     a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     for training in (False, True):
@@ -255,9 +256,9 @@ def test_a_vgg_cache_file_with_another_sha256_than_the_pin_is_not_used(torch_hom
     wrong = "1" * 64
     with pytest.raises(WeightsHashError) as err:
         LPIPSLoss(sha256=wrong)
-    assert str(err.value) == (f"restok: vgg16/lpips: {path} has sha256 {sha256_of(path)}, expected {wrong} "
+    assert str(err.value) == (f"restok: vgg16/lpips: {path} has sha256 {sha256_file(path)}, expected {wrong} "
                               f"(train_tokenizer.loss.lpips_sha256); not used")
-    assert LPIPSLoss(sha256=sha256_of(path)).provenance["sha256"] == sha256_of(path)
+    assert LPIPSLoss(sha256=sha256_file(path)).provenance["sha256"] == sha256_file(path)
     with pytest.raises(ValueError, match=r"train_tokenizer.loss.lpips_sha256='x': must be null or a sha256"):
         LossConfig(lpips_sha256="x")
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 
 from restok import metrics
-from restok.config import Fid
+from restok.config.evaluation import Fid
 from restok.weights import WeightsHashError
 
 
@@ -273,6 +273,6 @@ def test_packaged_inception_equals_the_packages_torchscript():
 
 
 def test_fid_weights_only_with_the_downloadable_extractor():
-    from restok.config import Fid
+    from restok.config.evaluation import Fid
     with pytest.raises(ValueError, match="fid.weights='/x.pth' is read only by fid.extractor 'inception-v3-compat'"):
         Fid(extractor=metrics.PACKAGED_EXTRACTOR, weights="/x.pth")

@@ -10,27 +10,30 @@ import jsonschema
 import pytest
 import yaml
 
-from restok import config
-from restok.config import ParamsError, load_params, profile_tree, write_profile
+from restok.config.engine import REPO, ParamsError
+from restok.config.load import load_params
+from restok.config.profiles import PROFILES_DIR, profile_tree, write_profile
+from restok.config.schema import SCHEMA_PATH, json_schema, schema_text
+from restok.config.validate import check_file
 from restok.losses.loss_config import LossConfig
 from restok.models.tokenizer_config import TokenizerConfig
 
-PROFILES = sorted(p.stem for p in config.PROFILES_DIR.glob("*.yaml"))
+PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 
 
 def test_schema_file_is_generated_from_the_dataclasses():
-    assert config.SCHEMA_PATH.read_text() == config.schema_text(), "run `restok schema` and commit the result"
+    assert SCHEMA_PATH.read_text() == schema_text(), "run `restok schema` and commit the result"
 
 
 @pytest.mark.parametrize("name", PROFILES)
 def test_every_profile_validates_in_both(name, tmp_path):
     path = write_profile(name, tmp_path / "params.yaml")
     load_params(path)
-    jsonschema.validate(yaml.safe_load(path.read_text()), config.json_schema())
+    jsonschema.validate(yaml.safe_load(path.read_text()), json_schema())
 
 
 def test_committed_params_yaml_is_the_default_profile():
-    assert yaml.safe_load((config.REPO / "params.yaml").read_text()) == profile_tree("default")
+    assert yaml.safe_load((REPO / "params.yaml").read_text()) == profile_tree("default")
 
 
 def _write(tmp_path, mutate) -> str:
@@ -71,7 +74,7 @@ def test_bad_params_are_refused_naming_file_and_key(case, tmp_path):
     mutate, key, value = BAD[case]
     path = _write(tmp_path, mutate)
     with pytest.raises(ParamsError) as e:
-        (config.check_file if case.startswith("variant") else load_params)(path)
+        (check_file if case.startswith("variant") else load_params)(path)
     msg = str(e.value)
     assert path in msg and key in msg and value in msg, msg
 
@@ -84,7 +87,7 @@ def test_a_variant_params_file_loads_although_another_variant_conflicts_with_it(
     path.write_text(yaml.safe_dump(ablate.runs(profile_tree("default"))["flat_queries-s0"]))
     assert load_params(path, ("tokenizer",)).tokenizer.latent_queries == "flat"
     with pytest.raises(ParamsError, match="no_residual_latents"):
-        config.check_file(path)
+        check_file(path)
 
 
 def test_schema_refuses_what_the_dataclasses_refuse(tmp_path):
@@ -93,7 +96,7 @@ def test_schema_refuses_what_the_dataclasses_refuse(tmp_path):
         tree = profile_tree("default")
         BAD[case][0](tree)
         with pytest.raises(jsonschema.ValidationError):
-            jsonschema.validate(tree, config.json_schema())
+            jsonschema.validate(tree, json_schema())
 
 
 @pytest.mark.parametrize("after, line, key", [
@@ -121,6 +124,33 @@ def test_stage_refuses_bad_params_before_writing_anything(tmp_path):
     assert not out.exists()
 
 
+def test_stage_refuses_a_bad_section_it_does_not_read_before_writing_anything(tmp_path):
+    """shard imports only its own sections' code, yet the whole-file check (every section, the rules across them)
+    still runs first: a bad generator value stops it, naming the key."""
+    path = _write(tmp_path, lambda t: t["generator"].__setitem__("mode", "diffusion"))
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "restok.stages.shard", "--params", path, "--out", str(out / "data"),
+                        "--results", str(out / "results")], capture_output=True, text=True)
+    assert p.returncode != 0 and "generator.mode" in p.stderr and "'diffusion'" in p.stderr, p.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_a_stage_params_type_must_be_the_sections_type():
+    from restok.config.data import Data
+    with pytest.raises(TypeError, match="'shard'"):
+        load_params(REPO / "params.yaml", {"profile": str, "shard": Data})
+
+
+def test_stage_args_parses_the_artifact_paths_then_loads_the_stage_sections():
+    from restok.config.data import Data
+    from restok.config.load import stage_args
+    args, p = stage_args("doc", {"profile": str, "data": Data},
+                         ["--params", str(REPO / "params.yaml"), "--tokenizer-metrics", "m.json"],
+                         tokenizer_metrics="results/x.json", out="data/x")
+    assert (args.params, args.tokenizer_metrics, args.out) == (str(REPO / "params.yaml"), "m.json", "data/x")
+    assert set(p.sections) == {"profile", "data"} and isinstance(p.data, Data)
+
+
 def test_missing_data_root_is_named(tmp_path):
     path = _write(tmp_path, lambda t: t["data"].update(source="folder", root=str(tmp_path / "nope")))
     from restok.stages import shard
@@ -130,7 +160,7 @@ def test_missing_data_root_is_named(tmp_path):
 
 
 def test_profile_section_view_refuses_undeclared_sections(tmp_path):
-    p = load_params(config.REPO / "params.yaml", ("profile", "data"))
+    p = load_params(REPO / "params.yaml", ("profile", "data"))
     with pytest.raises(AttributeError, match="not declared"):
         _ = p.shard
 

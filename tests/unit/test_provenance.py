@@ -3,7 +3,7 @@
     python -m pytest -q tests/unit/test_provenance.py
 
 `dvc metrics diff` of two runs then lists quality numbers, not hashes, weights sources or timings. The environment
-record names the lock and whether the installed packages match it; tests/unit/test_stage_train_generator.py shows
+record names the lock and whether the installed packages match it; tests/stage/test_stage_train_generator.py shows
 what reproduces (bitwise at a fixed thread count, within tolerance across thread counts).
 """
 from __future__ import annotations

@@ -8,12 +8,13 @@ import pytest
 import torch
 from huggingface_hub import constants as hf_constants
 
-from restok.config import Official
+from restok.config.training import Official
 from restok.convert import released
 from restok.convert.checkpoint import export_official_checkpoint, weights_file
 from restok.models.generator import GeneratorConfig, HARGenerator
 from restok.models.teacher import MissingWeightsError
-from restok.weights import WeightsHashError, sha256_of
+from restok.hashing import sha256_file
+from restok.weights import WeightsHashError
 
 REPO = "org/released-gpt"
 CFG = GeneratorConfig(dim=32, n_layer=2, n_head=2, vocab_size=16, num_tokens=8, num_classes=3, ar_token_num=2,
@@ -35,7 +36,7 @@ def _cache_snapshot(cache, model) -> str:
     folder = export_official_checkpoint(model, root / "snapshots" / ("1" * 40))
     (root / "refs").mkdir()
     (root / "refs" / "main").write_text("1" * 40)
-    return sha256_of(weights_file(Path(folder)))
+    return sha256_file(weights_file(Path(folder)))
 
 
 def test_missing_local_file_names_the_params_key(tmp_path):

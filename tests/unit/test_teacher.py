@@ -18,7 +18,8 @@ from restok.losses.loss_config import LossConfig
 from restok.losses.recon import TokenizerLoss
 from restok.models import teacher as teacher_mod
 from restok.models.teacher import MissingWeightsError, Teacher, load_timm_model
-from restok.weights import WeightsHashError, sha256_of
+from restok.hashing import sha256_file
+from restok.weights import WeightsHashError
 
 NAME = "vit_small_patch16_dinov3.lvd1689m"
 MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
@@ -60,7 +61,7 @@ def test_weights_file_reproduces_source(source, file_teacher):
     assert cls.shape == (2, 384) and patches.shape == (2, 6, 384)
     torch.testing.assert_close(cls, ref_cls, rtol=0, atol=0)
     torch.testing.assert_close(patches, ref_patches, rtol=0, atol=0)
-    assert file_teacher.provenance == {"model": NAME, "weights": f"file:{path.resolve()}", "sha256": sha256_of(path)}
+    assert file_teacher.provenance == {"model": NAME, "weights": f"file:{path.resolve()}", "sha256": sha256_file(path)}
 
 
 def _seed_hub_cache(hf_cache, path, revision="abc123", ref="main"):
@@ -75,14 +76,14 @@ def _seed_hub_cache(hf_cache, path, revision="abc123", ref="main"):
 def test_seeded_hub_cache_loads_the_pinned_file(source, hf_cache):
     model, path = source
     _seed_hub_cache(hf_cache, path)
-    teacher = Teacher(NAME, sha256=sha256_of(path))
+    teacher = Teacher(NAME, sha256=sha256_file(path))
     img = torch.rand(2, 3, 32, 32)
     cls, patches = teacher(img)
     ref_cls, ref_patches = _reference(model, img)
     torch.testing.assert_close(cls, ref_cls, rtol=0, atol=0)
     torch.testing.assert_close(patches, ref_patches, rtol=0, atol=0)
     assert teacher.provenance == {"model": NAME, "weights": f"hub:timm/{NAME}@main/model.safetensors",
-                                  "sha256": sha256_of(path)}
+                                  "sha256": sha256_file(path)}
 
 
 def test_hub_weights_are_used_only_at_their_pinned_sha256(source, hf_cache, monkeypatch):
@@ -95,7 +96,7 @@ def test_hub_weights_are_used_only_at_their_pinned_sha256(source, hf_cache, monk
         raise AssertionError("the weights were read before their sha256 was checked")
 
     monkeypatch.setattr(teacher_mod, "read_weights_file", must_not_read)
-    actual, wrong = sha256_of(path), "0" * 64
+    actual, wrong = sha256_file(path), "0" * 64
     with pytest.raises(WeightsHashError) as err:
         Teacher(NAME, revision="v1", sha256=wrong)
     assert str(err.value) == (f"restok: {NAME}: {cached} has sha256 {actual}, expected {wrong} (vf.sha256); "
@@ -193,10 +194,10 @@ def test_the_discriminator_weights_are_checked_against_their_pin(tmp_path):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     wrong = "3" * 64
-    with pytest.raises(WeightsHashError, match=rf"restok: vit_tiny_patch16_224: {path} has sha256 {sha256_of(path)}, "
+    with pytest.raises(WeightsHashError, match=rf"restok: vit_tiny_patch16_224: {path} has sha256 {sha256_file(path)}, "
                                                rf"expected {wrong} \(train_tokenizer.loss.disc_sha256\); not used"):
         TokenizerLoss(LossConfig(lpips_weight=0.0, gan_weight=0.5, disc_model="vit_tiny_patch16_224",
                                  disc_weights=str(path), disc_sha256=wrong))
     loss = TokenizerLoss(LossConfig(lpips_weight=0.0, gan_weight=0.5, disc_model="vit_tiny_patch16_224",
-                                    disc_weights=str(path), disc_sha256=sha256_of(path)))
-    assert loss.provenance["discriminator"]["sha256"] == sha256_of(path)
+                                    disc_weights=str(path), disc_sha256=sha256_file(path)))
+    assert loss.provenance["discriminator"]["sha256"] == sha256_file(path)

@@ -15,7 +15,9 @@ import dataclasses
 
 import torch
 
-from restok.config import SECTIONS, profile_tree, tokenizer_config
+from restok.config.profiles import profile_tree
+from restok.config.sections import SECTIONS
+from restok.config.tokenizer import tokenizer_config
 from restok.data.builtin import render
 from restok.data.views import to_uint8_tensor
 from restok.losses.recon import TokenizerLoss

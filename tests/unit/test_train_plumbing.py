@@ -20,8 +20,10 @@ from torch import nn
 
 from restok import artifacts
 from restok.io import save_torch_atomic
-from restok.config import generator_config as model_generator_config
-from restok.config import load_params, tokenizer_config, write_profile
+from restok.config.generator import generator_config as model_generator_config
+from restok.config.load import load_params
+from restok.config.profiles import write_profile
+from restok.config.tokenizer import tokenizer_config
 from restok.convert.official import generator_slots
 from restok.convert.tokenizer import tokenizer_slots
 from restok.models.generator import HARGenerator, generator_config
@@ -398,7 +400,7 @@ def test_muon_follows_torch_muon_in_fp32():
 
 
 def test_build_muon_splits_weight_matrices_from_the_rest():
-    from restok.config import Optim
+    from restok.config.training import Optim
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LayerNorm(4),
                                 torch.nn.Linear(4, 5))
     opt = optim.build(model, Optim(lr=1e-3, algorithm="muon"))

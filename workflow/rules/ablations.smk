@@ -9,7 +9,7 @@
 from pathlib import Path
 
 from restok import ablate
-from restok.config import VARIANT_NAME
+from restok.config.ablations import VARIANT_NAME
 
 ABLATION_GRAPH = ablate.Graph("dvc.yaml")
 ABLATION_RUNS = ablate.runs(config)

@@ -5,19 +5,17 @@ rule shard:
     message:
         "Sharding {params.data[source]} images into webdataset tars"
     input:
-        "src/restok/config.py",
+        "src/restok/config/data.py",
+        "src/restok/config/engine.py",
+        "src/restok/config/load.py",
         "src/restok/cpus.py",
         "src/restok/data/builtin.py",
         "src/restok/data/shards.py",
         "src/restok/data/sources.py",
         "src/restok/data/views.py",
+        "src/restok/hashing.py",
         "src/restok/io.py",
-        "src/restok/losses/loss_config.py",
-        "src/restok/models/generator_config.py",
-        "src/restok/models/recompute_mode.py",
-        "src/restok/models/tokenizer_config.py",
         "src/restok/provenance.py",
-        "src/restok/sampling_config.py",
         "src/restok/stages/__init__.py",
         "src/restok/stages/shard.py",
         "src/restok/train/log.py",

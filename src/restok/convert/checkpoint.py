@@ -12,7 +12,6 @@ official `configs/` are accepted as well.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from restok.convert.official import (GENERATOR_SKIP, export_official_generator_c
 from restok.convert.tokenizer import (TOKENIZER_SKIP, export_official_tokenizer_config,
                                       export_official_tokenizer_state, load_official_tokenizer_state,
                                       official_tokenizer_config)
+from restok.hashing import sha256_file
 from restok.models.generator import GeneratorConfig, HARGenerator
 from restok.models.tokenizer import ResTok, TokenizerConfig
 
@@ -79,14 +79,6 @@ def read_official_config(source: str | Path | Mapping) -> dict:
     return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def import_official_checkpoint(source: str | Path | Mapping[str, torch.Tensor], kind: Kind,
                                config: str | Path | Mapping | None = None, skip: Sequence[str] | None = None,
                                ) -> tuple[ResTok | HARGenerator, TokenizerConfig | GeneratorConfig, dict]:
@@ -112,7 +104,7 @@ def import_official_checkpoint(source: str | Path | Mapping[str, torch.Tensor], 
     else:
         weights = weights_file(Path(source))
         raw = read_state_dict(weights)
-        provenance.update(source=str(weights), sha256=_sha256(weights))
+        provenance.update(source=str(weights), sha256=sha256_file(weights))
         if config is None and (weights.parent / "config.json").is_file():
             config = weights.parent / "config.json"
     if config is None:

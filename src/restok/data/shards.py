@@ -8,7 +8,6 @@ so a split without a manifest is unfinished and no reader takes it.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -19,16 +18,9 @@ import webdataset as wds
 from PIL import Image
 
 from restok.data.views import eval_view, resized_size, stored_train_side, to_uint8_tensor, train_stored
+from restok.hashing import sha256_file
 
 MANIFEST = "manifest.json"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def encode_image(img: Image.Image, fmt: str, quality: int) -> bytes:

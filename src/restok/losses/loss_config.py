@@ -30,10 +30,10 @@ def parse_diffaug_policy(policy: str) -> tuple[tuple[str, float], ...]:
     return tuple(groups)
 
 
-def check_sha256_param(key: str, value: str | None) -> None:
-    """A pinned sha256 in params: null or 64 lower-case hex digits (restok.weights.verify_pinned checks files)."""
+def _check_sha256(name: str, value: str | None) -> None:
+    """A pinned sha256: null or 64 lower-case hex digits (restok.weights.verify_pinned checks the file)."""
     if value is not None and not (isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value)):
-        raise ValueError(f"{key}={value!r}: must be null or a sha256 (64 lower-case hex digits)")
+        raise ValueError(f"{PARAMS_SECTION}.{name}={value!r}: must be null or a sha256 (64 lower-case hex digits)")
 
 
 def _check_weights_file(name: str, value: str | None) -> None:
@@ -80,7 +80,7 @@ class LossConfig:
         if not isinstance(self.disc_model, str) or not self.disc_model:
             raise ValueError(f"{PARAMS_SECTION}.disc_model={self.disc_model!r}: must be a timm model name")
         _check_weights_file("lpips_weights", self.lpips_weights)
-        check_sha256_param(f"{PARAMS_SECTION}.lpips_sha256", self.lpips_sha256)
+        _check_sha256("lpips_sha256", self.lpips_sha256)
         _check_weights_file("disc_weights", self.disc_weights)
-        check_sha256_param(f"{PARAMS_SECTION}.disc_sha256", self.disc_sha256)
+        _check_sha256("disc_sha256", self.disc_sha256)
         parse_diffaug_policy(self.diffaug_policy)

@@ -32,7 +32,8 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
 from timm.data import resolve_data_config
 
-from restok.weights import MissingWeightsError, packaged_file, sha256_of, verify_pinned
+from restok.hashing import sha256_file
+from restok.weights import MissingWeightsError, packaged_file, verify_pinned
 from restok.weights import provenance as packaged_provenance
 
 RANDOM_INIT = "random-init"
@@ -260,7 +261,7 @@ class CnnTeacher(nn.Module):
                 raise ValueError(f"{params_key}={path}: not an EfficientNet-Lite state dict in the "
                                  f"efficientnet_lite_pytorch layout ({type(err).__name__}: {err})") from None
             source = packaged_provenance(packaged) if weights is None else {"weights": f"file:{path}",
-                                                                             "sha256": sha256_of(path)}
+                                                                             "sha256": sha256_file(path)}
         tap = next(info for info in model.feature_info if info["reduction"] == self.stride)
         last = int(tap["module"].split(".")[1])  # "blocks.4" -> the stage whose output is the tap
         self.stem = nn.Sequential(model.conv_stem, model.bn1)

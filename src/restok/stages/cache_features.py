@@ -29,7 +29,6 @@ split (shard.splits without train, as in the official-l profile) caches nothing 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import shutil
@@ -40,10 +39,12 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from restok.config import load_params
+from restok.config.features import CacheFeatures, Vf
+from restok.config.load import stage_args
 from restok.data.features import FIELDS, FORMAT, npy_bytes
-from restok.data.shards import MANIFEST, iter_split, read_manifest, sha256_file, shard_paths
+from restok.data.shards import MANIFEST, iter_split, read_manifest, shard_paths
 from restok.data.views import apply_view, train_view_boxes
+from restok.hashing import sha256_file
 from restok.io import write_json_atomic
 from restok.launch import relaunch_if_requested
 from restok.models.teacher import build_teacher
@@ -51,7 +52,8 @@ from restok.provenance import write_results
 from restok.train import dist
 from restok.train.log import console, print0, progress
 
-PARAMS = ("profile", "vf", "cache_features")
+# the params sections it reads (its dvc.yaml `params:`) and their types
+PARAMS = {"profile": str, "vf": Vf, "cache_features": CacheFeatures}
 IMAGENET_TRAIN_IMAGES = 1_281_167
 IMAGENET_VIT_L = {"dim": 1024, "grid": 16}
 
@@ -113,13 +115,8 @@ def imagenet_cost(views: int) -> dict:
 
 def main(argv=None):
     relaunch_if_requested("restok.stages.cache_features", argv)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--shards", default="data/shard")
-    ap.add_argument("--out", default="data/cache_features")
-    ap.add_argument("--results", default="results/cache_features")
-    args = ap.parse_args(argv)
-    p = load_params(args.params, PARAMS)
+    args, p = stage_args(__doc__, PARAMS, argv, shards="data/shard", out="data/cache_features",
+                         results="results/cache_features")
     vf, cfg = p.vf, p.cache_features
     image_manifest = read_manifest(args.shards, "train")
     res = image_manifest["resolution"]

@@ -21,9 +21,7 @@ One schedule per run: sweep schedules or windows with `dvc exp run -S sample.sam
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -31,9 +29,12 @@ import torch
 from matplotlib.figure import Figure
 
 from restok.artifacts import load_models
-from restok.config import load_params
+from restok.config.evaluation import CfgSearch, Fid
+from restok.config.load import stage_args
+from restok.config.sample import Sample
 from restok.fid import PROVENANCE_KEYS, build_extractor, load_stats
 from restok.images import gather_to_main, rank_share, sample_images, sampling_bf16
+from restok.io import save_png
 from restok.launch import relaunch_if_requested
 from restok.metrics import Features, InceptionExtractor, frechet_distance, statistics
 from restok.provenance import write_results
@@ -41,7 +42,8 @@ from restok.sampling import compile_sampling
 from restok.train.dist import barrier, cleanup, init_distributed
 from restok.train.log import console, print0
 
-PARAMS = ("profile", "sample", "fid", "cfg_search")
+# the params sections it reads (its dvc.yaml `params:`) and their types
+PARAMS = {"profile": str, "sample": Sample, "fid": Fid, "cfg_search": CfgSearch}
 
 
 def pool_features(extractor: InceptionExtractor, images, batch_size: int) -> torch.Tensor:
@@ -65,21 +67,14 @@ def plot(path: Path, fids: dict[float, float], best: float, title: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    save_png(fig, path)
 
 
 def main(argv=None):
     relaunch_if_requested("restok.stages.cfg_search", argv)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--generator", default="data/train_generator/generator.pt")
-    ap.add_argument("--tokenizer", default="data/train_tokenizer/tokenizer.pt")
-    ap.add_argument("--reference", default="data/reference_stats")
-    ap.add_argument("--results", default="results/cfg_search")
-    args = ap.parse_args(argv)
-    p = load_params(args.params, PARAMS)
+    args, p = stage_args(__doc__, PARAMS, argv, generator="data/train_generator/generator.pt",
+                         tokenizer="data/train_tokenizer/tokenizer.pt", reference="data/reference_stats",
+                         results="results/cfg_search")
     cfg, search = p.sample, p.cfg_search
     info = init_distributed(cfg.device)
     extractor = build_extractor(dataclasses.replace(p.fid, device=info.device.type))

@@ -21,7 +21,6 @@ restok.metrics.position_entropy), throughput and the tokenizer's provenance.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -35,17 +34,20 @@ import webdataset as wds
 from PIL import Image
 
 from restok.artifacts import load_tokenizer
-from restok.config import load_params
+from restok.config.latents import ExtractLatents
+from restok.config.load import stage_args
 from restok.cpus import loader_workers
-from restok.data.shards import decode_image, read_manifest, sha256_file, shard_paths, store_transform
+from restok.data.shards import decode_image, read_manifest, shard_paths, store_transform
 from restok.data.views import eval_view, ten_crop_views, to_uint8_tensor
+from restok.hashing import sha256_file
 from restok.io import write_json_atomic
 from restok.metrics import codebook_stats, position_entropy
 from restok.models.tokenizer import ResTok
 from restok.provenance import write_results
 from restok.train.log import console, progress
 
-PARAMS = ("profile", "extract_latents")
+# the params sections it reads (its dvc.yaml `params:`) and their types
+PARAMS = {"profile": str, "extract_latents": ExtractLatents}
 SPLITS = ("train", "val")
 NUM_VIEWS = {"ten_crop": 10, "center_flip": 2, "eval": 1}
 STATS_MAX_SEQUENCES = 1 << 18  # code statistics over at most this many sequences (evenly spaced images, all views)
@@ -194,14 +196,10 @@ def split_summary(split_dir: Path, model: ResTok, run: dict) -> tuple[dict, dict
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--shards", default="data/shard", help="output of the shard stage")
-    ap.add_argument("--tokenizer", default="data/train_tokenizer/tokenizer.pt", help="the EMA tokenizer artifact")
-    ap.add_argument("--out", default="data/extract_latents")
-    ap.add_argument("--results", default="results/extract_latents")
-    args = ap.parse_args(argv)
-    p = load_params(args.params, PARAMS)
+    args, p = stage_args(__doc__, PARAMS, argv,
+                         helps={"shards": "output of the shard stage", "tokenizer": "the EMA tokenizer artifact"},
+                         shards="data/shard", tokenizer="data/train_tokenizer/tokenizer.pt",
+                         out="data/extract_latents", results="results/extract_latents")
     el = p.extract_latents
     if el.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{args.params}:extract_latents.device='cuda' but no CUDA device is available; use 'auto'")

@@ -24,14 +24,14 @@ data/reference_stats/stats.npz holds
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from restok.config import load_params
+from restok.config.evaluation import Fid
+from restok.config.load import stage_args
 from restok.data.shards import read_manifest
 from restok.fid import PROVENANCE_KEYS, build_extractor, extract, val_images
 from restok.io import write_npz_atomic
@@ -39,7 +39,8 @@ from restok.metrics import statistics
 from restok.probe import class_balanced_images, first_per_class, split_labels
 from restok.train.log import console
 
-PARAMS = ("profile", "fid")
+# the params sections it reads (its dvc.yaml `params:`) and their types
+PARAMS = {"profile": str, "fid": Fid}
 MAX_FEATURES = 10_000  # reference images kept for precision/recall (the ADM reference batch size)
 
 
@@ -66,12 +67,7 @@ def probe_images(extractor, shards: str, per_class: int, batch_size: int, val_po
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--shards", default="data/shard")
-    ap.add_argument("--out", default="data/reference_stats")
-    args = ap.parse_args(argv)
-    p = load_params(args.params, PARAMS)
+    args, p = stage_args(__doc__, PARAMS, argv, shards="data/shard", out="data/reference_stats")
     fid = p.fid
     if fid.reference == "adm" and not Path(fid.adm_batch).is_file():
         raise FileNotFoundError(f"fid.adm_batch={fid.adm_batch!r} does not exist (VIRTUAL_imagenet256_labeled.npz "

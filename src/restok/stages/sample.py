@@ -21,20 +21,19 @@ shows whether training did anything.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
 from restok.artifacts import load_models
-from restok.config import load_params
+from restok.config.load import stage_args
+from restok.config.sample import Sample
 from restok.images import UNTRAINED, gather_to_main, rank_share, sample_images, sampling_bf16
-from restok.io import write_npz_atomic
+from restok.io import save_png, write_npz_atomic
 from restok.launch import relaunch_if_requested
 from restok.models.generator import HARGenerator
 from restok.provenance import write_results
@@ -42,7 +41,8 @@ from restok.sampling import compile_sampling, schedule_scales
 from restok.train.dist import barrier, cleanup, init_distributed
 from restok.train.log import console, print0
 
-PARAMS = ("profile", "sample")
+# the params sections it reads (its dvc.yaml `params:`) and their types
+PARAMS = {"profile": str, "sample": Sample}
 
 
 # ------------------------------------------------------------------------------------------------- outputs
@@ -53,21 +53,13 @@ def write_grid(path: Path, images: np.ndarray, labels: np.ndarray, num_classes: 
         mine = torch.from_numpy(images[labels == c][:per_row])
         tiles[c, :len(mine)] = mine
     grid = make_grid(tiles.flatten(0, 1).permute(0, 3, 1, 2).float() / 255, nrow=per_row, padding=1)
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
-    save_image(grid, tmp)
-    os.replace(tmp, path)
+    save_png(grid, path)
 
 
 def main(argv=None):
     relaunch_if_requested("restok.stages.sample", argv)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--generator", default="data/train_generator/generator.pt")
-    ap.add_argument("--tokenizer", default="data/train_tokenizer/tokenizer.pt")
-    ap.add_argument("--out", default="data/sample")
-    ap.add_argument("--results", default="results/sample")
-    args = ap.parse_args(argv)
-    p = load_params(args.params, PARAMS)
+    args, p = stage_args(__doc__, PARAMS, argv, generator="data/train_generator/generator.pt",
+                         tokenizer="data/train_tokenizer/tokenizer.pt", out="data/sample", results="results/sample")
     cfg = p.sample
     info = init_distributed(cfg.device)
     generator, tokenizer, provenance = load_models(args.generator, args.tokenizer, info.device)

@@ -30,7 +30,6 @@ Every number names the extractor and weights that produced it; random-init weigh
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -39,7 +38,8 @@ import torch
 
 from restok import checks
 from restok.artifacts import load_tokenizer
-from restok.config import load_params
+from restok.config.evaluation import Checks, Fid
+from restok.config.load import stage_args
 from restok.data.shards import read_manifest
 from restok.fid import PROVENANCE_KEYS, batches, build_extractor, extract, fid_device, load_stats, val_images
 from restok.metrics import (Features, codebook_stats, frechet_distance, inception_score, precision_recall, psnr,
@@ -50,7 +50,8 @@ from restok.provenance import (committed_environment, environment, machine_diffe
                                write_results)
 from restok.train.log import console, progress
 
-PARAMS = ("profile", "fid", "checks")
+# the params sections it reads (its dvc.yaml `params:`) and their types
+PARAMS = {"profile": str, "fid": Fid, "checks": Checks}
 PR_NEIGHBOURS = 3
 # headline entries that are not quality numbers (speed, the sampling config): in results/provenance.json, shown in
 # the README, not DVC metrics
@@ -298,20 +299,14 @@ def readme(head: dict, results: Path, machine: tuple[list[str], list[str]] = ([]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--samples", default="data/sample")
-    ap.add_argument("--reference", default="data/reference_stats")
-    ap.add_argument("--tokenizer", default="data/train_tokenizer/tokenizer.pt")
-    ap.add_argument("--shards", default="data/shard")
-    ap.add_argument("--results", default="results")
-    ap.add_argument("--tokenizer-metrics", default="results/train_tokenizer/metrics.json")
-    ap.add_argument("--generator-metrics", default="results/train_generator/metrics.json")
-    ap.add_argument("--sample-summary", default="results/sample/summary.json")
-    ap.add_argument("--latents-summary", default="results/extract_latents/summary.json",
-                    help="per-position code entropy of the val codes (extract_latents)")
-    args = ap.parse_args(argv)
-    p = load_params(args.params, PARAMS)
+    args, p = stage_args(__doc__, PARAMS, argv,
+                         helps={"latents_summary": "per-position code entropy of the val codes (extract_latents)"},
+                         samples="data/sample", reference="data/reference_stats",
+                         tokenizer="data/train_tokenizer/tokenizer.pt", shards="data/shard", results="results",
+                         tokenizer_metrics="results/train_tokenizer/metrics.json",
+                         generator_metrics="results/train_generator/metrics.json",
+                         sample_summary="results/sample/summary.json",
+                         latents_summary="results/extract_latents/summary.json")
     extractor = build_extractor(p.fid)
     ref = load_stats(Path(args.reference) / "stats.npz", p.fid.extractor)
     samples = Path(args.samples) / "samples.npz"

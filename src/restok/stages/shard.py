@@ -15,7 +15,6 @@ shards it read (`sources`: sha256, counts).
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import io
 import shutil
@@ -30,17 +29,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
-from restok.config import load_params
+from restok.config.data import Data, Shard
+from restok.config.load import stage_args
 from restok.cpus import job_cpus
-from restok.data.shards import MANIFEST, encode_image, iter_split_uint8, sha256_file, store_transform, write_shard
+from restok.data.shards import MANIFEST, encode_image, iter_split_uint8, store_transform, write_shard
 from restok.data.sources import IMAGE_EXTS, Item, SourceError, ignored_entries, list_items, load_image, open_image
-from restok.io import write_json_atomic
+from restok.hashing import sha256_file
+from restok.io import save_png, write_json_atomic
 from restok.provenance import write_results
 from restok.train.log import console, progress
 
-PARAMS = ("profile", "data", "shard")
+# the params sections it reads (its dvc.yaml `params:`) and their types
+PARAMS = {"profile": str, "data": Data, "shard": Shard}
 SPLITS = ("train", "val")
 
 
@@ -219,12 +221,7 @@ def sample_grid(shard_dir: Path, split: str, num_classes: int, per_class: int = 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default="data/shard")
-    ap.add_argument("--results", default="results/shard")
-    args = ap.parse_args(argv)
-    p = load_params(args.params, PARAMS)
+    args, p = stage_args(__doc__, PARAMS, argv, out="data/shard", results="results/shard")
     data = p.data
     wanted = [s for s in SPLITS if s in p.shard.splits]
     listings = {} if data.source == "wds" else {s: list_items(data, s) for s in wanted}  # layout errors before work
@@ -271,9 +268,7 @@ def main(argv=None):
 
     results.mkdir(parents=True, exist_ok=True)
     grid = sample_grid(out, "val" if "val" in wanted else "train", data.num_classes)
-    tmp = results / "samples.tmp.png"
-    save_image(grid, tmp)
-    tmp.replace(results / "samples.png")
+    save_png(grid, results / "samples.png")
     write_results(results / "summary.json", summary,
                   {"profile": p.profile, "source": data.source, "seconds": round(time.time() - t0, 2)}, "cpu")
 

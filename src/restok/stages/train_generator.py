@@ -24,7 +24,7 @@ import contextlib
 import hashlib
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from restok.artifacts import save_artifact
-from restok.config import generator_config, load_params
+from restok.config.generator import GeneratorParams, TrainGenerator, generator_config
+from restok.config.load import stage_args
 from restok.convert.released import import_released
 from restok.launch import relaunch_if_requested
 from restok.models.generator import HARGenerator
@@ -46,7 +47,8 @@ from restok.train.ema import EMA
 from restok.train.log import CurveWriter, is_main_process, print0, progress
 from restok.train.lr import lr_at
 
-PARAMS = ("profile", "generator", "train_generator")
+# the params sections it reads (its dvc.yaml `params:`) and their types
+PARAMS = {"profile": str, "generator": GeneratorParams, "train_generator": TrainGenerator}
 # params that change what is logged or evaluated, not the trained weights: they do not stop a resume
 NOT_SHAPING = (*(f"train_generator.{k}" for k in ckpt.LOGGING_KNOBS), "train_generator.val_batches")
 
@@ -115,7 +117,7 @@ def evaluate(model: HARGenerator, val: Latents, num: int, batch: int, level_size
 
 
 def sections_hash(p) -> str:
-    return hashlib.sha256(json.dumps({k: asdict(p.sections[k]) for k in PARAMS[1:]}, sort_keys=True,
+    return hashlib.sha256(json.dumps({k: asdict(p.sections[k]) for k in list(PARAMS)[1:]}, sort_keys=True,
                                      default=str).encode()).hexdigest()
 
 
@@ -153,23 +155,58 @@ def import_generator(p, args) -> None:
            f"accuracy {final['accuracy']:.4f} on {val.num} val sequences")
 
 
+@dataclass
+class Run:
+    """A training run set up by `setup`, advanced by `train` and ended by `finish` (the stage's main, read in order).
+    Everything the loop changes lives here: the step, the last logged train loss, the clock."""
+
+    p: object
+    args: argparse.Namespace
+    cfg: object
+    info: object
+    train: Latents
+    val: Latents
+    model: HARGenerator
+    net: nn.Module
+    ema: EMA
+    opt: torch.optim.Optimizer
+    sampler: StepSampler
+    autocast: object
+    bf16: bool
+    run_id: str
+    local: int
+    val_num: int
+    curve: CurveWriter | None
+    step: int
+    start_step: int
+    prior_seconds: float  # training time of the runs this one resumes
+    final_loss: float | None = None
+    seconds_this_run: float = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.args.out) / "ckpt"
+
+
 def main(argv=None):
     relaunch_if_requested("restok.stages.train_generator", argv)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--latents", default="data/extract_latents", help="output of extract_latents")
-    ap.add_argument("--out", default="data/train_generator")
-    ap.add_argument("--results", default="results/train_generator")
-    args = ap.parse_args(argv)
-    p = load_params(args.params, PARAMS)
+    args, p = stage_args(__doc__, PARAMS, argv, helps={"latents": "output of extract_latents"},
+                         latents="data/extract_latents", out="data/train_generator", results="results/train_generator")
     if p.train_generator.official is not None:
         return import_generator(p, args)
     with ckpt.exclusive(Path(args.out) / "ckpt", is_main_process()):  # one writer of ckpt/ for the whole run
-        train_and_evaluate(p, args)
+        run = setup(p, args)
+        train(run)
+        finish(run)
 
 
-def train_and_evaluate(p, args) -> None:
-    """Train on the latents (resuming from <out>/ckpt/ when the run matches), evaluate the EMA, write the outputs."""
+
+def setup(p, args: argparse.Namespace) -> Run:
+    """Check the latents, build model, EMA, optimiser and sampler; resume from <out>/ckpt/ when the run matches."""
     loop, opt_cfg = p.train_generator.loop, p.train_generator.optim
     latents = Path(args.latents)
     train, val = Latents(latents, "train"), Latents(latents, "val")
@@ -197,16 +234,16 @@ def train_and_evaluate(p, args) -> None:
     ema = EMA(model, loop.ema_decay)
     opt = optim.build(model, opt_cfg)
     out, results = Path(args.out), Path(args.results)
-    sections = {k: asdict(p.sections[k]) for k in PARAMS[1:]}
+    sections = {k: asdict(p.sections[k]) for k in list(PARAMS)[1:]}
     run_id = ckpt.fingerprint(ckpt.run_params(sections, NOT_SHAPING), "restok.stages.train_generator",
                               {"latents": train.meta, "world_size": world})
     step, final_loss, state = 0, None, ckpt.resume(out / "ckpt", run_id, info.is_main)
     resume = state is not None
-    prior_secs = 0.0  # training time of the runs this one resumes
+    prior_seconds = 0.0
     if resume:
         step, _ = ckpt.restore(state, model, {"generator": opt}, ema)
         final_loss = state["train_loss"]
-        prior_secs = float(state.get("train_seconds", 0.0))
+        prior_seconds = float(state.get("train_seconds", 0.0))
         print0(f"resumed from {out / 'ckpt'} at step {step}")
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if loop.compile else net
@@ -216,33 +253,44 @@ def train_and_evaluate(p, args) -> None:
            f"{loop.max_steps}")
 
     val_num = min(val.num, p.train_generator.val_batches * loop.batch_size)
-    level_sizes = train.meta["level_sizes"]
     columns = ["loss", "val_loss", "lr"] if val_num else ["loss", "lr"]
     curve = CurveWriter(results / "curve.tsv", columns, resume_step=step if resume else None,
                         keep=out / "ckpt" / "curve.tsv") if info.is_main else None
-    loss_sum, loss_steps, train_secs, first_step = torch.zeros((), device=device), 0, 0.0, step
+    return Run(p=p, args=args, cfg=cfg, info=info, train=train, val=val, model=model, net=net, ema=ema, opt=opt,
+               sampler=sampler, autocast=autocast, bf16=bf16, run_id=run_id, local=local, val_num=val_num,
+               curve=curve, step=step, start_step=step, prior_seconds=prior_seconds, final_loss=final_loss)
+
+
+def train(run: Run) -> None:
+    """Train from run.step to max_steps: the loss averaged and the EMA's val loss logged every `log_every_steps`,
+    a checkpoint every `ckpt_every_steps` and at the end. The clock skips evaluation and checkpoint writing."""
+    loop, opt_cfg = run.p.train_generator.loop, run.p.train_generator.optim
+    device, rank, world, local = run.device, run.info.rank, run.info.world_size, run.local
+    model, opt, level_sizes = run.model, run.opt, run.train.meta["level_sizes"]
+    loss_sum, loss_steps = torch.zeros((), device=device), 0
     guard = finite.FiniteGuard("train_generator", ["loss", "grad_norm"], device)
-    net.train()
+    run.net.train()
     t0 = time.perf_counter()
     with progress(loop.max_steps, "train_generator") as bar:
-        bar.advance(step)
-        while step < loop.max_steps:
-            lr = lr_at(step, opt_cfg.lr, opt_cfg.warmup_steps, loop.max_steps, opt_cfg.schedule, opt_cfg.end_lr)
+        bar.advance(run.step)
+        while run.step < loop.max_steps:
+            lr = lr_at(run.step, opt_cfg.lr, opt_cfg.warmup_steps, loop.max_steps, opt_cfg.schedule, opt_cfg.end_lr)
             for group in opt.param_groups:
                 group["lr"] = lr
-            index, view = sampler(step)
-            codes, labels = train.batch(index[rank * local:(rank + 1) * local], view[rank * local:(rank + 1) * local],
-                                        device)
-            with autocast:
-                _, loss = net(codes, labels, with_logits=False)  # chunked CE: no (B, L, V) fp32 logits
+            index, view = run.sampler(run.step)
+            codes, labels = run.train.batch(index[rank * local:(rank + 1) * local],
+                                            view[rank * local:(rank + 1) * local], device)
+            with run.autocast:
+                _, loss = run.net(codes, labels, with_logits=False)  # chunked CE: no (B, L, V) fp32 logits
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = finite.grad_norm(model.parameters(), opt_cfg.grad_clip, foreach=True)
             opt.step()
-            ema.update(model)
+            run.ema.update(model)
             loss_sum += loss.detach()
             loss_steps += 1
-            step += 1
+            run.step += 1
+            step = run.step
             bar.advance(1)
             guard.record(step, torch.stack([loss.detach().float(), grad_norm.float()]))  # on the device: no sync
             saving = step % loop.ckpt_every_steps == 0 or step == loop.max_steps
@@ -250,41 +298,50 @@ def train_and_evaluate(p, args) -> None:
                 guard.check(step, model.parameters() if saving else ())
 
             if step % loop.log_every_steps == 0 or step == loop.max_steps:
-                train_secs += time.perf_counter() - t0
-                final_loss = all_reduce_mean(loss_sum / loss_steps).item()
-                row = {"loss": final_loss, "lr": lr}
-                if val_num:
-                    row["val_loss"] = evaluate(ema.model, val, val_num, local, level_sizes, device, autocast,
-                                               rank, world)["loss"]
-                if curve:
-                    curve.write(step, **row)
+                run.seconds_this_run += time.perf_counter() - t0
+                run.final_loss = all_reduce_mean(loss_sum / loss_steps).item()
+                row = {"loss": run.final_loss, "lr": lr}
+                if run.val_num:
+                    row["val_loss"] = evaluate(run.ema.model, run.val, run.val_num, local, level_sizes, device,
+                                               run.autocast, rank, world)["loss"]
+                if run.curve:
+                    run.curve.write(step, **row)
                 print0(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items()))
                 loss_sum, loss_steps = torch.zeros((), device=device), 0
                 t0 = time.perf_counter()
             if step % loop.ckpt_every_steps == 0 or step == loop.max_steps:
-                train_secs += time.perf_counter() - t0
-                state = ckpt.capture(step, model, {"generator": opt}, ema, data={"step": step}, config=asdict(cfg),
-                                     fingerprint=run_id, train_loss=final_loss, train_seconds=prior_secs + train_secs)
-                if info.is_main:
-                    ckpt.save(out / "ckpt", state, step, keep=loop.keep_ckpts)
+                run.seconds_this_run += time.perf_counter() - t0
+                state = ckpt.capture(step, model, {"generator": opt}, run.ema, data={"step": step},
+                                     config=asdict(run.cfg), fingerprint=run.run_id, train_loss=run.final_loss,
+                                     train_seconds=run.prior_seconds + run.seconds_this_run)
+                if run.info.is_main:
+                    ckpt.save(run.ckpt_dir, state, step, keep=loop.keep_ckpts)
                 barrier()
                 t0 = time.perf_counter()
 
-    final = evaluate(ema.model, val, val.num, local, level_sizes, device, autocast, rank, world)
-    if info.is_main:
-        curve.close()
+
+def finish(run: Run) -> None:
+    """Evaluate the EMA on every val sequence, write generator.pt and metrics.json."""
+    p, loop, cfg, step = run.p, run.p.train_generator.loop, run.cfg, run.step
+    train, val, device, results = run.train, run.val, run.device, Path(run.args.results)
+    final = evaluate(run.ema.model, val, val.num, run.local, train.meta["level_sizes"], device, run.autocast,
+                     run.info.rank, run.info.world_size)
+    if run.info.is_main:
+        run.curve.close()
         provenance = {"stage": "train_generator", "profile": p.profile, "step": step, "params_sha256": sections_hash(p),
                       "weights": "ema", "latents": {"train_meta": train.meta, "val_num_images": val.num}}
-        save_artifact(out / "generator.pt", ema.model.state_dict(), asdict(cfg), provenance)
-        sequences = (step - first_step) * loop.batch_size
-        metrics = {"steps": step, "final_train_loss": final_loss, "val_loss": final["loss"],
+        save_artifact(Path(run.args.out) / "generator.pt", run.ema.model.state_dict(), asdict(cfg), provenance)
+        train_secs = run.seconds_this_run
+        sequences = (step - run.start_step) * loop.batch_size
+        metrics = {"steps": step, "final_train_loss": run.final_loss, "val_loss": final["loss"],
                    "val_accuracy": final["accuracy"], "val_accuracy_per_level": final["accuracy_per_level"],
-                   "val_sequences": val.num, "params_M": round(sum(t.numel() for t in model.parameters()) / 1e6, 3)}
+                   "val_sequences": val.num,
+                   "params_M": round(sum(t.numel() for t in run.model.parameters()) / 1e6, 3)}
         run_info = {"profile": p.profile, "mode": cfg.mode,
                     "sequences_per_s": round(sequences / train_secs, 2) if train_secs else None,
-                    "train_seconds": round(prior_secs + train_secs, 2), "steps_this_run": step - first_step,
-                    "world_size": world, "device": device.type, "bf16": bf16, "compile": loop.compile,
-                    "tokenizer": train.meta["tokenizer"]}
+                    "train_seconds": round(run.prior_seconds + train_secs, 2), "steps_this_run": step - run.start_step,
+                    "world_size": run.info.world_size, "device": device.type, "bf16": run.bf16,
+                    "compile": loop.compile, "tokenizer": train.meta["tokenizer"]}
         results.mkdir(parents=True, exist_ok=True)
         write_results(results / "metrics.json", metrics, run_info, device)
     barrier()

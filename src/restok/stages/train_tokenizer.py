@@ -42,13 +42,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from restok.artifacts import save_artifact
-from restok.config import load_params, tokenizer_config
+from restok.config.features import Vf
+from restok.config.load import stage_args
+from restok.config.tokenizer import TokenizerParams, TrainTokenizer, tokenizer_config
 from restok.convert.released import import_released
 from restok.cpus import loader_workers
 from restok.data.features import TarIndex, read_features_manifest
-from restok.data.shards import MANIFEST, decode_image, iter_split, iter_split_uint8, read_manifest, sha256_file
+from restok.data.shards import MANIFEST, decode_image, iter_split, iter_split_uint8, read_manifest
 from restok.data.shards import shard_paths, store_transform
 from restok.data.views import apply_view, eval_view, to_uint8_tensor, train_view_boxes
+from restok.hashing import sha256_file
 from restok.io import save_png, save_torch_atomic
 from restok.launch import relaunch_if_requested
 from restok.losses.recon import TokenizerLoss
@@ -61,7 +64,8 @@ from restok.train.ema import EMA
 from restok.train.log import CurveWriter, console, is_main_process, print0, progress
 from restok.train.lr import lr_at
 
-PARAMS = ("profile", "vf", "tokenizer", "train_tokenizer")
+# the params sections it reads (its dvc.yaml `params:`) and their types
+PARAMS = {"profile": str, "vf": Vf, "tokenizer": TokenizerParams, "train_tokenizer": TrainTokenizer}
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
 # params that change what is logged or evaluated, not the trained weights: they do not stop a resume
 NOT_SHAPING = (*(f"train_tokenizer.{k}" for k in ckpt.LOGGING_KNOBS), "train_tokenizer.eval_images",
@@ -307,8 +311,8 @@ class Run:
 
 def main(argv=None):
     relaunch_if_requested("restok.stages.train_tokenizer", argv)
-    args = parse_args(argv)
-    p = load_params(args.params, PARAMS)
+    args, p = stage_args(__doc__, PARAMS, argv, shards="data/shard", features="data/cache_features",
+                         out="data/train_tokenizer", results="results/train_tokenizer")
     if p.train_tokenizer.official is not None:
         return import_tokenizer(p, args)
     with ckpt.exclusive(Path(args.out) / "ckpt", is_main_process()):  # one writer of ckpt/ for the whole run
@@ -316,15 +320,6 @@ def main(argv=None):
         train(run)
         finish(run)
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--shards", default="data/shard")
-    ap.add_argument("--features", default="data/cache_features")
-    ap.add_argument("--out", default="data/train_tokenizer")
-    ap.add_argument("--results", default="results/train_tokenizer")
-    return ap.parse_args(argv)
 
 
 def setup(p, args: argparse.Namespace) -> Run:
@@ -350,7 +345,7 @@ def setup(p, args: argparse.Namespace) -> Run:
                          f"{info.world_size} processes")
     local_bs = loop.batch_size // info.world_size
     out, results, ckpt_dir = Path(args.out), Path(args.results), Path(args.out) / "ckpt"
-    sections = {k: dataclasses.asdict(p.sections[k]) for k in PARAMS[1:]}
+    sections = {k: dataclasses.asdict(p.sections[k]) for k in list(PARAMS)[1:]}
     run_id = ckpt.fingerprint(ckpt.run_params(sections, NOT_SHAPING), "restok.stages.train_tokenizer",
                               {"features_manifest_sha256": vfs.manifest_sha256,
                                "image_shards": image_manifest["shards"], "world_size": info.world_size})

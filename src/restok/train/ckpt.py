@@ -207,7 +207,7 @@ def save(ckpt_dir: str | Path, state: dict, step: int, keep: int = 2) -> Path:
 
 
 # keys of a training section (train_tokenizer, train_generator) that change how a run logs, checkpoints or spends
-# memory, not what it computes (resume is exact across checkpoint intervals, tests/unit/test_stage_train_*.py;
+# memory, not what it computes (resume is exact across checkpoint intervals, tests/stage/test_stage_train_*.py;
 # activation checkpointing gives the same values and gradients, tests/unit/test_speed.py): a run that ran out of
 # memory resumes with checkpointing on
 LOGGING_KNOBS = ("loop.ckpt_every_steps", "loop.keep_ckpts", "loop.log_every_steps", "loop.workers",

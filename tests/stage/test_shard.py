@@ -15,9 +15,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from restok.config import profile_tree
-from restok.data.shards import iter_split, read_manifest, sha256_file
+from restok.config.profiles import profile_tree
+from restok.data.shards import iter_split, read_manifest
 from restok.data.views import stored_train_side
+from restok.hashing import sha256_file
 from restok.stages import shard
 
 

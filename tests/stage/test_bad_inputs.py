@@ -1,7 +1,7 @@
 """Bad inputs a user's image folder or params may hold (issue 15): each is converted correctly, refused with an
 error naming the file or key, or skipped and listed in the manifest; never lost silently.
 
-    python -m pytest -q tests/unit/test_bad_inputs.py
+    python -m pytest -q tests/stage/test_bad_inputs.py
 
 Every case generates its own file. The last test puts all the per-file cases in one folder and checks that the
 shard stage converts or lists each of them and loses nothing else.
@@ -20,7 +20,10 @@ import pytest
 import yaml
 from PIL import Image, ImageCms, UnidentifiedImageError
 
-from restok.config import ParamsError, Shard, load_params, profile_tree
+from restok.config.data import Shard
+from restok.config.engine import ParamsError
+from restok.config.load import load_params
+from restok.config.profiles import profile_tree
 from restok.data.shards import iter_split, read_manifest, store_transform
 from restok.data.sources import Item, SourceError, list_items, load_image, to_rgb
 from restok.stages import shard

@@ -1,6 +1,6 @@
 """Stages `reference_stats`, `score` and `cfg_search` through the real torch-fidelity Inception path, offline.
 
-Run: .venv/bin/python -m pytest tests/unit/test_stage_score.py -q
+Run: .venv/bin/python -m pytest tests/stage/test_stage_score.py -q
 No pretrained Inception weights exist offline: a fixture writes a weights file from the seeded random-init extractor
 (torch-fidelity's InceptionV3 with re-initialised convolutions and linears, docs/tooling.md, ecosystem §8) and puts it
 at torch-fidelity's cache path under a temporary TORCH_HOME, so fid.extractor "inception-v3-compat" loads it with the
@@ -24,7 +24,7 @@ from restok import fid, metrics
 from restok.data.shards import iter_split_uint8
 from restok.provenance import committed_environment, environment, read_results
 from restok.stages import cfg_search, reference_stats, score
-from tests.unit.test_stage_sample import make_artifacts
+from tests.stage.test_stage_sample import make_artifacts
 
 
 def write_params(base: Path, dest: Path, **fid) -> Path:

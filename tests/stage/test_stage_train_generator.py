@@ -1,6 +1,6 @@
 """Stage train_generator on synthetic cached codes in the extract_latents layout (no tokenizer anywhere).
 
-Run: .venv/bin/python -m pytest tests/unit/test_stage_train_generator.py -q
+Run: .venv/bin/python -m pytest tests/stage/test_stage_train_generator.py -q
 Covers the outputs and their numbers (val loss recomputed from generator.pt), the seeded view sampler, refusing a
 checkpoint of another run (a changed param or a code edit: moved aside, it trains again), resuming the finished run
 after a logging-only param change (the same weights, nothing trained), SIGKILL after the first checkpoint + rerun

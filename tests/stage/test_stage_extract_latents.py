@@ -1,6 +1,6 @@
 """Stage extract_latents on the smoke shards with a tiny random-init tokenizer (never the train_tokenizer stage).
 
-Run: .venv/bin/python -m pytest tests/unit/test_stage_extract_latents.py -q
+Run: .venv/bin/python -m pytest tests/stage/test_stage_extract_latents.py -q
 The codes must equal a fresh encode of the same views bit for bit; a run killed with SIGKILL mid-split and rerun must
 write byte-identical files to an uninterrupted run (batch size 1 and a slower tokenizer give the kill a window).
 """
@@ -20,7 +20,8 @@ import yaml
 
 from restok.artifacts import load_tokenizer, save_artifact
 from restok import metrics
-from restok.config import load_params, tokenizer_config
+from restok.config.load import load_params
+from restok.config.tokenizer import tokenizer_config
 from restok.data.shards import iter_split
 from restok.models.tokenizer import ResTok
 from restok.provenance import read_results
