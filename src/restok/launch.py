@@ -49,14 +49,19 @@ def first_node_address() -> str:
             raise RuntimeError(f"`scontrol {' '.join(args)}` failed ({getattr(e, 'stderr', '') or e}): the "
                                f"rendezvous address of a multi-node run comes from SLURM") from None
 
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    def fields(text: str) -> dict[str, str]:
+        return dict(f.split("=", 1) for f in text.split() if "=" in f)
+
+    # Snakemake's SLURM jobstep executor passes the job id but strips the other SLURM_* variables
+    nodelist = (os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+                or fields(scontrol("show", "job", "--oneliner", os.environ["SLURM_JOB_ID"])).get("NodeList"))
     if not nodelist:
-        raise RuntimeError("SLURM_JOB_NODELIST is not set: not inside a SLURM allocation")
+        raise RuntimeError(f"SLURM job {os.environ['SLURM_JOB_ID']}: no node list (SLURM_JOB_NODELIST unset and "
+                           f"`scontrol show job` gives no NodeList)")
     names = scontrol("show", "hostnames", nodelist).split()
     if not names:
         raise RuntimeError(f"`scontrol show hostnames {nodelist}` listed no node")
-    fields = dict(f.split("=", 1) for f in scontrol("show", "node", "--oneliner", names[0]).split() if "=" in f)
-    return fields.get("NodeAddr") or names[0]
+    return fields(scontrol("show", "node", "--oneliner", names[0])).get("NodeAddr") or names[0]
 
 
 def stop_without_restart(message: str) -> None:

@@ -18,6 +18,7 @@ from restok import launch
 SCONTROL = """#!/bin/sh
 case "$1 $2" in
   "show hostnames") [ "$3" = "gpu-a[17-18]" ] || exit 1; echo gpu-a17; echo gpu-a18 ;;
+  "show job") [ "$4" = "4242" ] || exit 1; echo "JobId=4242 JobState=RUNNING NumNodes=2 NodeList=gpu-a[17-18]" ;;
   "show node") [ "$4" = "gpu-a17" ] || exit 1
     echo "NodeName=gpu-a17 Arch=x86_64 CoresPerSocket=8 NodeAddr=10.1.2.17 NodeHostName=gpu-a17 Version=23.11" ;;
   *) exit 2 ;;
@@ -35,6 +36,7 @@ def allocation(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu-a[17-18]")
+    monkeypatch.delenv("SLURM_NODELIST", raising=False)
     monkeypatch.delenv("SLURM_STEP_ID", raising=False)
     monkeypatch.setattr(socket, "gethostname", lambda: "gpu-a17.loopback-in-etc-hosts")
     return bin_dir
@@ -46,6 +48,14 @@ def test_the_rendezvous_is_hosted_at_slurms_address_of_the_first_node(allocation
     host, port = endpoint.split("=", 1)[1].rsplit(":", 1)
     assert host == "10.1.2.17" and int(port) > 0
     assert cmd[:5] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+
+
+def test_the_node_list_comes_from_scontrol_when_the_environment_lacks_it(allocation, monkeypatch):
+    """Snakemake's SLURM jobstep executor strips SLURM_* variables but the job id from the job's command."""
+    monkeypatch.delenv("SLURM_JOB_NODELIST")
+    monkeypatch.delenv("SLURM_NODELIST", raising=False)
+    cmd = launch.torchrun_command("restok.stages.train_generator", [], 4, 2)
+    assert any(a.startswith("--rdzv-endpoint=10.1.2.17:") for a in cmd), cmd
 
 
 def test_a_failing_scontrol_stops_the_launch_with_a_message(allocation, monkeypatch):
