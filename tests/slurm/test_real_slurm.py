@@ -1,0 +1,253 @@
+"""The workflow on a real SLURM cluster: the one-machine cluster of `tools/local-slurm` (two nodes n1 and n2 on this
+host, four fake GPUs each, partitions `cpu` and `gpu`, accounting through slurmdbd).
+
+What the fake executables of test_slurm.py cannot show: that SLURM accepts what the profiles send, that a job's
+state reaches Snakemake (through sacct, or through squeue alone when accounting is off), that a 2-node job runs one
+torchrun per node, that a job SLURM cancels halfway resumes from its checkpoint on the profile's retry, and that a
+failing job stops the workflow with a message naming its rule and log.
+
+The cluster must be up (`sudo tools/local-slurm start`); without it these tests skip, saying why, unless
+RESTOK_REAL_SLURM=require (set by .ci/run), where they fail. Switching accounting off for one test restarts
+slurmctld, which needs root; that test skips for other users.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from restok.artifacts import load_artifact
+from restok.provenance import read_results
+from tests.pipeline.conftest import BIN, REPO, make_workspace, run
+
+pytestmark = pytest.mark.realslurm
+LOCAL_SLURM = REPO / "tools" / "local-slurm"
+REQUIRE = os.environ.get("RESTOK_REAL_SLURM") == "require"
+# short polling: the smoke jobs take seconds to a minute (the profiles' own settings suit a real site)
+SLURM = ["--workflow-profile", "workflow/profiles/slurm", "--slurm-init-seconds-before-status-checks", "2",
+         "--latency-wait", "5"]
+SBATCH = ["--workflow-profile", "workflow/profiles/sbatch", "--seconds-between-status-checks", "2",
+          "--latency-wait", "5"]
+# files whose content records when, where or how fast a stage ran, not what it computed
+VOLATILE = {"provenance.json"}
+SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+) \(log: (\S+)/rule_(\w+)/\d+\.log\)")
+
+
+def cluster_problem() -> str | None:
+    """Why the local cluster cannot take jobs, or None when it can."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "SLURM is not installed here (no sinfo/sbatch on PATH)"
+    p = subprocess.run([str(LOCAL_SLURM), "status"], capture_output=True, text=True, timeout=60)
+    if p.returncode != 0:
+        return f"the local SLURM cluster is not up (`tools/local-slurm status`: {p.stdout.strip()} {p.stderr.strip()})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    why = cluster_problem()
+    if why:
+        message = f"{why}; start it as root with `tools/local-slurm start` (Debian/Ubuntu, apt)"
+        if REQUIRE:
+            pytest.fail(f"RESTOK_REAL_SLURM=require: {message}")
+        pytest.skip(message)
+
+
+def set_resources(ws: Path, stage: str, **values) -> None:
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["resources"][stage].update(values)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def sacct(job: str, fields: str) -> list[dict]:
+    """The job's accounting lines (allocation first, then its steps)."""
+    out = subprocess.run(["sacct", "-j", job, "-n", "-P", "-o", fields], capture_output=True, text=True,
+                         check=True).stdout
+    names = fields.split(",")
+    return [dict(zip(names, line.split("|"))) for line in out.splitlines()]
+
+
+def submitted(output: str) -> dict[str, list[str]]:
+    """rule -> the SLURM job ids the slurm executor plugin submitted for it, from its log."""
+    jobs: dict[str, list[str]] = {}
+    for job, _, rule in SUBMITTED.findall(output):
+        jobs.setdefault(rule, []).append(job)
+    return jobs
+
+
+def digests(ws: Path) -> dict[str, str]:
+    """sha256 of every artifact under data/ and results/ (without checkpoints and volatile files)."""
+    out = {}
+    for f in sorted([*(ws / "data").rglob("*"), *(ws / "results").rglob("*")]):
+        rel = f.relative_to(ws).as_posix()
+        if f.is_file() and f.name not in VOLATILE and "/ckpt" not in rel:
+            out[rel] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def numbers(ws: Path, rel: str) -> dict:
+    return json.loads((ws / rel).read_text())
+
+
+@pytest.fixture(scope="module")
+def local_run(cluster, module_tmp) -> Path:
+    """The smoke pipeline run locally (`snakemake -c2`): the reference the cluster runs must equal."""
+    ws = make_workspace(module_tmp("local"))
+    run(["snakemake", "-c2"], ws, timeout=900)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def slurm_run(cluster, module_tmp):
+    ws = make_workspace(module_tmp("slurm"))
+    t0 = time.monotonic()
+    p = run(["snakemake", *SLURM], ws, timeout=900)
+    return ws, p.stdout + p.stderr, time.monotonic() - t0
+
+
+def test_smoke_through_slurm_profile(slurm_run, local_run):
+    """All 9 jobs through snakemake-executor-plugin-slurm, each in the partition its resources call for, with the
+    artifacts of the local run bit for bit (same code, params, lock and thread count per job)."""
+    ws, output, seconds = slurm_run
+    jobs = submitted(output)
+    assert sum(len(ids) for ids in jobs.values()) == 9 and all(len(ids) == 1 for ids in jobs.values()), jobs
+    params = yaml.safe_load((ws / "params.yaml").read_text())["resources"]
+    for rule, (job,) in jobs.items():
+        (alloc, *_) = sacct(job, "Partition,State,AllocCPUS,NNodes")
+        want = "gpu" if params[rule]["gpus"] > 0 else "cpu"
+        assert alloc == {"Partition": want, "State": "COMPLETED", "AllocCPUS": str(params[rule]["cpus"]),
+                         "NNodes": str(params[rule]["nodes"])}, (rule, job)
+    assert digests(ws) == digests(local_run)
+    print(f"slurm profile: smoke run in {seconds:.0f} s")
+
+
+@pytest.fixture
+def accounting_off(cluster):
+    """slurmctld without accounting (sacct answers "accounting storage is disabled") for one test, then back on."""
+    if os.geteuid() != 0:
+        pytest.skip("switching SLURM accounting off restarts slurmctld, which needs root")
+    subprocess.run([str(LOCAL_SLURM), "start", "--no-accounting"], check=True, capture_output=True, timeout=300)
+    try:
+        probe = subprocess.run(["sacct", "-j", "1"], capture_output=True, text=True)
+        assert "accounting storage is disabled" in probe.stdout + probe.stderr
+        yield
+    finally:
+        subprocess.run([str(LOCAL_SLURM), "start"], check=True, capture_output=True, timeout=300)
+
+
+def test_smoke_through_sbatch_profile_without_accounting(accounting_off, local_run, module_tmp):
+    """The sbatch profile on a cluster without accounting: its status script learns every job's end from squeue
+    alone, and the artifacts equal the local run's."""
+    ws = make_workspace(module_tmp("sbatch"))
+    t0 = time.monotonic()
+    run(["snakemake", *SBATCH], ws, timeout=900)
+    outs = sorted(p.name for p in (ws / "logs/slurm").glob("*.out"))
+    assert len(outs) == 9, outs  # one SLURM job per rule, each with its own log (the profile keeps them all)
+    assert digests(ws) == digests(local_run)
+    print(f"sbatch profile without accounting: smoke run in {time.monotonic() - t0:.0f} s")
+
+
+def test_two_node_sampling(slurm_run):
+    """`sample` at 1 GPU x 2 nodes on the GPU partition: one SLURM job on n1 and n2, whose single srun step runs one
+    torchrun agent per node (each rank logs its node), rank 0 alone writes the samples, and they are the 1-process
+    run's samples bit for bit, as the README promises for any process count."""
+    ws, _, _ = slurm_run
+    before = digests(ws)
+    set_resources(ws, "sample", gpus=1, nodes=2)
+    p = run(["snakemake", *SLURM, "-R", "sample", "--until", "sample", "--retries", "0"], ws, timeout=600)
+    (job,) = submitted(p.stdout + p.stderr)["sample"]
+    alloc, *steps = sacct(job, "JobID,Partition,State,NNodes,NTasks,NodeList,AllocTRES%80")
+    assert (alloc["Partition"], alloc["State"], alloc["NNodes"], alloc["NodeList"]) == ("gpu", "COMPLETED", "2",
+                                                                                        "n[1-2]"), alloc
+    assert "gres/gpu=2" in alloc["AllocTRES"], alloc  # 1 GPU on each node
+    (launch,) = [s for s in steps if re.fullmatch(rf"{job}\.\d+", s["JobID"])]  # the launcher's srun
+    assert (launch["NNodes"], launch["NTasks"], launch["State"]) == ("2", "2", "COMPLETED"), launch
+    log = (ws / "logs/sample.log").read_text()
+    ranks = sorted(re.findall(r"restok: rank (\d) of 2 \(local rank 0\) on (n\d),", log))
+    assert [r[0] for r in ranks] == ["0", "1"] and {r[1] for r in ranks} == {"n1", "n2"}, log[-3000:]
+    assert log.count("sample: wrote ") == 1, log[-3000:]
+    assert read_results(ws / "results/sample/summary.json")["world_size"] == 2
+    after = digests(ws)
+    assert after["data/sample/samples.npz"] == before["data/sample/samples.npz"]
+
+
+def test_job_keeps_to_its_cpus(slurm_run):
+    """A rule asking for 1 CPU gets 1 CPU from SLURM, and its torch threads follow (provenance records them)."""
+    ws, _, _ = slurm_run
+    set_resources(ws, "extract_latents", cpus=1)
+    p = run(["snakemake", *SLURM, "-R", "extract_latents", "--until", "extract_latents", "--retries", "0"], ws,
+            timeout=600)
+    (job,) = submitted(p.stdout + p.stderr)["extract_latents"]
+    assert sacct(job, "AllocCPUS,State")[0] == {"AllocCPUS": "1", "State": "COMPLETED"}
+    env = read_results(ws / "results/extract_latents/summary.json")["environment"]
+    assert env["torch_threads"] == 1, env
+    set_resources(ws, "extract_latents", cpus=2)
+
+
+def wait_for(what: str, ready, timeout: float, proc: subprocess.Popen | None = None, pause: float = 0.2):
+    t0 = time.monotonic()
+    while not ready():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"snakemake ended (exit status {proc.returncode}) before {what}")
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"no {what} after {timeout:.0f} s")
+        time.sleep(pause)
+
+
+def test_cancelled_training_resumes_on_retry(slurm_run, tmp_path):
+    """SLURM cancels the running train_tokenizer job once its first checkpoint is written; the profile's retry
+    (`retries: 1`) resumes from that step and ends with the tokenizer of the uninterrupted run, bit for bit."""
+    ws, _, _ = slurm_run
+    reference, _, reference_prov = load_artifact(ws / "data/train_tokenizer/tokenizer.pt")
+    loop = yaml.safe_load((ws / "params.yaml").read_text())["train_tokenizer"]["loop"]
+    first = ws / f"data/train_tokenizer/ckpt/step_{loop['ckpt_every_steps']}.pt"
+    shutil.rmtree(ws / "data/train_tokenizer")  # the finished run's checkpoints would only be published again
+    log = tmp_path / "snakemake.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(["snakemake", *SLURM, "-R", "train_tokenizer", "--until", "train_tokenizer"],
+                                cwd=ws, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+        try:
+            wait_for(f"checkpoint {first.name}", first.exists, 600, proc)
+            (job,) = submitted(log.read_text())["train_tokenizer"]
+            subprocess.run(["scancel", job], check=True)
+            assert proc.wait(timeout=900) == 0, log.read_text()[-6000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    first_job, retry = submitted(log.read_text())["train_tokenizer"]
+    assert sacct(first_job, "State")[0]["State"].startswith("CANCELLED")
+    assert sacct(retry, "State")[0]["State"] == "COMPLETED"
+    resumed = read_results(ws / "results/train_tokenizer/metrics.json")["resumed_from_step"]
+    assert 0 < resumed < loop["max_steps"], resumed
+    assert f"resumed from step {resumed}" in (ws / "logs/train_tokenizer.log").read_text()
+    final, _, final_prov = load_artifact(ws / "data/train_tokenizer/tokenizer.pt")
+    assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final)
+    assert final_prov == reference_prov
+
+
+def test_failing_job_names_rule_and_log(slurm_run):
+    """A job that fails inside SLURM stops the workflow with a message naming the rule, its log and the SLURM log,
+    which the profile keeps."""
+    ws, _, _ = slurm_run
+    tokenizer = ws / "data/train_tokenizer/tokenizer.pt"
+    tokenizer.write_bytes(b"not a checkpoint")
+    p = run(["snakemake", *SLURM, "-R", "extract_latents", "--until", "extract_latents", "--retries", "0"], ws,
+            check=False, timeout=600)
+    output = p.stdout + p.stderr
+    assert p.returncode != 0, output[-6000:]
+    (job,) = submitted(output)["extract_latents"]
+    assert sacct(job, "State")[0]["State"] == "FAILED"
+    assert "Error in rule extract_latents" in output and "logs/extract_latents.log" in output, output[-6000:]
+    slurm_log = f".snakemake/slurm_logs/rule_extract_latents/{job}.log"
+    assert slurm_log in output and (ws / slurm_log).is_file(), output[-6000:]
+    assert str(tokenizer.relative_to(ws)) in (ws / "logs/extract_latents.log").read_text()
