@@ -130,32 +130,6 @@ def test_smoke_through_slurm_profile(slurm_run, local_run):
     print(f"slurm profile: smoke run in {seconds:.0f} s")
 
 
-@pytest.fixture
-def accounting_off(cluster):
-    """slurmctld without accounting (sacct answers "accounting storage is disabled") for one test, then back on."""
-    if os.geteuid() != 0:
-        pytest.skip("switching SLURM accounting off restarts slurmctld, which needs root")
-    subprocess.run([str(LOCAL_SLURM), "start", "--no-accounting"], check=True, capture_output=True, timeout=300)
-    try:
-        probe = subprocess.run(["sacct", "-j", "1"], capture_output=True, text=True)
-        assert "accounting storage is disabled" in probe.stdout + probe.stderr
-        yield
-    finally:
-        subprocess.run([str(LOCAL_SLURM), "start"], check=True, capture_output=True, timeout=300)
-
-
-def test_smoke_through_sbatch_profile_without_accounting(accounting_off, local_run, module_tmp):
-    """The sbatch profile on a cluster without accounting: its status script learns every job's end from squeue
-    alone, and the artifacts equal the local run's."""
-    ws = make_workspace(module_tmp("sbatch"))
-    t0 = time.monotonic()
-    run(["snakemake", *SBATCH], ws, timeout=900)
-    outs = sorted(p.name for p in (ws / "logs/slurm").glob("*.out"))
-    assert len(outs) == 9, outs  # one SLURM job per rule, each with its own log (the profile keeps them all)
-    assert digests(ws) == digests(local_run)
-    print(f"sbatch profile without accounting: smoke run in {time.monotonic() - t0:.0f} s")
-
-
 def test_two_node_sampling(slurm_run):
     """`sample` at 1 GPU x 2 nodes on the GPU partition: one SLURM job on n1 and n2, whose single srun step runs one
     torchrun agent per node (each rank logs its node), rank 0 alone writes the samples, and they are the 1-process
@@ -203,36 +177,49 @@ def wait_for(what: str, ready, timeout: float, proc: subprocess.Popen | None = N
         time.sleep(pause)
 
 
-def test_cancelled_training_resumes_on_retry(slurm_run, tmp_path):
-    """SLURM cancels the running train_tokenizer job once its first checkpoint is written; the profile's retry
-    (`retries: 1`) resumes from that step and ends with the tokenizer of the uninterrupted run, bit for bit."""
-    ws, _, _ = slurm_run
+def train_interrupted(ws: Path, profile: list[str], interrupt, log: Path) -> int:
+    """Train the tokenizer afresh through `profile`, calling interrupt(log text) once the first checkpoint is written,
+    and check that the run ends with the uninterrupted run's tokenizer, resumed from that checkpoint; returns the
+    resume step."""
     reference, _, reference_prov = load_artifact(ws / "data/train_tokenizer/tokenizer.pt")
     loop = yaml.safe_load((ws / "params.yaml").read_text())["train_tokenizer"]["loop"]
     first = ws / f"data/train_tokenizer/ckpt/step_{loop['ckpt_every_steps']:09d}.pt"  # restok.train.ckpt's name
     shutil.rmtree(ws / "data/train_tokenizer")  # the finished run's checkpoints would only be published again
-    log = tmp_path / "snakemake.log"
     with log.open("w") as out:
-        proc = subprocess.Popen(["snakemake", *SLURM, "-R", "train_tokenizer", "--until", "train_tokenizer"],
+        proc = subprocess.Popen(["snakemake", *profile, "-R", "train_tokenizer", "--until", "train_tokenizer"],
                                 cwd=ws, stdout=out, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
         try:
             wait_for(f"checkpoint {first.name}", first.exists, 600, proc)
-            (job,) = submitted(log.read_text())["train_tokenizer"]
-            subprocess.run(["scancel", job], check=True)
+            interrupt(log.read_text())
             assert proc.wait(timeout=900) == 0, log.read_text()[-6000:]
         finally:
             if proc.poll() is None:
                 proc.kill()
-    first_job, retry = submitted(log.read_text())["train_tokenizer"]
-    assert sacct(first_job, "State")[0]["State"].startswith("CANCELLED")
-    assert sacct(retry, "State")[0]["State"] == "COMPLETED"
     resumed = read_results(ws / "results/train_tokenizer/metrics.json")["resumed_from_step"]
-    assert 0 < resumed < loop["max_steps"], resumed
+    assert resumed is not None and 0 < resumed < loop["max_steps"], resumed
     assert f"resumed from step {resumed}" in (ws / "logs/train_tokenizer.log").read_text()
     final, _, final_prov = load_artifact(ws / "data/train_tokenizer/tokenizer.pt")
     assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final)
     assert final_prov == reference_prov
+    return resumed
+
+
+def test_cancelled_training_resumes_on_retry(slurm_run, tmp_path):
+    """SLURM cancels the running train_tokenizer job (`scancel`) once its first checkpoint is written; the slurm
+    profile's retry (`retries: 1`) resumes from that step and ends with the uninterrupted run's tokenizer, bit for
+    bit."""
+    ws, _, _ = slurm_run
+    log = tmp_path / "snakemake.log"
+
+    def cancel(output: str):
+        (job,) = submitted(output)["train_tokenizer"]
+        subprocess.run(["scancel", job], check=True)
+
+    train_interrupted(ws, SLURM, cancel, log)
+    first_job, retry = submitted(log.read_text())["train_tokenizer"]
+    assert sacct(first_job, "State")[0]["State"].startswith("CANCELLED")
+    assert sacct(retry, "State")[0]["State"] == "COMPLETED"
 
 
 def test_failing_job_names_rule_and_log(slurm_run):
@@ -251,3 +238,56 @@ def test_failing_job_names_rule_and_log(slurm_run):
     slurm_log = f".snakemake/slurm_logs/rule_extract_latents/{job}.log"
     assert slurm_log in output and (ws / slurm_log).is_file(), output[-6000:]
     assert str(tokenizer.relative_to(ws)) in (ws / "logs/extract_latents.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def accounting_off(cluster):
+    """slurmctld without accounting (sacct answers "accounting storage is disabled") for the tests after this one
+    (the last of this module), then back on."""
+    if os.geteuid() != 0:
+        pytest.skip("switching SLURM accounting off restarts slurmctld, which needs root")
+    subprocess.run([str(LOCAL_SLURM), "start", "--no-accounting"], check=True, capture_output=True, timeout=300)
+    try:
+        probe = subprocess.run(["sacct", "-j", "1"], capture_output=True, text=True)
+        assert "accounting storage is disabled" in probe.stdout + probe.stderr
+        yield
+    finally:
+        subprocess.run([str(LOCAL_SLURM), "start"], check=True, capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sbatch_run(accounting_off, module_tmp):
+    ws = make_workspace(module_tmp("sbatch"))
+    t0 = time.monotonic()
+    run(["snakemake", *SBATCH], ws, timeout=900)
+    return ws, time.monotonic() - t0
+
+
+def test_smoke_through_sbatch_profile_without_accounting(sbatch_run, local_run):
+    """The sbatch profile on a cluster without accounting: its status script learns every job's end from squeue
+    alone, and the artifacts equal the local run's."""
+    ws, seconds = sbatch_run
+    outs = sorted(p.name for p in (ws / "logs/slurm").glob("*.out"))
+    assert len(outs) == 9, outs  # one SLURM job per rule, each with its own log (the profile keeps them all)
+    assert digests(ws) == digests(local_run)
+    print(f"sbatch profile without accounting: smoke run in {seconds:.0f} s")
+
+
+def test_requeued_training_resumes(sbatch_run, tmp_path):
+    """SLURM requeues the running train_tokenizer job (`scontrol requeue`, as preemption with PreemptMode=REQUEUE
+    does) once its first checkpoint is written; the same job runs again, resumes from that step and ends with the
+    uninterrupted run's tokenizer. The status script reports it running throughout (squeue alone)."""
+    ws, _ = sbatch_run
+    jobs = []
+
+    def requeue(_output: str):
+        job = subprocess.run(["squeue", "-h", "-n", "smk-train_tokenizer", "-o", "%i"], capture_output=True,
+                             text=True, check=True).stdout.split()
+        assert len(job) == 1, job
+        jobs.extend(job)
+        subprocess.run(["scontrol", "requeue", job[0]], check=True)
+
+    train_interrupted(ws, SBATCH, requeue, tmp_path / "snakemake.log")
+    (job,) = jobs
+    assert sorted(p.name for p in (ws / "logs/slurm").glob("train_tokenizer-*.out")) == [
+        f"train_tokenizer-{job}.out"]  # one job, run twice: no second submission
