@@ -98,43 +98,79 @@ def digests(ws: Path) -> dict[str, str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def local_run(cluster, module_tmp) -> Path:
-    """The smoke pipeline run locally (`snakemake -c2`): the reference the cluster runs must equal."""
-    ws = make_workspace(module_tmp("local"))
-    run(["snakemake", "-c2"], ws, timeout=900)
-    return ws
+def start(cmd: list[str], ws: Path, log: Path) -> subprocess.Popen:
+    """Start a command in the workspace, its output to log, with the venv first on PATH."""
+    return subprocess.Popen(cmd, cwd=ws, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
 
 
 @pytest.fixture(scope="module")
-def slurm_run(cluster, module_tmp):
-    ws = make_workspace(module_tmp("slurm"))
-    t0 = time.monotonic()
-    p = run(["snakemake", *SLURM], ws, timeout=900)
-    return ws, p.stdout + p.stderr, time.monotonic() - t0
+def smoke_runs(cluster, module_tmp) -> dict[str, tuple[Path, int, str, float]]:
+    """The smoke pipeline three ways at once (so the cluster's two nodes and the local run share the wait): locally
+    with `snakemake -c2` (the reference), through the slurm profile and through the sbatch profile.
+    name -> (workspace, exit status, output, seconds)."""
+    commands = {"local": ["snakemake", "-c2"], "slurm": ["snakemake", *SLURM], "sbatch": ["snakemake", *SBATCH]}
+    workspaces = {name: make_workspace(module_tmp(name)) for name in commands}
+    t0, procs, seconds = time.monotonic(), {}, {}
+    try:
+        for name, cmd in commands.items():
+            procs[name] = start(cmd, workspaces[name], workspaces[name] / "smoke.log")
+        while len(seconds) < len(procs):
+            for name, proc in procs.items():
+                if name not in seconds and proc.poll() is not None:
+                    seconds[name] = time.monotonic() - t0
+            going = sorted(set(procs) - set(seconds))
+            assert time.monotonic() - t0 < 1800, f"smoke runs still going after 30 min: {going}"
+            time.sleep(1)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    print("smoke runs: " + ", ".join(f"{name} {t:.0f} s" for name, t in seconds.items()))
+    return {name: (ws, procs[name].returncode, (ws / "smoke.log").read_text(), seconds[name])
+            for name, ws in workspaces.items()}
 
 
-def test_smoke_through_slurm_profile(slurm_run, local_run):
+def finished(smoke_runs, name: str) -> tuple[Path, str]:
+    ws, rc, output, _ = smoke_runs[name]
+    assert rc == 0, f"the {name} smoke run exited {rc}:\n{output[-6000:]}"
+    return ws, output
+
+
+@pytest.fixture(scope="module")
+def slurm_run(smoke_runs) -> Path:
+    return finished(smoke_runs, "slurm")[0]
+
+
+def test_smoke_through_slurm_profile(smoke_runs):
     """All 9 jobs through snakemake-executor-plugin-slurm, each in the partition its resources call for, with the
     artifacts of the local run bit for bit (same code, params, lock and thread count per job)."""
-    ws, output, seconds = slurm_run
+    ws, output = finished(smoke_runs, "slurm")
     jobs = submitted(output)
     assert sum(len(ids) for ids in jobs.values()) == 9 and all(len(ids) == 1 for ids in jobs.values()), jobs
     params = yaml.safe_load((ws / "params.yaml").read_text())["resources"]
     for rule, (job,) in jobs.items():
-        (alloc, *_) = sacct(job, "Partition,State,AllocCPUS,NNodes")
+        (alloc, *_) = sacct(job, "Partition,State,AllocCPUS,NNodes,Comment")
         want = "gpu" if params[rule]["gpus"] > 0 else "cpu"
         assert alloc == {"Partition": want, "State": "COMPLETED", "AllocCPUS": str(params[rule]["cpus"]),
-                         "NNodes": str(params[rule]["nodes"])}, (rule, job)
-    assert digests(ws) == digests(local_run)
-    print(f"slurm profile: smoke run in {seconds:.0f} s")
+                         "NNodes": str(params[rule]["nodes"]), "Comment": f"rule_{rule}"}, (rule, job)
+    assert digests(ws) == digests(finished(smoke_runs, "local")[0])
+
+
+def test_smoke_through_sbatch_profile(smoke_runs):
+    """The same through the cluster-generic plugin's plain sbatch: one job per rule, each with its log (the profile
+    keeps them all), and the local run's artifacts."""
+    ws, _ = finished(smoke_runs, "sbatch")
+    outs = sorted(p.name.split("-")[0] for p in (ws / "logs/slurm").glob("*.out"))
+    assert outs == sorted(submitted(finished(smoke_runs, "slurm")[1])), outs
+    assert digests(ws) == digests(finished(smoke_runs, "local")[0])
 
 
 def test_two_node_sampling(slurm_run):
     """`sample` at 1 GPU x 2 nodes on the GPU partition: one SLURM job on n1 and n2, whose single srun step runs one
     torchrun agent per node (each rank logs its node), rank 0 alone writes the samples, and they are the 1-process
     run's samples bit for bit, as the README promises for any process count."""
-    ws, _, _ = slurm_run
+    ws = slurm_run
     before = digests(ws)
     set_resources(ws, "sample", gpus=1, nodes=2)
     p = run(["snakemake", *SLURM, "-R", "sample", "--until", "sample", "--retries", "0"], ws, timeout=600)
@@ -156,7 +192,7 @@ def test_two_node_sampling(slurm_run):
 
 def test_job_keeps_to_its_cpus(slurm_run):
     """A rule asking for 1 CPU gets 1 CPU from SLURM, and its torch threads follow (provenance records them)."""
-    ws, _, _ = slurm_run
+    ws = slurm_run
     set_resources(ws, "extract_latents", cpus=1)
     p = run(["snakemake", *SLURM, "-R", "extract_latents", "--until", "extract_latents", "--retries", "0"], ws,
             timeout=600)
@@ -209,7 +245,7 @@ def test_cancelled_training_resumes_on_retry(slurm_run, tmp_path):
     """SLURM cancels the running train_tokenizer job (`scancel`) once its first checkpoint is written; the slurm
     profile's retry (`retries: 1`) resumes from that step and ends with the uninterrupted run's tokenizer, bit for
     bit."""
-    ws, _, _ = slurm_run
+    ws = slurm_run
     log = tmp_path / "snakemake.log"
 
     def cancel(output: str):
@@ -225,7 +261,7 @@ def test_cancelled_training_resumes_on_retry(slurm_run, tmp_path):
 def test_failing_job_names_rule_and_log(slurm_run):
     """A job that fails inside SLURM stops the workflow with a message naming the rule, its log and the SLURM log,
     which the profile keeps."""
-    ws, _, _ = slurm_run
+    ws = slurm_run
     tokenizer = ws / "data/train_tokenizer/tokenizer.pt"
     tokenizer.write_bytes(b"not a checkpoint")
     p = run(["snakemake", *SLURM, "-R", "extract_latents", "--until", "extract_latents", "--retries", "0"], ws,
@@ -242,8 +278,8 @@ def test_failing_job_names_rule_and_log(slurm_run):
 
 @pytest.fixture(scope="module")
 def accounting_off(cluster):
-    """slurmctld without accounting (sacct answers "accounting storage is disabled") for the tests after this one
-    (the last of this module), then back on."""
+    """slurmctld without accounting (sacct answers "accounting storage is disabled") for the tests that use it, the
+    last of this module, then back on."""
     if os.geteuid() != 0:
         pytest.skip("switching SLURM accounting off restarts slurmctld, which needs root")
     subprocess.run([str(LOCAL_SLURM), "start", "--no-accounting"], check=True, capture_output=True, timeout=300)
@@ -255,29 +291,13 @@ def accounting_off(cluster):
         subprocess.run([str(LOCAL_SLURM), "start"], check=True, capture_output=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def sbatch_run(accounting_off, module_tmp):
-    ws = make_workspace(module_tmp("sbatch"))
-    t0 = time.monotonic()
-    run(["snakemake", *SBATCH], ws, timeout=900)
-    return ws, time.monotonic() - t0
-
-
-def test_smoke_through_sbatch_profile_without_accounting(sbatch_run, local_run):
-    """The sbatch profile on a cluster without accounting: its status script learns every job's end from squeue
-    alone, and the artifacts equal the local run's."""
-    ws, seconds = sbatch_run
-    outs = sorted(p.name for p in (ws / "logs/slurm").glob("*.out"))
-    assert len(outs) == 9, outs  # one SLURM job per rule, each with its own log (the profile keeps them all)
-    assert digests(ws) == digests(local_run)
-    print(f"sbatch profile without accounting: smoke run in {seconds:.0f} s")
-
-
-def test_requeued_training_resumes(sbatch_run, tmp_path):
-    """SLURM requeues the running train_tokenizer job (`scontrol requeue`, as preemption with PreemptMode=REQUEUE
-    does) once its first checkpoint is written; the same job runs again, resumes from that step and ends with the
-    uninterrupted run's tokenizer. The status script reports it running throughout (squeue alone)."""
-    ws, _ = sbatch_run
+def test_requeued_training_resumes_without_accounting(accounting_off, smoke_runs, tmp_path):
+    """On a cluster without accounting, SLURM requeues the running train_tokenizer job (`scontrol requeue`, what
+    preemption with PreemptMode=REQUEUE does) once its first checkpoint is written: the same job runs again,
+    resumes from that step and ends with the uninterrupted run's tokenizer, while the sbatch profile's status
+    script follows it from squeue alone."""
+    ws, _ = finished(smoke_runs, "sbatch")
+    logs = set((ws / "logs/slurm").glob("train_tokenizer-*.out"))
     jobs = []
 
     def requeue(_output: str):
@@ -289,5 +309,5 @@ def test_requeued_training_resumes(sbatch_run, tmp_path):
 
     train_interrupted(ws, SBATCH, requeue, tmp_path / "snakemake.log")
     (job,) = jobs
-    assert sorted(p.name for p in (ws / "logs/slurm").glob("train_tokenizer-*.out")) == [
-        f"train_tokenizer-{job}.out"]  # one job, run twice: no second submission
+    new_logs = set((ws / "logs/slurm").glob("train_tokenizer-*.out")) - logs
+    assert [p.name for p in new_logs] == [f"train_tokenizer-{job}.out"]  # one job, run twice: no second submission
