@@ -13,6 +13,7 @@ slurmctld, which needs root; that test skips for other users.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -73,7 +74,7 @@ def sacct(job: str, fields: str) -> list[dict]:
     """The job's accounting lines (allocation first, then its steps)."""
     out = subprocess.run(["sacct", "-j", job, "-n", "-P", "-o", fields], capture_output=True, text=True,
                          check=True).stdout
-    names = fields.split(",")
+    names = [name.split("%")[0] for name in fields.split(",")]  # Name%width: the width only widens the column
     return [dict(zip(names, line.split("|"))) for line in out.splitlines()]
 
 
@@ -198,7 +199,7 @@ def test_job_keeps_to_its_cpus(slurm_run):
             timeout=600)
     (job,) = submitted(p.stdout + p.stderr)["extract_latents"]
     assert sacct(job, "AllocCPUS,State")[0] == {"AllocCPUS": "1", "State": "COMPLETED"}
-    env = read_results(ws / "results/extract_latents/summary.json")["environment"]
+    env = json.loads((ws / "results/extract_latents/provenance.json").read_text())["environment"]
     assert env["torch_threads"] == 1, env
     set_resources(ws, "extract_latents", cpus=2)
 
