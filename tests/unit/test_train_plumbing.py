@@ -283,6 +283,12 @@ def test_artifact_roundtrip_and_refusals(tmp_path):
     assert torch.equal(state_dict["fc1.weight"], model.fc1.weight)
     with pytest.raises(TypeError, match=r"config.width"):
         artifacts.save_artifact(tmp_path / "bad.pt", {}, {"width": np.int64(8)}, {})
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")  # the error names the file (it was torch's alone)
+    with pytest.raises(ValueError, match=r"garbage\.pt is not a readable restok model artifact \(UnpicklingError"):
+        artifacts.load_artifact(tmp_path / "garbage.pt")
+    (tmp_path / "truncated.pt").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"truncated\.pt is not a readable restok model artifact \(RuntimeError"):
+        artifacts.load_artifact(tmp_path / "truncated.pt")
     save_torch_atomic({"step": 1}, tmp_path / "not_artifact.pt")
     with pytest.raises(ValueError, match="not a restok model artifact"):
         artifacts.load_artifact(tmp_path / "not_artifact.pt")
