@@ -50,7 +50,8 @@ def cluster_problem() -> str | None:
         return "SLURM is not installed here (no sinfo/sbatch on PATH)"
     p = subprocess.run([str(LOCAL_SLURM), "status"], capture_output=True, text=True, timeout=60)
     if p.returncode != 0:
-        return f"the local SLURM cluster is not up (`tools/local-slurm status`: {p.stdout.strip()} {p.stderr.strip()})"
+        said = "; ".join(line for line in (p.stdout + p.stderr).splitlines() if line.strip())
+        return f"the local SLURM cluster is not up (`tools/local-slurm status`: {said})"
     return None
 
 
