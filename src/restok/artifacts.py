@@ -6,6 +6,7 @@ across artifacts (codebook size, token count), refusing a mismatch with both val
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -33,7 +34,14 @@ def load_artifact(path: str | Path, map_location: str | torch.device = "cpu") ->
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model artifact {path} does not exist; run the stage that writes it first")
-    obj = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:  # not a torch file, truncated, foreign objects
+        if isinstance(e, RuntimeError) and (isinstance(e, torch.OutOfMemoryError) or "allocate memory" in str(e)):
+            raise  # the machine, not the file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{path} is not a readable restok model artifact ({type(e).__name__}: {first[:200]}); "
+                         f"rerun the stage that writes it") from e
     if not isinstance(obj, dict) or obj.get("format") != ARTIFACT_FORMAT:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path} is not a restok model artifact (format {found!r}, expected {ARTIFACT_FORMAT!r})")

@@ -123,3 +123,17 @@ def test_status_script_reads_a_failing_query_as_running(tmp_path, sacct, squeue,
                  for name in ("sacct", "squeue"))
     assert made == calls
     assert ("failed 3 times" in p.stderr) == (want == "running")
+
+
+def test_status_script_without_accounting_sees_ended_jobs(tmp_path):
+    """With accounting off, sacct answers nothing and squeue decides; real squeue lists a job that has ended
+    (COMPLETED, FAILED, ...) only with --states=all, so without that option every finished job read as gone, i.e.
+    failed (found on the real cluster of tools/local-slurm)."""
+    for name, script in (("sacct", "echo 'Slurm accounting storage is disabled' >&2; exit 1"),
+                         ("squeue", 'case " $* " in *" --states=all "*) echo COMPLETED;; esac')):
+        (tmp_path / name).write_text(f"#!/bin/sh\n{script}\n")
+        (tmp_path / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    p = subprocess.run([sys.executable, str(SCRIPTS / "slurm_status.py"), "77"], capture_output=True, text=True,
+                       env=env, check=True)
+    assert p.stdout == "success\n", p.stderr

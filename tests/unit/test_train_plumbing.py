@@ -285,6 +285,12 @@ def test_artifact_roundtrip_and_refusals(tmp_path):
     assert torch.equal(state_dict["fc1.weight"], model.fc1.weight)
     with pytest.raises(TypeError, match=r"config.width"):
         artifacts.save_artifact(tmp_path / "bad.pt", {}, {"width": np.int64(8)}, {})
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")  # the error names the file (it was torch's alone)
+    with pytest.raises(ValueError, match=r"garbage\.pt is not a readable restok model artifact \(UnpicklingError"):
+        artifacts.load_artifact(tmp_path / "garbage.pt")
+    (tmp_path / "truncated.pt").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"truncated\.pt is not a readable restok model artifact \(RuntimeError"):
+        artifacts.load_artifact(tmp_path / "truncated.pt")
     save_torch_atomic({"step": 1}, tmp_path / "not_artifact.pt")
     with pytest.raises(ValueError, match="not a restok model artifact"):
         artifacts.load_artifact(tmp_path / "not_artifact.pt")
@@ -370,6 +376,24 @@ def test_single_process_without_torchrun_env(monkeypatch):
     dist.cleanup()
     with pytest.raises(ValueError, match="device='tpu'"):
         dist.init_distributed(device="tpu")
+
+
+def test_each_rank_says_where_it_runs(monkeypatch, capsys):
+    """A rank of a multi-process run prints its rank, node (SLURM's node name, else the host) and threads: in a
+    multi-node job's log, one line per rank shows that every node took part."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("SLURMD_NODENAME", "n2")
+    monkeypatch.setattr(dist.dist, "is_initialized", lambda: True)  # as if torchrun's group were joined
+    info = dist.init_distributed(device="cpu")
+    assert (info.rank, info.world_size, info.is_main) == (1, 2, False)
+    assert capsys.readouterr().out == (f"restok: rank 1 of 2 (local rank 0) on n2, device cpu, "
+                                       f"{torch.get_num_threads()} CPU threads\n")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key)
+    dist.init_distributed(device="cpu")
+    assert capsys.readouterr().out == ""  # one process: nothing to say
 
 
 def test_seed_everything_offsets_by_rank():

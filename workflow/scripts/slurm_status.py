@@ -44,7 +44,8 @@ def first_word(cmd: list[str]) -> str | None:
 
 def status(job: str) -> str:
     sacct = first_word(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State"])
-    squeue = first_word(["squeue", "-h", "-j", job, "-o", "%T"]) if not sacct else None
+    # --states=all: without it squeue omits a job that has ended (COMPLETED, ...) though the controller still holds it
+    squeue = first_word(["squeue", "-h", "--states=all", "-j", job, "-o", "%T"]) if not sacct else None
     state = sacct or squeue
     if state == "COMPLETED":
         return "success"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         # env:// rendezvous from the variables torchrun exports (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE).
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    if world_size > 1:  # every rank says where it runs: a multi-node job's log shows that each node took part
+        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        print(f"restok: rank {rank} of {world_size} (local rank {local_rank}) on {node}, device {dev}, "
+              f"{torch.get_num_threads()} CPU threads", flush=True)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, is_main=rank == 0)
 
 
