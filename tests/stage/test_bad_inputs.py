@@ -351,7 +351,7 @@ def test_wds_samples_get_the_folder_sources_conversion_and_skip_list(tmp_path):
     skipped = {s["path"].rsplit("#", 1)[1]: s["reason"] for s in m["skipped"]}
     assert sorted(skipped) == ["d", "e", "f"]
     assert skipped["e"].startswith("no integer class (cls)") and skipped["f"].startswith("no image field")
-    assert m["num_samples"] == 4 and m["class_histogram"] == [2, 2] and not m["external"]
+    assert m["num_samples"] == 4 and m["class_histogram"] == [2, 2]
     assert m["sources"] == [{"path": str(tmp_path / "train.tar"), "samples": 7,
                              "sha256": m["sources"][0]["sha256"]}]
     stored = list(iter_split(out, "train"))

@@ -39,7 +39,7 @@ def test_smoke_manifest(smoke_shards):
     for split, per_class, side in (("train", 12, stored_train_side(32)), ("val", 6, 32)):
         m = read_manifest(smoke_shards, split)
         assert m["num_samples"] == 4 * per_class and m["class_histogram"] == [per_class] * 4
-        assert m["skipped"] == [] and m["resolution"] == 32 and not m["external"]
+        assert m["skipped"] == [] and m["resolution"] == 32
         for s in m["shards"]:
             assert sha256_file(smoke_shards / split / s["path"]) == s["sha256"]
         keys, labels = [], []
@@ -166,7 +166,7 @@ def test_external_wds_shards_are_converted_like_files(smoke_shards, tmp_path):
                               "val": str(smoke_shards / "val/val-{000000..000001}.tar")})
     out = run_shard(params, tmp_path / "ws")
     m = read_manifest(out, "train")
-    assert not m["external"] and m["num_samples"] == 48 and m["class_histogram"] == [12] * 4 and m["skipped"] == []
+    assert m["num_samples"] == 48 and m["class_histogram"] == [12] * 4 and m["skipped"] == []
     assert len(list((out / "train").glob("*.tar"))) == 3
     assert [s["sha256"] for s in m["sources"]] == [s["sha256"] for s in read_manifest(smoke_shards, "train")["shards"]]
     for split in ("train", "val"):  # already stored images go through the store transform unchanged

@@ -69,9 +69,9 @@ def read_manifest(shard_dir: str | Path, split: str) -> dict:
 
 
 def shard_paths(shard_dir: str | Path, manifest: dict) -> list[str]:
-    """Absolute paths (or URLs, for external wds shards) of a split's shards."""
+    """Absolute paths of a split's shards."""
     base = Path(shard_dir) / manifest["split"]
-    return [s["path"] if manifest["external"] else str(base / s["path"]) for s in manifest["shards"]]
+    return [str(base / s["path"]) for s in manifest["shards"]]
 
 
 def decode_image(sample: dict) -> Image.Image:
@@ -83,16 +83,13 @@ def decode_image(sample: dict) -> Image.Image:
 
 
 def iter_split(shard_dir: str | Path, split: str, paths: list[str] | None = None) -> Iterator[tuple[str, Image.Image, int]]:
-    """Yield (key, stored PIL image, label) in shard order. External (wds) shards get the store transform here."""
+    """Yield (key, stored PIL image, label) in shard order."""
     manifest = read_manifest(shard_dir, split)
-    res = manifest["resolution"]
     for url in paths if paths is not None else shard_paths(shard_dir, manifest):
         # a plain reader of the given shards: no splitting by torchrun rank or DataLoader worker
         for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None,
                                      workersplitter=None):
             img = decode_image(sample)
-            if manifest["external"]:
-                img = store_transform(img, split, res)
             yield f"{Path(url).stem}/{sample['__key__']}", img, int(sample["cls"])
 
 

@@ -37,7 +37,7 @@ from restok.artifacts import load_tokenizer
 from restok.config.latents import ExtractLatents
 from restok.config.load import stage_args
 from restok.cpus import loader_workers
-from restok.data.shards import decode_image, read_manifest, shard_paths, store_transform
+from restok.data.shards import decode_image, read_manifest, shard_paths
 from restok.data.views import eval_view, ten_crop_views, to_uint8_tensor
 from restok.hashing import sha256_file
 from restok.io import write_json_atomic
@@ -83,7 +83,7 @@ class ViewBatches(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        res, external = self.manifest["resolution"], self.manifest["external"]
+        res = self.manifest["resolution"]
         index, pending = 0, []
         for path, entry in zip(self.paths, self.manifest["shards"]):
             if index + entry["samples"] <= self.start:  # a shard that is done already: not even read
@@ -93,8 +93,6 @@ class ViewBatches(torch.utils.data.IterableDataset):
                 mine = index >= self.start and ((index - self.start) // self.batch) % workers == worker
                 if mine:
                     img = decode_image(sample)
-                    if external:
-                        img = store_transform(img, self.split, res)
                     pending.append((image_views(img, self.kind, res, self.crop_range), int(sample["cls"])))
                 index += 1
                 if mine and len(pending) == self.batch:

@@ -99,7 +99,7 @@ def shard_local(split: str, items: list[Item], names: list[str], out: Path, p) -
                 bar.advance(1)
         except BrokenProcessPool as e:
             raise _died(f"shard {split}", len(entries), len(jobs), jobs[len(entries)][0], e) from None
-    return {"shards": entries, "external": False, "num_samples": sum(e["samples"] for e in entries),
+    return {"shards": entries, "num_samples": sum(e["samples"] for e in entries),
             "class_histogram": [hist[c] for c in range(len(names))], "skipped": skipped}
 
 
@@ -189,7 +189,7 @@ def shard_external(split: str, pattern: str, names: list[str], out: Path, p) -> 
                 bar.advance(1)
         except BrokenProcessPool as e:
             raise _died(f"shard {split} (wds)", len(entries), len(urls), urls[len(entries)], e) from None
-    return {"shards": entries, "external": False, "sources": sources,
+    return {"shards": entries, "sources": sources,
             "num_samples": sum(e["samples"] for e in entries),
             "class_histogram": [hist[c] for c in range(len(names))], "skipped": skipped}
 
@@ -236,7 +236,7 @@ def main(argv=None):
             shutil.rmtree(split_dir)  # never mix a previous run's shards with this one's
         split_dir.mkdir(parents=True)
         if split not in wanted:  # an empty split, so every reader finds a manifest that says so
-            body = {"shards": [], "external": False, "num_samples": 0, "class_histogram": [0] * len(names),
+            body = {"shards": [], "num_samples": 0, "class_histogram": [0] * len(names),
                     "skipped": [], "left_out": f"not in shard.splits {p.shard.splits}"}
         elif data.source == "wds":
             body = shard_external(split, getattr(data.wds, split), names, split_dir, p)

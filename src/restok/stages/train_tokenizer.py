@@ -49,7 +49,7 @@ from restok.convert.released import import_released
 from restok.cpus import loader_workers
 from restok.data.features import TarIndex, read_features_manifest
 from restok.data.shards import MANIFEST, decode_image, iter_split, iter_split_uint8, read_manifest
-from restok.data.shards import shard_paths, store_transform
+from restok.data.shards import shard_paths
 from restok.data.views import apply_view, eval_view, to_uint8_tensor, train_view_boxes
 from restok.hashing import sha256_file
 from restok.io import save_png, save_torch_atomic
@@ -82,7 +82,7 @@ class ViewDataset(Dataset):
     """
 
     def __init__(self, shard_dir: str, image_manifest: dict, features_dir: str | None, views: int):
-        self.res, self.external, self.views = image_manifest["resolution"], image_manifest["external"], views
+        self.res, self.views = image_manifest["resolution"], views
         self.images = [TarIndex(p) for p in shard_paths(shard_dir, image_manifest)]
         self.features = None
         if features_dir is not None:
@@ -104,8 +104,6 @@ class ViewDataset(Dataset):
         fields = self.images[shard].members[key]
         field = next(f for f in IMAGE_FIELDS if f in fields)
         img = decode_image({field: self.images[shard].read(key, field), "__key__": key})
-        if self.external:
-            img = store_transform(img, "train", self.res)
         if self.features is None:
             box, cls, patches = train_view_boxes(img.size, self.res, 1, rng)[0], torch.empty(0), torch.empty(0)
         else:
