@@ -1,6 +1,6 @@
 # Entry points for a fresh machine (README Quickstart). All are idempotent.
 #   make run    set up .venv from the lock, then `dvc repro` the whole pipeline on the built-in default profile
-#   make test   set up .venv from the lock, then lint (ruff check) and run the test suite
+#   make test   set up .venv from the lock, then lint (ruff check, ruff format --check) and run the test suite
 #   make ablate set up .venv from the lock, then the ablation grid as DVC experiments and results/ablations.md
 #   make lock   update requirements/lock.txt and requirements/weights.txt after a change to pyproject.toml or
 #               requirements/*.in (keeps every pin it can; `make lock UPGRADE=--upgrade` moves all to the newest)
@@ -32,6 +32,7 @@ run: setup
 
 test: setup
 	$(BIN)/ruff check
+	$(BIN)/ruff format --check
 	$(BIN)/python -m pytest -q
 
 ablate: setup

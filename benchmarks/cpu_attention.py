@@ -10,6 +10,7 @@ the run with `F.scaled_dot_product_attention` called on the bf16 inputs, which i
 two alternate (A/B/A/B) and each prints its steps/s; the ratio is of the summed times. The first steps of every
 run are warm-up and not timed. Trust only ratios beyond ~10% on a shared machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,10 @@ def tokenizer_step(p, batch: int):
     cfg = tokenizer_config(p.tokenizer, res, teacher_dim(p.vf.teacher) if p.tokenizer.vf_align else None)
     torch.manual_seed(0)
     model, loss_fn = ResTok(cfg), TokenizerLoss(tt.loss).train()
-    ema, opt = EMA(model, tt.loop.ema_decay), optim.adamw(model, tt.optim.lr, tt.optim.weight_decay,
-                                                           tuple(tt.optim.betas))
+    ema, opt = (
+        EMA(model, tt.loop.ema_decay),
+        optim.adamw(model, tt.optim.lr, tt.optim.weight_decay, tuple(tt.optim.betas)),
+    )
     x = torch.rand(batch, 3, res, res)
     dim = cfg.vf_dim
     t_cls = torch.randn(batch, dim) if dim else None
@@ -53,10 +56,18 @@ def tokenizer_step(p, batch: int):
     def step(i: int) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             o = model(x)
-        loss, _ = loss_fn(x, o.recon, o.quant_loss, step=i, teacher_cls=t_cls, teacher_patches=t_patches,
-                          enc_tokens_proj=o.enc_cls_feat[:, None] if o.enc_cls_feat is not None else None,
-                          dec_feat_proj=o.dec_patch_feat)
+        loss, _ = loss_fn(
+            x,
+            o.recon,
+            o.quant_loss,
+            step=i,
+            teacher_cls=t_cls,
+            teacher_patches=t_patches,
+            enc_tokens_proj=o.enc_cls_feat[:, None] if o.enc_cls_feat is not None else None,
+            dec_feat_proj=o.dec_patch_feat,
+        )
         update(model, opt, ema, loss, tt.optim.grad_clip)
+
     return step
 
 
@@ -67,8 +78,10 @@ def generator_step(p, batch: int):
     cfg = generator_config(p.generator, tok.codebook_size, tokens, p.data.num_classes)
     torch.manual_seed(0)
     model = HARGenerator(cfg).train()
-    ema, opt = EMA(model, tg.loop.ema_decay), optim.adamw(model, tg.optim.lr, tg.optim.weight_decay,
-                                                           tuple(tg.optim.betas))
+    ema, opt = (
+        EMA(model, tg.loop.ema_decay),
+        optim.adamw(model, tg.optim.lr, tg.optim.weight_decay, tuple(tg.optim.betas)),
+    )
     codes = torch.randint(tok.codebook_size, (batch, tokens))
     labels = torch.randint(p.data.num_classes, (batch,))
 
@@ -76,6 +89,7 @@ def generator_step(p, batch: int):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _, loss = model(codes, labels, with_logits=False)
         update(model, opt, ema, loss, tg.optim.grad_clip)
+
     return step
 
 
@@ -111,12 +125,17 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=2, help="A/B pairs per model")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    p = load_params(args.params, ("profile", "data", "vf", "tokenizer", "generator", "train_tokenizer",
-                                  "train_generator"))
-    models = {"tokenizer": lambda: tokenizer_step(p, p.train_tokenizer.loop.batch_size),
-              "generator": lambda: generator_step(p, p.train_generator.loop.batch_size)}
-    print(f"cpu attention benchmark: profile {p.profile}, torch {torch.__version__}, {args.threads} threads, "
-          f"bf16 autocast, {args.steps} timed steps per run, A/B x {args.rounds}")
+    p = load_params(
+        args.params, ("profile", "data", "vf", "tokenizer", "generator", "train_tokenizer", "train_generator")
+    )
+    models = {
+        "tokenizer": lambda: tokenizer_step(p, p.train_tokenizer.loop.batch_size),
+        "generator": lambda: generator_step(p, p.train_generator.loop.batch_size),
+    }
+    print(
+        f"cpu attention benchmark: profile {p.profile}, torch {torch.__version__}, {args.threads} threads, "
+        f"bf16 autocast, {args.steps} timed steps per run, A/B x {args.rounds}"
+    )
     for name, make_step in models.items():
         total = {"fp32 attention": 0.0, "bf16 SDPA": 0.0}
         for _ in range(args.rounds):

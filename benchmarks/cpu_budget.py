@@ -16,6 +16,7 @@ It prints the pairs' summed throughput over the one alone. Two budgeted jobs sho
 alone (ratio >= 1); the unbudgeted pair shows what oversubscription costs. Trust only gaps above ~10%: the
 machine's other load moves single runs by that much.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 def worker(batch: int, steps: int) -> None:
     import restok.stages  # noqa: F401  (sets torch's threads from the job's CPUs, as for every stage)
     import torch
+
     spec = importlib.util.spec_from_file_location("tokenizer_benchmark", HERE / "tokenizer.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -42,9 +44,15 @@ def worker(batch: int, steps: int) -> None:
 def run_jobs(cpus_each: list[int], batch: int, steps: int) -> list[dict]:
     """Start one job per entry at once, each with OMP_NUM_THREADS = its CPUs; returns their reports."""
     env = {k: v for k, v in os.environ.items() if k not in ("RESTOK_CPUS", "SLURM_CPUS_PER_TASK")}
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", "--batch", str(batch), "--steps", str(steps)],
-                              env={**env, "OMP_NUM_THREADS": str(n)}, stdout=subprocess.PIPE, text=True)
-             for n in cpus_each]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--worker", "--batch", str(batch), "--steps", str(steps)],
+            env={**env, "OMP_NUM_THREADS": str(n)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for n in cpus_each
+    ]
     outs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError(f"a benchmark job failed: {outs}")
@@ -65,8 +73,10 @@ def main(argv=None) -> None:
     runs = {"alone": [n], "pair, budgeted": [n // 2, n - n // 2], "pair, unbudgeted": [n, n]}
     results = {name: run_jobs(cpus, args.batch, args.steps) for name, cpus in runs.items()}
     alone = results["alone"][0]["images_per_s"]
-    print(f"cpu budget benchmark: {n} CPUs, tokenizer train step (default profile, 64 px), batch {args.batch}, "
-          f"{args.steps} steps per job")
+    print(
+        f"cpu budget benchmark: {n} CPUs, tokenizer train step (default profile, 64 px), batch {args.batch}, "
+        f"{args.steps} steps per job"
+    )
     for name, rows in results.items():
         total = sum(r["images_per_s"] for r in rows)
         jobs = ", ".join(f"{r['threads']} threads {r['images_per_s']:.2f} img/s" for r in rows)

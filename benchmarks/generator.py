@@ -16,6 +16,7 @@ Each path also lists the attention kernels of one profiled training step and sam
 MFU counts 6 * (matmul parameters) * T + 12 * layers * T^2 * width FLOPs per training sequence (nanoGPT's rule; the
 block mask is not subtracted) against the dense peak of the GPU model (bf16, or TF32 for fp32); none on CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,11 @@ from restok.train.optim import adamw
 
 OFFICIAL_H100 = {"train_seq_per_s": 286.0, "train_peak_gib": 11.2, "sample_img_per_s": {"bf16": 177.0, "fp32": 162.0}}
 TARGETS = {"train": 4.0, "sample": 5.0}  # issue 16
-PEAK_FLOPS = {"H100": {"bf16": 989.4e12, "fp32": 494.7e12}, "H200": {"bf16": 989.4e12, "fp32": 494.7e12},
-              "A100": {"bf16": 312e12, "fp32": 156e12}}  # dense tensor-core peaks (fp32 = TF32)
+PEAK_FLOPS = {
+    "H100": {"bf16": 989.4e12, "fp32": 494.7e12},
+    "H200": {"bf16": 989.4e12, "fp32": 494.7e12},
+    "A100": {"bf16": 312e12, "fp32": 156e12},
+}  # dense tensor-core peaks (fp32 = TF32)
 
 
 def build(size: str, tokens: int, vocab: int, classes: int, device: torch.device) -> HARGenerator:
@@ -70,8 +74,9 @@ def train_flops_per_sequence(model: HARGenerator) -> float:
     return 6.0 * matmul * cfg.num_tokens + 12.0 * cfg.n_layer * cfg.num_tokens**2 * cfg.dim
 
 
-def bench_train(model: HARGenerator, net: nn.Module, batch: int, steps: int, warmup: int, autocast,
-                device: torch.device) -> dict:
+def bench_train(
+    model: HARGenerator, net: nn.Module, batch: int, steps: int, warmup: int, autocast, device: torch.device
+) -> dict:
     """Sequences/s of full optimiser steps on random codes; peak memory over the timed steps."""
     cfg = model.cfg
     opt = adamw(model, 1e-4, 0.05)
@@ -97,12 +102,16 @@ def bench_train(model: HARGenerator, net: nn.Module, batch: int, steps: int, war
         step()
     sync(device)
     seconds = time.perf_counter() - t0
-    return {"seq_per_s": batch * steps / seconds, "peak_gib": peak_memory_gib(device),
-            "attention_kernels": sdpa_kernels(step)}  # one more step, profiled: fused or math?
+    return {
+        "seq_per_s": batch * steps / seconds,
+        "peak_gib": peak_memory_gib(device),
+        "attention_kernels": sdpa_kernels(step),
+    }  # one more step, profiled: fused or math?
 
 
-def bench_sample(model: HARGenerator, batch: int, reps: int, autocast, device: torch.device,
-                 cache_dtype: torch.dtype) -> dict:
+def bench_sample(
+    model: HARGenerator, batch: int, reps: int, autocast, device: torch.device, cache_dtype: torch.dtype
+) -> dict:
     """Images/s of `generate` (9 passes at 128 tokens) with CFG 3.75, step schedule, top-p 0.95, as the sample
     stage runs it: one KV cache reused by every call. Also how often inductor declined a CUDA graph."""
     sampling = SamplingConfig(cfg_scale=3.75, cfg_schedule="step", window_start=0.25, top_p=0.95)
@@ -122,9 +131,12 @@ def bench_sample(model: HARGenerator, batch: int, reps: int, autocast, device: t
     for _ in range(reps):
         run()
     sync(device)
-    return {"img_per_s": batch * reps / (time.perf_counter() - t0), "passes": len(model.cfg.block_sizes),
-            "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips,
-            "sample_attention_kernels": sdpa_kernels(run)}
+    return {
+        "img_per_s": batch * reps / (time.perf_counter() - t0),
+        "passes": len(model.cfg.block_sizes),
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips,
+        "sample_attention_kernels": sdpa_kernels(run),
+    }
 
 
 def main(argv=None):
@@ -135,9 +147,12 @@ def main(argv=None):
     ap.add_argument("--sample-batch", type=int, default=50, help="sampling batch (the reference: 50); 0: no sampling")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast or plain fp32/TF32")
     ap.add_argument("--compile", action="store_true", help="also measure the torch.compile fast path")
-    ap.add_argument("--compile-mode", default="default",
-                    help="torch.compile mode of the training fast path (default, max-autotune, ...); sampling "
-                         "compiles as the sample stage does (reduce-overhead on CUDA)")
+    ap.add_argument(
+        "--compile-mode",
+        default="default",
+        help="torch.compile mode of the training fast path (default, max-autotune, ...); sampling "
+        "compiles as the sample stage does (reduce-overhead on CUDA)",
+    )
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--classes", type=int, default=1000)
@@ -183,9 +198,11 @@ def main(argv=None):
     cfg = generator_config(args.size, num_tokens=args.tokens, vocab_size=args.vocab, num_classes=args.classes)
     n_params = sum(p.numel() for p in HARGenerator(cfg).parameters()) / 1e6
     mem = "peak GiB" if device.type == "cuda" else "peak RSS GiB"
-    print(f"{args.size}: {n_params:.2f}M params, {args.tokens} tokens, vocab {args.vocab}, {args.classes} classes; "
-          f"{name}, {args.dtype}, train batch {args.batch}, sample batch {args.sample_batch or '-'} "
-          f"({len(cfg.block_sizes)} passes, CFG 3.75)")
+    print(
+        f"{args.size}: {n_params:.2f}M params, {args.tokens} tokens, vocab {args.vocab}, {args.classes} classes; "
+        f"{name}, {args.dtype}, train batch {args.batch}, sample batch {args.sample_batch or '-'} "
+        f"({len(cfg.block_sizes)} passes, CFG 3.75)"
+    )
     print(f"{'path':10} {'train seq/s':>12} {'MFU':>7} {mem:>13} {'sample img/s':>13}")
     for path, r in rows.items():
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
@@ -199,21 +216,44 @@ def main(argv=None):
                 print(f"{'':10} {what.replace('_', ' ')}: {', '.join(r[what]) or 'none seen'}")
     ref_sample = OFFICIAL_H100["sample_img_per_s"][args.dtype]
     ref = OFFICIAL_H100
-    print(f"{'official':10} {ref['train_seq_per_s']:12.1f} {'~9%':>7} {ref['train_peak_gib']:13.2f} "
-          f"{ref_sample:13.1f}   (one H100 80GB, bf16 eager, train batch 32, sample batch 50)")
+    print(
+        f"{'official':10} {ref['train_seq_per_s']:12.1f} {'~9%':>7} {ref['train_peak_gib']:13.2f} "
+        f"{ref_sample:13.1f}   (one H100 80GB, bf16 eager, train batch 32, sample batch 50)"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"size": args.size, "device": name, "dtype": args.dtype, "batch": args.batch,
-                       "sample_batch": args.sample_batch, "rows": rows, "official_h100": OFFICIAL_H100}, f, indent=2)
+            json.dump(
+                {
+                    "size": args.size,
+                    "device": name,
+                    "dtype": args.dtype,
+                    "batch": args.batch,
+                    "sample_batch": args.sample_batch,
+                    "rows": rows,
+                    "official_h100": OFFICIAL_H100,
+                },
+                f,
+                indent=2,
+            )
     best, eager = rows[paths[-1]], rows["eager"]
     ratios = [("train", "seq_per_s", ref["train_seq_per_s"]), ("sample", "img_per_s", ref_sample)]
     if args.compile:
-        print("fast / eager: " + ", ".join(f"{what} {best[key] / eager[key]:.2f}x" for what, key, _ in ratios
-                                           if key in best and key in eager))
+        print(
+            "fast / eager: "
+            + ", ".join(
+                f"{what} {best[key] / eager[key]:.2f}x" for what, key, _ in ratios if key in best and key in eager
+            )
+        )
     comparable = "H100" in name and args.size == "har-L" and args.tokens == 128 and args.vocab == 8192
-    print(f"{paths[-1]} / official: " + ", ".join(f"{what} {best[key] / official:.2f}x (target {TARGETS[what]:.0f}x)"
-                                                   for what, key, official in ratios if key in best)
-          + ("" if comparable else "  [not comparable: not har-L/128/8192 on an H100]"))
+    print(
+        f"{paths[-1]} / official: "
+        + ", ".join(
+            f"{what} {best[key] / official:.2f}x (target {TARGETS[what]:.0f}x)"
+            for what, key, official in ratios
+            if key in best
+        )
+        + ("" if comparable else "  [not comparable: not har-L/128/8192 on an H100]")
+    )
 
 
 if __name__ == "__main__":

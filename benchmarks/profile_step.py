@@ -13,6 +13,7 @@ inside a part (loss terms, quantiser straight-through), optimiser step (with cli
 checkpointing. To time the pixel encoder's backward, its input (the normalised image) is made to require a gradient,
 which adds that one gradient (3 channels) to its backward. CUDA runs are synchronised at every hook, which slows them: read CUDA shares as rough.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,13 @@ from restok.config.engine import cli_value, read_yaml, set_dotted
 from restok.config.load import load_params
 from restok.stages import train_tokenizer as stage
 
-PARTS = {"pixel CNN encoder": "pixel_encoder", "ViT encoder": "encoder", "quantiser": "quantizer",
-         "ViT decoder": "decoder", "pixel CNN decoder": "pixel_decoder"}
+PARTS = {
+    "pixel CNN encoder": "pixel_encoder",
+    "ViT encoder": "encoder",
+    "quantiser": "quantizer",
+    "ViT decoder": "decoder",
+    "pixel CNN decoder": "pixel_decoder",
+}
 
 
 class Clock:
@@ -84,8 +90,13 @@ def main(argv=None) -> None:
         params_path = Path(work) / "params.yaml"
         params_path.write_text(yaml.safe_dump(tree, sort_keys=False))
         p = load_params(params_path, stage.PARAMS)
-        ns = argparse.Namespace(params=str(params_path), shards=args.shards, features=args.features,
-                                out=str(Path(work) / "out"), results=str(Path(work) / "results"))
+        ns = argparse.Namespace(
+            params=str(params_path),
+            shards=args.shards,
+            features=args.features,
+            out=str(Path(work) / "out"),
+            results=str(Path(work) / "results"),
+        )
         run = stage.setup(p, ns)
         clock = Clock(run.device)
         for label, attr in PARTS.items():
@@ -106,11 +117,20 @@ def main(argv=None) -> None:
         print(f"{name:<40} {ms:8.1f} {share:6.1%}")
     print(f"{'step (measured around train())':<40} {1000 * total / args.steps:8.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"overrides": args.set, "steps": args.steps, "device": str(run.device),
-                                               "threads": torch.get_num_threads(), "bf16": run.bf16,
-                                               "ms_per_step": 1000 * total / args.steps,
-                                               "rows": [{"part": n, "ms": m, "share": s} for n, m, s in rows]},
-                                              indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "overrides": args.set,
+                    "steps": args.steps,
+                    "device": str(run.device),
+                    "threads": torch.get_num_threads(),
+                    "bf16": run.bf16,
+                    "ms_per_step": 1000 * total / args.steps,
+                    "rows": [{"part": n, "ms": m, "share": s} for n, m, s in rows],
+                },
+                indent=2,
+            )
+        )
 
 
 def instrument(run, clock: Clock) -> dict:
@@ -135,6 +155,7 @@ def instrument(run, clock: Clock) -> dict:
             out = fn(*a, **k)
             clock.stop(name)
             return out
+
         return wrapped
 
     run.loss_fn.forward = timed("loss forward", loss_fn)

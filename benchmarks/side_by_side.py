@@ -18,6 +18,7 @@ Each part writes `<part>.json` into --out; the table at the end is read from wha
 ratios are ours / official on this machine, each against the issue's target: tokenizer training 3x, generator
 training 4x, sampling 5x. Without CUDA the script stops before running anything.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,18 +39,68 @@ def commands(official: Path, harness: Path, out: Path) -> dict[str, list[str]]:
     py = sys.executable
 
     def generator(part: str, batch: str, *extra: str) -> list[str]:
-        return [py, str(REPO / "benchmarks/generator.py"), "--device", "cuda", "--size", "har-L", "--batch", batch,
-                *extra, "--dtype", "bf16", "--compile", "--json", str(out / f"{part}.json")]
+        return [
+            py,
+            str(REPO / "benchmarks/generator.py"),
+            "--device",
+            "cuda",
+            "--size",
+            "har-L",
+            "--batch",
+            batch,
+            *extra,
+            "--dtype",
+            "bf16",
+            "--compile",
+            "--json",
+            str(out / f"{part}.json"),
+        ]
 
     return {
-        "tokenizer": [py, str(REPO / "benchmarks/tokenizer.py"), "--device", "cuda", "--size", "L", "--batch", "16",
-                      "--compile", "--json", str(out / "tokenizer.json")],
-        "tokenizer_ckpt": [py, str(REPO / "benchmarks/tokenizer.py"), "--device", "cuda", "--size", "L", "--batch",
-                           "32", "--compile", "--checkpointing", "all", "--json", str(out / "tokenizer_ckpt.json")],
+        "tokenizer": [
+            py,
+            str(REPO / "benchmarks/tokenizer.py"),
+            "--device",
+            "cuda",
+            "--size",
+            "L",
+            "--batch",
+            "16",
+            "--compile",
+            "--json",
+            str(out / "tokenizer.json"),
+        ],
+        "tokenizer_ckpt": [
+            py,
+            str(REPO / "benchmarks/tokenizer.py"),
+            "--device",
+            "cuda",
+            "--size",
+            "L",
+            "--batch",
+            "32",
+            "--compile",
+            "--checkpointing",
+            "all",
+            "--json",
+            str(out / "tokenizer_ckpt.json"),
+        ],
         "generator": generator("generator", "32"),
         "generator_b256": generator("generator_b256", "256", "--sample-batch", "0"),
-        "official": [py, str(harness), "--repo", str(official), "--device", "cuda", "--size", "l",
-                     "--official-commit", OFFICIAL_COMMIT, "--out", str(out / "official.json")],
+        "official": [
+            py,
+            str(harness),
+            "--repo",
+            str(official),
+            "--device",
+            "cuda",
+            "--size",
+            "l",
+            "--official-commit",
+            OFFICIAL_COMMIT,
+            "--out",
+            str(out / "official.json"),
+        ],
     }
 
 
@@ -59,8 +110,7 @@ def table(results: dict[str, dict]) -> list[tuple[str, str, float | None, float 
     rows = []
     for part in ("tokenizer", "tokenizer_ckpt"):
         for r in results.get(part, {}).get("rows", []):
-            label = (f"batch {r['batch']}, {'compiled' if r['compile'] else 'eager'}, checkpointing "
-                     f"{r['checkpointing']}")
+            label = f"batch {r['batch']}, {'compiled' if r['compile'] else 'eager'}, checkpointing {r['checkpointing']}"
             ours = None if r.get("oom") else r["train_images_per_s"]
             rows.append(("tokenizer train img/s", label, ours, official.get("tok_train_images_per_s")))
             for kind in ("encode", "decode"):
@@ -73,8 +123,14 @@ def table(results: dict[str, dict]) -> list[tuple[str, str, float | None, float 
             ours = None if r.get("oom") else r["seq_per_s"]
             rows.append(("generator train seq/s", label, ours, official.get("gpt_train_sequences_per_s")))
             if "img_per_s" in r:
-                rows.append(("sampling img/s", f"batch {gen['sample_batch']}, {path}, {gen['dtype']}",
-                             r["img_per_s"], official.get(f"har_sample_{gen['dtype']}_images_per_s")))
+                rows.append(
+                    (
+                        "sampling img/s",
+                        f"batch {gen['sample_batch']}, {path}, {gen['dtype']}",
+                        r["img_per_s"],
+                        official.get(f"har_sample_{gen['dtype']}_images_per_s"),
+                    )
+                )
     return rows
 
 
@@ -84,17 +140,20 @@ def report(results: dict[str, dict]) -> str:
         ratio = ours / ref if ours is not None and ref else None
         target = next((t for name, t in TARGETS.items() if figure.startswith(name)), None)
         cells = [f"{v:9.1f}" if v is not None else f"{'-':>9}" for v in (ours, ref)]
-        lines.append(f"{figure:24} {cells[0]} {cells[1]} {f'x{ratio:.2f}' if ratio else '-':>7} "
-                     f"{f'x{target:.0f}' if target else '':>7}  {label}")
+        lines.append(
+            f"{figure:24} {cells[0]} {cells[1]} {f'x{ratio:.2f}' if ratio else '-':>7} "
+            f"{f'x{target:.0f}' if target else '':>7}  {label}"
+        )
     for part in ("tokenizer", "tokenizer_ckpt", "generator", "generator_b256"):
         rows = results.get(part, {}).get("rows", [])
-        for name, row in (rows.items() if isinstance(rows, dict) else enumerate(rows)):
+        for name, row in rows.items() if isinstance(rows, dict) else enumerate(rows):
             for key, what in (("attention_kernels", "train"), ("sample_attention_kernels", "sample")):
                 if key in row:
                     kernels = row[key]
                     verdict = "UNFUSED" if any(k.endswith("_math") for k in kernels) else "fused"
-                    lines.append(f"attention {verdict:8} {part} {name} {what} "
-                                 f"{', '.join(kernels) or 'none seen (compiled)'}")
+                    lines.append(
+                        f"attention {verdict:8} {part} {name} {what} {', '.join(kernels) or 'none seen (compiled)'}"
+                    )
     devices = {r.get("device") or r.get("env", {}).get("gpu") for r in results.values()}
     lines.append(f"devices: {', '.join(sorted(str(d) for d in devices))} (compare only figures from one machine)")
     return "\n".join(lines)
@@ -105,21 +164,30 @@ def main(argv=None) -> None:
     ap.add_argument("--official", type=Path, default=REPO / "official", help="exported official work tree")
     ap.add_argument("--harness", type=Path, default=None, help=f"bench_official.py (default: shared/{HARNESS})")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/side_by_side")
-    ap.add_argument("--parts", default="tokenizer,tokenizer_ckpt,generator,generator_b256,official",
-                    help="comma-separated subset of the parts to run now; the report uses every JSON in --out")
+    ap.add_argument(
+        "--parts",
+        default="tokenizer,tokenizer_ckpt,generator,generator_b256,official",
+        help="comma-separated subset of the parts to run now; the report uses every JSON in --out",
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/side_by_side.py measures GPU throughput and needs a CUDA device; none is "
-                         "available here. Run it on a CUDA machine (see README, Benchmarks).")
-    harness = args.harness or next((p for p in (REPO / "shared" / HARNESS, REPO.parent / "shared" / HARNESS)
-                                    if p.is_file()), REPO.parent / "shared" / HARNESS)
+        raise SystemExit(
+            "benchmarks/side_by_side.py measures GPU throughput and needs a CUDA device; none is "
+            "available here. Run it on a CUDA machine (see README, Benchmarks)."
+        )
+    harness = args.harness or next(
+        (p for p in (REPO / "shared" / HARNESS, REPO.parent / "shared" / HARNESS) if p.is_file()),
+        REPO.parent / "shared" / HARNESS,
+    )
     parts = args.parts.split(",")
     cmds = commands(args.official, harness, args.out)
     if unknown := sorted(set(parts) - set(cmds)):
         raise SystemExit(f"--parts: unknown {unknown}; choose from {sorted(cmds)}")
     if "official" in parts and not (args.official / "modeling").is_dir():
-        raise SystemExit(f"--official {args.official}: not the official work tree (no modeling/); export it as "
-                         f"{harness.parent / 'README.md'} says")
+        raise SystemExit(
+            f"--official {args.official}: not the official work tree (no modeling/); export it as "
+            f"{harness.parent / 'README.md'} says"
+        )
     if "official" in parts and not harness.is_file():
         raise SystemExit(f"{harness}: the official harness is missing; pass --harness")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ win. Run it on an idle machine: on 2 cores, anything beside it moves the times.
 Recipes: `new` = params.yaml as it is; `old` = the tokenizer recipe before the speedrun (OLD below); or
 `name:key=value,key=value` (dotted params keys, YAML values) applied to params.yaml.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,20 @@ from restok.stages import train_tokenizer as stage
 
 # The tokenizer and its training before the speedrun (the default profile until then), as overrides.
 OLD = {
-    "tokenizer.pixel_channels": [32, 32, 64], "tokenizer.enc_width": 128, "tokenizer.enc_depth": 4,
-    "tokenizer.enc_heads": 4, "tokenizer.dec_width": 128, "tokenizer.dec_depth": 4, "tokenizer.dec_heads": 4,
-    "train_tokenizer.loop.max_steps": 750, "train_tokenizer.loop.batch_size": 32,
-    "train_tokenizer.loop.ema_decay": 0.99, "train_tokenizer.optim.lr": 2.0e-3, "train_tokenizer.optim.end_lr": 2.0e-4,
-    "train_tokenizer.optim.warmup_steps": 50, "train_tokenizer.optim.schedule": "cosine",
+    "tokenizer.pixel_channels": [32, 32, 64],
+    "tokenizer.enc_width": 128,
+    "tokenizer.enc_depth": 4,
+    "tokenizer.enc_heads": 4,
+    "tokenizer.dec_width": 128,
+    "tokenizer.dec_depth": 4,
+    "tokenizer.dec_heads": 4,
+    "train_tokenizer.loop.max_steps": 750,
+    "train_tokenizer.loop.batch_size": 32,
+    "train_tokenizer.loop.ema_decay": 0.99,
+    "train_tokenizer.optim.lr": 2.0e-3,
+    "train_tokenizer.optim.end_lr": 2.0e-4,
+    "train_tokenizer.optim.warmup_steps": 50,
+    "train_tokenizer.optim.schedule": "cosine",
     "train_tokenizer.optim.algorithm": "adamw",
 }
 
@@ -75,21 +85,37 @@ def run_recipe(name: str, overrides: dict, seed: int, args, work: Path) -> dict:
     params_path.write_text(yaml.safe_dump(tree, sort_keys=False))
     p = load_params(params_path, stage.PARAMS)
     tt = p.train_tokenizer
-    ns = argparse.Namespace(params=str(params_path), shards=args.shards, features=args.features,
-                            out=str(folder / "out"), results=str(folder / "results"))
+    ns = argparse.Namespace(
+        params=str(params_path),
+        shards=args.shards,
+        features=args.features,
+        out=str(folder / "out"),
+        results=str(folder / "results"),
+    )
     run = stage.setup(p, ns)
     target_db = read_yaml(args.params)["checks"]["psnr_above_class_mean_db"]
     evals, reached = [], None
     while True:
         stage.train(run, deadline=time.time() + args.every)
         seconds = run.seconds_this_run
-        metrics, _, _ = stage.evaluate(run.ema.model, args.shards, tt.eval_images, run.device, run.local_bs,
-                                       tt.baseline_train_images)
+        metrics, _, _ = stage.evaluate(
+            run.ema.model, args.shards, tt.eval_images, run.device, run.local_bs, tt.baseline_train_images
+        )
         above = metrics["psnr_above_class_mean_db"]
-        evals.append({"seconds": round(seconds, 1), "step": run.step, "psnr": round(metrics["psnr"], 3),
-                      "above_class_mean_db": round(above, 3)})
-        print(f"{name} seed {seed}: {seconds:7.1f} s step {run.step:5d}  EMA val PSNR {metrics['psnr']:.2f} dB "
-              f"({above:+.2f} over the class mean)", file=sys.stderr, flush=True)
+        evals.append(
+            {
+                "seconds": round(seconds, 1),
+                "step": run.step,
+                "psnr": round(metrics["psnr"], 3),
+                "above_class_mean_db": round(above, 3),
+            }
+        )
+        print(
+            f"{name} seed {seed}: {seconds:7.1f} s step {run.step:5d}  EMA val PSNR {metrics['psnr']:.2f} dB "
+            f"({above:+.2f} over the class mean)",
+            file=sys.stderr,
+            flush=True,
+        )
         if reached is None and above >= target_db:
             prev = evals[-2] if len(evals) > 1 else {"seconds": 0.0, "above_class_mean_db": -1e9}
             frac = (target_db - prev["above_class_mean_db"]) / (above - prev["above_class_mean_db"])
@@ -98,10 +124,18 @@ def run_recipe(name: str, overrides: dict, seed: int, args, work: Path) -> dict:
             break
     if run.curve is not None:
         run.curve.close()
-    return {"recipe": name, "seed": seed, "overrides": overrides, "evals": evals, "target_above_class_mean_db": target_db,
-            "seconds_to_target": reached, "steps": run.step, "max_steps": tt.loop.max_steps,
-            "steps_per_second": round(run.step / max(run.seconds_this_run, 1e-9), 3),
-            "class_mean_image_psnr": metrics["class_mean_image_psnr"]}
+    return {
+        "recipe": name,
+        "seed": seed,
+        "overrides": overrides,
+        "evals": evals,
+        "target_above_class_mean_db": target_db,
+        "seconds_to_target": reached,
+        "steps": run.step,
+        "max_steps": tt.loop.max_steps,
+        "steps_per_second": round(run.step / max(run.seconds_this_run, 1e-9), 3),
+        "class_mean_image_psnr": metrics["class_mean_image_psnr"],
+    }
 
 
 def at_mark(evals: list[dict], mark: float) -> float | None:
@@ -130,14 +164,19 @@ def main(argv=None) -> None:
             for name, overrides in recipes:
                 rows.append(run_recipe(name, overrides, seed, args, Path(work)))
     first = recipes[0][0]
-    print(f"{'recipe':<24} {'seed':>4} " + " ".join(f"{f'{m:g} s':>8}" for m in args.marks)
-          + f" {'to target':>10} {'steps/s':>8}")
+    print(
+        f"{'recipe':<24} {'seed':>4} "
+        + " ".join(f"{f'{m:g} s':>8}" for m in args.marks)
+        + f" {'to target':>10} {'steps/s':>8}"
+    )
     for row in rows:
         marks = [at_mark(row["evals"], m) for m in args.marks]
         target = f"{row['seconds_to_target']:.0f} s" if row["seconds_to_target"] is not None else "not reached"
-        print(f"{row['recipe']:<24} {row['seed']:>4} " + " ".join(f"{m:8.2f}" if m is not None else f"{'-':>8}"
-                                                                for m in marks)
-              + f" {target:>10} {row['steps_per_second']:8.2f}")
+        print(
+            f"{row['recipe']:<24} {row['seed']:>4} "
+            + " ".join(f"{m:8.2f}" if m is not None else f"{'-':>8}" for m in marks)
+            + f" {target:>10} {row['steps_per_second']:8.2f}"
+        )
     for name, _ in recipes[1:]:
         for seed in args.seeds:
             a = next(r for r in rows if r["recipe"] == first and r["seed"] == seed)
@@ -145,8 +184,10 @@ def main(argv=None) -> None:
             if b["seconds_to_target"] is None:
                 ratio = "not comparable (not reached)"
             elif a["seconds_to_target"] is None:
-                ratio = f"> {a['evals'][-1]['seconds'] / b['seconds_to_target']:.2f}x ({first} did not reach it in " \
-                        f"{a['evals'][-1]['seconds']:.0f} s)"
+                ratio = (
+                    f"> {a['evals'][-1]['seconds'] / b['seconds_to_target']:.2f}x ({first} did not reach it in "
+                    f"{a['evals'][-1]['seconds']:.0f} s)"
+                )
             else:
                 ratio = f"{a['seconds_to_target'] / b['seconds_to_target']:.2f}x"
             print(f"seed {seed}: {name} reaches the target {ratio} faster than {first}")

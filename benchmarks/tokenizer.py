@@ -14,6 +14,7 @@ stage's `loop.checkpointing` to the training step of both paths. Size L is the p
 Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the process's peak RSS (includes everything loaded).
 Each row also lists the attention kernels one profiled training step ran (restok.models.attention.sdpa_kernels).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,12 @@ from restok.train import optim
 from restok.train.ema import EMA
 
 OFFICIAL_H100 = {  # ResTok-L/128, 256 px, batch 16, bf16 autocast, eager (Kwai-Kolors/ResTok), per the issue
-    "train_images_per_s": 38.0, "train_peak_gib": 49.9, "encode_images_per_s": 158.0, "decode_images_per_s": 234.0,
-    "batch": 16, "note": "batch 32: out of memory",
+    "train_images_per_s": 38.0,
+    "train_peak_gib": 49.9,
+    "encode_images_per_s": 158.0,
+    "decode_images_per_s": 234.0,
+    "batch": 16,
+    "note": "batch 32: out of memory",
 }
 
 
@@ -79,8 +84,15 @@ def measure(*args, **kwargs) -> dict:
     return result
 
 
-def _measure(cfg: TokenizerConfig, batch: int, device: torch.device, compile: bool, checkpointing: Checkpointing,
-            steps: int, warmup: int) -> dict:
+def _measure(
+    cfg: TokenizerConfig,
+    batch: int,
+    device: torch.device,
+    compile: bool,
+    checkpointing: Checkpointing,
+    steps: int,
+    warmup: int,
+) -> dict:
     torch.manual_seed(0)
     model = ResTok(cfg).to(device)
     model.set_checkpointing(checkpointing)
@@ -125,8 +137,12 @@ def main(argv=None) -> None:
     ap.add_argument("--size", default=None, choices=["default", "L"], help="default: 'default' on CPU, 'L' on CUDA")
     ap.add_argument("--batch", type=int, nargs="+", default=None, help="default: 32 on CPU, 16 32 on CUDA")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile and print compiled / eager")
-    ap.add_argument("--checkpointing", default="none", choices=["none", "blocks", "all"],
-                    help="activation checkpointing of the training step (params loop.checkpointing)")
+    ap.add_argument(
+        "--checkpointing",
+        default="none",
+        choices=["none", "blocks", "all"],
+        help="activation checkpointing of the training step (params loop.checkpointing)",
+    )
     ap.add_argument("--steps", type=int, default=None, help="timed iterations (default 5 CPU, 20 CUDA)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 1 CPU, 5 CUDA)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -144,24 +160,31 @@ def main(argv=None) -> None:
         torch.backends.cudnn.allow_tf32 = True
     cfg = tokenizer_cfg(size)
     name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"tokenizer benchmark: size {size} ({cfg.resolution} px, {cfg.num_tokens} tokens), {name}, "
-          f"loss L2 + VQ (VF off), checkpointing {args.checkpointing}, torch {torch.__version__}")
+    print(
+        f"tokenizer benchmark: size {size} ({cfg.resolution} px, {cfg.num_tokens} tokens), {name}, "
+        f"loss L2 + VQ (VF off), checkpointing {args.checkpointing}, torch {torch.__version__}"
+    )
     rows = []
     for batch in batches:
         eager = measure(cfg, batch, device, False, args.checkpointing, steps, warmup)
         rows.append(eager)
         if args.compile:
             compiled = measure(cfg, batch, device, True, args.checkpointing, steps, warmup)
-            compiled["speedup_vs_eager"] = {k: compiled[k] / eager[k] for k in compiled
-                                            if k.endswith("images_per_s") and k in eager}
+            compiled["speedup_vs_eager"] = {
+                k: compiled[k] / eager[k] for k in compiled if k.endswith("images_per_s") and k in eager
+            }
             rows.append(compiled)
     for row in rows:
         label = f"batch {row['batch']:>3} {'compiled' if row['compile'] else 'eager   '}"
         if row.get("oom"):
             print(f"{label}: out of memory")
             continue
-        cells = [f"train {row['train_images_per_s']:8.2f} img/s", f"peak {row['train_peak_gib']:6.2f} GiB",
-                 f"encode {row['encode_images_per_s']:8.2f} img/s", f"decode {row['decode_images_per_s']:8.2f} img/s"]
+        cells = [
+            f"train {row['train_images_per_s']:8.2f} img/s",
+            f"peak {row['train_peak_gib']:6.2f} GiB",
+            f"encode {row['encode_images_per_s']:8.2f} img/s",
+            f"decode {row['decode_images_per_s']:8.2f} img/s",
+        ]
         if size == "L" and cuda and row["batch"] == OFFICIAL_H100["batch"]:
             ref = {k: row[k] / OFFICIAL_H100[k] for k in OFFICIAL_H100 if k.endswith("images_per_s")}
             row["ratio_vs_official_h100"] = ref

@@ -1,4 +1,5 @@
 """Shared pytest fixtures. Runs offline: hub lookups are disabled before any import of timm/huggingface_hub."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,6 +49,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if len(parts) < 2 or parts[0] not in KINDS:
             raise pytest.UsageError(f"{item.nodeid}: a test lives in tests/<kind>/, kind one of {KINDS}")
         item.add_marker(getattr(pytest.mark, parts[0]))
+
+
 _FAILED_MODULES: set[str] = set()
 
 
@@ -77,6 +80,7 @@ def module_tmp(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Cal
 def smoke_params(tmp_path_factory) -> Path:
     """The smoke profile written to a params file (workflow/params/smoke.yaml over default.yaml)."""
     from restok.config.profiles import write_profile
+
     return write_profile("smoke", tmp_path_factory.mktemp("params") / "params.yaml")
 
 
@@ -84,7 +88,9 @@ def smoke_params(tmp_path_factory) -> Path:
 def smoke_shards(tmp_path_factory, smoke_params) -> Path:
     """data/shard of the smoke profile (4 classes, 32 px, 48 train / 24 val images), built once per session."""
     from restok.stages import shard
+
     root = tmp_path_factory.mktemp("smoke")
-    shard.main(["--params", str(smoke_params), "--out", str(root / "data/shard"),
-                "--results", str(root / "results/shard")])
+    shard.main(
+        ["--params", str(smoke_params), "--out", str(root / "data/shard"), "--results", str(root / "results/shard")]
+    )
     return root / "data/shard"

@@ -15,6 +15,7 @@ std over seeds; the per-position code entropy and its conditional given the clas
 claim declared in `ablations.comparisons` (variant, versus, metric, the paper's direction), with the verdict agree /
 disagree / cannot tell (the difference is within the seed-to-seed spread). No variant name is known to this code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,14 +88,17 @@ class Graph:
                     path, opts = (o, {}) if isinstance(o, str) else next(iter(o.items()))
                     if not opts.get("persist"):
                         outs.append(path)
-            self.stages[name] = Stage(name, st["cmd"], tuple(st.get("deps", [])), tuple(st.get("params", [])),
-                                      tuple(outs))
+            self.stages[name] = Stage(
+                name, st["cmd"], tuple(st.get("deps", [])), tuple(st.get("params", [])), tuple(outs)
+            )
 
     def producer(self, path: str) -> str | None:
         """The stage whose out is `path` or contains it."""
         for st in self.stages.values():
-            if any(path == o or path.startswith(o.rstrip("/") + "/") or o.startswith(path.rstrip("/") + "/")
-                   for o in st.outs):
+            if any(
+                path == o or path.startswith(o.rstrip("/") + "/") or o.startswith(path.rstrip("/") + "/")
+                for o in st.outs
+            ):
                 return st.name
         return None
 
@@ -108,8 +112,9 @@ class Graph:
         while changed:
             changed = False
             for name, st in self.stages.items():
-                if name not in own and (any(base.get(s) != tree.get(s) for s in st.params)
-                                        or own.intersection(self.upstream(name))):
+                if name not in own and (
+                    any(base.get(s) != tree.get(s) for s in st.params) or own.intersection(self.upstream(name))
+                ):
                     own.add(name)
                     changed = True
         return own
@@ -153,8 +158,11 @@ def _sh(cmd: list[str], capture: bool = False, env: dict | None = None) -> str:
     """Run a command with this interpreter's bin folder first on PATH, so that `dvc` and the stages' `python` are the
     ones of this environment even when it is not activated (`.venv/bin/restok ablate`)."""
     print("+", shlex.join(cmd), flush=True)
-    env = {**os.environ, **(env or {}),
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    env = {
+        **os.environ,
+        **(env or {}),
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
     p = subprocess.run(cmd, text=True, capture_output=capture, env=env)
     if p.returncode:
         raise SystemExit(f"restok ablate: `{shlex.join(cmd)}` failed ({p.returncode})\n{p.stderr if capture else ''}")
@@ -168,6 +176,7 @@ def finished_experiments() -> dict[str, tuple[str, dict]]:
     or a successful one count. The params tree is the experiment commit's params.yaml: exp_show's flattened
     columns turn ints into floats and lists into strings, so they cannot be compared with a params tree."""
     import dvc.api
+
     found = {}
     for row in dvc.api.exp_show():
         name = row.get("Experiment") or ""
@@ -180,6 +189,7 @@ def finished_experiments() -> dict[str, tuple[str, dict]]:
 def plan(tree: dict, finished: dict[str, tuple[str, dict]]) -> tuple[list[str], list[str], list[str]]:
     """(up to date, stale, missing) runs: a finished experiment is up to date when its params equal the run's
     (the `ablations` section aside: no stage reads it, so adding a variant leaves the others up to date)."""
+
     def stage_params(params):
         return {k: v for k, v in (params or {}).items() if k != "ablations"}
 
@@ -232,18 +242,30 @@ def collect_dvc(tree: dict) -> dict[str, dict]:
     finished = finished_experiments()
     fresh, stale, _ = plan(tree, finished)
     if stale:
-        print(f"restok ablate: skipping experiments whose params differ from params.yaml now: {', '.join(stale)} "
-              "(`restok ablate` reruns them)", file=sys.stderr)
+        print(
+            f"restok ablate: skipping experiments whose params differ from params.yaml now: {', '.join(stale)} "
+            "(`restok ablate` reruns them)",
+            file=sys.stderr,
+        )
     out = {}
     for run in fresh:
         rev = finished[run][0]
         read = lambda path: subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True)  # noqa: E731
-        metrics, info, scores, grid = (read(p) for p in ("results/metrics.json", "results/provenance.json",
-                                                         "results/score/metrics.json", "results/sample/grid.png"))
+        metrics, info, scores, grid = (
+            read(p)
+            for p in (
+                "results/metrics.json",
+                "results/provenance.json",
+                "results/score/metrics.json",
+                "results/sample/grid.png",
+            )
+        )
         if metrics.returncode == 0:
-            out[run] = {"metrics": headline(metrics.stdout, info.stdout if info.returncode == 0 else None),
-                        "scores": json.loads(scores.stdout) if scores.returncode == 0 else {},
-                        "grid": grid.stdout if grid.returncode == 0 else None}
+            out[run] = {
+                "metrics": headline(metrics.stdout, info.stdout if info.returncode == 0 else None),
+                "scores": json.loads(scores.stdout) if scores.returncode == 0 else {},
+                "grid": grid.stdout if grid.returncode == 0 else None,
+            }
     return out
 
 
@@ -257,20 +279,32 @@ def collect_files(tree: dict, graph: Graph) -> dict[str, dict]:
             scores = Path(graph.path("results/score/metrics.json", run, own))
             grid = Path(graph.path("results/sample/grid.png", run, own))
             info = metrics.with_name("provenance.json")
-            out[run] = {"metrics": headline(metrics.read_text(), info.read_text() if info.is_file() else None),
-                        "scores": json.loads(scores.read_text()) if scores.is_file() else {},
-                        "grid": grid.read_bytes() if grid.is_file() else None}
+            out[run] = {
+                "metrics": headline(metrics.read_text(), info.read_text() if info.is_file() else None),
+                "scores": json.loads(scores.read_text()) if scores.is_file() else {},
+                "grid": grid.read_bytes() if grid.is_file() else None,
+            }
     return out
 
 
 # ------------------------------------------------------------------------------------------------- the table
-COLUMNS = (("rFID", "rFID"), ("gFID", "gFID"), ("IS", "IS"), ("PSNR_dB", "PSNR"),
-           ("probe_sample_accuracy", "class acc."), ("codebook_usage", "usage"),
-           ("sampling_steps", "steps"), ("generate_images_per_s", "img/s"),
-           ("train_tokenizer_seconds", "tok train s"), ("train_generator_seconds", "gen train s"))
+COLUMNS = (
+    ("rFID", "rFID"),
+    ("gFID", "gFID"),
+    ("IS", "IS"),
+    ("PSNR_dB", "PSNR"),
+    ("probe_sample_accuracy", "class acc."),
+    ("codebook_usage", "usage"),
+    ("sampling_steps", "steps"),
+    ("generate_images_per_s", "img/s"),
+    ("train_tokenizer_seconds", "tok train s"),
+    ("train_generator_seconds", "gen train s"),
+)
 # per-level metrics (lists, coarse level first): extract_latents' val codes through score's headline
-LEVEL_COLUMNS = (("code_position_entropy_bits", "entropy per position, per level (bits)"),
-                 ("code_conditional_entropy_bits", "entropy given the class, per level (bits)"))
+LEVEL_COLUMNS = (
+    ("code_position_entropy_bits", "entropy per position, per level (bits)"),
+    ("code_conditional_entropy_bits", "entropy given the class, per level (bits)"),
+)
 
 
 def _mean_std(values: list) -> tuple[float | None, float | None]:
@@ -325,11 +359,21 @@ def compare(rows: dict[str, dict], claim: dict) -> dict:
         means, stds = [[m] for m in means], [[sd] for sd in stds]
     for va, vb, sa, sb in zip(*means, *stds):
         spread = math.hypot(sa, sb) if sa is not None and sb is not None else None
-        out["values"].append({"variant": va, "versus": vb, "difference": va - vb, "spread": spread,
-                              "verdict": verdict(va - vb, spread, claim.get("expect"))})
+        out["values"].append(
+            {
+                "variant": va,
+                "versus": vb,
+                "difference": va - vb,
+                "spread": spread,
+                "verdict": verdict(va - vb, spread, claim.get("expect")),
+            }
+        )
     verdicts = [v["verdict"] for v in out["values"]]
-    out["verdict"] = verdicts[0] if len(set(verdicts)) == 1 else "per level: " + "; ".join(
-        f"{i}: {v}" for i, v in enumerate(verdicts))
+    out["verdict"] = (
+        verdicts[0]
+        if len(set(verdicts)) == 1
+        else "per level: " + "; ".join(f"{i}: {v}" for i, v in enumerate(verdicts))
+    )
     return out
 
 
@@ -363,43 +407,78 @@ def _fmt(value, std=None) -> str:
 def _levels(values: list | None, stds: list | None = None) -> str:
     if not values:
         return "-"
-    return " / ".join(f"{v:.2f}" + (f"±{sd:.2f}" if sd is not None else "") for v, sd in
-                      zip(values, stds or [None] * len(values)))
+    return " / ".join(
+        f"{v:.2f}" + (f"±{sd:.2f}" if sd is not None else "") for v, sd in zip(values, stds or [None] * len(values))
+    )
 
 
 def write_table(summary: dict, results: dict[str, dict], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = summary["rows"]
-    lines = ["# Ablations", "",
-             "Generated by `restok ablate` (or `snakemake ablations`); one row per variant, mean ± std over seeds.",
-             ""]
-    demo = sorted({str(r.get(k)) for r in rows for k in ("extractor", "extractor_weights", "teacher_weights")
-                   if r.get(k) and "random-init" in str(r.get(k))})
+    lines = [
+        "# Ablations",
+        "",
+        "Generated by `restok ablate` (or `snakemake ablations`); one row per variant, mean ± std over seeds.",
+        "",
+    ]
+    demo = sorted(
+        {
+            str(r.get(k))
+            for r in rows
+            for k in ("extractor", "extractor_weights", "teacher_weights")
+            if r.get(k) and "random-init" in str(r.get(k))
+        }
+    )
     if demo:
         lines += [f"> **Demo numbers, not paper numbers**: produced with random-init weights ({', '.join(demo)}).", ""]
-    head = ["variant", "runs", *(label for _, label in COLUMNS), *(label for _, label in LEVEL_COLUMNS),
-            "extractor", "teacher weights"]
+    head = [
+        "variant",
+        "runs",
+        *(label for _, label in COLUMNS),
+        *(label for _, label in LEVEL_COLUMNS),
+        "extractor",
+        "teacher weights",
+    ]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [r["variant"], str(r["runs"]), *(_fmt(r[k], r[f"{k}_std"]) for k, _ in COLUMNS),
-                 *(_levels(r[k], r[f"{k}_std"]) for k, _ in LEVEL_COLUMNS),
-                 str(r.get("extractor")), str(r.get("teacher_weights"))]
+        cells = [
+            r["variant"],
+            str(r["runs"]),
+            *(_fmt(r[k], r[f"{k}_std"]) for k, _ in COLUMNS),
+            *(_levels(r[k], r[f"{k}_std"]) for k, _ in LEVEL_COLUMNS),
+            str(r.get("extractor")),
+            str(r.get("teacher_weights")),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## The paper's claims (declared in params `ablations.comparisons`)", "",
-              "difference = variant - versus (means over seeds); spread = sqrt(std_variant² + std_versus²). "
-              "**agree** / **disagree**: the difference is larger than the spread, in / against the paper's "
-              "direction; **cannot tell**: within the spread (or one seed: no spread). Per-level metrics are judged "
-              "level by level.", "",
-              "| claim | variant vs versus | metric | expected | variant | versus | difference | spread | verdict |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "## The paper's claims (declared in params `ablations.comparisons`)",
+        "",
+        "difference = variant - versus (means over seeds); spread = sqrt(std_variant² + std_versus²). "
+        "**agree** / **disagree**: the difference is larger than the spread, in / against the paper's "
+        "direction; **cannot tell**: within the spread (or one seed: no spread). Per-level metrics are judged "
+        "level by level.",
+        "",
+        "| claim | variant vs versus | metric | expected | variant | versus | difference | spread | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for c in summary["comparisons"]:
         cells = []
         for k in ("variant", "versus", "difference", "spread"):
             got = [v[k] for v in c["values"]]
             cells.append("-" if not got or None in got else _levels(got) if c["per_level"] else _fmt(got[0]))
-        lines.append(f"| {c['claim']} | {c['variant']} vs {c['versus']} | {c['metric']} | {c.get('expect') or '-'} | "
-                     + " | ".join(cells) + f" | {c['verdict']} |")
-    lines += ["", "![headline metrics per variant](ablations.png)", "", "![samples per variant](ablations_grids.png)", ""]
+        lines.append(
+            f"| {c['claim']} | {c['variant']} vs {c['versus']} | {c['metric']} | {c.get('expect') or '-'} | "
+            + " | ".join(cells)
+            + f" | {c['verdict']} |"
+        )
+    lines += [
+        "",
+        "![headline metrics per variant](ablations.png)",
+        "",
+        "![samples per variant](ablations_grids.png)",
+        "",
+    ]
     (out_dir / "ablations.md").write_text("\n".join(lines))
     (out_dir / "ablations.json").write_text(json.dumps(summary, indent=2) + "\n")
     _figures(rows, results, out_dir)
@@ -409,6 +488,7 @@ def _figures(rows: list[dict], results: dict[str, dict], out_dir: Path) -> None:
     import io
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
@@ -425,8 +505,13 @@ def _figures(rows: list[dict], results: dict[str, dict], out_dir: Path) -> None:
     fig.savefig(out_dir / "ablations.png", dpi=110)
     plt.close(fig)
 
-    grids = [(r["variant"], next((v["grid"] for run, v in results.items()
-                                  if variant_of(run) == r["variant"] and v.get("grid")), None)) for r in rows]
+    grids = [
+        (
+            r["variant"],
+            next((v["grid"] for run, v in results.items() if variant_of(run) == r["variant"] and v.get("grid")), None),
+        )
+        for r in rows
+    ]
     grids = [(n, Image.open(io.BytesIO(g))) for n, g in grids if g]
     if grids:
         fig, axes = plt.subplots(1, len(grids), figsize=(3 * len(grids), 3.4), squeeze=False)
@@ -441,13 +526,19 @@ def _figures(rows: list[dict], results: dict[str, dict], out_dir: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="restok ablate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="restok ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("action", nargs="?", default="run", choices=("run", "table", "params"))
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--results", default="results", help="where ablations.{md,json,png} go")
-    ap.add_argument("--from", dest="source", default="dvc", choices=("dvc", "files"),
-                    help="table: read DVC experiments, or the Snakemake layout")
+    ap.add_argument(
+        "--from",
+        dest="source",
+        default="dvc",
+        choices=("dvc", "files"),
+        help="table: read DVC experiments, or the Snakemake layout",
+    )
     ap.add_argument("--run", help="params: the run whose params file to write")
     ap.add_argument("--out", help="params: where to write it")
     ap.add_argument("--dry", action="store_true", help="run: print the dvc commands only")

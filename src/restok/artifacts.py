@@ -4,6 +4,7 @@ An artifact holds the EMA weights, the model config as a plain dict and provenan
 weights used). Downstream stages rebuild models from the stored config, never from params.yaml, and check facts
 across artifacts (codebook size, token count), refusing a mismatch with both values.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -25,8 +26,9 @@ def save_artifact(path: str | Path, state_dict: dict, config: dict, provenance: 
     """
     _check_plain(config, "config")
     _check_plain(provenance, "provenance")
-    save_torch_atomic({"format": ARTIFACT_FORMAT, "state_dict": state_dict, "config": config,
-                       "provenance": provenance}, path)
+    save_torch_atomic(
+        {"format": ARTIFACT_FORMAT, "state_dict": state_dict, "config": config, "provenance": provenance}, path
+    )
 
 
 def load_artifact(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict, dict]:
@@ -40,8 +42,10 @@ def load_artifact(path: str | Path, map_location: str | torch.device = "cpu") ->
         if isinstance(e, RuntimeError) and (isinstance(e, torch.OutOfMemoryError) or "allocate memory" in str(e)):
             raise  # the machine, not the file
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"{path} is not a readable restok model artifact ({type(e).__name__}: {first[:200]}); "
-                         f"rerun the stage that writes it") from e
+        raise ValueError(
+            f"{path} is not a readable restok model artifact ({type(e).__name__}: {first[:200]}); "
+            f"rerun the stage that writes it"
+        ) from e
     if not isinstance(obj, dict) or obj.get("format") != ARTIFACT_FORMAT:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path} is not a restok model artifact (format {found!r}, expected {ARTIFACT_FORMAT!r})")
@@ -75,8 +79,9 @@ def load_tokenizer(path: str | Path, device: torch.device) -> tuple[ResTok, dict
     return build_tokenizer(state, config, device), provenance
 
 
-def load_models(generator_path: str | Path, tokenizer_path: str | Path,
-                device: torch.device) -> tuple[HARGenerator, ResTok, dict]:
+def load_models(
+    generator_path: str | Path, tokenizer_path: str | Path, device: torch.device
+) -> tuple[HARGenerator, ResTok, dict]:
     """Generator and tokenizer rebuilt from their artifacts, after checking that they belong together.
 
     Returns (generator, tokenizer, {"generator": provenance, "tokenizer": provenance}).
@@ -84,11 +89,15 @@ def load_models(generator_path: str | Path, tokenizer_path: str | Path,
     g_state, g_config, g_prov = load_artifact(generator_path)
     t_state, t_config, t_prov = load_artifact(tokenizer_path)
     g_cfg, t_cfg = GeneratorConfig(**g_config), TokenizerConfig(**t_config)
-    for what, g_value, t_value in (("vocab_size vs codebook_size", g_cfg.vocab_size, t_cfg.codebook_size),
-                                   ("num_tokens vs tokens", g_cfg.num_tokens, t_cfg.num_tokens)):
+    for what, g_value, t_value in (
+        ("vocab_size vs codebook_size", g_cfg.vocab_size, t_cfg.codebook_size),
+        ("num_tokens vs tokens", g_cfg.num_tokens, t_cfg.num_tokens),
+    ):
         if g_value != t_value:
-            raise ValueError(f"generator {what}: {generator_path} has {g_value} but {tokenizer_path} has {t_value}; "
-                             f"the generator was trained on codes of another tokenizer")
+            raise ValueError(
+                f"generator {what}: {generator_path} has {g_value} but {tokenizer_path} has {t_value}; "
+                f"the generator was trained on codes of another tokenizer"
+            )
     generator = HARGenerator(g_cfg)
     generator.load_state_dict(g_state)
     tokenizer = build_tokenizer(t_state, t_config, device)

@@ -1,11 +1,12 @@
 """`restok` command line: profiles and the params schema.
 
-    restok profile imagenet256     # write workflow/params/imagenet256.yaml (over default.yaml) into params.yaml
-    restok validate [params.yaml]  # check a params file against the schema, as every stage does first
-    restok schema                  # regenerate workflow/schemas/params.schema.yaml from src/restok/config/
-    restok ablate [--dry]          # the ablation grid as DVC experiments, then results/ablations.md (restok.ablate)
-    restok deps --write            # src deps of dvc.yaml and workflow/rules/*.smk from the imports (restok.deps)
+restok profile imagenet256     # write workflow/params/imagenet256.yaml (over default.yaml) into params.yaml
+restok validate [params.yaml]  # check a params file against the schema, as every stage does first
+restok schema                  # regenerate workflow/schemas/params.schema.yaml from src/restok/config/
+restok ablate [--dry]          # the ablation grid as DVC experiments, then results/ablations.md (restok.ablate)
+restok deps --write            # src deps of dvc.yaml and workflow/rules/*.smk from the imports (restok.deps)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,12 +22,15 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["ablate"]:
         from restok import ablate
+
         return ablate.main(argv[1:])
     if argv[:1] == ["deps"]:
         from restok import deps
+
         return deps.main(argv[1:])
-    ap = argparse.ArgumentParser(prog="restok", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="restok", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     prof = sub.add_parser("profile", help="write a params profile into params.yaml")
     prof.add_argument("name")

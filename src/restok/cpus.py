@@ -8,6 +8,7 @@ each run as many threads as there are cores and thrash (issue 15: two train_toke
 (every `python -m restok.stages.<stage>` imports that package first); the launcher passes the job's count to its
 torchrun workers as RESTOK_CPUS, and each worker takes its share.
 """
+
 from __future__ import annotations
 
 import os

@@ -14,6 +14,7 @@ sections a stage does not read is no dep of it. The same file
 list gives the code hash in a training run's resume fingerprint (restok.train.ckpt), so a checkpoint of older code
 is never resumed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,10 @@ def _parents(name: str) -> list[str]:
 
 def _defines_something(init: Path) -> bool:
     tree = ast.parse(init.read_text())
-    return any(isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-               for n in ast.walk(tree))
+    return any(
+        isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        for n in ast.walk(tree)
+    )
 
 
 def closure(module: str) -> list[Path]:
@@ -156,6 +159,7 @@ def update_rules(text: str, deps: dict[str, list[str]]) -> tuple[str, set[str]]:
 
 def stage_names(dvc_yaml: Path) -> list[str]:
     import yaml
+
     return list(yaml.safe_load(dvc_yaml.read_text())["stages"])
 
 
@@ -176,8 +180,9 @@ def regenerate(root: Path) -> dict[Path, tuple[str, str]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="restok deps", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="restok deps", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help="rewrite dvc.yaml and workflow/rules/*.smk")
     mode.add_argument("--check", action="store_true", help="exit 1 when they are out of date")

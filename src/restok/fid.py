@@ -1,6 +1,7 @@
 """FID plumbing shared by `reference_stats`, `score` and `cfg_search`: the extractor named by params `fid`, batched
 feature extraction with progress, and the reference statistics file (data/reference_stats/stats.npz).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -23,10 +24,13 @@ def fid_device(device: str) -> torch.device:
 def build_extractor(fid) -> InceptionExtractor:
     """The extractor named by params `fid`; missing real weights raise here, before any work."""
     if fid.reference == "adm" and fid.extractor.endswith("random-init"):
-        raise ValueError(f"fid.reference 'adm' needs the real Inception weights (fid.extractor "
-                         f"'inception-v3-compat' or 'inception-v3-compat-fid-helper'), got {fid.extractor!r}")
-    return InceptionExtractor(fid.extractor, weights_file=fid.weights, device=fid_device(fid.device),
-                              weights_sha256=fid.weights_sha256)
+        raise ValueError(
+            f"fid.reference 'adm' needs the real Inception weights (fid.extractor "
+            f"'inception-v3-compat' or 'inception-v3-compat-fid-helper'), got {fid.extractor!r}"
+        )
+    return InceptionExtractor(
+        fid.extractor, weights_file=fid.weights, device=fid_device(fid.device), weights_sha256=fid.weights_sha256
+    )
 
 
 def batches(images: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
@@ -44,22 +48,27 @@ def batches(images: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.T
 def val_images(shard_dir: str | Path, labels: list[int] | None = None) -> tuple[int, Iterator[torch.Tensor]]:
     """(count, iterator of (3, H, W) uint8 val images in shard order); each image's label is appended to `labels`
     (when given) as the image is consumed."""
+
     def images():
         for _, img, label in iter_split_uint8(shard_dir, "val"):
             if labels is not None:
                 labels.append(label)
             yield img
+
     return read_manifest(shard_dir, "val")["num_samples"], images()
 
 
-def extract(extractor: InceptionExtractor, images: Iterator[torch.Tensor], count: int, batch_size: int,
-            desc: str) -> Features:
+def extract(
+    extractor: InceptionExtractor, images: Iterator[torch.Tensor], count: int, batch_size: int, desc: str
+) -> Features:
     """Inception features of uint8 images, with a progress bar in images/s."""
+
     def tracked():
         with progress(count, desc) as bar:
             for batch in batches(images, batch_size):
                 yield batch
                 bar.advance(len(batch))
+
     return extractor.extract(tracked())
 
 
@@ -71,6 +80,8 @@ def load_stats(path: str | Path, extractor: str) -> dict:
     with np.load(path) as npz:
         stats = {key: npz[key].item() if npz[key].ndim == 0 else npz[key] for key in npz.files}
     if stats["extractor"] != extractor:
-        raise ValueError(f"{path} was computed with extractor {stats['extractor']!r} but params fid.extractor is "
-                         f"{extractor!r}; rerun reference_stats with the same extractor")
+        raise ValueError(
+            f"{path} was computed with extractor {stats['extractor']!r} but params fid.extractor is "
+            f"{extractor!r}; rerun reference_stats with the same extractor"
+        )
     return stats

@@ -1,4 +1,5 @@
 """The sha256 of a file, read in chunks: what every manifest, provenance record and weights check stores."""
+
 from __future__ import annotations
 
 import hashlib

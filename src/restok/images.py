@@ -4,6 +4,7 @@ Image i (class i // per_class) draws its codes with seed `seed + i`, so a rerun 
 images: each rank takes a contiguous run of whole global batches (`rank_share`) and rank 0 gathers them
 (`gather_to_main`). Decoding is fp32, images = uint8(clamp(255 x, 0, 255)) (truncation, as the official script).
 """
+
 from __future__ import annotations
 
 import time
@@ -46,9 +47,18 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def sample_images(generator: HARGenerator, tokenizer: ResTok, sampling: SamplingConfig, indices: range,
-                  per_class: int, seed: int, batch_size: int, device: torch.device, bf16: bool = False,
-                  desc: str = "sample") -> tuple[np.ndarray, dict]:
+def sample_images(
+    generator: HARGenerator,
+    tokenizer: ResTok,
+    sampling: SamplingConfig,
+    indices: range,
+    per_class: int,
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool = False,
+    desc: str = "sample",
+) -> tuple[np.ndarray, dict]:
     """Images of global indices `indices` (image i: class i // per_class, seed seed + i), batch by batch.
 
     bf16: the generator's passes under bf16 autocast with a bf16 KV cache (decoding stays fp32). One KV cache per
@@ -66,8 +76,9 @@ def sample_images(generator: HARGenerator, tokenizer: ResTok, sampling: Sampling
                 caches[rows] = allocate_kv_cache(generator, rows, cache_dtype, device)
             t0 = time.perf_counter()
             with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                codes = generate(generator, (idx // per_class).to(device), sampling, seeds=(seed + idx).tolist(),
-                                 kv=caches[rows])  # (B, L)
+                codes = generate(
+                    generator, (idx // per_class).to(device), sampling, seeds=(seed + idx).tolist(), kv=caches[rows]
+                )  # (B, L)
             _sync(device)
             t1 = time.perf_counter()
             images = to_uint8(tokenizer.decode(codes))  # (B, H, W, 3)

@@ -4,6 +4,7 @@ Each writer puts the bytes under `<name>.tmp.<pid>` in the destination folder an
 killed process leaves either the old file or the complete new one, never a half-written file that DVC, Snakemake or
 a later stage takes as done.
 """
+
 from __future__ import annotations
 
 import json

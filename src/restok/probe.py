@@ -11,6 +11,7 @@ plus `l2` * |W|^2, from zeros, in float64: deterministic on CPU, no tuning loop.
     probe = fit_probe(train_feats, train_labels)
     probe_accuracy(probe, val_feats, val_labels)   # {"accuracy", "per_class", "count"}
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -48,8 +49,9 @@ def _labels(labels) -> torch.Tensor:
     return torch.as_tensor(np.asarray(labels), dtype=torch.long)
 
 
-def fit_probe(train_feats, train_labels, *, num_classes: int | None = None, l2: float = 1e-3,
-              max_iter: int = 200) -> Probe:
+def fit_probe(
+    train_feats, train_labels, *, num_classes: int | None = None, l2: float = 1e-3, max_iter: int = 200
+) -> Probe:
     """Logistic regression on (N, D) features with integer labels (N,) in [0, num_classes).
 
     Args:
@@ -62,8 +64,10 @@ def fit_probe(train_feats, train_labels, *, num_classes: int | None = None, l2: 
     x = torch.as_tensor(np.asarray(train_feats), dtype=torch.float64)
     y = _labels(train_labels)
     if x.ndim != 2 or len(x) != len(y) or len(x) < 2:
-        raise ValueError(f"fit_probe needs (N, D) features and (N,) labels with N >= 2, got features "
-                         f"{tuple(x.shape)} and labels {tuple(y.shape)}")
+        raise ValueError(
+            f"fit_probe needs (N, D) features and (N,) labels with N >= 2, got features "
+            f"{tuple(x.shape)} and labels {tuple(y.shape)}"
+        )
     classes = int(y.max()) + 1 if num_classes is None else num_classes
     if y.min() < 0 or y.max() >= classes:
         raise ValueError(f"probe labels must lie in [0, {classes}), got [{int(y.min())}, {int(y.max())}]")
@@ -71,8 +75,9 @@ def fit_probe(train_feats, train_labels, *, num_classes: int | None = None, l2: 
     z = (x - mean) / std  # (N, D)
     weight = torch.zeros(classes, x.shape[1], dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
@@ -94,8 +99,9 @@ def probe_accuracy(probe: Probe, feats, labels) -> dict:
     return {"accuracy": float(hit.mean()), "per_class": per_class, "count": len(y)}
 
 
-def class_probe_report(probe: Probe, val_feats, val_labels, sample_feats, sample_labels, features: str,
-                       recon_feats=None, recon_labels=None) -> dict:
+def class_probe_report(
+    probe: Probe, val_feats, val_labels, sample_feats, sample_labels, features: str, recon_feats=None, recon_labels=None
+) -> dict:
     """The `class_probe` entry of score's metrics: accuracy on real val beside accuracy on samples, and (given
     their features) on the tokenizer's reconstructions of val images: the most samples decoded by that tokenizer
     can be expected to reach, since every sample passes through the same decoder."""
@@ -105,19 +111,32 @@ def class_probe_report(probe: Probe, val_feats, val_labels, sample_feats, sample
     chance = 1.0 / probe.num_classes
     bar = chance + RELIABLE_FRACTION * (1.0 - chance)
     reliable = val["accuracy"] >= bar
-    note = (f"the probe classifies real val images at {val['accuracy']:.3f} (>= {bar:.3f}, halfway from chance "
-            f"{chance:.3f} to 1): sample accuracy measures whether samples show their class" if reliable else
-            f"NOT RELIABLE: the probe classifies real val images at only {val['accuracy']:.3f} (< {bar:.3f}, halfway "
-            f"from chance {chance:.3f} to 1), so the sample accuracy says nothing about the generator")
-    return {"real_val_accuracy": val["accuracy"], "sample_accuracy": samples["accuracy"], "recon_accuracy": recon,
-            "per_class": {c: {"real_val": val["per_class"][c], "samples": samples["per_class"][c]}
-                          for c in val["per_class"]},
-            "chance": chance, "features": features, "reliable": reliable, "note": note,
-            "real_val_images": val["count"], "samples": samples["count"]}
+    note = (
+        f"the probe classifies real val images at {val['accuracy']:.3f} (>= {bar:.3f}, halfway from chance "
+        f"{chance:.3f} to 1): sample accuracy measures whether samples show their class"
+        if reliable
+        else f"NOT RELIABLE: the probe classifies real val images at only {val['accuracy']:.3f} (< {bar:.3f}, halfway "
+        f"from chance {chance:.3f} to 1), so the sample accuracy says nothing about the generator"
+    )
+    return {
+        "real_val_accuracy": val["accuracy"],
+        "sample_accuracy": samples["accuracy"],
+        "recon_accuracy": recon,
+        "per_class": {
+            c: {"real_val": val["per_class"][c], "samples": samples["per_class"][c]} for c in val["per_class"]
+        },
+        "chance": chance,
+        "features": features,
+        "reliable": reliable,
+        "note": note,
+        "real_val_images": val["count"],
+        "samples": samples["count"],
+    }
 
 
-def class_balanced_images(shard_dir, split: str, per_class: int, res: int,
-                          histogram: list[int]) -> Iterator[tuple[torch.Tensor, int]]:
+def class_balanced_images(
+    shard_dir, split: str, per_class: int, res: int, histogram: list[int]
+) -> Iterator[tuple[torch.Tensor, int]]:
     """The first `per_class` images of each class of `split` in shard order, as eval views: uint8 (3, res, res).
     `histogram` (the split manifest's class_histogram) tells when every class is complete, so reading stops there."""
     wanted = {c: min(per_class, n) for c, n in enumerate(histogram) if n}

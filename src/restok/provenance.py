@@ -11,6 +11,7 @@ its run-cache, dvc.yaml), score's results/provenance.json gathers the run's teac
 environment and is tracked in git. A value that is not a number (or a dict/list of
 numbers) in `metrics` is refused, naming its key.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,8 +37,12 @@ def lock_pins(root: Path = REPO) -> dict[str, str] | None:
     paths = [root / name for name in LOCK_FILES]
     if not all(p.is_file() for p in paths):
         return None
-    return {_normalise(m.group(1)): m.group(2) for p in paths for line in p.read_text().splitlines()
-            if (m := _PIN.match(line))}
+    return {
+        _normalise(m.group(1)): m.group(2)
+        for p in paths
+        for line in p.read_text().splitlines()
+        if (m := _PIN.match(line))
+    }
 
 
 def _normalise(name: str) -> str:
@@ -56,18 +61,28 @@ def environment(device: torch.device | str, root: Path = REPO) -> dict:
         for name in LOCK_FILES:
             h.update((root / name).read_bytes())
         installed = {_normalise(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
-        differ = sorted(f"{name}=={want} (installed: {installed.get(name, 'missing')})"
-                        for name, want in pins.items() if installed.get(name) != want)
-        lock = {"sha256": h.hexdigest(), "files": list(LOCK_FILES), "matches_installed": not differ,
-                "differences": differ}
+        differ = sorted(
+            f"{name}=={want} (installed: {installed.get(name, 'missing')})"
+            for name, want in pins.items()
+            if installed.get(name) != want
+        )
+        lock = {
+            "sha256": h.hexdigest(),
+            "files": list(LOCK_FILES),
+            "matches_installed": not differ,
+            "differences": differ,
+        }
     return {
         "lock": lock,
-        "python": platform.python_version(), "torch": torch.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or
-        platform.machine(),
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "cpu": cpu_facts(),
     }
@@ -87,25 +102,48 @@ def cpu_facts() -> dict:
     except OSError:
         model = platform.processor() or None
     config = torch.__config__.show()
-    libraries = {name: next((ln.split(name, 1)[1].split("(")[0].split(" for ")[0].strip(" v") for ln in config.splitlines()
-                             if name in ln), None) for name in ("Math Kernel Library Version", "MKL-DNN")}
-    return {"model": model, "capability": torch.backends.cpu.get_cpu_capability(),
-            "native_bf16": bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()),
-            "mkl": libraries["Math Kernel Library Version"], "onednn": libraries["MKL-DNN"],
-            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+    libraries = {
+        name: next(
+            (
+                ln.split(name, 1)[1].split("(")[0].split(" for ")[0].strip(" v")
+                for ln in config.splitlines()
+                if name in ln
+            ),
+            None,
+        )
+        for name in ("Math Kernel Library Version", "MKL-DNN")
+    }
+    return {
+        "model": model,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()),
+        "mkl": libraries["Math Kernel Library Version"],
+        "onednn": libraries["MKL-DNN"],
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
 
 
 # what makes two machines give other bits from the same code, seeds and lock (docs/experiments.md measured it)
-MACHINE_KEYS = (("cpu", "model"), ("cpu", "capability"), ("cpu", "native_bf16"), ("cpu", "mkl"), ("cpu", "onednn"),
-                ("cpu", "deterministic_algorithms"), ("device_name",), ("cuda",), ("torch_threads",))
+MACHINE_KEYS = (
+    ("cpu", "model"),
+    ("cpu", "capability"),
+    ("cpu", "native_bf16"),
+    ("cpu", "mkl"),
+    ("cpu", "onednn"),
+    ("cpu", "deterministic_algorithms"),
+    ("device_name",),
+    ("cuda",),
+    ("torch_threads",),
+)
 
 
 def committed_environment(results: str | Path, name: str = "provenance.json") -> dict | None:
     """The environment recorded in the committed (git HEAD) version of `results`/`name`: the machine of the run
     this one replaces. None when there is no such committed file (not a git checkout, never committed)."""
     try:
-        shown = subprocess.run(["git", "show", f"HEAD:./{name}"], cwd=results, capture_output=True, text=True,
-                               timeout=60)
+        shown = subprocess.run(
+            ["git", "show", f"HEAD:./{name}"], cwd=results, capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if shown.returncode != 0:
@@ -120,6 +158,7 @@ def committed_environment(results: str | Path, name: str = "provenance.json") ->
 def machine_differences(run: dict, committed: dict) -> list[str]:
     """Where the machine of environment `run` differs from that of `committed` ("cpu.model: 'A' here, 'B'
     committed", ...); a fact the committed run did not record reads as unknown there."""
+
     def get(env, path):
         for key in path:
             if not isinstance(env, dict) or key not in env:
@@ -194,6 +233,5 @@ def write_results(metrics_path: str | Path, metrics: dict, provenance: dict, dev
     """
     metrics_path = Path(metrics_path)
     check_numbers(metrics, metrics_path.name)
-    write_json_atomic(metrics_path.with_name("provenance.json"),
-                      {**provenance, "environment": environment(device)})
+    write_json_atomic(metrics_path.with_name("provenance.json"), {**provenance, "environment": environment(device)})
     write_json_atomic(metrics_path, metrics)

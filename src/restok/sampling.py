@@ -12,6 +12,7 @@ drawn by inverting the CDF of its filtered distribution with the uniform of its 
 depend only on (seed, label), not on the batch or process it runs in (bit-exact on CPU; on GPU up to
 batch-size-dependent matmul rounding).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,16 @@ from restok.sampling_config import CFG_SCHEDULES, SamplingConfig
 _EPS = 1e-4  # the official schedules add it to keep s > 1 so that the CFG branch runs
 
 
-def cfg_schedule_scale(schedule: str, ratio: float, cfg_scale: float, *, window_start: float = 0.25,
-                       window_end: float = 1.0, peak: float = 0.5, min_cfg_scale: float = 1.0) -> float:
+def cfg_schedule_scale(
+    schedule: str,
+    ratio: float,
+    cfg_scale: float,
+    *,
+    window_start: float = 0.25,
+    window_end: float = 1.0,
+    peak: float = 0.5,
+    min_cfg_scale: float = 1.0,
+) -> float:
     """Guidance scale at ratio r in [0, 1] (docs/method.md, generator §4), float64 arithmetic as the official code.
 
     `cosine` is 1 + (s-1)(1 - cos(pi r))/2 and `cosine_re` 1 + (s-1)(1 + cos(pi r))/2; the official versions
@@ -62,9 +71,18 @@ def cfg_schedule_scale(schedule: str, ratio: float, cfg_scale: float, *, window_
 def schedule_scales(sampling: SamplingConfig, num_passes: int) -> list[float]:
     """Scale of every pass k = 0..num_passes-1 at ratio k / (num_passes - 1) (docs/method.md, restok §4 #8)."""
     ratios = [k / max(num_passes - 1, 1) for k in range(num_passes)]
-    return [cfg_schedule_scale(sampling.cfg_schedule, r, sampling.cfg_scale, window_start=sampling.window_start,
-                               window_end=sampling.window_end, peak=sampling.peak,
-                               min_cfg_scale=sampling.min_cfg_scale) for r in ratios]
+    return [
+        cfg_schedule_scale(
+            sampling.cfg_schedule,
+            r,
+            sampling.cfg_scale,
+            window_start=sampling.window_start,
+            window_end=sampling.window_end,
+            peak=sampling.peak,
+            min_cfg_scale=sampling.min_cfg_scale,
+        )
+        for r in ratios
+    ]
 
 
 def combine_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -89,8 +107,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                    top_p: float = 1.0) -> torch.Tensor:
+def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Temperature, then top-k/top-p filtering, then softmax (docs/method.md, generator §5); zero outside the kept set."""
     return filter_logits(logits / max(temperature, 1e-5), top_k, top_p).softmax(-1)
 
@@ -104,8 +121,7 @@ def draw_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor
 
 def per_sample_uniforms(seeds: Sequence[int] | torch.Tensor, num_tokens: int) -> torch.Tensor:
     """(B, T) float64 uniforms, row i from a CPU torch.Generator seeded with seeds[i]."""
-    rows = [torch.rand(num_tokens, dtype=torch.float64, generator=torch.Generator().manual_seed(int(s)))
-            for s in seeds]
+    rows = [torch.rand(num_tokens, dtype=torch.float64, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     return torch.stack(rows)
 
 
@@ -124,8 +140,10 @@ def allocate_kv_cache(model: HARGenerator, batch: int, dtype: torch.dtype, devic
     for every batch of the same size, zeroing it first."""
     cfg = model.cfg
     shape = (batch, cfg.n_head, cfg.cache_len, cfg.head_dim)
-    kv = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-          for _ in range(cfg.n_layer)]
+    kv = [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(cfg.n_layer)
+    ]
     for t in (t for pair in kv for t in pair):
         torch._dynamo.mark_static_address(t)
     return kv
@@ -144,10 +162,17 @@ def compile_sampling(model: HARGenerator) -> HARGenerator:
 
 
 @torch.no_grad()
-def generate(model: HARGenerator, labels: torch.Tensor, sampling: SamplingConfig, *,
-             seeds: Sequence[int] | torch.Tensor | None = None, generator: torch.Generator | None = None,
-             cache_dtype: torch.dtype | None = None, kv: KVCache | None = None,
-             return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def generate(
+    model: HARGenerator,
+    labels: torch.Tensor,
+    sampling: SamplingConfig,
+    *,
+    seeds: Sequence[int] | torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    cache_dtype: torch.dtype | None = None,
+    kv: KVCache | None = None,
+    return_logits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sample codes (B, T) long for class labels (B,), one forward pass per sampling block.
 
     Args:
@@ -167,15 +192,19 @@ def generate(model: HARGenerator, labels: torch.Tensor, sampling: SamplingConfig
     B, T = labels.shape[0], cfg.num_tokens
     use_cfg = sampling.cfg_scale > 1.0
     if use_cfg and cfg.null_class is None:
-        raise ValueError(f"sample.cfg_scale={sampling.cfg_scale} needs a null class, but the generator was built "
-                         "with class_dropout_prob=0; set cfg_scale to 1")
+        raise ValueError(
+            f"sample.cfg_scale={sampling.cfg_scale} needs a null class, but the generator was built "
+            "with class_dropout_prob=0; set cfg_scale to 1"
+        )
     rows = pass_rows(sampling, B)
     row_labels = torch.cat([labels, torch.full_like(labels, cfg.null_class)]) if use_cfg else labels  # (rows,)
     if kv is None:
         kv = allocate_kv_cache(model, rows, cache_dtype or next(model.parameters()).dtype, device)
     elif kv[0][0].shape[0] != rows or len(kv) != cfg.n_layer:
-        raise ValueError(f"the KV cache holds {kv[0][0].shape[0]} rows in {len(kv)} layers; this batch needs {rows} "
-                         f"rows in {cfg.n_layer}")
+        raise ValueError(
+            f"the KV cache holds {kv[0][0].shape[0]} rows in {len(kv)} layers; this batch needs {rows} "
+            f"rows in {cfg.n_layer}"
+        )
     else:  # the mask hides unwritten positions, but a zero weight times a stale non-finite value is still NaN
         for t in (t for pair in kv for t in pair):
             t.zero_()
@@ -184,8 +213,11 @@ def generate(model: HARGenerator, labels: torch.Tensor, sampling: SamplingConfig
 
     uniforms = None
     if not sampling.greedy:
-        uniforms = per_sample_uniforms(seeds, T) if seeds is not None else \
-            torch.rand(B, T, dtype=torch.float64, generator=generator)
+        uniforms = (
+            per_sample_uniforms(seeds, T)
+            if seeds is not None
+            else torch.rand(B, T, dtype=torch.float64, generator=generator)
+        )
         uniforms = uniforms.to(device)  # (B, T)
 
     codes = torch.zeros(B, T, dtype=torch.long, device=device)
@@ -201,9 +233,9 @@ def generate(model: HARGenerator, labels: torch.Tensor, sampling: SamplingConfig
         if sampling.greedy:
             new = probs.argmax(-1)
         else:
-            new = draw_from_probs(probs, uniforms[:, start:start + size])
-        codes[:, start:start + size] = new  # position p predicts t_p
+            new = draw_from_probs(probs, uniforms[:, start : start + size])
+        codes[:, start : start + size] = new  # position p predicts t_p
         if return_logits:
-            logits_out[:, start:start + size] = logits
+            logits_out[:, start : start + size] = logits
         start += size
     return (codes, logits_out) if return_logits else codes

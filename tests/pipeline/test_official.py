@@ -5,6 +5,7 @@ a 2-layer HAR GPT instead of the L models, built data, 2 samples per class, rand
 the tokenizer comes from the Hugging Face cache under the profile's own repo id (HF_HUB_CACHE, offline) and the
 generator from a local folder (`official.file`), both through the importer a user runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,19 +33,65 @@ from .conftest import make_workspace, run
 
 TOKENIZER_REPO = "xushu-me/restok_l_128.r256_in1k"
 # the official "small" ViTs at 128 px (docs/method.md, restok §5.1 tiny-parity): the smallest tokenizer the layout allows
-SMALL_VQ = dict(codebook_size=64, token_size=8, use_l2_norm=True, commitment_cost=0.25, entropy_loss_ratio=0.0,
-                vit_enc_model_size="small", vit_dec_model_size="small", vit_enc_patch_size=16,
-                vit_dec_patch_size=16, rope_base_len=10_000, num_latent_tokens=32, num_min_tokens=4,
-                test_num_latent_tokens=32, merge_tokens=True, hierarchy_stages=4, reduction_ratio=0.5,
-                residual_image_tokens=True, residual_latent_tokens=True, learnable_latent_tokens=False,
-                learnable_dec_image_tokens=True, multi_quant=True, vae_encoder=True, drop_latent_tokens=True,
-                drop_prob=0.2, latent_hierarchy=True, encoder_feature_supervision=True,
-                decoder_feature_supervision=True, learnable_dec_feat_tokens=True, use_vf="dinov3", reverse_proj=True)
-GPT_ARGS = dict(dim=64, n_layer=2, n_head=4, n_kv_head=None, multiple_of=256, ffn_dim_multiplier=None,
-                rope_base=10000, norm_eps=1e-5, initializer_range=0.02, token_dropout_p=0.1, attn_dropout_p=0.0,
-                resid_dropout_p=0.1, ffn_dropout_p=0.1, drop_path_rate=0.0, num_classes=4, caption_dim=2048,
-                class_dropout_prob=0.1, model_type="c2i", vocab_size=64, cls_token_num=1, block_size=32,
-                max_batch_size=32, max_seq_len=2048, ar_token_num=4, spe_token_num=31)
+SMALL_VQ = dict(
+    codebook_size=64,
+    token_size=8,
+    use_l2_norm=True,
+    commitment_cost=0.25,
+    entropy_loss_ratio=0.0,
+    vit_enc_model_size="small",
+    vit_dec_model_size="small",
+    vit_enc_patch_size=16,
+    vit_dec_patch_size=16,
+    rope_base_len=10_000,
+    num_latent_tokens=32,
+    num_min_tokens=4,
+    test_num_latent_tokens=32,
+    merge_tokens=True,
+    hierarchy_stages=4,
+    reduction_ratio=0.5,
+    residual_image_tokens=True,
+    residual_latent_tokens=True,
+    learnable_latent_tokens=False,
+    learnable_dec_image_tokens=True,
+    multi_quant=True,
+    vae_encoder=True,
+    drop_latent_tokens=True,
+    drop_prob=0.2,
+    latent_hierarchy=True,
+    encoder_feature_supervision=True,
+    decoder_feature_supervision=True,
+    learnable_dec_feat_tokens=True,
+    use_vf="dinov3",
+    reverse_proj=True,
+)
+GPT_ARGS = dict(
+    dim=64,
+    n_layer=2,
+    n_head=4,
+    n_kv_head=None,
+    multiple_of=256,
+    ffn_dim_multiplier=None,
+    rope_base=10000,
+    norm_eps=1e-5,
+    initializer_range=0.02,
+    token_dropout_p=0.1,
+    attn_dropout_p=0.0,
+    resid_dropout_p=0.1,
+    ffn_dropout_p=0.1,
+    drop_path_rate=0.0,
+    num_classes=4,
+    caption_dim=2048,
+    class_dropout_prob=0.1,
+    model_type="c2i",
+    vocab_size=64,
+    cls_token_num=1,
+    block_size=32,
+    max_batch_size=32,
+    max_seq_len=2048,
+    ar_token_num=4,
+    spe_token_num=31,
+)
 
 
 def _section(cfg, params_cls) -> dict:
@@ -56,8 +103,9 @@ def _section(cfg, params_cls) -> dict:
 def official_ws(module_tmp):
     ws = make_workspace(module_tmp("official"), profile="official-l")
     torch.manual_seed(0)
-    tok_cfg = official_tokenizer_config({"model": {"vq_model": SMALL_VQ},
-                                         "dataset": {"preprocessing": {"crop_size": 128}}})
+    tok_cfg = official_tokenizer_config(
+        {"model": {"vq_model": SMALL_VQ}, "dataset": {"preprocessing": {"crop_size": 128}}}
+    )
     tokenizer = ResTok(tok_cfg).eval()
     gen_cfg = official_generator_config(GPT_ARGS)
     generator = HARGenerator(gen_cfg).eval()
@@ -69,17 +117,25 @@ def official_ws(module_tmp):
     export_official_checkpoint(generator, ws / "released" / "generator", weights_format="bin")
 
     over = {
-        "data": {"source": "builtin", "root": None, "resolution": 128, "num_classes": 4,
-                 "builtin": {"train_per_class": 12, "val_per_class": 4, "seed": 0}},
+        "data": {
+            "source": "builtin",
+            "root": None,
+            "resolution": 128,
+            "num_classes": 4,
+            "builtin": {"train_per_class": 12, "val_per_class": 4, "seed": 0},
+        },
         "shard": {"samples_per_shard": 8, "workers": 2},
         "tokenizer": _section(tok_cfg, TokenizerParams),
         "generator": _section(gen_cfg, GeneratorParams),
-        "fid": {"extractor": "inception-v3-compat-random-init", "reference": "val", "adm_batch": None,
-                "batch_size": 16},
+        "fid": {
+            "extractor": "inception-v3-compat-random-init",
+            "reference": "val",
+            "adm_batch": None,
+            "batch_size": 16,
+        },
         "train_tokenizer": {"loop": {"batch_size": 8}, "eval_images": 8, "official": {"sha256": pin}},
         "extract_latents": {"batch_size": 8},
-        "train_generator": {"loop": {"batch_size": 8},
-                            "official": {"file": str(ws / "released" / "generator")}},
+        "train_generator": {"loop": {"batch_size": 8}, "official": {"file": str(ws / "released" / "generator")}},
         "sample": {"per_class": 2, "batch_size": 8, "grid_per_class": 2},
         "cfg_search": {"scales": [3.75], "per_class": 1},
     }
@@ -103,8 +159,10 @@ def test_official_profile_imports_instead_of_training(official_ws):
         assert len((ws / f"results/{stage}/curve.tsv").read_text().splitlines()) == 1  # the header: no step ran
         assert not (ws / f"data/{stage}/ckpt").exists()
     # the artifacts hold exactly the released weights
-    for path, model in (("data/train_tokenizer/tokenizer.pt", tokenizer), ("data/train_generator/generator.pt",
-                                                                          generator)):
+    for path, model in (
+        ("data/train_tokenizer/tokenizer.pt", tokenizer),
+        ("data/train_generator/generator.pt", generator),
+    ):
         state, _, provenance = load_artifact(ws / path)
         assert provenance["official"]["sha256"]
         ours = model.state_dict()

@@ -1,4 +1,5 @@
 """Snakemake on the smoke profile: the same stages as `dvc dag`, a local run, and nothing to do the second time."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,11 @@ from .conftest import run
 
 def test_dry_run_lists_the_dvc_stages(smoke_ws):
     dry = run(["snakemake", "-n", "--forceall", "--quiet", "rules"], smoke_ws).stdout
-    smk = {line.split()[0] for line in dry.splitlines()
-           if re.match(r"^\w+\s+\d+$", line.strip()) and not line.startswith(("total", "all"))}
+    smk = {
+        line.split()[0]
+        for line in dry.splitlines()
+        if re.match(r"^\w+\s+\d+$", line.strip()) and not line.startswith(("total", "all"))
+    }
     dag = run(["dvc", "dag", "--dot"], smoke_ws).stdout
     dvc = set(re.findall(r'"(\w+)"', dag)) or set(re.findall(r"\b(\w+)\b(?=\s*[;\[])", dag))
     assert smk == dvc, f"snakemake jobs {smk} vs dvc dag {dvc}"

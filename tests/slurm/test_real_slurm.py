@@ -10,6 +10,7 @@ The cluster must be up (`sudo tools/local-slurm start`); without it these tests 
 RESTOK_REAL_SLURM=require (set by .ci/run), where they fail. Switching accounting off for one test restarts
 slurmctld, which needs root; that test skips for other users.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,10 +34,22 @@ pytestmark = pytest.mark.realslurm
 LOCAL_SLURM = REPO / "tools" / "local-slurm"
 REQUIRE = os.environ.get("RESTOK_REAL_SLURM") == "require"
 # short polling: the smoke jobs take seconds to a minute (the profiles' own settings suit a real site)
-SLURM = ["--workflow-profile", "workflow/profiles/slurm", "--slurm-init-seconds-before-status-checks", "2",
-         "--latency-wait", "5"]
-SBATCH = ["--workflow-profile", "workflow/profiles/sbatch", "--seconds-between-status-checks", "2",
-          "--latency-wait", "5"]
+SLURM = [
+    "--workflow-profile",
+    "workflow/profiles/slurm",
+    "--slurm-init-seconds-before-status-checks",
+    "2",
+    "--latency-wait",
+    "5",
+]
+SBATCH = [
+    "--workflow-profile",
+    "workflow/profiles/sbatch",
+    "--seconds-between-status-checks",
+    "2",
+    "--latency-wait",
+    "5",
+]
 # files whose content records when, where or how fast a stage ran, not what it computed; and the lines of score's
 # results/README.md that report speeds and wall times
 VOLATILE = {"provenance.json"}
@@ -73,8 +86,9 @@ def set_resources(ws: Path, stage: str, **values) -> None:
 
 def sacct(job: str, fields: str) -> list[dict]:
     """The job's accounting lines (allocation first, then its steps)."""
-    out = subprocess.run(["sacct", "-j", job, "-n", "-P", "-o", fields], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["sacct", "-j", job, "-n", "-P", "-o", fields], capture_output=True, text=True, check=True
+    ).stdout
     names = [name.split("%")[0] for name in fields.split(",")]  # Name%width: the width only widens the column
     return [dict(zip(names, line.split("|"))) for line in out.splitlines()]
 
@@ -102,8 +116,14 @@ def digests(ws: Path) -> dict[str, str]:
 
 def start(cmd: list[str], ws: Path, log: Path) -> subprocess.Popen:
     """Start a command in the workspace, its output to log, with the venv first on PATH."""
-    return subprocess.Popen(cmd, cwd=ws, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    return subprocess.Popen(
+        cmd,
+        cwd=ws,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +149,10 @@ def smoke_runs(cluster, module_tmp) -> dict[str, tuple[Path, int, str, float]]:
             if proc.poll() is None:
                 proc.kill()
     print("smoke runs: " + ", ".join(f"{name} {t:.0f} s" for name, t in seconds.items()))
-    return {name: (ws, procs[name].returncode, (ws / "smoke.log").read_text(), seconds[name])
-            for name, ws in workspaces.items()}
+    return {
+        name: (ws, procs[name].returncode, (ws / "smoke.log").read_text(), seconds[name])
+        for name, ws in workspaces.items()
+    }
 
 
 def finished(smoke_runs, name: str) -> tuple[Path, str]:
@@ -154,8 +176,13 @@ def test_smoke_through_slurm_profile(smoke_runs):
     for rule, (job,) in jobs.items():
         (alloc, *_) = sacct(job, "Partition,State,AllocCPUS,NNodes,Comment")
         want = "gpu" if params[rule]["gpus"] > 0 else "cpu"
-        assert alloc == {"Partition": want, "State": "COMPLETED", "AllocCPUS": str(params[rule]["cpus"]),
-                         "NNodes": str(params[rule]["nodes"]), "Comment": f"rule_{rule}"}, (rule, job)
+        assert alloc == {
+            "Partition": want,
+            "State": "COMPLETED",
+            "AllocCPUS": str(params[rule]["cpus"]),
+            "NNodes": str(params[rule]["nodes"]),
+            "Comment": f"rule_{rule}",
+        }, (rule, job)
     assert digests(ws) == digests(finished(smoke_runs, "local")[0])
 
 
@@ -178,8 +205,12 @@ def test_two_node_sampling(slurm_run):
     p = run(["snakemake", *SLURM, "-R", "sample", "--until", "sample", "--retries", "0"], ws, timeout=600)
     (job,) = submitted(p.stdout + p.stderr)["sample"]
     alloc, *steps = sacct(job, "JobID,Partition,State,NNodes,NTasks,NodeList,AllocTRES%80")
-    assert (alloc["Partition"], alloc["State"], alloc["NNodes"], alloc["NodeList"]) == ("gpu", "COMPLETED", "2",
-                                                                                        "n[1-2]"), alloc
+    assert (alloc["Partition"], alloc["State"], alloc["NNodes"], alloc["NodeList"]) == (
+        "gpu",
+        "COMPLETED",
+        "2",
+        "n[1-2]",
+    ), alloc
     assert "gres/gpu=2" in alloc["AllocTRES"], alloc  # 1 GPU on each node
     (launch,) = [s for s in steps if re.fullmatch(rf"{job}\.\d+", s["JobID"])]  # the launcher's srun
     assert (launch["NNodes"], launch["NTasks"], launch["State"]) == ("2", "2", "COMPLETED"), launch
@@ -196,8 +227,9 @@ def test_job_keeps_to_its_cpus(slurm_run):
     """A rule asking for 1 CPU gets 1 CPU from SLURM, and its torch threads follow (provenance records them)."""
     ws = slurm_run
     set_resources(ws, "extract_latents", cpus=1)
-    p = run(["snakemake", *SLURM, "-R", "extract_latents", "--until", "extract_latents", "--retries", "0"], ws,
-            timeout=600)
+    p = run(
+        ["snakemake", *SLURM, "-R", "extract_latents", "--until", "extract_latents", "--retries", "0"], ws, timeout=600
+    )
     (job,) = submitted(p.stdout + p.stderr)["extract_latents"]
     assert sacct(job, "AllocCPUS,State")[0] == {"AllocCPUS": "1", "State": "COMPLETED"}
     env = json.loads((ws / "results/extract_latents/provenance.json").read_text())["environment"]
@@ -224,9 +256,14 @@ def train_interrupted(ws: Path, profile: list[str], interrupt, log: Path) -> int
     first = ws / f"data/train_tokenizer/ckpt/step_{loop['ckpt_every_steps']:09d}.pt"  # restok.train.ckpt's name
     shutil.rmtree(ws / "data/train_tokenizer")  # the finished run's checkpoints would only be published again
     with log.open("w") as out:
-        proc = subprocess.Popen(["snakemake", *profile, "-R", "train_tokenizer", "--until", "train_tokenizer"],
-                                cwd=ws, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+        proc = subprocess.Popen(
+            ["snakemake", *profile, "-R", "train_tokenizer", "--until", "train_tokenizer"],
+            cwd=ws,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+        )
         try:
             wait_for(f"checkpoint {first.name}", first.exists, 600, proc)
             interrupt(log.read_text())
@@ -256,8 +293,9 @@ def test_requeued_training_resumes(slurm_run, tmp_path):
 
     train_interrupted(ws, SLURM, requeue, log)
     (job,) = submitted(log.read_text())["train_tokenizer"]  # no second submission
-    runs = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job], capture_output=True,
-                          text=True, check=True).stdout.split()
+    runs = subprocess.run(
+        ["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert runs == ["REQUEUED", "COMPLETED"], runs
 
 
@@ -267,8 +305,12 @@ def test_failing_job_names_rule_and_log(slurm_run):
     ws = slurm_run
     tokenizer = ws / "data/train_tokenizer/tokenizer.pt"
     tokenizer.write_bytes(b"not a checkpoint")
-    p = run(["snakemake", *SLURM, "-R", "extract_latents", "--until", "extract_latents", "--retries", "0"], ws,
-            check=False, timeout=600)
+    p = run(
+        ["snakemake", *SLURM, "-R", "extract_latents", "--until", "extract_latents", "--retries", "0"],
+        ws,
+        check=False,
+        timeout=600,
+    )
     output = p.stdout + p.stderr
     assert p.returncode != 0, output[-6000:]
     (job,) = submitted(output)["extract_latents"]
@@ -304,8 +346,9 @@ def test_cancelled_training_resumes_on_retry_without_accounting(accounting_off, 
     jobs = []
 
     def cancel(_output: str):
-        job = subprocess.run(["squeue", "-h", "-n", "smk-train_tokenizer", "-o", "%i"], capture_output=True,
-                             text=True, check=True).stdout.split()
+        job = subprocess.run(
+            ["squeue", "-h", "-n", "smk-train_tokenizer", "-o", "%i"], capture_output=True, text=True, check=True
+        ).stdout.split()
         assert len(job) == 1, job
         jobs.extend(job)
         subprocess.run(["scancel", job[0]], check=True)

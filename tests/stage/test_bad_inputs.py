@@ -6,6 +6,7 @@ error naming the file or key, or skipped and listed in the manifest; never lost 
 Every case generates its own file. The last test puts all the per-file cases in one folder and checks that the
 shard stage converts or lists each of them and loses nothing else.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -188,8 +189,11 @@ def test_nan_and_inf_in_params_are_refused(tmp_path):
         tree["data"]["val_fraction"] = value
         path = tmp_path / "params.yaml"
         path.write_text(yaml.safe_dump(tree))
-        with pytest.raises(ParamsError, match=rf"params.yaml:data.val_fraction: expected a finite number, got "
-                                              rf"{value!r}"):
+        with pytest.raises(
+            ParamsError,
+            match=rf"params.yaml:data.val_fraction: expected a finite number, got "
+            rf"{value!r}",
+        ):
             load_params(path)
 
 
@@ -206,8 +210,11 @@ def test_compressed_external_shard_is_refused_by_name(smoke_shards, tmp_path):
     with open(plain, "rb") as src, gzip.open(gz, "wb") as dst:
         shutil.copyfileobj(src, dst)
     params = params_file(tmp_path, source="wds", wds={"train": str(gz), "val": str(plain)})
-    with pytest.raises(ValueError, match=rf"data.wds.train=.*: {gz} is gzip-compressed; external shards must "
-                                         rf"be plain .tar"):
+    with pytest.raises(
+        ValueError,
+        match=rf"data.wds.train=.*: {gz} is gzip-compressed; external shards must "
+        rf"be plain .tar",
+    ):
         run_shard(params, tmp_path / "ws")
 
 
@@ -222,8 +229,11 @@ def test_a_class_whose_files_are_all_unreadable_is_refused_by_name(tmp_path):
             else:
                 (root / c / f"{i}.png").write_bytes(b"\x89PNG truncated")
     params = params_file(tmp_path, source="folder", root=str(root), num_classes=2, val_fraction=0.3)
-    with pytest.raises(ValueError, match=r"shard train: class 'dogs' kept no image: every file of it was skipped "
-                                         r"\(e\.g\. .*dogs/\d\.png: "):
+    with pytest.raises(
+        ValueError,
+        match=r"shard train: class 'dogs' kept no image: every file of it was skipped "
+        r"\(e\.g\. .*dogs/\d\.png: ",
+    ):
         run_shard(params, tmp_path / "ws")
     assert not (tmp_path / "ws/data/shard/train/manifest.json").exists()
 
@@ -250,15 +260,25 @@ def test_files_skipped_by_kind_are_counted_and_listed(tmp_path):
     train, val = read_manifest(out, "train"), read_manifest(out, "val")
     assert train["num_samples"] == 4 and val["num_samples"] == 4 and train["skipped"] == val["skipped"] == []
     ignored = {str(Path(e["path"]).relative_to(root)): e["reason"] for e in train["ignored"]}
-    assert sorted(ignored) == ["notes.txt", "train/cats/.hidden.png", "train/cats/README", "train/cats/anim.gif",
-                               "train/cats/more", "train/cats/phone.heic"]
+    assert sorted(ignored) == [
+        "notes.txt",
+        "train/cats/.hidden.png",
+        "train/cats/README",
+        "train/cats/anim.gif",
+        "train/cats/more",
+        "train/cats/phone.heic",
+    ]
     assert ignored["train/cats/anim.gif"].startswith("file kind .gif is not read (.bmp .jpeg")
     assert ignored["train/cats/README"].startswith("file kind (no extension) is not read")
     assert ignored["train/cats/.hidden.png"] == "hidden file"
     assert ignored["train/cats/more"] == "nested folder (1 files under it not read)"
     assert ignored["notes.txt"] == "a file beside the class folders is not read"
-    assert val["ignored"] == [{"path": str(root / "val" / "birds"),
-                               "reason": f"class folder that {root / 'train'} lacks (1 files under it not read)"}]
+    assert val["ignored"] == [
+        {
+            "path": str(root / "val" / "birds"),
+            "reason": f"class folder that {root / 'train'} lacks (1 files under it not read)",
+        }
+    ]
     summary = json.loads((tmp_path / "ws/results/shard/summary.json").read_text())
     assert summary["splits"]["train"]["num_ignored"] == 6 and summary["splits"]["val"]["num_ignored"] == 1
 
@@ -272,21 +292,31 @@ def _imagenet_tree(root: Path) -> None:
         Image.new("RGB", (24, 24)).save(root / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
 
 
-@pytest.mark.parametrize("labels, message", [
-    ("ILSVRC2012_val_00000000.JPEG 1\nILSVRC2012_val_00000001.JPEG 2\n",
-     r"line 2: label '2' is a class index outside 0\.\.1 \(2 classes in .*train\)"),
-    ("ILSVRC2012_val_00000000.JPEG n01440764\nILSVRC2012_val_00000001.JPEG n09999999\n",
-     r"line 2: label 'n09999999' is a WordNet id not among the class folders of train/"),
-    ("ILSVRC2012_val_00000000.JPEG -1\nILSVRC2012_val_00000001.JPEG 0\n",
-     r"line 1: label '-1' is a class index outside 0\.\.1"),
-    ("ILSVRC2012_val_00000000.JPEG\n", r"line 1: expected '<file> <label>', got 'ILSVRC2012_val_00000000.JPEG'"),
-])
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (
+            "ILSVRC2012_val_00000000.JPEG 1\nILSVRC2012_val_00000001.JPEG 2\n",
+            r"line 2: label '2' is a class index outside 0\.\.1 \(2 classes in .*train\)",
+        ),
+        (
+            "ILSVRC2012_val_00000000.JPEG n01440764\nILSVRC2012_val_00000001.JPEG n09999999\n",
+            r"line 2: label 'n09999999' is a WordNet id not among the class folders of train/",
+        ),
+        (
+            "ILSVRC2012_val_00000000.JPEG -1\nILSVRC2012_val_00000001.JPEG 0\n",
+            r"line 1: label '-1' is a class index outside 0\.\.1",
+        ),
+        ("ILSVRC2012_val_00000000.JPEG\n", r"line 1: expected '<file> <label>', got 'ILSVRC2012_val_00000000.JPEG'"),
+    ],
+)
 def test_imagenet_val_labels_outside_the_classes_are_refused_by_name(tmp_path, labels, message):
     root = tmp_path / "ILSVRC2012"
     _imagenet_tree(root)
     (root / "val.txt").write_text(labels)
-    p = load_params(params_file(tmp_path, source="imagenet", root=str(root), num_classes=2,
-                                val_labels=str(root / "val.txt")))
+    p = load_params(
+        params_file(tmp_path, source="imagenet", root=str(root), num_classes=2, val_labels=str(root / "val.txt"))
+    )
     with pytest.raises(SourceError, match=rf"data.val_labels='.*val.txt', {message}"):
         list_items(p.data, "val")
 
@@ -294,17 +324,23 @@ def test_imagenet_val_labels_outside_the_classes_are_refused_by_name(tmp_path, l
 def test_imagenet_unknown_wnid_in_the_csv_and_extra_val_folders_are_refused_by_name(tmp_path):
     root = tmp_path / "ILSVRC2012"
     _imagenet_tree(root)
-    (root / "LOC.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000000,n01440764 1 2 3 4\n"
-                                  "ILSVRC2012_val_00000001,n04000000 1 2 3 4\n")
-    p = load_params(params_file(tmp_path, source="imagenet", root=str(root), num_classes=2,
-                                val_labels=str(root / "LOC.csv")))
+    (root / "LOC.csv").write_text(
+        "ImageId,PredictionString\nILSVRC2012_val_00000000,n01440764 1 2 3 4\n"
+        "ILSVRC2012_val_00000001,n04000000 1 2 3 4\n"
+    )
+    p = load_params(
+        params_file(tmp_path, source="imagenet", root=str(root), num_classes=2, val_labels=str(root / "LOC.csv"))
+    )
     with pytest.raises(SourceError, match=r"LOC.csv', line 3: label 'n04000000' is a WordNet id not among"):
         list_items(p.data, "val")
     for i, wnid in enumerate(("n01440764", "n01443537", "n02000000")):
         (root / "val" / wnid).mkdir()
         Image.new("RGB", (24, 24)).save(root / "val" / wnid / f"{i}.JPEG")
-    with pytest.raises(SourceError, match=rf"{root / 'val'} has class folders \['n02000000'\] that "
-                                          rf"{root / 'train'} lacks \(1\)"):
+    with pytest.raises(
+        SourceError,
+        match=rf"{root / 'val'} has class folders \['n02000000'\] that "
+        rf"{root / 'train'} lacks \(1\)",
+    ):
         list_items(p.data, "val")
 
 
@@ -336,24 +372,38 @@ def test_wds_samples_get_the_folder_sources_conversion_and_skip_list(tmp_path):
     png16(tmp_path / "deep.png")
     rgba(tmp_path / "logo.png")
     exif_rotated(tmp_path / "phone.jpg")
-    files = {"deep": (tmp_path / "deep.png").read_bytes(), "logo": (tmp_path / "logo.png").read_bytes(),
-             "phone": (tmp_path / "phone.jpg").read_bytes()}
+    files = {
+        "deep": (tmp_path / "deep.png").read_bytes(),
+        "logo": (tmp_path / "logo.png").read_bytes(),
+        "phone": (tmp_path / "phone.jpg").read_bytes(),
+    }
     plain = _encoded(Image.new("RGB", (48, 48), (0, 90, 200)), "PNG")
-    _tar(tmp_path / "train.tar", [
-        {"a.JPEG": files["phone"], "a.cls": b"0"}, {"b.png": files["deep"], "b.cls": b"1"},
-        {"c.png": files["logo"], "c.cls": b"0"}, {"d.jpg": b"\xff\xd8\xff truncated", "d.cls": b"1"},
-        {"e.png": plain}, {"f.txt": b"text", "f.cls": b"1"}, {"g.png": plain, "g.cls": b"1"}])
+    _tar(
+        tmp_path / "train.tar",
+        [
+            {"a.JPEG": files["phone"], "a.cls": b"0"},
+            {"b.png": files["deep"], "b.cls": b"1"},
+            {"c.png": files["logo"], "c.cls": b"0"},
+            {"d.jpg": b"\xff\xd8\xff truncated", "d.cls": b"1"},
+            {"e.png": plain},
+            {"f.txt": b"text", "f.cls": b"1"},
+            {"g.png": plain, "g.cls": b"1"},
+        ],
+    )
     _tar(tmp_path / "val.tar", [{"v0.png": plain, "v0.cls": b"0"}, {"v1.png": plain, "v1.cls": b"1"}])
-    params = params_file(tmp_path, source="wds", num_classes=2, wds={"train": str(tmp_path / "train.tar"),
-                                                                     "val": str(tmp_path / "val.tar")})
+    params = params_file(
+        tmp_path,
+        source="wds",
+        num_classes=2,
+        wds={"train": str(tmp_path / "train.tar"), "val": str(tmp_path / "val.tar")},
+    )
     out = run_shard(params, tmp_path / "ws")
     m = read_manifest(out, "train")
     skipped = {s["path"].rsplit("#", 1)[1]: s["reason"] for s in m["skipped"]}
     assert sorted(skipped) == ["d", "e", "f"]
     assert skipped["e"].startswith("no integer class (cls)") and skipped["f"].startswith("no image field")
     assert m["num_samples"] == 4 and m["class_histogram"] == [2, 2]
-    assert m["sources"] == [{"path": str(tmp_path / "train.tar"), "samples": 7,
-                             "sha256": m["sources"][0]["sha256"]}]
+    assert m["sources"] == [{"path": str(tmp_path / "train.tar"), "samples": 7, "sha256": m["sources"][0]["sha256"]}]
     stored = list(iter_split(out, "train"))
     p = load_params(params)
     for (_, img, _), name in zip(stored[:3], ("phone", "deep", "logo")):
@@ -365,10 +415,17 @@ def test_wds_class_left_without_images_is_refused(tmp_path):
     plain = _encoded(Image.new("RGB", (48, 48)), "PNG")
     _tar(tmp_path / "train.tar", [{"a.png": plain, "a.cls": b"0"}, {"b.png": b"bad", "b.cls": b"1"}])
     _tar(tmp_path / "val.tar", [{"v0.png": plain, "v0.cls": b"0"}, {"v1.png": plain, "v1.cls": b"1"}])
-    params = params_file(tmp_path, source="wds", num_classes=2, wds={"train": str(tmp_path / "train.tar"),
-                                                                     "val": str(tmp_path / "val.tar")})
-    with pytest.raises(ValueError, match=r"shard train: class '1' kept no image: .*train.tar#b: "
-                                         r"UnidentifiedImageError"):
+    params = params_file(
+        tmp_path,
+        source="wds",
+        num_classes=2,
+        wds={"train": str(tmp_path / "train.tar"), "val": str(tmp_path / "val.tar")},
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"shard train: class '1' kept no image: .*train.tar#b: "
+        r"UnidentifiedImageError",
+    ):
         run_shard(params, tmp_path / "ws")
     _tar(tmp_path / "train.tar", [{"a.png": plain, "a.cls": b"0"}, {"b.png": plain, "b.cls": b"7"}])
     with pytest.raises(SourceError, match=r"data.wds.train: .*train.tar#b has class 7, outside 0\.\.1"):
@@ -391,8 +448,9 @@ def test_a_folder_of_every_bad_file_loses_nothing(tmp_path, capsys):
     (root / "b[" / "old [tag].png").write_bytes(b"\x89PNG truncated")
     (root / "b[" / "gone.png").symlink_to(root / "b[" / "deleted.png")
     # the limit stops huge.png (4,900 pixels) but not the 16-bit PNG, which is stored at 128 x 32 = 4,096
-    params = params_file(tmp_path, {"max_image_pixels": 4500}, source="folder", root=str(root), num_classes=2,
-                         val_fraction=0.3)
+    params = params_file(
+        tmp_path, {"max_image_pixels": 4500}, source="folder", root=str(root), num_classes=2, val_fraction=0.3
+    )
     out = run_shard(params, tmp_path / "ws")
     manifests = [read_manifest(out, s) for s in ("train", "val")]
     skipped = {Path(s["path"]).name: s["reason"] for m in manifests for s in m["skipped"]}

@@ -8,6 +8,7 @@ run's checkpoints aside with a message (never deletes them), falls back past an 
 writer killed with SIGKILL in the middle of a save leaves the previous checkpoint as the one resumed. The stage-level
 consequences (a code change trains again, a logging change resumes) are in test_stage_train_generator.py.
 """
+
 from __future__ import annotations
 
 import errno
@@ -26,9 +27,20 @@ import torch
 
 from restok.train import ckpt
 
-SECTIONS = {"train_generator": {"loop": {"max_steps": 10, "log_every_steps": 2, "ckpt_every_steps": 5,
-                                         "keep_ckpts": 2, "workers": 0, "seed": 0, "checkpointing": "none"},
-                                "val_batches": 1}}
+SECTIONS = {
+    "train_generator": {
+        "loop": {
+            "max_steps": 10,
+            "log_every_steps": 2,
+            "ckpt_every_steps": 5,
+            "keep_ckpts": 2,
+            "workers": 0,
+            "seed": 0,
+            "checkpointing": "none",
+        },
+        "val_batches": 1,
+    }
+}
 IGNORE = (*(f"train_generator.{k}" for k in ckpt.LOGGING_KNOBS), "train_generator.val_batches")
 MODULE = "restok.stages.train_generator"
 
@@ -48,8 +60,9 @@ def test_logging_knobs_do_not_change_the_fingerprint_but_result_params_do():
     assert run_id(with_loop(checkpointing="blocks")) == base  # same values and grads: an OOM run resumes with it
     assert run_id({"train_generator": {**SECTIONS["train_generator"], "val_batches": 5}}) == base
     changed = run_id(with_loop(seed=1))
-    assert changed["params"] != base["params"] and {k: changed[k] for k in ("code", "inputs", "environment")} == \
-        {k: base[k] for k in ("code", "inputs", "environment")}
+    assert changed["params"] != base["params"] and {k: changed[k] for k in ("code", "inputs", "environment")} == {
+        k: base[k] for k in ("code", "inputs", "environment")
+    }
     assert run_id(inputs={"latents": "b"})["inputs"] != base["inputs"]
 
 
@@ -74,6 +87,7 @@ def test_an_ignored_key_that_does_not_exist_is_refused():
 
 def test_code_part_hashes_the_files_the_stage_imports():
     from restok import deps
+
     assert run_id()["code"] == deps.code_sha256(MODULE)[:16]  # how it follows an edit: tests/unit/test_deps.py
     names = {f.name for f in deps.closure(MODULE)}
     assert {"train_generator.py", "ckpt.py", "generator.py", "ema.py"} <= names and "score.py" not in names
@@ -136,8 +150,10 @@ READ_ERRORS = {
     "EIO": OSError(errno.EIO, "Input/output error"),
     "ESTALE": OSError(errno.ESTALE, "Stale file handle"),
     "MemoryError": MemoryError(),
-    "torch CPU out of memory": RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
-                                            "can't allocate memory: you tried to allocate 1125899906842624 bytes."),
+    "torch CPU out of memory": RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+        "can't allocate memory: you tried to allocate 1125899906842624 bytes."
+    ),
 }
 
 
@@ -189,8 +205,12 @@ ckpt.save(sys.argv[1], {"step": 4, "fingerprint": run, "w": torch.zeros(64 * 102
 
 def test_kill_9_mid_save_resumes_the_previous_checkpoint(tmp_path):
     run = run_id()
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), repr(run)], stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path), repr(run)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert proc.stdout.readline().strip() == "saved"
     deadline = time.time() + 60
     while not list(tmp_path.glob("*.tmp.*")) and time.time() < deadline:  # the second save has started writing

@@ -1,5 +1,6 @@
 """The shard stage: manifests, determinism, real image trees (folder, ILSVRC layout), corrupt files, external
 webdataset shards, and a kill -9 in the middle followed by a rerun."""
+
 from __future__ import annotations
 
 import json
@@ -126,9 +127,23 @@ shard.main(sys.argv[1:])
 
 def test_a_killed_worker_stops_the_stage_with_a_message_instead_of_hanging(smoke_params, tmp_path):
     out = tmp_path / "shard"
-    p = subprocess.run([sys.executable, "-c", KILLED_WORKER, "--params", str(smoke_params), "--out", str(out),
-                        "--results", str(tmp_path / "results")], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            KILLED_WORKER,
+            "--params",
+            str(smoke_params),
+            "--out",
+            str(out),
+            "--results",
+            str(tmp_path / "results"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode != 0
     assert "shard train: a worker process died" in p.stderr and "train-000001.tar" in p.stderr, p.stderr[-2000:]
     assert not (out / "train" / "manifest.json").exists()
@@ -152,8 +167,9 @@ def test_imagenet_layout_with_flat_val_and_labels_csv(tmp_path):
         Image.new("RGB", (70, 50), (i * 40, 0, 0)).save(root / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
         rows.append(f"ILSVRC2012_val_{i:08d},{wnid} 1 2 3 4")
     (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
-    params = params_file(tmp_path, source="imagenet", root=str(root), num_classes=2,
-                         val_labels=str(root / "LOC_val_solution.csv"))
+    params = params_file(
+        tmp_path, source="imagenet", root=str(root), num_classes=2, val_labels=str(root / "LOC_val_solution.csv")
+    )
     out = run_shard(params, tmp_path / "ws")
     assert read_manifest(out, "train")["class_histogram"] == [3, 2]
     assert read_manifest(out, "val")["class_histogram"] == [1, 2]
@@ -161,9 +177,14 @@ def test_imagenet_layout_with_flat_val_and_labels_csv(tmp_path):
 
 
 def test_external_wds_shards_are_converted_like_files(smoke_shards, tmp_path):
-    params = params_file(tmp_path, source="wds",
-                         wds={"train": str(smoke_shards / "train/train-{000000..000002}.tar"),
-                              "val": str(smoke_shards / "val/val-{000000..000001}.tar")})
+    params = params_file(
+        tmp_path,
+        source="wds",
+        wds={
+            "train": str(smoke_shards / "train/train-{000000..000002}.tar"),
+            "val": str(smoke_shards / "val/val-{000000..000001}.tar"),
+        },
+    )
     out = run_shard(params, tmp_path / "ws")
     m = read_manifest(out, "train")
     assert m["num_samples"] == 48 and m["class_histogram"] == [12] * 4 and m["skipped"] == []
@@ -185,8 +206,17 @@ def test_kill_9_leaves_nothing_that_looks_complete_and_rerun_matches(tmp_path):
     params.write_text(yaml.safe_dump(tree))
 
     def cmd(root):
-        return [sys.executable, "-m", "restok.stages.shard", "--params", str(params), "--out", str(root / "shard"),
-                "--results", str(root / "results")]
+        return [
+            sys.executable,
+            "-m",
+            "restok.stages.shard",
+            "--params",
+            str(params),
+            "--out",
+            str(root / "shard"),
+            "--results",
+            str(root / "results"),
+        ]
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

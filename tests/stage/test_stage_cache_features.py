@@ -7,6 +7,7 @@ DINOv3-S, loaded through the production path (vf.weights: <file>, timm pretraine
 The profile's own teacher (the packaged ImageNet EfficientNet-Lite0) runs once too. The cached features must equal a
 fresh teacher forward on the same view, read back with plain webdataset.
 """
+
 import io
 import json
 from pathlib import Path
@@ -48,8 +49,9 @@ def _params(smoke_params, tmp: Path, **vf) -> Path:
 
 def _run(params: Path, shards: Path, root: Path) -> tuple[Path, Path]:
     out, results = root / "data/cache_features", root / "results/cache_features"
-    cache_features.main(["--params", str(params), "--shards", str(shards), "--out", str(out),
-                         "--results", str(results)])
+    cache_features.main(
+        ["--params", str(params), "--shards", str(shards), "--out", str(out), "--results", str(results)]
+    )
     return out, results
 
 

@@ -4,6 +4,7 @@ Run: .venv/bin/python -m pytest tests/stage/test_stage_extract_latents.py -q
 The codes must equal a fresh encode of the same views bit for bit; a run killed with SIGKILL mid-split and rerun must
 write byte-identical files to an uninterrupted run (batch size 1 and a slower tokenizer give the kill a window).
 """
+
 import json
 import os
 import shutil
@@ -45,8 +46,20 @@ def tokenizer_pt(module_tmp, smoke_params):
 @pytest.fixture(scope="module")
 def extracted(module_tmp, smoke_params, smoke_shards, tokenizer_pt):
     root = module_tmp("latents")
-    extract_latents.main(["--params", str(smoke_params), "--shards", str(smoke_shards), "--tokenizer",
-                          str(tokenizer_pt), "--out", str(root / "data"), "--results", str(root / "results")])
+    extract_latents.main(
+        [
+            "--params",
+            str(smoke_params),
+            "--shards",
+            str(smoke_shards),
+            "--tokenizer",
+            str(tokenizer_pt),
+            "--out",
+            str(root / "data"),
+            "--results",
+            str(root / "results"),
+        ]
+    )
     return root
 
 
@@ -83,7 +96,8 @@ def test_outputs_match_fresh_encode(extracted, smoke_shards, tokenizer_pt):
     val_codes = torch.from_numpy(np.load(extracted / "data/val/codes.npy")[:, 0].astype(np.int64))
     val_labels = torch.from_numpy(np.load(extracted / "data/val/labels.npy"))
     assert summary["splits"]["val"]["per_position"] == metrics.position_entropy(
-        val_codes, cfg.level_sizes, cfg.codebook_size, val_labels)  # every val image, its eval view
+        val_codes, cfg.level_sizes, cfg.codebook_size, val_labels
+    )  # every val image, its eval view
     assert len(summary["splits"]["train"]["per_position"]["conditional_entropy_bits"]) == len(cfg.level_sizes)
     assert summary["profile"] == "smoke" and summary["tokenizer"]["provenance"]["weights"] == "random-init"
 
@@ -91,14 +105,39 @@ def test_outputs_match_fresh_encode(extracted, smoke_shards, tokenizer_pt):
 def test_refuses_resolution_mismatch(tmp_path, smoke_params, smoke_shards):
     tok = _save_tokenizer(tmp_path / "tok64.pt", smoke_params, resolution=64)
     with pytest.raises(ValueError, match=r"resolution 64.*resolution 32"):
-        extract_latents.main(["--params", str(smoke_params), "--shards", str(smoke_shards), "--tokenizer", str(tok),
-                              "--out", str(tmp_path / "data"), "--results", str(tmp_path / "results")])
+        extract_latents.main(
+            [
+                "--params",
+                str(smoke_params),
+                "--shards",
+                str(smoke_shards),
+                "--tokenizer",
+                str(tok),
+                "--out",
+                str(tmp_path / "data"),
+                "--results",
+                str(tmp_path / "results"),
+            ]
+        )
     assert not (tmp_path / "data").exists()
 
 
 def _run(params, shards, tok, root):
-    return [sys.executable, "-m", "restok.stages.extract_latents", "--params", str(params), "--shards", str(shards),
-            "--tokenizer", str(tok), "--out", str(root / "data"), "--results", str(root / "results")]
+    return [
+        sys.executable,
+        "-m",
+        "restok.stages.extract_latents",
+        "--params",
+        str(params),
+        "--shards",
+        str(shards),
+        "--tokenizer",
+        str(tok),
+        "--out",
+        str(root / "data"),
+        "--results",
+        str(root / "results"),
+    ]
 
 
 def test_kill9_resume_gives_identical_files(tmp_path, smoke_params, smoke_shards):
@@ -110,8 +149,9 @@ def test_kill9_resume_gives_identical_files(tmp_path, smoke_params, smoke_shards
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_run(params, smoke_shards, tok, killed), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _run(params, smoke_shards, tok, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     progress_file = killed / "data.partial" / "train" / "progress.json"  # beside the out, which DVC deletes
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:

@@ -5,6 +5,7 @@ The generator.pt / tokenizer.pt artifacts are tiny randomly initialised smoke-pr
 save_artifact (no dependency on the training stages). The generator's zero-initialised output head is re-drawn so
 that the logits, and with them CFG and top-p, are not uniform.
 """
+
 import dataclasses
 import os
 import subprocess
@@ -30,8 +31,9 @@ from restok.stages import sample
 REPO = Path(__file__).resolve().parents[2]
 
 
-def make_artifacts(params_path: Path, out: Path, codebook_size: int | None = None,
-                   teacher_weights: str = "none") -> tuple[Path, Path]:
+def make_artifacts(
+    params_path: Path, out: Path, codebook_size: int | None = None, teacher_weights: str = "none"
+) -> tuple[Path, Path]:
     """Random smoke-size tokenizer.pt and generator.pt in `out`; `codebook_size` overrides the tokenizer's."""
     p = load_params(params_path)
     torch.manual_seed(0)
@@ -55,8 +57,20 @@ def artifacts(module_tmp, smoke_params):
 
 
 def run_sample(params: Path, gen: Path, tok: Path, root: Path) -> tuple[dict, dict]:
-    sample.main(["--params", str(params), "--generator", str(gen), "--tokenizer", str(tok),
-                 "--out", str(root / "data/sample"), "--results", str(root / "results/sample")])
+    sample.main(
+        [
+            "--params",
+            str(params),
+            "--generator",
+            str(gen),
+            "--tokenizer",
+            str(tok),
+            "--out",
+            str(root / "data/sample"),
+            "--results",
+            str(root / "results/sample"),
+        ]
+    )
     return load_outputs(root)
 
 
@@ -92,8 +106,9 @@ def test_layout_grid_and_summary(first_run, smoke_params, tmp_path_factory):
     assert not list((root / "data/sample").glob("*.tmp*"))
 
 
-def test_untrained_baseline_is_a_fresh_generator_sampled_the_same_way(first_run, smoke_params, artifacts,
-                                                                     tmp_path_factory):
+def test_untrained_baseline_is_a_fresh_generator_sampled_the_same_way(
+    first_run, smoke_params, artifacts, tmp_path_factory
+):
     p = load_params(smoke_params)
     root = next(Path(tmp_path_factory.getbasetemp()).glob("run1*"))
     with np.load(root / "data/sample" / sample.UNTRAINED) as npz:
@@ -103,8 +118,16 @@ def test_untrained_baseline_is_a_fresh_generator_sampled_the_same_way(first_run,
     torch.manual_seed(p.sample.seed)
     fresh = HARGenerator(generator.cfg).eval()
     n = len(untrained["arr_0"])
-    expected, _ = sample.sample_images(fresh, tokenizer, p.sample.sampling, range(n), p.sample.per_class,
-                                       p.sample.seed, p.sample.batch_size, torch.device("cpu"))
+    expected, _ = sample.sample_images(
+        fresh,
+        tokenizer,
+        p.sample.sampling,
+        range(n),
+        p.sample.per_class,
+        p.sample.seed,
+        p.sample.batch_size,
+        torch.device("cpu"),
+    )
     np.testing.assert_array_equal(untrained["arr_0"], expected)
     assert not np.array_equal(untrained["arr_0"], first_run[0]["arr_0"])
     assert first_run[1]["untrained_baseline"] == f"untrained.npz: random-init(seed={p.sample.seed})"
@@ -119,9 +142,21 @@ def test_rerun_gives_identical_images(first_run, smoke_params, artifacts, tmp_pa
 def test_two_processes_give_the_same_images(first_run, smoke_params, artifacts, tmp_path):
     gen, tok = artifacts
     env = {**os.environ, "RESTOK_NPROC_PER_NODE": "2", "PYTHONPATH": str(REPO / "src")}
-    cmd = [sys.executable, "-m", "restok.stages.sample", "--params", str(smoke_params), "--generator", str(gen),
-           "--tokenizer", str(tok), "--out", str(tmp_path / "data/sample"),
-           "--results", str(tmp_path / "results/sample")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "restok.stages.sample",
+        "--params",
+        str(smoke_params),
+        "--generator",
+        str(gen),
+        "--tokenizer",
+        str(tok),
+        "--out",
+        str(tmp_path / "data/sample"),
+        "--results",
+        str(tmp_path / "results/sample"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "torch.distributed.run" in proc.stdout  # it really ran under torchrun
@@ -152,13 +187,26 @@ def test_bf16_sampling_runs_the_passes_and_the_cache_in_bf16(smoke_params, artif
     allocate = images.allocate_kv_cache
     monkeypatch.setattr(images, "allocate_kv_cache", lambda *a: caches.append(allocate(*a)) or caches[-1])
     forward_cached = generator.forward_cached
-    monkeypatch.setattr(generator, "forward_cached",
-                        lambda *a: pass_dtypes.append(torch.get_autocast_dtype("cpu")
-                                                      if torch.is_autocast_enabled("cpu") else None)
-                        or forward_cached(*a))
+    monkeypatch.setattr(
+        generator,
+        "forward_cached",
+        lambda *a: (
+            pass_dtypes.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            or forward_cached(*a)
+        ),
+    )
     n = p.data.num_classes * p.sample.per_class  # 8 images in batches of 3: sizes 3, 3, 2
-    out, _ = images.sample_images(generator, tokenizer, p.sample.sampling, range(n), p.sample.per_class,
-                                  p.sample.seed, 3, torch.device("cpu"), bf16=True)
+    out, _ = images.sample_images(
+        generator,
+        tokenizer,
+        p.sample.sampling,
+        range(n),
+        p.sample.per_class,
+        p.sample.seed,
+        3,
+        torch.device("cpu"),
+        bf16=True,
+    )
     assert out.shape == (n, p.data.resolution, p.data.resolution, 3) and out.dtype == np.uint8
     assert [cache[0][0].shape[0] for cache in caches] == [6, 4]  # CFG rows of batch sizes 3 and 2, once each
     assert all(t.dtype == torch.bfloat16 for cache in caches for pair in cache for t in pair)

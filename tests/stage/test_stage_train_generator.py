@@ -7,6 +7,7 @@ after a logging-only param change (the same weights, nothing trained), SIGKILL a
 giving a generator.pt byte-identical to an uninterrupted run (CPU, one process), another thread count within
 tolerance, and DDP with 2 CPU processes (gloo) through the torchrun relaunch.
 """
+
 import json
 import os
 import re
@@ -41,9 +42,18 @@ def _write_split(d, n, views, rng):
     codes = (labels[:, None, None] * 7 + pos + noise) % K  # learnable from the class and the position
     np.save(d / "codes.npy", codes.astype(np.uint8))
     np.save(d / "labels.npy", labels.astype(np.int64))
-    meta = {"split": d.name, "num_images": n, "views": views, "codebook_size": K, "level_sizes": LEVELS,
-            "num_tokens": len(pos), "num_classes": CLASSES, "resolution": 32, "dtype": "uint8",
-            "tokenizer": {"path": "none", "provenance": {"weights": "synthetic codes"}}}
+    meta = {
+        "split": d.name,
+        "num_images": n,
+        "views": views,
+        "codebook_size": K,
+        "level_sizes": LEVELS,
+        "num_tokens": len(pos),
+        "num_classes": CLASSES,
+        "resolution": 32,
+        "dtype": "uint8",
+        "tokenizer": {"path": "none", "provenance": {"weights": "synthetic codes"}},
+    }
     (d / "meta.json").write_text(json.dumps(meta))
 
 
@@ -65,8 +75,16 @@ def _params(tmp_path, smoke_params, **loop):
 
 
 def _args(params, latents, root):
-    return ["--params", str(params), "--latents", str(latents), "--out", str(root / "data"),
-            "--results", str(root / "results")]
+    return [
+        "--params",
+        str(params),
+        "--latents",
+        str(latents),
+        "--out",
+        str(root / "data"),
+        "--results",
+        str(root / "results"),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +117,11 @@ def test_outputs_and_val_numbers(trained, latents):
     assert rows[0].split("\t") == ["step", "loss", "val_loss", "lr"]
     assert [r.split("\t")[0] for r in rows[1:]] == ["2", "4", "6"]
     assert all(len(r.split("\t")) == 4 and "" not in r.split("\t") for r in rows[1:])
-    assert sorted(p.name for p in (trained / "data" / "ckpt").iterdir()) == ["curve.tsv", "step_000000003.pt",
-                                                                             "step_000000006.pt"]
+    assert sorted(p.name for p in (trained / "data" / "ckpt").iterdir()) == [
+        "curve.tsv",
+        "step_000000003.pt",
+        "step_000000006.pt",
+    ]
     assert (trained / "data" / "ckpt" / "curve.tsv").read_text() == (trained / "results" / "curve.tsv").read_text()
 
 
@@ -152,14 +173,19 @@ def test_a_code_change_trains_again(trained, latents, tmp_path, smoke_params):
     """The finished run's checkpoint at max_steps is not republished after an edit to code the stage imports: a copy
     of the package with one edited line (the generator model file) moves it aside and trains from step 0."""
     src = tmp_path / "src"
-    shutil.copytree(Path(train_generator.__file__).parents[1], src / "restok",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        Path(train_generator.__file__).parents[1], src / "restok", ignore=shutil.ignore_patterns("__pycache__")
+    )
     with open(src / "restok" / "models" / "generator.py", "a") as f:
         f.write("# an edit\n")
     again = tmp_path / "again"
     shutil.copytree(trained, again)
-    r = subprocess.run(_cmd(smoke_params, latents, again), capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        _cmd(smoke_params, latents, again),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "another run (code differ)" in r.stderr
     assert read_results(again / "results" / "metrics.json")["steps_this_run"] == 6
@@ -181,8 +207,11 @@ def test_a_non_finite_loss_stops_training_before_a_checkpoint_holds_it(tmp_path,
     saved = sorted((tmp_path / "data" / "ckpt").glob("step_*.pt"))
     assert step > 1 and [int(p.stem.split("_")[1]) for p in saved] == list(range(1, step))
     state = torch.load(saved[-1], weights_only=True)
-    assert all(torch.isfinite(v).all() for v in (*state["model"].values(), *state["ema"]["model"].values())
-               if v.is_floating_point())
+    assert all(
+        torch.isfinite(v).all()
+        for v in (*state["model"].values(), *state["ema"]["model"].values())
+        if v.is_floating_point()
+    )
     assert not (tmp_path / "data" / "generator.pt").exists()
 
 
@@ -199,8 +228,13 @@ def test_a_second_writer_of_the_folder_stops_at_once_naming_the_holder(tmp_path,
     """Another run (here a process holding the lock, as a training stage does) writes data/ckpt/: this one stops
     before it reads, prunes or moves anything, naming the holder; once the holder is gone, it trains."""
     ckpt_dir = tmp_path / "data" / "ckpt"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(ckpt_dir)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "SLURM_JOB_ID": "4242"})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(ckpt_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "SLURM_JOB_ID": "4242"},
+    )
     try:
         assert holder.stdout.readline() == "holding\n"
         with pytest.raises(ckpt.CheckpointDirLocked) as e:
@@ -222,8 +256,7 @@ def test_kill9_after_checkpoint_resumes_exactly(tmp_path, smoke_params, latents)
     params = _params(tmp_path, smoke_params, max_steps=100, ckpt_every_steps=10, log_every_steps=10)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(params, latents, killed), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_cmd(params, latents, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not list((killed / "data").glob("ckpt/step_*.pt")):
         time.sleep(0.005)
@@ -232,8 +265,9 @@ def test_kill9_after_checkpoint_resumes_exactly(tmp_path, smoke_params, latents)
     assert not (killed / "data" / "generator.pt").exists()
 
     clean = tmp_path / "clean"
-    runs = [subprocess.run(_cmd(params, latents, root), env=env, capture_output=True, text=True)
-            for root in (killed, clean)]
+    runs = [
+        subprocess.run(_cmd(params, latents, root), env=env, capture_output=True, text=True) for root in (killed, clean)
+    ]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
     assert "resumed from" in runs[0].stderr and "resumed from" not in runs[1].stderr
     a, b = load_artifact(killed / "data" / "generator.pt"), load_artifact(clean / "data" / "generator.pt")
@@ -248,8 +282,12 @@ def test_another_thread_count_reproduces_within_tolerance(tmp_path, smoke_params
     identical bytes: test_kill9_after_checkpoint_resumes_exactly."""
     runs = {}
     for name, threads in (("a", "1"), ("c", "2")):
-        r = subprocess.run(_cmd(smoke_params, latents, tmp_path / name), capture_output=True, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": threads})
+        r = subprocess.run(
+            _cmd(smoke_params, latents, tmp_path / name),
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": threads},
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = load_artifact(tmp_path / name / "data" / "generator.pt")[0]
         assert read_results(tmp_path / name / "results" / "metrics.json")["steps"] == 6

@@ -8,6 +8,7 @@ resume test runs the stage as a subprocess with every loss on (LPIPS and the DIN
 weights, GAN from step 3), SIGKILLs it once the first checkpoint exists, reruns it, and compares the final
 tokenizer.pt tensors bit for bit with an uninterrupted run.
 """
+
 import importlib.util
 import io
 import json
@@ -49,15 +50,35 @@ def _params(smoke_params, tmp: Path, over: dict) -> Path:
 
 
 def _args(params: Path, shards: Path, features: Path, root: Path) -> list[str]:
-    return ["--params", str(params), "--shards", str(shards), "--features", str(features),
-            "--out", str(root / "data/train_tokenizer"), "--results", str(root / "results/train_tokenizer")]
+    return [
+        "--params",
+        str(params),
+        "--shards",
+        str(shards),
+        "--features",
+        str(features),
+        "--out",
+        str(root / "data/train_tokenizer"),
+        "--results",
+        str(root / "results/train_tokenizer"),
+    ]
 
 
 @pytest.fixture(scope="module")
 def features(smoke_params, smoke_shards, module_tmp) -> Path:
     root = module_tmp("features")
-    cache_features.main(["--params", str(smoke_params), "--shards", str(smoke_shards),
-                         "--out", str(root / "cache"), "--results", str(root / "results")])
+    cache_features.main(
+        [
+            "--params",
+            str(smoke_params),
+            "--shards",
+            str(smoke_shards),
+            "--out",
+            str(root / "cache"),
+            "--results",
+            str(root / "results"),
+        ]
+    )
     return root / "cache"
 
 
@@ -119,9 +140,18 @@ def test_an_evaluation_param_change_resumes_the_finished_run(smoke_params, smoke
 
 def test_a_second_writer_of_the_folder_stops_at_once(smoke_params, smoke_shards, features, tmp_path):
     ckpt_dir = tmp_path / "data/train_tokenizer/ckpt"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from restok.train import ckpt\n"
-                               "with ckpt.exclusive(sys.argv[1]): print('holding', flush=True); sys.stdin.read()",
-                               str(ckpt_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from restok.train import ckpt\n"
+            "with ckpt.exclusive(sys.argv[1]): print('holding', flush=True); sys.stdin.read()",
+            str(ckpt_dir),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "holding\n"
         with pytest.raises(ckpt.CheckpointDirLocked, match=f"pid {holder.pid}"):
@@ -132,13 +162,20 @@ def test_a_second_writer_of_the_folder_stops_at_once(smoke_params, smoke_shards,
         holder.wait()
 
 
-def test_a_non_finite_loss_stops_training_before_a_checkpoint_holds_it(smoke_params, smoke_shards, features,
-                                                                        tmp_path):
+def test_a_non_finite_loss_stops_training_before_a_checkpoint_holds_it(smoke_params, smoke_shards, features, tmp_path):
     """optim.lr 1e6: the loss turns NaN a few steps in (1e3 only makes it large). The stage stops naming the step
     and the loss parts; the checkpoints (one per step) end at the step before, with finite weights, and nothing is
     published."""
-    params = _params(smoke_params, tmp_path, {"train_tokenizer": {
-        "optim": {"lr": 1e6}, "loop": {"ckpt_every_steps": 1, "keep_ckpts": 10, "log_every_steps": 100}}})
+    params = _params(
+        smoke_params,
+        tmp_path,
+        {
+            "train_tokenizer": {
+                "optim": {"lr": 1e6},
+                "loop": {"ckpt_every_steps": 1, "keep_ckpts": 10, "log_every_steps": 100},
+            }
+        },
+    )
     with pytest.raises(finite.NonFiniteLoss) as e:
         train_tokenizer.main(_args(params, smoke_shards, features, tmp_path))
     message = str(e.value)
@@ -147,8 +184,11 @@ def test_a_non_finite_loss_stops_training_before_a_checkpoint_holds_it(smoke_par
     saved = sorted((tmp_path / "data/train_tokenizer/ckpt").glob("step_*.pt"))
     assert step > 1 and [int(p.stem.split("_")[1]) for p in saved] == list(range(1, step))
     state = torch.load(saved[-1], weights_only=True)
-    assert all(torch.isfinite(v).all() for v in (*state["model"].values(), *state["ema"]["model"].values())
-               if v.is_floating_point())
+    assert all(
+        torch.isfinite(v).all()
+        for v in (*state["model"].values(), *state["ema"]["model"].values())
+        if v.is_floating_point()
+    )
     assert not (tmp_path / "data/train_tokenizer/tokenizer.pt").exists()
     assert len((tmp_path / "results/train_tokenizer/curve.tsv").read_text().splitlines()) == 1  # header only
 
@@ -201,8 +241,10 @@ def test_export_step_exports_the_ema_of_that_step(smoke_params, smoke_shards, fe
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (prov_a["step"], prov_a["ema_step"]) == (6, 3) and (prov_b["step"], prov_b["ema_step"]) == (3, 3)
     metrics = json.loads((tmp_path / "early/results/train_tokenizer/metrics.json").read_text())
-    assert metrics["ema_step"] == 3 and metrics["psnr"] == json.loads(
-        (tmp_path / "short/results/train_tokenizer/metrics.json").read_text())["psnr"]
+    assert (
+        metrics["ema_step"] == 3
+        and metrics["psnr"] == json.loads((tmp_path / "short/results/train_tokenizer/metrics.json").read_text())["psnr"]
+    )
     late = _params(smoke_params, tmp_path, {"train_tokenizer": {"export_step": 7}})
     with pytest.raises(ParamsError, match="export_step=7 is after the last step"):
         load_params(late, train_tokenizer.PARAMS)
@@ -212,16 +254,33 @@ def _launch(args: list[str], log: Path, nproc: int = 1) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     cmd = [sys.executable, "-m", "restok.stages.train_tokenizer", *args]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "restok.stages.train_tokenizer", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "restok.stages.train_tokenizer",
+            *args,
+        ]
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
 
 
 def test_kill9_resume_is_bitwise_identical(smoke_params, smoke_shards, features, tmp_path):
-    loss = {"lpips_weight": 1.0, "lpips_weights": "random-init", "gan_weight": 0.5, "gan_start_step": 3,
-            "disc_model": "vit_tiny_patch16_224.augreg_in21k", "disc_weights": "random-init"}
-    params = _params(smoke_params, tmp_path, {"train_tokenizer": {
-        "loss": loss, "loop": {"max_steps": 6, "ckpt_every_steps": 2, "log_every_steps": 1}}})
+    loss = {
+        "lpips_weight": 1.0,
+        "lpips_weights": "random-init",
+        "gan_weight": 0.5,
+        "gan_start_step": 3,
+        "disc_model": "vit_tiny_patch16_224.augreg_in21k",
+        "disc_weights": "random-init",
+    }
+    params = _params(
+        smoke_params,
+        tmp_path,
+        {"train_tokenizer": {"loss": loss, "loop": {"max_steps": 6, "ckpt_every_steps": 2, "log_every_steps": 1}}},
+    )
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     runner = _launch(_args(params, smoke_shards, features, straight), tmp_path / "straight.log")
     victim = _launch(_args(params, smoke_shards, features, killed), tmp_path / "killed.log")
@@ -255,21 +314,43 @@ def test_ddp_two_processes(smoke_params, smoke_shards, features, tmp_path):
     assert len(state["rng"]) == 2 and state["data"] == {"samples_per_rank": 6 * 4}
 
 
-def test_time_to_target_benchmark_trains_with_the_stage_and_evaluates_like_it(smoke_params, smoke_shards, features,
-                                                                               trained, tmp_path):
+def test_time_to_target_benchmark_trains_with_the_stage_and_evaluates_like_it(
+    smoke_params, smoke_shards, features, trained, tmp_path
+):
     """benchmarks/time_to_target.py runs the stage's own setup and loop: a recipe run to its last step in pieces,
     evaluated in between, ends at the stage's own EMA PSNR (the `trained` fixture, same params, seed 0)."""
     spec = importlib.util.spec_from_file_location("time_to_target", REPO / "benchmarks/time_to_target.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.parse_recipe("muon:train_tokenizer.optim.algorithm=muon,train_tokenizer.optim.lr=3e-3") == (
-        "muon", {"train_tokenizer.optim.algorithm": "muon", "train_tokenizer.optim.lr": 3e-3})
+        "muon",
+        {"train_tokenizer.optim.algorithm": "muon", "train_tokenizer.optim.lr": 3e-3},
+    )
     with pytest.raises(ParamsError, match="train_tokenizer.optim.nope: no such params key"):
         bench.apply(yaml.safe_load(Path(smoke_params).read_text()), {"train_tokenizer.optim.nope": 1})
     out = tmp_path / "ttt.json"
-    bench.main(["--recipe", "new", "--recipe", "muon:train_tokenizer.optim.algorithm=muon", "--every", "0.01",
-                "--budget", "1000", "--marks", "1000", "--params", str(smoke_params), "--shards", str(smoke_shards),
-                "--features", str(features), "--json", str(out)])
+    bench.main(
+        [
+            "--recipe",
+            "new",
+            "--recipe",
+            "muon:train_tokenizer.optim.algorithm=muon",
+            "--every",
+            "0.01",
+            "--budget",
+            "1000",
+            "--marks",
+            "1000",
+            "--params",
+            str(smoke_params),
+            "--shards",
+            str(smoke_shards),
+            "--features",
+            str(features),
+            "--json",
+            str(out),
+        ]
+    )
     rows = {row["recipe"]: row for row in json.loads(out.read_text())["rows"]}
     stage = read_results(trained / "results/train_tokenizer/metrics.json")
     new = rows["new"]

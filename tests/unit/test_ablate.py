@@ -1,4 +1,5 @@
 """The ablation grid: runs from params, which stages each run recomputes, redirected commands, the table."""
+
 from __future__ import annotations
 
 import ast
@@ -76,9 +77,13 @@ def test_variant_rules_quote_every_value_they_substitute(graph):
     text = (REPO / "workflow/rules/ablations.smk").read_text()
     template = ast.literal_eval("(" + re.search(r"\n        shell:\n((?:\s*#.*\n)*(?:\s+\".*\"\n)+)", text)[1] + ")")
     run = "x$(touch /tmp/pwn)"
-    cmd = snakemake_format(template, wildcards=SimpleNamespace(run=run), log=f"logs/ablations/{run}/shard.log",
-                           resources=SimpleNamespace(gpus_per_node=0, nodes=1),
-                           params=SimpleNamespace(cmd=graph.command("shard", run, {"shard"})))
+    cmd = snakemake_format(
+        template,
+        wildcards=SimpleNamespace(run=run),
+        log=f"logs/ablations/{run}/shard.log",
+        resources=SimpleNamespace(gpus_per_node=0, nodes=1),
+        params=SimpleNamespace(cmd=graph.command("shard", run, {"shard"})),
+    )
     words = shlex.split(cmd)
     assert words[words.index("--run") + 1] == run
     assert f"data/ablations/{run}/params.yaml" in words and f"data/ablations/{run}/shard" in words
@@ -89,8 +94,13 @@ def test_dvc_queue_commands_set_exactly_the_overrides():
     tree = one_seed()
     cmds = {c[5]: c[6:] for c in ablate.dvc_queue_commands(tree)}
     assert cmds["abl-restok"] == [ablate.TARGET]
-    assert cmds["abl-plain_ar"] == ["-S", "generator.mode=ar", "-S", "sample.sampling.cfg_schedule=constant",
-                                    ablate.TARGET]
+    assert cmds["abl-plain_ar"] == [
+        "-S",
+        "generator.mode=ar",
+        "-S",
+        "sample.sampling.cfg_schedule=constant",
+        ablate.TARGET,
+    ]
     assert cmds["abl-no_vf_alignment"] == ["-S", "tokenizer.vf_align=false", ablate.TARGET]
 
 
@@ -100,8 +110,11 @@ class Experiments:
 
     def __init__(self, monkeypatch, baseline: dict, exps: list[tuple[str, str | None, dict]]):
         import dvc.api
-        self.rows = [{"Experiment": None, "rev": "workspace", "typ": "baseline", "State": None},
-                     {"Experiment": None, "rev": "main", "typ": "baseline", "State": None}]
+
+        self.rows = [
+            {"Experiment": None, "rev": "workspace", "typ": "baseline", "State": None},
+            {"Experiment": None, "rev": "main", "typ": "baseline", "State": None},
+        ]
         self.params = {"main": baseline}
         for i, (name, state, params) in enumerate(exps):
             rev = f"{i:07x}"
@@ -127,8 +140,9 @@ def test_rerun_plans_nothing_and_a_changed_param_replans_only_what_it_changes(mo
     assert ablate.plan(tree, finished) == (list(all_runs), [], [])
 
     # queued, running and failed experiments are listed but are not results
-    Experiments(monkeypatch, tree, [(ablate.PREFIX + "restok", s, all_runs["restok"])
-                                    for s in ("Queued", "Running", "Failed")])
+    Experiments(
+        monkeypatch, tree, [(ablate.PREFIX + "restok", s, all_runs["restok"]) for s in ("Queued", "Running", "Failed")]
+    )
     assert ablate.finished_experiments() == {}
 
     # a switch changed by hand in one variant: only that run is stale
@@ -148,7 +162,9 @@ def test_run_dvc_queues_only_missing_and_stale_runs(monkeypatch, capsys):
     calls = [c for c in exps.calls if c[:2] != ["git", "show"]]
     assert calls[0] == ["dvc", "exp", "remove", ablate.PREFIX + "plain_ar"]
     assert sorted(c[5] for c in calls if c[:4] == ["dvc", "exp", "run", "--queue"]) == [
-        ablate.PREFIX + "flat_queries", ablate.PREFIX + "plain_ar"]
+        ablate.PREFIX + "flat_queries",
+        ablate.PREFIX + "plain_ar",
+    ]
     assert calls[-1] == ["dvc", "exp", "run", "--run-all", "-j", str(tree["ablations"]["jobs"])]
 
     exps = Experiments(monkeypatch, tree, [(ablate.PREFIX + r, "Success", t) for r, t in all_runs.items()])
@@ -166,11 +182,18 @@ def _records(tree: dict, gfid: dict, entropy: dict | None = None, spread: float 
         offset = spread * (seed - 1)  # seeds 0, 1, 2 -> -spread, 0, +spread: std = spread
         steps = 32 if variant == "plain_ar" else 7
         levels = [e + offset / 10 for e in (entropy or {}).get(variant, [1.0, 2.0])]
-        results[run] = {"metrics": {"gFID": gfid.get(variant, 12.0) + offset, "rFID": 5.0, "sampling_steps": steps,
-                                    "code_position_entropy_bits": levels,
-                                    "extractor": "inception-v3-compat-random-init",
-                                    "teacher_weights": "random-init(seed=0)"},
-                        "scores": {}, "grid": None}
+        results[run] = {
+            "metrics": {
+                "gFID": gfid.get(variant, 12.0) + offset,
+                "rFID": 5.0,
+                "sampling_steps": steps,
+                "code_position_entropy_bits": levels,
+                "extractor": "inception-v3-compat-random-init",
+                "teacher_weights": "random-init(seed=0)",
+            },
+            "scores": {},
+            "grid": None,
+        }
     return results
 
 
@@ -184,9 +207,17 @@ def test_verdict_rule():
 
 def test_table_judges_the_declared_claims_over_three_seeds(tmp_path):
     tree = profile_tree("default")  # 3 seeds; comparisons declared in params
-    results = _records(tree, gfid={"restok": 8.0, "no_vf_alignment": 14.0, "no_residual_image_tokens": 9.0,
-                                   "har_constant_cfg": 10.0, "plain_ar": 10.5},
-                       entropy={"restok": [1.0, 3.0], "no_residual_latents": [0.2, 2.9]})
+    results = _records(
+        tree,
+        gfid={
+            "restok": 8.0,
+            "no_vf_alignment": 14.0,
+            "no_residual_image_tokens": 9.0,
+            "har_constant_cfg": 10.0,
+            "plain_ar": 10.5,
+        },
+        entropy={"restok": [1.0, 3.0], "no_residual_latents": [0.2, 2.9]},
+    )
     summary = ablate.summarise(tree, results)
     rows = {r["variant"]: r for r in summary["rows"]}
     assert rows["restok"]["runs"] == 3 and rows["restok"]["gFID"] == 8.0 and rows["restok"]["gFID_std"] == 1.0
@@ -202,16 +233,19 @@ def test_table_judges_the_declared_claims_over_three_seeds(tmp_path):
     assert claims[("har_constant_cfg", "plain_ar", "sampling_steps")]["verdict"] == "agree"  # 7 vs 32, no spread
     entropy = claims[("restok", "no_residual_latents", "code_position_entropy_bits")]
     assert entropy["per_level"] and [v["difference"] for v in entropy["values"]] == pytest.approx([0.8, 0.1])
-    assert entropy["verdict"] == ("per level: 0: differs (no stated direction); "
-                                  "1: cannot tell (difference within the spread)")
+    assert entropy["verdict"] == (
+        "per level: 0: differs (no stated direction); 1: cannot tell (difference within the spread)"
+    )
     missing = claims[("har_constant_cfg", "plain_ar", "probe_sample_accuracy")]
     assert missing["verdict"] == "missing: no probe_sample_accuracy from finished runs of har_constant_cfg, plain_ar"
 
     ablate.write_table(summary, results, tmp_path)
     md = (tmp_path / "ablations.md").read_text()
     assert "Demo numbers, not paper numbers" in md and "| plain_ar | 3 |" in md
-    assert "| VF alignment improves generation | restok vs no_vf_alignment | gFID | lower | 8 | 14 | -6 | 1.414 " \
-           "| agree |" in md
+    assert (
+        "| VF alignment improves generation | restok vs no_vf_alignment | gFID | lower | 8 | 14 | -6 | 1.414 "
+        "| agree |" in md
+    )
     assert "1.00±0.10 / 3.00±0.10" in md  # per-level entropy with its spread
     assert json.loads((tmp_path / "ablations.json").read_text())["comparisons"]
     assert (tmp_path / "ablations.png").stat().st_size > 0
@@ -219,8 +253,9 @@ def test_table_judges_the_declared_claims_over_three_seeds(tmp_path):
 
 def test_comparisons_are_validated_against_the_variants(tmp_path):
     tree = profile_tree("default")
-    tree["ablations"]["comparisons"].append({"claim": "x", "variant": "restok", "versus": "no_such_variant",
-                                             "metric": "gFID", "expect": "lower"})
+    tree["ablations"]["comparisons"].append(
+        {"claim": "x", "variant": "restok", "versus": "no_such_variant", "metric": "gFID", "expect": "lower"}
+    )
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(tree))
     last = len(tree["ablations"]["comparisons"]) - 1

@@ -3,6 +3,7 @@
 
 Run: .venv/bin/python -m pytest tests/unit/test_attention.py -q
 """
+
 import importlib.util
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def _record_sdpa_dtypes(monkeypatch) -> list:
     def recording(q, k, v, **kw):
         seen.append(q.dtype)
         return sdpa(q, k, v, **kw)
+
     monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", recording)
     return seen
 
@@ -81,8 +83,9 @@ def test_the_benchmark_runs_both_models_and_prints_ratios(capsys, tmp_path):
     spec = importlib.util.spec_from_file_location("bench_cpu_attention", ROOT / "benchmarks" / "cpu_attention.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--params", str(ROOT / "params.yaml"), "--threads", "1", "--steps", "1", "--warmup", "0",
-                "--rounds", "1"])
+    bench.main(
+        ["--params", str(ROOT / "params.yaml"), "--threads", "1", "--steps", "1", "--warmup", "0", "--rounds", "1"]
+    )
     out = capsys.readouterr().out
     assert "tokenizer: fp32 attention" in out and "generator: fp32 attention" in out
     assert bench.vit_module.attention is attention and bench.generator_module.attention is attention  # restored
@@ -101,7 +104,9 @@ def test_group_masked_attention_runs_a_fused_kernel_forward_and_backward():
 
     for bf16 in (False, True):
         kernels = sdpa_kernels(lambda: step(bf16))
-        assert kernels == ["aten::_scaled_dot_product_flash_attention_for_cpu",
-                           "aten::_scaled_dot_product_flash_attention_for_cpu_backward"], kernels
+        assert kernels == [
+            "aten::_scaled_dot_product_flash_attention_for_cpu",
+            "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+        ], kernels
     unfused = sdpa_kernels(lambda: torch.ops.aten._scaled_dot_product_attention_math(q, k, v, mask))
     assert unfused == ["aten::_scaled_dot_product_attention_math"]  # what the report would flag

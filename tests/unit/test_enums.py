@@ -4,6 +4,7 @@ validate`, each naming the key, before anything runs.
 
     python -m pytest -q tests/unit/test_enums.py
 """
+
 from __future__ import annotations
 
 import subprocess

@@ -4,16 +4,22 @@ Run: .venv/bin/python -m pytest tests/unit/test_generator.py -q
 The vectors come from the official code (tests/data/README.md §4 and §6); the structural tests (causality,
 cached = teacher-forced, AR mode) need no oracle. Everything runs on CPU in fp32 with tiny models.
 """
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from restok.convert.official import (GENERATOR_KEYS, export_official_generator_state,
-                                     load_official_generator_state)
-from restok.models.generator import (GENERATOR_PRESETS, GeneratorConfig, HARGenerator, LabelEmbedder,
-                                     generator_config, input_layout)
+from restok.convert.official import GENERATOR_KEYS, export_official_generator_state, load_official_generator_state
+from restok.models.generator import (
+    GENERATOR_PRESETS,
+    GeneratorConfig,
+    HARGenerator,
+    LabelEmbedder,
+    generator_config,
+    input_layout,
+)
 from restok.models.masks import group_ids
 from restok.sampling import SamplingConfig, generate
 
@@ -32,8 +38,16 @@ def official_tiny(vectors) -> tuple[HARGenerator, dict]:
 
 def random_model(mode: str = "har", num_tokens: int = 16, **kw) -> HARGenerator:
     """Tiny random model with a non-zero head (the default zero head makes every logit 0)."""
-    cfg = GeneratorConfig(dim=32, n_layer=2, n_head=2, vocab_size=32, num_tokens=num_tokens, num_classes=5,
-                          mode=mode, **{**NO_DROPOUT, **kw})
+    cfg = GeneratorConfig(
+        dim=32,
+        n_layer=2,
+        n_head=2,
+        vocab_size=32,
+        num_tokens=num_tokens,
+        num_classes=5,
+        mode=mode,
+        **{**NO_DROPOUT, **kw},
+    )
     model = HARGenerator(cfg).eval()
     torch.nn.init.normal_(model.head.weight, std=0.5)
     return model
@@ -44,8 +58,16 @@ def marker_model(prefix: str, vectors) -> tuple[HARGenerator, dict]:
     channel 1 = index."""
     d = vectors("har_layout")
     T = int(d[f"{prefix}train_len"][0])
-    cfg = GeneratorConfig(dim=16, n_layer=1, n_head=2, vocab_size=T, num_tokens=T, num_classes=10,
-                          spe_token_num=int(d[f"{prefix}spe_token_num"][0]), **NO_DROPOUT)
+    cfg = GeneratorConfig(
+        dim=16,
+        n_layer=1,
+        n_head=2,
+        vocab_size=T,
+        num_tokens=T,
+        num_classes=10,
+        spe_token_num=int(d[f"{prefix}spe_token_num"][0]),
+        **NO_DROPOUT,
+    )
     model = HARGenerator(cfg).eval()
     with torch.no_grad():
         for table, kind in ((model.tok_emb.weight, 1), (model.special_emb.weight, 2), (model.cls_emb.table.weight, 3)):
@@ -132,8 +154,10 @@ def test_official_tiny_teacher_forced_logits_and_loss(vectors):
     np.testing.assert_allclose(loss.item(), d["ar_loss"][0], atol=1e-5)
 
 
-@pytest.mark.parametrize("case, sampling", [("nocfg", dict(cfg_scale=1.0)),
-                                            ("cfg", dict(cfg_scale=3.75, cfg_schedule="step", window_start=0.25))])
+@pytest.mark.parametrize(
+    "case, sampling",
+    [("nocfg", dict(cfg_scale=1.0)), ("cfg", dict(cfg_scale=3.75, cfg_schedule="step", window_start=0.25))],
+)
 def test_official_tiny_greedy_generation(case, sampling, vectors):
     model, d = official_tiny(vectors)
     labels = torch.from_numpy(d["labels"]).long()
@@ -234,11 +258,18 @@ def test_presets_build(name):
     assert cfg.dim % cfg.n_head == 0 and cfg.head_dim % 2 == 0
 
 
-@pytest.mark.parametrize("bad, field", [
-    (dict(dim=30, n_head=4), "dim"), (dict(mode="nar"), "mode"), (dict(num_tokens=24), "num_tokens"),
-    (dict(ar_token_num=3), "ar_token_num"), (dict(spe_token_num=62), "spe_token_num"),
-    (dict(mode="ar", spe_token_num=127), "spe_token_num"), (dict(token_dropout=1.0), "token_dropout"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        (dict(dim=30, n_head=4), "dim"),
+        (dict(mode="nar"), "mode"),
+        (dict(num_tokens=24), "num_tokens"),
+        (dict(ar_token_num=3), "ar_token_num"),
+        (dict(spe_token_num=62), "spe_token_num"),
+        (dict(mode="ar", spe_token_num=127), "spe_token_num"),
+        (dict(token_dropout=1.0), "token_dropout"),
+    ],
+)
 def test_config_refuses_bad_values(bad, field):
     with pytest.raises(ValueError, match=f"generator.{field}"):
         GeneratorConfig(**bad)

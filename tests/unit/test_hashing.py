@@ -1,4 +1,5 @@
 """restok.hashing.sha256_file: the one file hash every manifest, provenance record and weights check stores."""
+
 from __future__ import annotations
 
 import hashlib

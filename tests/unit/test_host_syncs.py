@@ -4,6 +4,7 @@ Python `if` on a tensor) stalls the CPU until the GPU has caught up; all of them
 a dispatch mode sees them on CPU as well. The tokenizer runs with every quantiser switch on (data init, dead-code
 restarts, the bypass), whose bookkeeping used to read its buffers each step.
 """
+
 import dataclasses
 import traceback
 
@@ -37,8 +38,9 @@ class HostSyncs(TorchDispatchMode):
 
 def test_tokenizer_training_step_never_reads_a_device_value():
     torch.manual_seed(0)
-    cfg = dataclasses.replace(PRESETS["restok-smoke/8"], codebook_init="data", dead_code_steps=1,
-                              quantizer_bypass_steps=1)
+    cfg = dataclasses.replace(
+        PRESETS["restok-smoke/8"], codebook_init="data", dead_code_steps=1, quantizer_bypass_steps=1
+    )
     model = ResTok(cfg).train()
     loss_fn = TokenizerLoss(LossConfig(lpips_weight=0.0, gan_weight=0.0))
     x = torch.rand(4, 3, 32, 32)
@@ -46,8 +48,16 @@ def test_tokenizer_training_step_never_reads_a_device_value():
     for step in range(4):  # bypassed, data init, then dead-code restarts (a code unused for one step restarts)
         with HostSyncs() as syncs:
             o = model(x)
-            loss, _ = loss_fn(x, o.recon, o.quant_loss, step=step, teacher_cls=t_cls, teacher_patches=t_patches,
-                              enc_tokens_proj=o.enc_cls_feat[:, None], dec_feat_proj=o.dec_patch_feat)
+            loss, _ = loss_fn(
+                x,
+                o.recon,
+                o.quant_loss,
+                step=step,
+                teacher_cls=t_cls,
+                teacher_patches=t_patches,
+                enc_tokens_proj=o.enc_cls_feat[:, None],
+                dec_feat_proj=o.dec_patch_feat,
+            )
             loss.backward()
         assert not syncs.calls, f"step {step}:\n" + "\n".join(syncs.calls)
     assert not model.quantizer.pending_data_init and int(model.quantizer.train_forwards) == 4

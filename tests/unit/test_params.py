@@ -1,5 +1,6 @@
 """params.yaml validation: the dataclasses and the generated JSON schema agree, and bad values are refused with
 messages that name the file, the key and the value, before anything is written."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,14 +56,26 @@ BAD = {
     "cross-section": (lambda t: t["data"].__setitem__("resolution", 56), "tokenizer", "resolution=56"),
     "needs a root": (lambda t: t["data"].__setitem__("source", "folder"), "data.root", "folder"),
     "unknown section": (lambda t: t.__setitem__("trainer", {}), "trainer", "allowed"),
-    "generator has no pixel CNN": (lambda t: t["train_generator"]["loop"].__setitem__("checkpointing", "all"),
-                                   "train_generator.loop.checkpointing", "'all'"),
-    "variant key": (lambda t: t["ablations"]["variants"].__setitem__("x", {"tokenizer.nope": 1}),
-                    "ablations.variants", "tokenizer.nope"),
-    "variant value": (lambda t: t["ablations"]["variants"].__setitem__("x", {"generator.mode": "diffusion"}),
-                      "ablations.variants.x", "diffusion"),
-    "variant name": (lambda t: t["ablations"]["variants"].__setitem__("x$(touch /tmp/pwn)", {}),
-                     "ablations.variants", "x$(touch /tmp/pwn)"),
+    "generator has no pixel CNN": (
+        lambda t: t["train_generator"]["loop"].__setitem__("checkpointing", "all"),
+        "train_generator.loop.checkpointing",
+        "'all'",
+    ),
+    "variant key": (
+        lambda t: t["ablations"]["variants"].__setitem__("x", {"tokenizer.nope": 1}),
+        "ablations.variants",
+        "tokenizer.nope",
+    ),
+    "variant value": (
+        lambda t: t["ablations"]["variants"].__setitem__("x", {"generator.mode": "diffusion"}),
+        "ablations.variants.x",
+        "diffusion",
+    ),
+    "variant name": (
+        lambda t: t["ablations"]["variants"].__setitem__("x$(touch /tmp/pwn)", {}),
+        "ablations.variants",
+        "x$(touch /tmp/pwn)",
+    ),
     "rope theta": (lambda t: t["tokenizer"].__setitem__("rope_theta", -1.0), "tokenizer.rope_theta", "-1.0"),
     "no cfg scales": (lambda t: t["cfg_search"].__setitem__("scales", []), "cfg_search.scales", "[]"),
     "cfg scale 0": (lambda t: t["cfg_search"].__setitem__("scales", [1.0, 0.0]), "cfg_search.scales", "0.0"),
@@ -83,6 +96,7 @@ def test_a_variant_params_file_loads_although_another_variant_conflicts_with_it(
     """Inside an ablation run params.yaml is already one variant (flat queries, learned init); composing another
     variant (pooled init) on it is invalid, and must not stop the run's stages (the grid's flat_queries run did)."""
     from restok import ablate
+
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(ablate.runs(profile_tree("default"))["flat_queries-s0"]))
     assert load_params(path, ("tokenizer",)).tokenizer.latent_queries == "flat"
@@ -91,18 +105,28 @@ def test_a_variant_params_file_loads_although_another_variant_conflicts_with_it(
 
 
 def test_schema_refuses_what_the_dataclasses_refuse(tmp_path):
-    for case in ("wrong type", "unknown key", "missing key", "bad enum", "out of range", "unknown section",
-                 "variant name"):
+    for case in (
+        "wrong type",
+        "unknown key",
+        "missing key",
+        "bad enum",
+        "out of range",
+        "unknown section",
+        "variant name",
+    ):
         tree = profile_tree("default")
         BAD[case][0](tree)
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(tree, json_schema())
 
 
-@pytest.mark.parametrize("after, line, key", [
-    ("\ntrain_generator:\n", "  val_batches: 9\n", "train_generator.val_batches"),  # nested
-    (None, "profile: other\n", "profile"),                                      # top level, at the end
-])
+@pytest.mark.parametrize(
+    "after, line, key",
+    [
+        ("\ntrain_generator:\n", "  val_batches: 9\n", "train_generator.val_batches"),  # nested
+        (None, "profile: other\n", "profile"),  # top level, at the end
+    ],
+)
 def test_duplicate_keys_are_refused_naming_file_key_and_lines(tmp_path, after, line, key):
     """YAML keeps the last of two equal keys without a word; the loader refuses the file instead."""
     text = yaml.safe_dump(profile_tree("default"))
@@ -118,8 +142,21 @@ def test_duplicate_keys_are_refused_naming_file_key_and_lines(tmp_path, after, l
 def test_stage_refuses_bad_params_before_writing_anything(tmp_path):
     path = _write(tmp_path, lambda t: t["shard"].__setitem__("samples_per_shard", 0))
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "-m", "restok.stages.shard", "--params", path, "--out", str(out / "data"),
-                        "--results", str(out / "results")], capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "restok.stages.shard",
+            "--params",
+            path,
+            "--out",
+            str(out / "data"),
+            "--results",
+            str(out / "results"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode != 0 and "shard.samples_per_shard" in p.stderr
     assert not out.exists()
 
@@ -129,14 +166,28 @@ def test_stage_refuses_a_bad_section_it_does_not_read_before_writing_anything(tm
     still runs first: a bad generator value stops it, naming the key."""
     path = _write(tmp_path, lambda t: t["generator"].__setitem__("mode", "diffusion"))
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "-m", "restok.stages.shard", "--params", path, "--out", str(out / "data"),
-                        "--results", str(out / "results")], capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "restok.stages.shard",
+            "--params",
+            path,
+            "--out",
+            str(out / "data"),
+            "--results",
+            str(out / "results"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode != 0 and "generator.mode" in p.stderr and "'diffusion'" in p.stderr, p.stderr[-2000:]
     assert not out.exists()
 
 
 def test_a_stage_params_type_must_be_the_sections_type():
     from restok.config.data import Data
+
     with pytest.raises(TypeError, match="'shard'"):
         load_params(REPO / "params.yaml", {"profile": str, "shard": Data})
 
@@ -144,9 +195,14 @@ def test_a_stage_params_type_must_be_the_sections_type():
 def test_stage_args_parses_the_artifact_paths_then_loads_the_stage_sections():
     from restok.config.data import Data
     from restok.config.load import stage_args
-    args, p = stage_args("doc", {"profile": str, "data": Data},
-                         ["--params", str(REPO / "params.yaml"), "--tokenizer-metrics", "m.json"],
-                         tokenizer_metrics="results/x.json", out="data/x")
+
+    args, p = stage_args(
+        "doc",
+        {"profile": str, "data": Data},
+        ["--params", str(REPO / "params.yaml"), "--tokenizer-metrics", "m.json"],
+        tokenizer_metrics="results/x.json",
+        out="data/x",
+    )
     assert (args.params, args.tokenizer_metrics, args.out) == (str(REPO / "params.yaml"), "m.json", "data/x")
     assert set(p.sections) == {"profile", "data"} and isinstance(p.data, Data)
 
@@ -154,6 +210,7 @@ def test_stage_args_parses_the_artifact_paths_then_loads_the_stage_sections():
 def test_missing_data_root_is_named(tmp_path):
     path = _write(tmp_path, lambda t: t["data"].update(source="folder", root=str(tmp_path / "nope")))
     from restok.stages import shard
+
     with pytest.raises(ValueError, match="data.root=.*nope.*not found"):
         shard.main(["--params", path, "--out", str(tmp_path / "d"), "--results", str(tmp_path / "r")])
     assert not (tmp_path / "d").exists()
@@ -167,8 +224,9 @@ def test_profile_section_view_refuses_undeclared_sections(tmp_path):
 
 def test_cli_profile_and_validate(tmp_path):
     out = tmp_path / "p.yaml"
-    r = subprocess.run([sys.executable, "-m", "restok.cli", "profile", "smoke", "--out", str(out)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "restok.cli", "profile", "smoke", "--out", str(out)], capture_output=True, text=True
+    )
     assert r.returncode == 0 and yaml.safe_load(out.read_text())["profile"] == "smoke"
     bad = _write(tmp_path, lambda t: t["data"].__setitem__("num_classes", 1))
     r = subprocess.run([sys.executable, "-m", "restok.cli", "validate", bad], capture_output=True, text=True)
@@ -177,22 +235,48 @@ def test_cli_profile_and_validate(tmp_path):
 
 # The default profile's departures from the official recipe (docs/experiments.md: "the default recipe's
 # departures"), besides the model's size; the paper's profiles must keep the official value of every one of them.
-DEFAULT_DEPARTURES = {"image_queries", "legacy_head", "commitment_cost", "weight_init", "codebook_init",
-                      "dead_code_steps", "grey_start"}
-SIZE_FIELDS = {"pixel_channels", "pixel_res_blocks", "pixel_z_channels", "enc_width", "enc_depth", "enc_heads",
-               "dec_width", "dec_depth", "dec_heads", "level_sizes", "codebook_size"}
+DEFAULT_DEPARTURES = {
+    "image_queries",
+    "legacy_head",
+    "commitment_cost",
+    "weight_init",
+    "codebook_init",
+    "dead_code_steps",
+    "grey_start",
+}
+SIZE_FIELDS = {
+    "pixel_channels",
+    "pixel_res_blocks",
+    "pixel_z_channels",
+    "enc_width",
+    "enc_depth",
+    "enc_heads",
+    "dec_width",
+    "dec_depth",
+    "dec_heads",
+    "level_sizes",
+    "codebook_size",
+}
 
 
 def _departures(section: dict, official) -> set[str]:
     defaults = dataclasses.asdict(official)
-    return {key for key, value in section.items()
-            if key in defaults and value != (list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key])}
+    return {
+        key
+        for key, value in section.items()
+        if key in defaults and value != (list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key])
+    }
 
 
 def test_default_departs_from_the_official_tokenizer_recipe_only_by_the_named_switches():
     assert _departures(profile_tree("default")["tokenizer"], TokenizerConfig()) - SIZE_FIELDS == DEFAULT_DEPARTURES
     assert _departures(profile_tree("default")["train_tokenizer"]["loss"], LossConfig()) == {
-        "lpips_weight", "lpips_weights", "vf_enc_weight", "vf_dec_weight", "gan_weight"}
+        "lpips_weight",
+        "lpips_weights",
+        "vf_enc_weight",
+        "vf_dec_weight",
+        "gan_weight",
+    }
 
 
 def test_paper_profiles_keep_the_official_tokenizer_recipe_and_loss_weights():

@@ -6,6 +6,7 @@ Features are synthetic Gaussian clusters (one mean per class), so the right answ
 clusters are classified almost perfectly, pure noise at chance, and a probe at chance on real val images is
 flagged as not reliable whatever it says about samples.
 """
+
 import numpy as np
 import pytest
 

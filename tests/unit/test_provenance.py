@@ -6,6 +6,7 @@
 record names the lock and whether the installed packages match it; tests/stage/test_stage_train_generator.py shows
 what reproduces (bitwise at a fixed thread count, within tolerance across thread counts).
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -18,11 +19,19 @@ from restok import provenance
 
 
 def test_write_results_splits_numbers_from_provenance(tmp_path):
-    provenance.write_results(tmp_path / "metrics.json", {"psnr": 20.5, "levels": {"level_0": 1.0}, "step": 6,
-                                                         "ok": True, "missing": None},
-                             {"teacher": "efficientnet", "seconds": 3.2}, "cpu")
-    assert json.loads((tmp_path / "metrics.json").read_text()) == \
-        {"psnr": 20.5, "levels": {"level_0": 1.0}, "step": 6, "ok": True, "missing": None}
+    provenance.write_results(
+        tmp_path / "metrics.json",
+        {"psnr": 20.5, "levels": {"level_0": 1.0}, "step": 6, "ok": True, "missing": None},
+        {"teacher": "efficientnet", "seconds": 3.2},
+        "cpu",
+    )
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {
+        "psnr": 20.5,
+        "levels": {"level_0": 1.0},
+        "step": 6,
+        "ok": True,
+        "missing": None,
+    }
     info = json.loads((tmp_path / "provenance.json").read_text())
     assert info["teacher"] == "efficientnet" and info["seconds"] == 3.2
     env = info["environment"]
@@ -50,9 +59,9 @@ def test_split_numbers_keeps_nesting_and_read_results_merges_back(tmp_path):
 
 def test_lock_differences_are_named(tmp_path):
     (tmp_path / "requirements").mkdir()
-    (tmp_path / "requirements/lock.txt").write_text(f"torch=={importlib.metadata.version('torch')} \\\n"
-                                                    "    --hash=sha256:00\n"
-                                                    "not-installed-package==1.0\n")
+    (tmp_path / "requirements/lock.txt").write_text(
+        f"torch=={importlib.metadata.version('torch')} \\\n    --hash=sha256:00\nnot-installed-package==1.0\n"
+    )
     (tmp_path / "requirements/weights.txt").write_text("")
     lock = provenance.environment("cpu", root=tmp_path)["lock"]
     assert not lock["matches_installed"]

@@ -3,6 +3,7 @@
 Run: .venv/bin/python -m pytest tests/unit/test_quantizer.py -q
 The stored arrays use the official B x C x 1 x L layout; ours is (B, L, C), so every array is transposed once.
 """
+
 import numpy as np
 import pytest
 import torch

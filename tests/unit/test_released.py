@@ -1,4 +1,5 @@
 """Released checkpoints: where they are looked for, what a missing one says, and the params check on import."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,8 +18,9 @@ from restok.hashing import sha256_file
 from restok.weights import WeightsHashError
 
 REPO = "org/released-gpt"
-CFG = GeneratorConfig(dim=32, n_layer=2, n_head=2, vocab_size=16, num_tokens=8, num_classes=3, ar_token_num=2,
-                      spe_token_num=7)
+CFG = GeneratorConfig(
+    dim=32, n_layer=2, n_head=2, vocab_size=16, num_tokens=8, num_classes=3, ar_token_num=2, spe_token_num=7
+)
 
 
 @pytest.fixture
@@ -57,8 +59,9 @@ def test_hub_cache_snapshot_is_imported_exactly(hub_cache):
     torch.manual_seed(0)
     model = HARGenerator(CFG)
     pin = _cache_snapshot(hub_cache, model)
-    imported, provenance = released.import_released("generator", Official(repo_id=REPO, sha256=pin),
-                                                    "train_generator.official", CFG, "params.yaml:generator")
+    imported, provenance = released.import_released(
+        "generator", Official(repo_id=REPO, sha256=pin), "train_generator.official", CFG, "params.yaml:generator"
+    )
     assert provenance["weights"].startswith(f"official:{REPO}@") and provenance["source"].startswith(str(hub_cache))
     for key, value in model.state_dict().items():
         assert torch.equal(imported.state_dict()[key], value), key
@@ -87,16 +90,23 @@ def test_released_weights_are_checked_against_the_pinned_sha256_before_import(hu
     monkeypatch.setattr(released, "import_official_checkpoint", must_not_import)
     wrong = "f" * 64
     with pytest.raises(WeightsHashError) as err:
-        released.import_released("generator", Official(repo_id=REPO, sha256=wrong), "train_generator.official",
-                                 CFG, "params.yaml:generator")
-    assert str(err.value) == (f"restok: the released generator: {cached} has sha256 {pin}, expected {wrong} "
-                              f"(train_generator.official.sha256); not used")
-    with pytest.raises(WeightsHashError, match=rf"the released generator: weights downloaded from the hub "
-                                               rf"\({REPO}@main\) are used only with their sha256 pinned; set "
-                                               rf"train_generator.official.sha256. The file {cached} has sha256 {pin}"):
+        released.import_released(
+            "generator", Official(repo_id=REPO, sha256=wrong), "train_generator.official", CFG, "params.yaml:generator"
+        )
+    assert str(err.value) == (
+        f"restok: the released generator: {cached} has sha256 {pin}, expected {wrong} "
+        f"(train_generator.official.sha256); not used"
+    )
+    with pytest.raises(
+        WeightsHashError,
+        match=rf"the released generator: weights downloaded from the hub "
+        rf"\({REPO}@main\) are used only with their sha256 pinned; set "
+        rf"train_generator.official.sha256. The file {cached} has sha256 {pin}",
+    ):
         released.import_released("generator", Official(repo_id=REPO), "train_generator.official", CFG, "g")
     with pytest.raises(WeightsHashError, match=rf"{cached} has sha256 {pin}, expected {wrong}"):
-        released.import_released("generator", Official(file=str(cached.parent), sha256=wrong),
-                                 "train_generator.official", CFG, "g")
+        released.import_released(
+            "generator", Official(file=str(cached.parent), sha256=wrong), "train_generator.official", CFG, "g"
+        )
     with pytest.raises(ValueError, match=r"official.sha256='ABC': must be null or a sha256"):
         Official(repo_id=REPO, sha256="ABC")

@@ -5,6 +5,7 @@ Schedules are compared in float64 exactly; the sampling step at the tolerances o
 cached loop is checked against the teacher-forced forward on the codes it produced, which validates the mask
 rows, RoPE positions, special-token indexing and cache bookkeeping together (docs/method.md, restok §5.2).
 """
+
 import math
 import os
 import subprocess
@@ -16,23 +17,44 @@ import pytest
 import torch
 
 from restok.models.generator import GeneratorConfig, HARGenerator
-from restok.sampling import (SamplingConfig, allocate_kv_cache, combine_cfg, compile_sampling, draw_from_probs,
-                             filter_logits, generate, logits_to_probs, pass_rows, schedule_scales)
+from restok.sampling import (
+    SamplingConfig,
+    allocate_kv_cache,
+    combine_cfg,
+    compile_sampling,
+    draw_from_probs,
+    filter_logits,
+    generate,
+    logits_to_probs,
+    pass_rows,
+    schedule_scales,
+)
 
 SCHEDULE_KWARGS = {"step": dict(window_start=0.25), "rectangular": dict(window_start=0.05)}  # official defaults
 STEP_CASES = ["s_reported_", "s_early_", "s_topk_", "s_V1024_"]
 
 
 def random_model(mode: str = "har", num_tokens: int = 16) -> HARGenerator:
-    cfg = GeneratorConfig(dim=32, n_layer=2, n_head=2, vocab_size=32, num_tokens=num_tokens, num_classes=5,
-                          mode=mode, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
+    cfg = GeneratorConfig(
+        dim=32,
+        n_layer=2,
+        n_head=2,
+        vocab_size=32,
+        num_tokens=num_tokens,
+        num_classes=5,
+        mode=mode,
+        token_dropout=0.0,
+        resid_dropout=0.0,
+        ffn_dropout=0.0,
+    )
     model = HARGenerator(cfg).eval()
     torch.nn.init.normal_(model.head.weight, std=0.5)
     return model
 
 
-@pytest.mark.parametrize("name", ["step", "constant", "linear", "linear_re", "linear_constant", "triangular",
-                                  "rectangular"])
+@pytest.mark.parametrize(
+    "name", ["step", "constant", "linear", "linear_re", "linear_constant", "triangular", "rectangular"]
+)
 def test_schedules_match_official_exactly(name, vectors):
     d = vectors("cfg_sampling")
     assert name in d["schedule_names"]
@@ -114,13 +136,15 @@ def test_seeded_samples_do_not_depend_on_batch_split():
     sampling = SamplingConfig(cfg_scale=2.0, top_p=0.95)
     labels, seeds = torch.tensor([1, 2, 3, 4]), [10, 11, 12, 13]
     whole = generate(model, labels, sampling, seeds=seeds)
-    parts = torch.cat([generate(model, labels[:1], sampling, seeds=seeds[:1]),
-                       generate(model, labels[1:], sampling, seeds=seeds[1:])])
+    parts = torch.cat(
+        [generate(model, labels[:1], sampling, seeds=seeds[:1]), generate(model, labels[1:], sampling, seeds=seeds[1:])]
+    )
     assert torch.equal(whole, parts)
     assert not torch.equal(whole, generate(model, labels, sampling, seeds=[20, 21, 22, 23]))
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    assert torch.equal(generate(model, labels, sampling, generator=gen()), generate(model, labels, sampling,
-                                                                                     generator=gen()))
+    assert torch.equal(
+        generate(model, labels, sampling, generator=gen()), generate(model, labels, sampling, generator=gen())
+    )
 
 
 def test_a_reused_kv_cache_gives_the_codes_of_a_fresh_one():
@@ -144,12 +168,14 @@ def test_cpu_sampling_does_not_import_cuda_graph_machinery():
     """Regression: generate() began every call with cudagraph_mark_step_begin, whose first call imports inductor's
     cudagraph_trees (about 1 s here), inside the sample stage's timed first batch: generation 486 -> 146 images/s in
     the default run. On CPU there are no CUDA graphs to mark."""
-    code = ("import sys, torch\n"
-            "from restok.models.generator import GeneratorConfig, HARGenerator\n"
-            "from restok.sampling import SamplingConfig, generate\n"
-            "cfg = GeneratorConfig(dim=32, n_layer=1, n_head=2, vocab_size=32, num_tokens=8, num_classes=5)\n"
-            "generate(HARGenerator(cfg).eval(), torch.tensor([0, 1]), SamplingConfig(cfg_scale=2.0), seeds=[0, 1])\n"
-            "print('torch._inductor.cudagraph_trees' in sys.modules)\n")
+    code = (
+        "import sys, torch\n"
+        "from restok.models.generator import GeneratorConfig, HARGenerator\n"
+        "from restok.sampling import SamplingConfig, generate\n"
+        "cfg = GeneratorConfig(dim=32, n_layer=1, n_head=2, vocab_size=32, num_tokens=8, num_classes=5)\n"
+        "generate(HARGenerator(cfg).eval(), torch.tensor([0, 1]), SamplingConfig(cfg_scale=2.0), seeds=[0, 1])\n"
+        "print('torch._inductor.cudagraph_trees' in sys.modules)\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -176,14 +202,26 @@ def test_generate_refusals():
     model = random_model("har")
     with pytest.raises(ValueError, match="eval"):
         generate(model.train(), torch.tensor([0]), SamplingConfig())
-    no_null = HARGenerator(GeneratorConfig(dim=32, n_layer=1, n_head=2, vocab_size=32, num_tokens=16, num_classes=5,
-                                           class_dropout_prob=0.0)).eval()
+    no_null = HARGenerator(
+        GeneratorConfig(
+            dim=32, n_layer=1, n_head=2, vocab_size=32, num_tokens=16, num_classes=5, class_dropout_prob=0.0
+        )
+    ).eval()
     with pytest.raises(ValueError, match="null class"):
         generate(no_null, torch.tensor([0]), SamplingConfig(cfg_scale=2.0))
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=0.0), dict(top_p=0.0), dict(top_k=-1), dict(peak=1.0),
-                                 dict(cfg_scale=-1.0), dict(window_start=0.5, window_end=0.4)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=0.0),
+        dict(top_p=0.0),
+        dict(top_k=-1),
+        dict(peak=1.0),
+        dict(cfg_scale=-1.0),
+        dict(window_start=0.5, window_end=0.4),
+    ],
+)
 def test_sampling_config_refuses_bad_values(bad):
     with pytest.raises(ValueError, match="sample"):
         SamplingConfig(**bad)

@@ -12,6 +12,7 @@ Each test builds two models with the same weights, runs one training forward + b
 the same batch from the same RNG state (nested dropout, label and token dropout draw from it) and compares the loss
 and every parameter's gradient.
 """
+
 import copy
 import os
 
@@ -28,12 +29,17 @@ VOCAB = 80  # the tiny generator's; unlike its width (64), so logits are told ap
 def _tokenizer_loss(model: ResTok, x: torch.Tensor, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)  # the nested-dropout draw
     out = model(x)
-    return (out.recon - x).square().mean() + out.quant_loss + out.dec_patch_feat.square().mean() \
+    return (
+        (out.recon - x).square().mean()
+        + out.quant_loss
+        + out.dec_patch_feat.square().mean()
         + out.enc_cls_feat.square().mean()
+    )
 
 
-def _generator_loss(model: HARGenerator, codes: torch.Tensor, labels: torch.Tensor, seed: int,
-                    with_logits: bool = True) -> torch.Tensor:
+def _generator_loss(
+    model: HARGenerator, codes: torch.Tensor, labels: torch.Tensor, seed: int, with_logits: bool = True
+) -> torch.Tensor:
     torch.manual_seed(seed)  # label, token, residual and FFN dropout
     return model(codes, labels, with_logits=with_logits)[1]
 
@@ -51,8 +57,9 @@ def count_calls(module: torch.nn.Module) -> list:
     return calls
 
 
-def assert_same_loss_and_grads(ref: torch.nn.Module, fast: torch.nn.Module, loss_ref: torch.Tensor,
-                               loss_fast: torch.Tensor, atol: float) -> None:
+def assert_same_loss_and_grads(
+    ref: torch.nn.Module, fast: torch.nn.Module, loss_ref: torch.Tensor, loss_fast: torch.Tensor, atol: float
+) -> None:
     loss_ref.backward()
     loss_fast.backward()
     torch.testing.assert_close(loss_fast, loss_ref, atol=atol, rtol=0)
@@ -80,8 +87,9 @@ def test_generator_checkpointing_keeps_loss_and_grads():
     fast.set_checkpointing("blocks")
     calls = count_calls(fast.blocks[-1])
     codes, labels = torch.randint(0, VOCAB, (4, 16)), torch.tensor([0, 3, 5, 9])
-    assert_same_loss_and_grads(ref, fast, _generator_loss(ref, codes, labels, 2),
-                               _generator_loss(fast, codes, labels, 2), atol=1e-5)
+    assert_same_loss_and_grads(
+        ref, fast, _generator_loss(ref, codes, labels, 2), _generator_loss(fast, codes, labels, 2), atol=1e-5
+    )
     assert len(calls) == 2  # recomputed in backward
 
 
@@ -132,5 +140,10 @@ def test_generator_compiled_training_step_keeps_loss_and_grads():
     fast.set_checkpointing("blocks")
     net = torch.compile(fast, backend="aot_eager", dynamic=False)
     codes, labels = torch.randint(0, VOCAB, (4, 16)), torch.tensor([0, 3, 5, 9])
-    assert_same_loss_and_grads(ref, fast, _generator_loss(ref, codes, labels, 4),
-                               _generator_loss(net, codes, labels, 4, with_logits=False), atol=1e-4)
+    assert_same_loss_and_grads(
+        ref,
+        fast,
+        _generator_loss(ref, codes, labels, 4),
+        _generator_loss(net, codes, labels, 4, with_logits=False),
+        atol=1e-4,
+    )

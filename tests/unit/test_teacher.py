@@ -6,6 +6,7 @@ Pretrained weights cannot be had offline, so the tests write a weights file from
 and load it through the real paths (a local file via pretrained_cfg_overlay, and a seeded HF cache with the
 production `pretrained=True` call; docs/tooling.md, ecosystem §7-8). The loaded teacher must reproduce that model's own forward.
 """
+
 import shutil
 
 import pytest
@@ -82,8 +83,11 @@ def test_seeded_hub_cache_loads_the_pinned_file(source, hf_cache):
     ref_cls, ref_patches = _reference(model, img)
     torch.testing.assert_close(cls, ref_cls, rtol=0, atol=0)
     torch.testing.assert_close(patches, ref_patches, rtol=0, atol=0)
-    assert teacher.provenance == {"model": NAME, "weights": f"hub:timm/{NAME}@main/model.safetensors",
-                                  "sha256": sha256_file(path)}
+    assert teacher.provenance == {
+        "model": NAME,
+        "weights": f"hub:timm/{NAME}@main/model.safetensors",
+        "sha256": sha256_file(path),
+    }
 
 
 def test_hub_weights_are_used_only_at_their_pinned_sha256(source, hf_cache, monkeypatch):
@@ -99,12 +103,14 @@ def test_hub_weights_are_used_only_at_their_pinned_sha256(source, hf_cache, monk
     actual, wrong = sha256_file(path), "0" * 64
     with pytest.raises(WeightsHashError) as err:
         Teacher(NAME, revision="v1", sha256=wrong)
-    assert str(err.value) == (f"restok: {NAME}: {cached} has sha256 {actual}, expected {wrong} (vf.sha256); "
-                              f"not used")
-    with pytest.raises(WeightsHashError, match=rf"restok: {NAME}: weights downloaded from the hub "
-                                               rf"\(timm/{NAME}@v1/model.safetensors\) are used only with their "
-                                               rf"sha256 pinned; set vf.sha256. The file .*def456/model.safetensors "
-                                               rf"has sha256 {actual}"):
+    assert str(err.value) == (f"restok: {NAME}: {cached} has sha256 {actual}, expected {wrong} (vf.sha256); not used")
+    with pytest.raises(
+        WeightsHashError,
+        match=rf"restok: {NAME}: weights downloaded from the hub "
+        rf"\(timm/{NAME}@v1/model.safetensors\) are used only with their "
+        rf"sha256 pinned; set vf.sha256. The file .*def456/model.safetensors "
+        rf"has sha256 {actual}",
+    ):
         Teacher(NAME, revision="v1")
     with pytest.raises(MissingWeightsError, match="refs/v2 containing <rev>"):  # another revision: not in the cache
         Teacher(NAME, revision="v2", sha256=actual)
@@ -172,11 +178,18 @@ class _OpensAFile:
         return open, (self.path, "w")
 
 
-@pytest.mark.parametrize("key, build", [
-    ("vf.weights", lambda path: Teacher(NAME, str(path))),
-    ("train_tokenizer.loss.disc_weights", lambda path: TokenizerLoss(LossConfig(
-        lpips_weight=0.0, gan_weight=0.5, disc_model="vit_tiny_patch16_224", disc_weights=str(path)))),
-])
+@pytest.mark.parametrize(
+    "key, build",
+    [
+        ("vf.weights", lambda path: Teacher(NAME, str(path))),
+        (
+            "train_tokenizer.loss.disc_weights",
+            lambda path: TokenizerLoss(
+                LossConfig(lpips_weight=0.0, gan_weight=0.5, disc_model="vit_tiny_patch16_224", disc_weights=str(path))
+            ),
+        ),
+    ],
+)
 def test_a_weights_file_that_would_run_code_is_refused_and_runs_nothing(tmp_path, key, build):
     ran, path = tmp_path / "ran", tmp_path / "weights.pth"
     torch.save({"patch_embed.proj.bias": torch.zeros(384), "extra": _OpensAFile(ran)}, path)
@@ -194,10 +207,27 @@ def test_the_discriminator_weights_are_checked_against_their_pin(tmp_path):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     wrong = "3" * 64
-    with pytest.raises(WeightsHashError, match=rf"restok: vit_tiny_patch16_224: {path} has sha256 {sha256_file(path)}, "
-                                               rf"expected {wrong} \(train_tokenizer.loss.disc_sha256\); not used"):
-        TokenizerLoss(LossConfig(lpips_weight=0.0, gan_weight=0.5, disc_model="vit_tiny_patch16_224",
-                                 disc_weights=str(path), disc_sha256=wrong))
-    loss = TokenizerLoss(LossConfig(lpips_weight=0.0, gan_weight=0.5, disc_model="vit_tiny_patch16_224",
-                                    disc_weights=str(path), disc_sha256=sha256_file(path)))
+    with pytest.raises(
+        WeightsHashError,
+        match=rf"restok: vit_tiny_patch16_224: {path} has sha256 {sha256_file(path)}, "
+        rf"expected {wrong} \(train_tokenizer.loss.disc_sha256\); not used",
+    ):
+        TokenizerLoss(
+            LossConfig(
+                lpips_weight=0.0,
+                gan_weight=0.5,
+                disc_model="vit_tiny_patch16_224",
+                disc_weights=str(path),
+                disc_sha256=wrong,
+            )
+        )
+    loss = TokenizerLoss(
+        LossConfig(
+            lpips_weight=0.0,
+            gan_weight=0.5,
+            disc_model="vit_tiny_patch16_224",
+            disc_weights=str(path),
+            disc_sha256=sha256_file(path),
+        )
+    )
     assert loss.provenance["discriminator"]["sha256"] == sha256_file(path)

@@ -11,6 +11,7 @@ The old default collapsed to the mean image: every prefix decoded to the same bl
 that learns"). Distinct codes alone did not catch that (they passed on the collapsed recipe); the reconstruction gain
 over the mean image does.
 """
+
 import dataclasses
 
 import torch
@@ -38,12 +39,19 @@ def _train(**overrides) -> tuple[torch.Tensor, float, tuple[int, ...]]:
     section = dataclasses.replace(SECTIONS["tokenizer"](**tree["tokenizer"]), vf_align=False, **overrides)
     res, opt_cfg = tree["data"]["resolution"], tree["train_tokenizer"]["optim"]
     cfg = tokenizer_config(section, res, None)
-    images = torch.stack([to_uint8_tensor(render(c, i, res, seed=0)) for c in range(CLASSES)
-                          for i in range(PER_CLASS)]).float() / 255  # (16, 3, 32, 32)
+    images = (
+        torch.stack(
+            [to_uint8_tensor(render(c, i, res, seed=0)) for c in range(CLASSES) for i in range(PER_CLASS)]
+        ).float()
+        / 255
+    )  # (16, 3, 32, 32)
     torch.manual_seed(0)
     model = ResTok(cfg)
-    loss_fn = TokenizerLoss(dataclasses.replace(SECTIONS["train_tokenizer"]().loss, lpips_weight=0.0,
-                                                vf_enc_weight=0.0, vf_dec_weight=0.0, gan_weight=0.0))
+    loss_fn = TokenizerLoss(
+        dataclasses.replace(
+            SECTIONS["train_tokenizer"]().loss, lpips_weight=0.0, vf_enc_weight=0.0, vf_dec_weight=0.0, gan_weight=0.0
+        )
+    )
     opt = optim.adamw(model, opt_cfg["lr"], opt_cfg["weight_decay"], tuple(opt_cfg["betas"]))
     for step in range(STEPS):
         out = model(images)

@@ -4,6 +4,7 @@ Run: .venv/bin/python -m pytest tests/unit/test_tokenizer_model.py -q
 Shapes, prefix decoding, nested-dropout independence, the latent-init / merge / legacy-head invariants,
 every ablation variant (forward + backward), and the paper-size parameter count on the meta device.
 """
+
 import dataclasses
 
 import pytest
@@ -13,9 +14,21 @@ import torch.nn.functional as F
 from restok.models.tokenizer import ResTok, TokenizerConfig, TokenizerOut
 from restok.models.vit import ResTokEncoder, residual_pool_init
 
-TINY = TokenizerConfig(resolution=32, pixel_channels=(32, 32, 32), pixel_res_blocks=1, pixel_z_channels=32,
-                       enc_width=32, enc_depth=4, enc_heads=2, dec_width=32, dec_depth=4, dec_heads=2,
-                       level_sizes=(1, 1, 2, 4, 8, 16), codebook_size=64, vf_dim=16)
+TINY = TokenizerConfig(
+    resolution=32,
+    pixel_channels=(32, 32, 32),
+    pixel_res_blocks=1,
+    pixel_z_channels=32,
+    enc_width=32,
+    enc_depth=4,
+    enc_heads=2,
+    dec_width=32,
+    dec_depth=4,
+    dec_heads=2,
+    level_sizes=(1, 1, 2, 4, 8, 16),
+    codebook_size=64,
+    vf_dim=16,
+)
 L = TINY.num_tokens
 
 
@@ -129,10 +142,10 @@ def test_merge_invariants_inside_the_encoder():
         old, seq = seen[("attn", i)], seen[("ln2", i)]
         assert seq.shape[1] == old.shape[1] + n // 2
         assert torch.equal(seq[:, : n // 2], old[:, 0:n:2])
-        residual = seq[:, n // 2: n // 2 + n]
+        residual = seq[:, n // 2 : n // 2 + n]
         assert torch.all(residual[:, 0::2] == 0)
         assert torch.equal(residual[:, 1::2], old[:, 1:n:2] - old[:, 0:n:2])
-        assert torch.equal(seq[:, n // 2 + n:], old[:, n:])
+        assert torch.equal(seq[:, n // 2 + n :], old[:, n:])
         n //= 2
 
 
@@ -210,19 +223,22 @@ def test_paper_size_parameter_count_on_meta():
     assert millions(with_vf) == 661.792
 
 
-@pytest.mark.parametrize("overrides, field", [
-    ({"level_sizes": (1, 2, 4)}, "level_sizes"),
-    ({"merge_op": "max"}, "merge_op"),
-    ({"hierarchy_stages": 5}, "hierarchy_stages"),  # width 8 cannot be halved 4 times
-    ({"enc_depth": 3}, "hierarchy_stages"),
-    ({"level_sizes": (1, 1, 2, 4, 8, 16, 32, 64, 128)}, "level_sizes"),  # 16x16 pooling on an 8x8 grid
-    ({"latent_queries": "flat"}, "latent_queries"),
-    ({"vf_dim": None}, "vf_align"),
-    ({"drop_prob": 0.7}, "drop_prob"),
-    ({"enc_heads": 3}, "enc_width"),
-    ({"pixel_channels": (32, 48)}, "pixel_channels"),
-    ({"resolution": 30}, "resolution"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"level_sizes": (1, 2, 4)}, "level_sizes"),
+        ({"merge_op": "max"}, "merge_op"),
+        ({"hierarchy_stages": 5}, "hierarchy_stages"),  # width 8 cannot be halved 4 times
+        ({"enc_depth": 3}, "hierarchy_stages"),
+        ({"level_sizes": (1, 1, 2, 4, 8, 16, 32, 64, 128)}, "level_sizes"),  # 16x16 pooling on an 8x8 grid
+        ({"latent_queries": "flat"}, "latent_queries"),
+        ({"vf_dim": None}, "vf_align"),
+        ({"drop_prob": 0.7}, "drop_prob"),
+        ({"enc_heads": 3}, "enc_width"),
+        ({"pixel_channels": (32, 48)}, "pixel_channels"),
+        ({"resolution": 30}, "resolution"),
+    ],
+)
 def test_config_refusals(overrides, field):
     with pytest.raises(ValueError, match=field):
         dataclasses.replace(TINY, **overrides)
@@ -231,10 +247,14 @@ def test_config_refusals(overrides, field):
 @pytest.mark.parametrize("weight_init", ["official", "fan_in"])
 def test_weight_init_choices(weight_init):
     from restok.models.tokenizer import PRESETS
+
     cfg = dataclasses.replace(PRESETS["restok-smoke/8"], weight_init=weight_init, vf_align=False, vf_dim=None)
     model = ResTok(cfg)
-    w = model.pixel_encoder[0].weight if isinstance(model.pixel_encoder, torch.nn.Sequential) else next(
-        m.weight for m in model.pixel_encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    w = (
+        model.pixel_encoder[0].weight
+        if isinstance(model.pixel_encoder, torch.nn.Sequential)
+        else next(m.weight for m in model.pixel_encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    )
     fan_in = w[0].numel()
-    expected = 0.02 if weight_init == "official" else fan_in ** -0.5
+    expected = 0.02 if weight_init == "official" else fan_in**-0.5
     assert abs(w.std().item() - expected) < 0.25 * expected

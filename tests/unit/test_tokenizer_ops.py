@@ -5,6 +5,7 @@ The L-config vectors go through the model-free functions of restok.models.vit / 
 model is never built). The tiny-parity structure (8x8 grid, 32 tokens, 6 blocks, 4 stages) is also checked on a
 narrow encoder/decoder built from our modules, by recording what every block really receives.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -38,17 +39,29 @@ def _structure(s, p):
 
 def _narrow_tiny_parity_cfg():
     """The tiny-parity structure (128 px, 16x CNN, 8x8 grid, 6 blocks, 4 stages, 32 tokens) at width 64."""
-    return TokenizerConfig(resolution=128, pixel_channels=(32,) * 5, pixel_z_channels=32, enc_width=64, enc_depth=6,
-                           enc_heads=1, dec_width=64, dec_depth=6, dec_heads=1, level_sizes=(1, 1, 2, 4, 8, 16),
-                           codebook_size=64, vf_align=False)
+    return TokenizerConfig(
+        resolution=128,
+        pixel_channels=(32,) * 5,
+        pixel_z_channels=32,
+        enc_width=64,
+        enc_depth=6,
+        enc_heads=1,
+        dec_width=64,
+        dec_depth=6,
+        dec_heads=1,
+        level_sizes=(1, 1, 2, 4, 8, 16),
+        codebook_size=64,
+        vf_align=False,
+    )
 
 
 @pytest.mark.parametrize("p", PREFIXES)
 def test_levels_grids_merges_keep(vectors, p):
     s = vectors("tok_structure")
     levels, grid, depth, stages = _structure(s, p)
-    cfg = TokenizerConfig(resolution=grid[0] * 16, level_sizes=tuple(levels), enc_depth=depth,
-                          hierarchy_stages=stages, vf_align=False)
+    cfg = TokenizerConfig(
+        resolution=grid[0] * 16, level_sizes=tuple(levels), enc_depth=depth, hierarchy_stages=stages, vf_align=False
+    )
     assert list(cfg.level_sizes) == s[f"{p}dec_levels"].tolist()
     assert [list(pool_grid(n)) for n in levels] == s[f"{p}pool_grid"].tolist()
     assert [list(g) for g in cfg.pool_grids] == s[f"{p}pool_grid"].tolist()
@@ -191,8 +204,9 @@ def test_decoder_latent_maps(vectors, p):
     grids = [tuple(int(v) for v in g) for g in ops[f"{p}init_pool_grid"]]
     size = tuple(ops[f"{p}maps_sum"].shape[-2:])
     for residual, key in ((True, "maps_sum"), (False, "maps_mean")):
-        np.testing.assert_allclose(latent_maps(tokens, grids, size, residual).numpy(), ops[f"{p}{key}"],
-                                   atol=1e-6, rtol=0)
+        np.testing.assert_allclose(
+            latent_maps(tokens, grids, size, residual).numpy(), ops[f"{p}{key}"], atol=1e-6, rtol=0
+        )
 
 
 @pytest.mark.parametrize("p", PREFIXES)
@@ -202,7 +216,7 @@ def test_residual_merge_chain_bit_exact(vectors, p):
     for k, n in enumerate(ops[f"{p}merge_n"].tolist()):
         x = merge_tokens(x, n, "subsample", residual=True)
         assert torch.equal(x, torch.from_numpy(ops[f"{p}merge_seq{k + 1}"]))
-        assert torch.all(x[:, n // 2: n // 2 + n: 2] == 0)  # even residual tokens are exactly 0
+        assert torch.all(x[:, n // 2 : n // 2 + n : 2] == 0)  # even residual tokens are exactly 0
     num_image = x.shape[1] - int(ops[f"{p}merge_num_latent"][0])
     assert num_image == 2 * int(ops[f"{p}merge_n"][0]) - int(ops[f"{p}merge_n"][-1]) // 2
 

@@ -5,6 +5,7 @@ The resume test is the unit-level half of the kill -9 goal: 3 steps, checkpoint,
 restore, 3 more steps must equal 6 uninterrupted steps bit for bit on CPU (dropout, data noise from torch, numpy and
 random all depend on the restored RNG streams). The DDP paths run in a one-process gloo group.
 """
+
 import dataclasses
 import math
 import os
@@ -35,8 +36,10 @@ from restok.train.lr import lr_at
 
 
 # ------------------------------------------------------------------------------------------------------- lr
-@pytest.mark.parametrize("step, expected", [(0, 0.0), (2_500, 5e-5), (5_000, 1e-4), (750_000, 2.3306e-5),
-                                            (1_000_000, 1e-5), (1_200_000, 1e-5)])
+@pytest.mark.parametrize(
+    "step, expected",
+    [(0, 0.0), (2_500, 5e-5), (5_000, 1e-4), (750_000, 2.3306e-5), (1_000_000, 1e-5), (1_200_000, 1e-5)],
+)
 def test_lr_tokenizer_schedule_matches_spec(step, expected):
     got = lr_at(step, base_lr=1e-4, warmup_steps=5_000, max_steps=1_000_000, schedule="cosine", end_lr=1e-5)
     assert got == pytest.approx(expected, rel=1e-4, abs=1e-12)
@@ -141,9 +144,18 @@ def test_param_groups_membership():
     decay, no_decay = optim.param_groups(Named(), weight_decay=0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert decay["param_names"] == ["attn_qkv.weight", "conv_out.weight"]
-    assert sorted(no_decay["param_names"]) == sorted(["attn_qkv.bias", "ln_post.weight", "ln_post.bias",
-                                                      "tok_embeddings.weight", "latent_tokens", "mask_token",
-                                                      "conv_out.bias", "ls_gamma"])
+    assert sorted(no_decay["param_names"]) == sorted(
+        [
+            "attn_qkv.bias",
+            "ln_post.weight",
+            "ln_post.bias",
+            "tok_embeddings.weight",
+            "latent_tokens",
+            "mask_token",
+            "conv_out.bias",
+            "ls_gamma",
+        ]
+    )
     only_ndim = optim.param_groups(Named(), 0.1, no_decay_names=lambda name: False)
     assert "latent_tokens" in only_ndim[0]["param_names"] and "ls_gamma" in only_ndim[1]["param_names"]
 
@@ -155,9 +167,11 @@ def _groups(model: nn.Module) -> tuple[set[str], set[str]]:
 
 def _official_decayed(slots) -> set[str]:
     """Our names of the tensors the official rule decays, judged on the official names and shapes."""
-    return {slot.ours for slot in slots
-            if all(len(shape) >= 2 and not any(k in key for k in optim.NO_DECAY_KEYWORDS)
-                   for key, shape in slot.official)}
+    return {
+        slot.ours
+        for slot in slots
+        if all(len(shape) >= 2 and not any(k in key for k in optim.NO_DECAY_KEYWORDS) for key, shape in slot.official)
+    }
 
 
 def test_decay_groups_match_the_official_rule_on_official_names():
@@ -177,14 +191,27 @@ def test_decay_groups_of_the_default_profile_models(tmp_path):
     tokenizer = ResTok(tokenizer_config(section, p.data.resolution, vf_dim=16))
     generator = HARGenerator(model_generator_config(p.generator, vocab_size=64, num_tokens=32, num_classes=10))
     decay, no_decay = _groups(tokenizer)
-    assert {"quantizer.codebook", "encoder.image_level_emb", "encoder.latent_level_emb", "decoder.latent_level_emb",
-            "encoder.latent_init.tokens", "decoder.image_queries.tokens", "decoder.feature_queries.tokens"} <= no_decay
-    assert {"encoder.blocks.0.attn.qkv.weight", "decoder.head.weight", "vf_enc_proj.weight",
-            "pixel_encoder.layers.0.weight", "encoder.proj.linears.0.weight"} <= decay
+    assert {
+        "quantizer.codebook",
+        "encoder.image_level_emb",
+        "encoder.latent_level_emb",
+        "decoder.latent_level_emb",
+        "encoder.latent_init.tokens",
+        "decoder.image_queries.tokens",
+        "decoder.feature_queries.tokens",
+    } <= no_decay
+    assert {
+        "encoder.blocks.0.attn.qkv.weight",
+        "decoder.head.weight",
+        "vf_enc_proj.weight",
+        "pixel_encoder.layers.0.weight",
+        "encoder.proj.linears.0.weight",
+    } <= decay
     decay, no_decay = _groups(generator)
     assert {"tok_emb.weight", "cls_emb.table.weight", "special_emb.weight"} <= no_decay
-    assert decay == {name for name, param in generator.named_parameters()
-                     if param.ndim >= 2 and "emb" not in name}  # attention, SwiGLU and the output head
+    assert decay == {
+        name for name, param in generator.named_parameters() if param.ndim >= 2 and "emb" not in name
+    }  # attention, SwiGLU and the output head
 
 
 def test_adamw_cpu_uses_foreach():
@@ -347,8 +374,12 @@ def test_progress_plain_lines_when_not_interactive():
 
 def test_logs_go_to_stderr_verbatim_and_unwrapped():
     text = "saved " + "/very/long/folder" * 12 + "/data/[bold]run[/bold]:emoji:/x.pt"
-    r = subprocess.run([sys.executable, "-c", f"from restok.train.log import print0; print0({text!r})"],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    r = subprocess.run(
+        [sys.executable, "-c", f"from restok.train.log import print0; print0({text!r})"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert r.returncode == 0 and r.stdout == "" and r.stderr == text + "\n"
 
 
@@ -388,8 +419,9 @@ def test_each_rank_says_where_it_runs(monkeypatch, capsys):
     monkeypatch.setattr(dist.dist, "is_initialized", lambda: True)  # as if torchrun's group were joined
     info = dist.init_distributed(device="cpu")
     assert (info.rank, info.world_size, info.is_main) == (1, 2, False)
-    assert capsys.readouterr().out == (f"restok: rank 1 of 2 (local rank 0) on n2, device cpu, "
-                                       f"{torch.get_num_threads()} CPU threads\n")
+    assert capsys.readouterr().out == (
+        f"restok: rank 1 of 2 (local rank 0) on n2, device cpu, {torch.get_num_threads()} CPU threads\n"
+    )
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key)
     dist.init_distributed(device="cpu")
@@ -425,8 +457,10 @@ def test_muon_follows_torch_muon_in_fp32():
 
 def test_build_muon_splits_weight_matrices_from_the_rest():
     from restok.config.training import Optim
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LayerNorm(4),
-                                torch.nn.Linear(4, 5))
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LayerNorm(4), torch.nn.Linear(4, 5)
+    )
     opt = optim.build(model, Optim(lr=1e-3, algorithm="muon"))
     muon = {n for g in opt.optimizers["muon"].param_groups for n in g["param_names"]}
     adamw = [n for g in opt.optimizers["adamw"].param_groups for n in g["param_names"]]
@@ -439,6 +473,8 @@ def test_build_muon_splits_weight_matrices_from_the_rest():
     state = opt.state_dict()
     fresh = optim.build(model, Optim(lr=1e-3, algorithm="muon"))
     fresh.load_state_dict(state)
-    assert torch.equal(fresh.optimizers["muon"].state_dict()["state"][0]["momentum_buffer"],
-                       state["muon"]["state"][0]["momentum_buffer"])
+    assert torch.equal(
+        fresh.optimizers["muon"].state_dict()["state"][0]["momentum_buffer"],
+        state["muon"]["state"][0]["momentum_buffer"],
+    )
     assert isinstance(optim.build(model, Optim(lr=1e-3)), torch.optim.AdamW)

@@ -7,14 +7,38 @@ being reported running forever. Only a known end state is success or failed: a q
 restarting controller, a database timeout) is tried TRIES times, and if it still fails the job reads as running,
 so the next status check asks again; reading it as failed would make Snakemake retry a job that is still running.
 """
+
 import subprocess
 import sys
 import time
 
-RUNNING = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING",
-           "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "SPECIAL_EXIT", "RESV_DEL_HOLD"}
-FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
-          "REVOKED"}
+RUNNING = {
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+    "SUSPENDED",
+    "STOPPED",
+    "SIGNALING",
+    "STAGE_OUT",
+    "SPECIAL_EXIT",
+    "RESV_DEL_HOLD",
+}
+FAILED = {
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "REVOKED",
+}
 TRIES, PAUSE_S, TIMEOUT_S = 3, 1.0, 30
 # answers that mean "this job is not known here", not "the query failed": squeue on a job that left the queue, and
 # sacct on a cluster without accounting
@@ -56,8 +80,11 @@ def status(job: str) -> str:
     if state == "" and sacct == "":  # both answered, neither knows the job: it is gone
         print(f"slurm_status: job {job}: unknown to sacct and squeue", file=sys.stderr)
         return "failed"
-    print(f"slurm_status: job {job}: {f'state {state}' if state else 'SLURM could not be asked'}; reporting running "
-          f"until a known end state", file=sys.stderr)
+    print(
+        f"slurm_status: job {job}: {f'state {state}' if state else 'SLURM could not be asked'}; reporting running "
+        f"until a known end state",
+        file=sys.stderr,
+    )
     return "running"
 
 

@@ -5,6 +5,7 @@ options of one job from its resources and execs sbatch with the job script, whic
 One task per node (the job's command runs once, on the first node; restok.launch starts one torchrun per node
 with srun), GPUs per node as --gres=gpu:N only when N > 0, and the GPU or CPU partition accordingly.
 """
+
 import argparse
 import os
 import sys
@@ -12,10 +13,19 @@ import sys
 
 def sbatch_args(a: argparse.Namespace) -> list[str]:
     gpu = a.gpus_per_node > 0
-    return ["sbatch", "--parsable", f"--job-name=smk-{a.rule}",
-            f"--partition={a.gpu_partition if gpu else a.cpu_partition}", f"--nodes={a.nodes}",
-            "--ntasks-per-node=1", *([f"--gres=gpu:{a.gpus_per_node}"] if gpu else []), f"--cpus-per-task={a.cpus}",
-            f"--mem={a.mem_mb}", f"--time={a.runtime}", f"--output=logs/slurm/{a.rule}-%j.out"]
+    return [
+        "sbatch",
+        "--parsable",
+        f"--job-name=smk-{a.rule}",
+        f"--partition={a.gpu_partition if gpu else a.cpu_partition}",
+        f"--nodes={a.nodes}",
+        "--ntasks-per-node=1",
+        *([f"--gres=gpu:{a.gpus_per_node}"] if gpu else []),
+        f"--cpus-per-task={a.cpus}",
+        f"--mem={a.mem_mb}",
+        f"--time={a.runtime}",
+        f"--output=logs/slurm/{a.rule}-%j.out",
+    ]
 
 
 def main() -> None:

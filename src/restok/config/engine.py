@@ -5,6 +5,7 @@ ranges (field metadata `minimum`/`maximum`, from `rng`), and turns the dataclass
 `ParamsError`s; every message names `file:key`, the value and what is allowed. No section lives here: the sections
 are in the modules beside it, one per job of the pipeline, so a stage imports only the sections it reads.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,11 @@ def rng(minimum=None, maximum=None, help: str = "") -> dict:
 def without(cls, *names: str):
     """A params-section dataclass with the fields of model config `cls` except `names` (filled from artifacts)."""
     hints = typing.get_type_hints(cls)
-    fs = [(f.name, hints[f.name], field(default=f.default, metadata=f.metadata))
-          for f in dataclasses.fields(cls) if f.name not in names]
+    fs = [
+        (f.name, hints[f.name], field(default=f.default, metadata=f.metadata))
+        for f in dataclasses.fields(cls)
+        if f.name not in names
+    ]
     out = dataclasses.make_dataclass(f"{cls.__name__}Params", fs, frozen=True)
     out.__doc__ = f"{cls.__name__} fields; {', '.join(names)} come from upstream artifacts."
     return out
@@ -173,6 +177,7 @@ def build(cls, data, where: str):
 @dataclass(frozen=True)
 class Params:
     """The validated sections a stage asked for; attribute access by section name."""
+
     path: str
     sections: dict[str, Any]
 
@@ -180,8 +185,10 @@ class Params:
         try:
             return self.sections[name]
         except KeyError:
-            raise AttributeError(f"section {name!r} was not declared by this stage (declared: "
-                                 f"{sorted(self.sections)}); add it to the stage's PARAMS and dvc.yaml") from None
+            raise AttributeError(
+                f"section {name!r} was not declared by this stage (declared: "
+                f"{sorted(self.sections)}); add it to the stage's PARAMS and dvc.yaml"
+            ) from None
 
 
 def _refuse_duplicate_keys(node, path: Path, where: str = "") -> None:
@@ -194,8 +201,10 @@ def _refuse_duplicate_keys(node, path: Path, where: str = "") -> None:
                 continue
             key, line = key_node.value, key_node.start_mark.line + 1
             if key in lines:
-                raise ParamsError(f"{path}:{where}{key}: duplicate key (lines {lines[key]} and {line}); YAML would "
-                                  f"keep only the last value: remove one")
+                raise ParamsError(
+                    f"{path}:{where}{key}: duplicate key (lines {lines[key]} and {line}); YAML would "
+                    f"keep only the last value: remove one"
+                )
             lines[key] = line
             _refuse_duplicate_keys(value_node, path, f"{where}{key}.")
     elif isinstance(node, yaml.SequenceNode):

@@ -1,4 +1,5 @@
 """Params sections `generator` (the model, less what the tokenizer fixes) and `train_generator`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,9 @@ GeneratorParams = without(GeneratorConfig, "vocab_size", "num_tokens", "num_clas
 
 
 def generator_config(section, vocab_size: int, num_tokens: int, num_classes: int) -> GeneratorConfig:
-    return GeneratorConfig(vocab_size=vocab_size, num_tokens=num_tokens, num_classes=num_classes,
-                           **dataclasses.asdict(section))
+    return GeneratorConfig(
+        vocab_size=vocab_size, num_tokens=num_tokens, num_classes=num_classes, **dataclasses.asdict(section)
+    )
 
 
 @dataclass(frozen=True)
@@ -25,5 +27,7 @@ class TrainGenerator:
 
     def __post_init__(self):
         if self.loop.checkpointing == "all":
-            raise ValueError("train_generator.loop.checkpointing='all' names the tokenizer's pixel CNN, which the "
-                             "generator does not have; use 'blocks'")
+            raise ValueError(
+                "train_generator.loop.checkpointing='all' names the tokenizer's pixel CNN, which the "
+                "generator does not have; use 'blocks'"
+            )

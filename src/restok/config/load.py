@@ -10,6 +10,7 @@ any stage does work, but it is imported by name: it can only refuse a params fil
 reads, so the code of sections a stage does not read is no dep of it. An edit to the generator's config reruns the
 stages that read `generator` and the stages whose code imports the generator, not `shard`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,16 @@ def load_params(path: str | Path = "params.yaml", sections: Mapping[str, type] |
     if isinstance(sections, Mapping):
         for name, tp in sections.items():
             if check.SECTIONS.get(name) is not tp:
-                raise TypeError(f"PARAMS maps section {name!r} to {tp!r}, but params.yaml's {name!r} is "
-                                f"{check.SECTIONS.get(name)!r} (restok.config.sections)")
+                raise TypeError(
+                    f"PARAMS maps section {name!r} to {tp!r}, but params.yaml's {name!r} is "
+                    f"{check.SECTIONS.get(name)!r} (restok.config.sections)"
+                )
     return Params(str(path), {name: tree[name] for name in sections})
 
 
-def stage_args(doc: str | None, params: Mapping[str, type], argv=None, helps: Mapping[str, str] | None = None,
-               **paths: str) -> tuple[argparse.Namespace, Params]:
+def stage_args(
+    doc: str | None, params: Mapping[str, type], argv=None, helps: Mapping[str, str] | None = None, **paths: str
+) -> tuple[argparse.Namespace, Params]:
     """A stage's opening: `--params` and one option per artifact path (`name=default`; `--name` on the command
     line, '_' written '-'), parsed from `argv`; returns the arguments and the stage's validated sections."""
     args = stage_parser(doc, helps, **paths).parse_args(argv)

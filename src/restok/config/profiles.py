@@ -1,4 +1,5 @@
 """Profiles: `workflow/params/<name>.yaml`, overlays on `default.yaml`, written as the params file."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,10 @@ def write_profile(name: str, dest: str | Path = "params.yaml") -> Path:
     tree = profile_tree(name)
     validate(tree, f"workflow/params/{name}.yaml")
     dest = Path(dest)
-    header = (f"# Profile '{name}', written by `restok profile {name}` from workflow/params/. Edit freely;\n"
-              f"# every key is validated against workflow/schemas/params.schema.yaml before a stage runs.\n")
+    header = (
+        f"# Profile '{name}', written by `restok profile {name}` from workflow/params/. Edit freely;\n"
+        f"# every key is validated against workflow/schemas/params.schema.yaml before a stage runs.\n"
+    )
     tmp = dest.with_name(dest.name + ".tmp")
     tmp.write_text(header + yaml.safe_dump(tree, sort_keys=False))
     tmp.replace(dest)

@@ -1,4 +1,5 @@
 """Params section `resources`: per-rule compute for Snakemake (local and SLURM)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +11,7 @@ from restok.config.engine import rng
 @dataclass(frozen=True)
 class RuleResources:
     """Compute resources of one Snakemake rule (also what the SLURM profiles request)."""
+
     gpus: int = field(default=0, metadata=rng(0, 64, help="GPUs per node (torchrun --nproc_per_node)"))
     nodes: int = field(default=1, metadata=rng(1, 1024, help="nodes (torchrun --nnodes)"))
     cpus: int = field(default=2, metadata=rng(1, 1024, help="CPU cores per node"))
@@ -17,8 +19,18 @@ class RuleResources:
     runtime: int = field(default=60, metadata=rng(1, help="wall-clock limit in minutes"))
 
 
-STAGES = ("shard", "cache_features", "train_tokenizer", "extract_latents", "train_generator", "sample",
-          "reference_stats", "score", "cfg_search")
+STAGES = (
+    "shard",
+    "cache_features",
+    "train_tokenizer",
+    "extract_latents",
+    "train_generator",
+    "sample",
+    "reference_stats",
+    "score",
+    "cfg_search",
+)
 Resources = dataclasses.make_dataclass(
-    "Resources", [(name, RuleResources, field(default=RuleResources())) for name in STAGES], frozen=True)
+    "Resources", [(name, RuleResources, field(default=RuleResources())) for name in STAGES], frozen=True
+)
 Resources.__doc__ = "Per-rule compute for Snakemake (local and SLURM). DVC does not read it."

@@ -1,4 +1,5 @@
 """Every top-level key of params.yaml and its type: what the whole-file check and the schema walk."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -5,6 +5,7 @@ and `restok ablate`: unknown keys, missing keys, wrong types, enum values and ra
 `minimum`/`maximum`, plus each dataclass's `__post_init__`) all raise `ParamsError` naming `file:key`, the value and
 what is allowed.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,11 +32,15 @@ def _cross_check(tree: dict, path, raw: dict | None = None) -> None:
     if "val" not in tree["shard"].splits:
         raise ParamsError(f"{path}:shard.splits: {tree['shard'].splits} leaves out val, which every evaluation reads")
     if "train" not in tree["shard"].splits and not all(imported.values()):
-        raise ParamsError(f"{path}:shard.splits: {tree['shard'].splits} leaves out train, which training reads; "
-                          f"leave it out only when train_tokenizer.official and train_generator.official are set")
+        raise ParamsError(
+            f"{path}:shard.splits: {tree['shard'].splits} leaves out train, which training reads; "
+            f"leave it out only when train_tokenizer.official and train_generator.official are set"
+        )
     if imported["train_generator"] and not imported["train_tokenizer"]:
-        raise ParamsError(f"{path}:train_generator.official is set but train_tokenizer.official is null: a released "
-                          f"generator predicts the codes of its own released tokenizer")
+        raise ParamsError(
+            f"{path}:train_generator.official is set but train_tokenizer.official is null: a released "
+            f"generator predicts the codes of its own released tokenizer"
+        )
     try:
         tok = tokenizer_config(tok_section, data.resolution, 8 if tok_section.vf_align else None)
     except ValueError as e:
@@ -44,8 +49,6 @@ def _cross_check(tree: dict, path, raw: dict | None = None) -> None:
         generator_config(tree["generator"], tok.codebook_size, tok.num_tokens, data.num_classes)
     except ValueError as e:
         raise ParamsError(f"{path}:generator (with the tokenizer's {tok.num_tokens} tokens): {e}") from None
-
-
 
 
 def validate(data: dict, path: str | Path, check_variants: bool = True) -> dict[str, Any]:

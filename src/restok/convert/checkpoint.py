@@ -10,6 +10,7 @@ official `configs/` are accepted as well.
     model, cfg, provenance = import_official_checkpoint("restok_l_128.r256_in1k/", kind="tokenizer")
     export_official_checkpoint(model, "out/restok_official/")   # raises naming a switch with no official form
 """
+
 from __future__ import annotations
 
 import json
@@ -20,12 +21,20 @@ from typing import Literal
 import torch
 import yaml
 
-from restok.convert.official import (GENERATOR_SKIP, export_official_generator_config,
-                                     export_official_generator_state, load_official_generator_state,
-                                     official_generator_config)
-from restok.convert.tokenizer import (TOKENIZER_SKIP, export_official_tokenizer_config,
-                                      export_official_tokenizer_state, load_official_tokenizer_state,
-                                      official_tokenizer_config)
+from restok.convert.official import (
+    GENERATOR_SKIP,
+    export_official_generator_config,
+    export_official_generator_state,
+    load_official_generator_state,
+    official_generator_config,
+)
+from restok.convert.tokenizer import (
+    TOKENIZER_SKIP,
+    export_official_tokenizer_config,
+    export_official_tokenizer_state,
+    load_official_tokenizer_state,
+    official_tokenizer_config,
+)
 from restok.hashing import sha256_file
 from restok.models.generator import GeneratorConfig, HARGenerator
 from restok.models.tokenizer import ResTok, TokenizerConfig
@@ -50,6 +59,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors / .bin / .pt / .pth file on the CPU (no pickled code is executed)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         return load_file(str(path), device="cpu")
     if path.suffix not in (".bin", ".pt", ".pth"):
         raise ValueError(f"{path}: unknown weights format {path.suffix!r}; expected .safetensors, .bin, .pt or .pth")
@@ -61,12 +71,13 @@ def _plain_state_dict(obj: Mapping) -> tuple[dict[str, torch.Tensor], str | None
     if not all(isinstance(v, torch.Tensor) for v in obj.values()):
         nested = [key for key in WRAPPERS if isinstance(obj.get(key), Mapping)]
         if not nested:
-            raise ValueError(f"not a state dict: top-level keys {sorted(obj)[:8]}; expected tensors or one of "
-                             f"{WRAPPERS}")
+            raise ValueError(
+                f"not a state dict: top-level keys {sorted(obj)[:8]}; expected tensors or one of {WRAPPERS}"
+            )
         obj = obj[nested[0]]
     for prefix in PREFIXES:
         if obj and all(k.startswith(prefix) for k in obj):
-            return {k[len(prefix):]: v for k, v in obj.items()}, prefix
+            return {k[len(prefix) :]: v for k, v in obj.items()}, prefix
     return dict(obj), None
 
 
@@ -79,9 +90,12 @@ def read_official_config(source: str | Path | Mapping) -> dict:
     return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
 
 
-def import_official_checkpoint(source: str | Path | Mapping[str, torch.Tensor], kind: Kind,
-                               config: str | Path | Mapping | None = None, skip: Sequence[str] | None = None,
-                               ) -> tuple[ResTok | HARGenerator, TokenizerConfig | GeneratorConfig, dict]:
+def import_official_checkpoint(
+    source: str | Path | Mapping[str, torch.Tensor],
+    kind: Kind,
+    config: str | Path | Mapping | None = None,
+    skip: Sequence[str] | None = None,
+) -> tuple[ResTok | HARGenerator, TokenizerConfig | GeneratorConfig, dict]:
     """Build our model from an official checkpoint, exactly or not at all.
 
     Args:
@@ -120,13 +134,18 @@ def import_official_checkpoint(source: str | Path | Mapping[str, torch.Tensor], 
         cfg = official_generator_config(official_cfg)
         model = HARGenerator(cfg)
         skipped = load_official_generator_state(model, state, GENERATOR_SKIP if skip is None else skip)
-    provenance.update(official_config=official_cfg, skipped_keys=skipped,
-                      num_params=sum(p.numel() for p in model.parameters()))
+    provenance.update(
+        official_config=official_cfg, skipped_keys=skipped, num_params=sum(p.numel() for p in model.parameters())
+    )
     return model.eval(), cfg, provenance
 
 
-def export_official_checkpoint(model: ResTok | HARGenerator, out_dir: str | Path, use_vf: str = "dinov3",
-                               weights_format: Literal["safetensors", "bin"] = "safetensors") -> Path:
+def export_official_checkpoint(
+    model: ResTok | HARGenerator,
+    out_dir: str | Path,
+    use_vf: str = "dinov3",
+    weights_format: Literal["safetensors", "bin"] = "safetensors",
+) -> Path:
     """Write `model` as an official hub folder (weights + config.json); returns the folder. `use_vf` names the
     tokenizer's VF model in the config. Raises ValueError naming the first setting with no official form."""
     if isinstance(model, ResTok):
@@ -142,6 +161,7 @@ def export_official_checkpoint(model: ResTok | HARGenerator, out_dir: str | Path
     state = {k: v.contiguous() for k, v in state.items()}
     if weights_format == "safetensors":
         from safetensors.torch import save_file
+
         save_file(state, str(out / WEIGHT_FILES[0]))
     else:
         torch.save(state, out / WEIGHT_FILES[1])

@@ -13,6 +13,7 @@ when they match the caller's allow-list of glob patterns, and are returned by na
 The tokenizer's table lives in `restok.convert.tokenizer`; reading and writing checkpoint files in
 `restok.convert.checkpoint`. docs/method.md, generator §1 (sizes), restok §0 (configs).
 """
+
 from __future__ import annotations
 
 import re
@@ -52,28 +53,39 @@ def rows(ours: str, shape: Shape, official: Sequence[str], row_shape: Shape) -> 
     return Slot(ours, shape, tuple((key, row_shape) for key in official))
 
 
-def load_slots(model: nn.Module, official_sd: Mapping[str, torch.Tensor], slots: Sequence[Slot], what: str,
-               skip: Sequence[str] = ()) -> list[str]:
+def load_slots(
+    model: nn.Module,
+    official_sd: Mapping[str, torch.Tensor],
+    slots: Sequence[Slot],
+    what: str,
+    skip: Sequence[str] = (),
+) -> list[str]:
     """Load `official_sd` into `model` through `slots`, all or nothing. Official keys without a slot that match a
     glob in `skip` are ignored; their names are returned (sorted)."""
     ours = model.state_dict()
     covered = {slot.ours for slot in slots}
     if covered != set(ours):  # a bug in the table, not in the checkpoint
-        raise RuntimeError(f"{what} key table out of sync with the model: no slot for {sorted(set(ours) - covered)}, "
-                           f"slots without a tensor {sorted(covered - set(ours))}")
+        raise RuntimeError(
+            f"{what} key table out of sync with the model: no slot for {sorted(set(ours) - covered)}, "
+            f"slots without a tensor {sorted(covered - set(ours))}"
+        )
     expected = {key: (slot, shape) for slot in slots for key, shape in slot.official}
     skipped = sorted(k for k in official_sd if k not in expected and any(fnmatchcase(k, p) for p in skip))
     unexpected = [k for k in official_sd if k not in expected and k not in skipped]
     missing = [f"{key} (-> {slot.ours})" for key, (slot, _) in expected.items() if key not in official_sd]
-    shapes = [f"{key} -> {slot.ours}: official {tuple(official_sd[key].shape)} vs ours {slot.shape}"
-              + ("" if shape == slot.shape else f" (expected official {shape})")
-              for key, (slot, shape) in expected.items()
-              if key in official_sd and tuple(official_sd[key].shape) != shape]
+    shapes = [
+        f"{key} -> {slot.ours}: official {tuple(official_sd[key].shape)} vs ours {slot.shape}"
+        + ("" if shape == slot.shape else f" (expected official {shape})")
+        for key, (slot, shape) in expected.items()
+        if key in official_sd and tuple(official_sd[key].shape) != shape
+    ]
     if missing or unexpected or shapes:
-        raise ValueError(f"official {what} state dict does not match the model; nothing was loaded.\n"
-                         f"  missing (official keys the model needs): {missing}\n"
-                         f"  unexpected (official keys without a place; allow-list: {list(skip)}): {unexpected}\n"
-                         f"  shape mismatches: {shapes}")
+        raise ValueError(
+            f"official {what} state dict does not match the model; nothing was loaded.\n"
+            f"  missing (official keys the model needs): {missing}\n"
+            f"  unexpected (official keys without a place; allow-list: {list(skip)}): {unexpected}\n"
+            f"  shape mismatches: {shapes}"
+        )
     converted = {}
     for slot in slots:
         parts = [torch.as_tensor(official_sd[key]).reshape(-1, *slot.shape[1:]) for key, _ in slot.official]
@@ -150,8 +162,9 @@ def generator_slots(model: HARGenerator) -> list[Slot]:
     return [same(key, tuple(v.shape), _official_name(key)) for key, v in model.state_dict().items()]
 
 
-def load_official_generator_state(model: HARGenerator, official_sd: Mapping[str, torch.Tensor],
-                                  skip: Sequence[str] = GENERATOR_SKIP) -> list[str]:
+def load_official_generator_state(
+    model: HARGenerator, official_sd: Mapping[str, torch.Tensor], skip: Sequence[str] = GENERATOR_SKIP
+) -> list[str]:
     """Load an official GPT state dict (keys as in gpt_har.py / gpt_vanilla.py) into `model`, all or nothing.
     Returns the skipped official keys."""
     return load_slots(model, official_sd, generator_slots(model), "generator", skip)
@@ -164,8 +177,14 @@ def export_official_generator_state(model: HARGenerator) -> dict[str, torch.Tens
 
 # LlamaGen factory sizes (n_layer, n_head, dim), gpt_har.py / gpt_vanilla.py `GPT_models`.
 OFFICIAL_GPT_SIZES = {
-    "GPT-B": (12, 12, 768), "GPT-L": (24, 16, 1024), "GPT-XL": (36, 20, 1280), "GPT-XXL": (48, 24, 1536),
-    "GPT-XXXL": (48, 40, 2560), "GPT-1B": (22, 32, 2048), "GPT-3B": (24, 32, 3200), "GPT-7B": (32, 32, 4096),
+    "GPT-B": (12, 12, 768),
+    "GPT-L": (24, 16, 1024),
+    "GPT-XL": (36, 20, 1280),
+    "GPT-XXL": (48, 24, 1536),
+    "GPT-XXXL": (48, 40, 2560),
+    "GPT-1B": (22, 32, 2048),
+    "GPT-3B": (24, 32, 3200),
+    "GPT-7B": (32, 32, 4096),
 }
 
 
@@ -187,38 +206,65 @@ def official_generator_config(official: Mapping) -> GeneratorConfig:
             raise ValueError("official generator config: the YAML layout needs model.generator")
         gen = resolve_interpolations(tree, tree["model"]["generator"])
         if gen.get("model_type") not in OFFICIAL_GPT_SIZES:
-            raise ValueError(f"official model.generator.model_type={gen.get('model_type')!r}; supported: "
-                             f"{', '.join(OFFICIAL_GPT_SIZES)}")
+            raise ValueError(
+                f"official model.generator.model_type={gen.get('model_type')!r}; supported: "
+                f"{', '.join(OFFICIAL_GPT_SIZES)}"
+            )
         n_layer, n_head, dim = OFFICIAL_GPT_SIZES[gen["model_type"]]
         dropout = gen.get("dropout_p", 0.1)
-        args = dict(dim=dim, n_layer=n_layer, n_head=n_head, vocab_size=gen["vocab_size"],
-                    block_size=gen["block_size"], num_classes=gen["num_classes"],
-                    cls_token_num=gen.get("cls_token_num", 1), model_type=gen.get("gpt_type", "c2i"),
-                    resid_dropout_p=dropout, ffn_dropout_p=dropout, token_dropout_p=gen.get("token_dropout_p", 0.1),
-                    drop_path_rate=gen.get("drop_path_rate", 0.0), har=bool(gen.get("har", False)),
-                    ar_token_num=gen.get("ar_token_num", 4), spe_token_num=gen.get("spe_token_num", 127))
+        args = dict(
+            dim=dim,
+            n_layer=n_layer,
+            n_head=n_head,
+            vocab_size=gen["vocab_size"],
+            block_size=gen["block_size"],
+            num_classes=gen["num_classes"],
+            cls_token_num=gen.get("cls_token_num", 1),
+            model_type=gen.get("gpt_type", "c2i"),
+            resid_dropout_p=dropout,
+            ffn_dropout_p=dropout,
+            token_dropout_p=gen.get("token_dropout_p", 0.1),
+            drop_path_rate=gen.get("drop_path_rate", 0.0),
+            har=bool(gen.get("har", False)),
+            ar_token_num=gen.get("ar_token_num", 4),
+            spe_token_num=gen.get("spe_token_num", 127),
+        )
     else:  # config.json: ModelArgs; only the HAR ModelArgs has spe_token_num
         args = {**tree, "har": "spe_token_num" in tree}
     absent = [k for k in ("dim", "n_layer", "n_head", "vocab_size", "block_size", "num_classes") if k not in args]
     if absent:
-        raise ValueError(f"official generator config lacks {absent} (expected model.generator of a YAML or the "
-                         "ModelArgs of a config.json)")
+        raise ValueError(
+            f"official generator config lacks {absent} (expected model.generator of a YAML or the "
+            "ModelArgs of a config.json)"
+        )
     for key, allowed in (("model_type", "c2i"), ("cls_token_num", 1), ("drop_path_rate", 0.0)):
         if args.get(key, allowed) != allowed:
-            raise ValueError(f"official {key}={args[key]!r} is not supported (ours: {allowed!r}; "
-                             "class-conditional, one condition token, no stochastic depth)")
+            raise ValueError(
+                f"official {key}={args[key]!r} is not supported (ours: {allowed!r}; "
+                "class-conditional, one condition token, no stochastic depth)"
+            )
     if args.get("n_kv_head") not in (None, args["n_head"]):
         raise ValueError(f"official n_kv_head={args['n_kv_head']} (grouped-query attention) is not supported")
     multiple_of = args.get("multiple_of", 256)
     return GeneratorConfig(
-        dim=args["dim"], n_layer=args["n_layer"], n_head=args["n_head"],
-        ffn_hidden=None if args.get("ffn_dim_multiplier") is None  # None = the same default rule as LlamaGen
-        else _ffn_hidden(args["dim"], args["ffn_dim_multiplier"], multiple_of), ffn_multiple_of=multiple_of,
-        vocab_size=args["vocab_size"], num_tokens=args["block_size"], num_classes=args["num_classes"],
-        class_dropout_prob=args.get("class_dropout_prob", 0.1), rope_base=float(args.get("rope_base", 10000)),
-        norm_eps=args.get("norm_eps", 1e-5), token_dropout=args.get("token_dropout_p", 0.1),
-        attn_dropout=args.get("attn_dropout_p", 0.0), resid_dropout=args.get("resid_dropout_p", 0.1),
-        ffn_dropout=args.get("ffn_dropout_p", 0.1), init_std=args.get("initializer_range", 0.02),
+        dim=args["dim"],
+        n_layer=args["n_layer"],
+        n_head=args["n_head"],
+        ffn_hidden=None
+        if args.get("ffn_dim_multiplier") is None  # None = the same default rule as LlamaGen
+        else _ffn_hidden(args["dim"], args["ffn_dim_multiplier"], multiple_of),
+        ffn_multiple_of=multiple_of,
+        vocab_size=args["vocab_size"],
+        num_tokens=args["block_size"],
+        num_classes=args["num_classes"],
+        class_dropout_prob=args.get("class_dropout_prob", 0.1),
+        rope_base=float(args.get("rope_base", 10000)),
+        norm_eps=args.get("norm_eps", 1e-5),
+        token_dropout=args.get("token_dropout_p", 0.1),
+        attn_dropout=args.get("attn_dropout_p", 0.0),
+        resid_dropout=args.get("resid_dropout_p", 0.1),
+        ffn_dropout=args.get("ffn_dropout_p", 0.1),
+        init_std=args.get("initializer_range", 0.02),
         mode="har" if args["har"] else "ar",
         ar_token_num=args.get("ar_token_num", 4) if args["har"] else GeneratorConfig.ar_token_num,
         spe_token_num=args.get("spe_token_num") if args["har"] else None,
@@ -233,13 +279,31 @@ def export_official_generator_config(cfg: GeneratorConfig) -> dict:
         multiplier = cfg.ffn_hidden_dim / int(2 * 4 * cfg.dim / 3)
         if _ffn_hidden(cfg.dim, multiplier, cfg.ffn_multiple_of) != cfg.ffn_hidden_dim:
             raise ValueError(f"generator.ffn_hidden={cfg.ffn_hidden} has no official ffn_dim_multiplier form")
-    out = dict(dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=None, multiple_of=cfg.ffn_multiple_of,
-               ffn_dim_multiplier=multiplier, rope_base=cfg.rope_base, norm_eps=cfg.norm_eps,
-               initializer_range=cfg.init_std, token_dropout_p=cfg.token_dropout, attn_dropout_p=cfg.attn_dropout,
-               resid_dropout_p=cfg.resid_dropout, ffn_dropout_p=cfg.ffn_dropout, drop_path_rate=0.0,
-               num_classes=cfg.num_classes, caption_dim=2048, class_dropout_prob=cfg.class_dropout_prob,
-               model_type="c2i", vocab_size=cfg.vocab_size, cls_token_num=1, block_size=cfg.num_tokens,
-               max_batch_size=32, max_seq_len=2048)  # caption_dim, max_*: unused ModelArgs defaults
+    out = dict(
+        dim=cfg.dim,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_kv_head=None,
+        multiple_of=cfg.ffn_multiple_of,
+        ffn_dim_multiplier=multiplier,
+        rope_base=cfg.rope_base,
+        norm_eps=cfg.norm_eps,
+        initializer_range=cfg.init_std,
+        token_dropout_p=cfg.token_dropout,
+        attn_dropout_p=cfg.attn_dropout,
+        resid_dropout_p=cfg.resid_dropout,
+        ffn_dropout_p=cfg.ffn_dropout,
+        drop_path_rate=0.0,
+        num_classes=cfg.num_classes,
+        caption_dim=2048,
+        class_dropout_prob=cfg.class_dropout_prob,
+        model_type="c2i",
+        vocab_size=cfg.vocab_size,
+        cls_token_num=1,
+        block_size=cfg.num_tokens,
+        max_batch_size=32,
+        max_seq_len=2048,
+    )  # caption_dim, max_*: unused ModelArgs defaults
     if cfg.mode == "har":
         out.update(ar_token_num=cfg.ar_token_num, spe_token_num=cfg.num_special)
     return out

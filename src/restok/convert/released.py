@@ -10,6 +10,7 @@ every field that shapes the model's outputs, so params.yaml always says what was
 during training (dropouts, token drop, VF heads, the loss's commitment cost, the init rule) are taken from the
 checkpoint and not compared.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,9 +38,15 @@ def fetch(official, params_key: str) -> Path:
     if official.file is not None:
         path = Path(official.file)
         if not path.exists():
-            raise MissingWeightsError(missing_weights_message(
-                f"the released checkpoint {official.repo_id or path.name}", [str(path)], "no such file or folder",
-                str(path), f"{params_key}.file"))
+            raise MissingWeightsError(
+                missing_weights_message(
+                    f"the released checkpoint {official.repo_id or path.name}",
+                    [str(path)],
+                    "no such file or folder",
+                    str(path),
+                    f"{params_key}.file",
+                )
+            )
         return path
     if not official.repo_id:
         raise ValueError(f"{params_key}: set repo_id (a Hugging Face hub repo) or file (a local folder)")
@@ -47,16 +54,27 @@ def fetch(official, params_key: str) -> Path:
         return Path(snapshot_download(official.repo_id, revision=official.revision, allow_patterns=HUB_FILES))
     except Exception as err:  # offline, unknown repo or revision, interrupted download: all end here
         cache = Path(hf_constants.HF_HUB_CACHE) / f"models--{official.repo_id.replace('/', '--')}"
-        reason = ("HF_HUB_OFFLINE=1 and not in the cache" if hf_constants.HF_HUB_OFFLINE
-                  else f"hub download failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-        raise MissingWeightsError(missing_weights_message(
-            f"the released checkpoint {official.repo_id}@{official.revision or 'main'}", [str(cache)], reason,
-            f"a local folder from `huggingface-cli download {official.repo_id} --local-dir DIR`",
-            f"{params_key}.file")) from None
+        reason = (
+            "HF_HUB_OFFLINE=1 and not in the cache"
+            if hf_constants.HF_HUB_OFFLINE
+            else f"hub download failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        )
+        raise MissingWeightsError(
+            missing_weights_message(
+                f"the released checkpoint {official.repo_id}@{official.revision or 'main'}",
+                [str(cache)],
+                reason,
+                f"a local folder from `huggingface-cli download {official.repo_id} --local-dir DIR`",
+                f"{params_key}.file",
+            )
+        ) from None
 
 
-def mismatches(kind: Kind, expected: TokenizerConfig | GeneratorConfig, found: TokenizerConfig | GeneratorConfig,
-               ) -> list[str]:
+def mismatches(
+    kind: Kind,
+    expected: TokenizerConfig | GeneratorConfig,
+    found: TokenizerConfig | GeneratorConfig,
+) -> list[str]:
     """Fields (outside TRAINING_ONLY) where the params' config and the checkpoint's differ."""
     out = []
     for f in dataclasses.fields(expected):
@@ -66,8 +84,9 @@ def mismatches(kind: Kind, expected: TokenizerConfig | GeneratorConfig, found: T
     return out
 
 
-def import_released(kind: Kind, official, params_key: str, expected: TokenizerConfig | GeneratorConfig,
-                    section: str) -> tuple[ResTok | HARGenerator, dict]:
+def import_released(
+    kind: Kind, official, params_key: str, expected: TokenizerConfig | GeneratorConfig, section: str
+) -> tuple[ResTok | HARGenerator, dict]:
     """Fetch, import (exactly or not at all) and check a released checkpoint. Returns (model in eval mode,
     provenance). `expected` is the config the params describe; `section` names the params section for errors."""
     path = fetch(official, params_key)
@@ -76,9 +95,16 @@ def import_released(kind: Kind, official, params_key: str, expected: TokenizerCo
     model, cfg, provenance = import_official_checkpoint(path, kind)
     bad = mismatches(kind, expected, cfg)
     if bad:
-        raise ValueError(f"{section} does not describe the released {kind} at {path}: " + "; ".join(bad)
-                         + ". Set these keys in params (the official-l profile has the released values).")
-    provenance.update(repo_id=official.repo_id or None, revision=official.revision, local_file=official.file,
-                      weights=f"official:{official.repo_id or official.file}@{provenance.get('sha256', '')[:12]}")
+        raise ValueError(
+            f"{section} does not describe the released {kind} at {path}: "
+            + "; ".join(bad)
+            + ". Set these keys in params (the official-l profile has the released values)."
+        )
+    provenance.update(
+        repo_id=official.repo_id or None,
+        revision=official.revision,
+        local_file=official.file,
+        weights=f"official:{official.repo_id or official.file}@{provenance.get('sha256', '')[:12]}",
+    )
     provenance.pop("official_config", None)  # kept in the checkpoint folder; the artifact stores our config
     return model, provenance

@@ -22,6 +22,7 @@ tokenizer §2-7) against ours (`restok.models.tokenizer`):
 The official model hard-codes what ours configures (pixel CNN plan, ViT sizes small/base/large, nearest merging,
 the legacy head); `check_official_layout` names the field of ours that the official layout cannot hold.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,8 +30,16 @@ from collections.abc import Mapping, Sequence
 from typing import NoReturn
 import torch
 
-from restok.convert.official import (Slot, conv1x1, export_slots, load_slots, resolve_interpolations, rows, same,
-                                     unwrap_config)
+from restok.convert.official import (
+    Slot,
+    conv1x1,
+    export_slots,
+    load_slots,
+    resolve_interpolations,
+    rows,
+    same,
+    unwrap_config,
+)
 from restok.models.tokenizer import ResTok, TokenizerConfig
 
 OFFICIAL_VIT_SIZES = {"small": (512, 6, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}  # width, depth, heads
@@ -43,15 +52,29 @@ TOKENIZER_SKIP = ("foundation_model.*",)
 VF_TRAINING_KEYS = ("vf_proj.weight", "vf_proj_dec.weight", "decoder.feat_mask_token", "mlp_proj.*")
 
 _BLOCK = {"gamma1": "gamma_1", "gamma2": "gamma_2", "mlp.0.": "mlp.fc1.", "mlp.2.": "mlp.fc2."}
-_RESBLOCK = {"body.0.": "norm1.", "body.2.": "conv1.", "body.3.": "norm2.", "body.5.": "conv2.",
-             "shortcut.": "nin_shortcut.", "conv.": ""}
-_ROWS = {"encoder.image_level_emb": "encoder.level_embedding.{}",
-         "encoder.latent_level_emb": "encoder.latent_token_level_embedding.{}",
-         "decoder.latent_level_emb": "decoder.latent_token_level_embedding.{}"}
-_TOKENS = {"decoder.latent_mask_token": "decoder.latent_mask_token", "decoder.image_queries.tokens":
-           "decoder.mask_token", "decoder.feature_queries.tokens": "decoder.feat_mask_token"}
-_CONV1X1 = {"decoder.head.weight": "decoder.ffn.weight", "vf_enc_proj.weight": "vf_proj.weight",
-            "vf_dec_proj.weight": "vf_proj_dec.weight"}
+_RESBLOCK = {
+    "body.0.": "norm1.",
+    "body.2.": "conv1.",
+    "body.3.": "norm2.",
+    "body.5.": "conv2.",
+    "shortcut.": "nin_shortcut.",
+    "conv.": "",
+}
+_ROWS = {
+    "encoder.image_level_emb": "encoder.level_embedding.{}",
+    "encoder.latent_level_emb": "encoder.latent_token_level_embedding.{}",
+    "decoder.latent_level_emb": "decoder.latent_token_level_embedding.{}",
+}
+_TOKENS = {
+    "decoder.latent_mask_token": "decoder.latent_mask_token",
+    "decoder.image_queries.tokens": "decoder.mask_token",
+    "decoder.feature_queries.tokens": "decoder.feat_mask_token",
+}
+_CONV1X1 = {
+    "decoder.head.weight": "decoder.ffn.weight",
+    "vf_enc_proj.weight": "vf_proj.weight",
+    "vf_dec_proj.weight": "vf_proj_dec.weight",
+}
 _RENAMES = {"decoder.head.bias": "decoder.ffn.bias", "quantizer.codebook": "quantize.embedding.weight"}
 
 
@@ -59,23 +82,51 @@ def check_official_layout(cfg: TokenizerConfig) -> None:
     """Raise ValueError naming the first field of ours that the official model cannot represent."""
     blockers = [  # (field, value, allowed, why)
         ("merge_op", cfg.merge_op, cfg.merge_op == "subsample", "the official merge is nearest subsampling only"),
-        ("latent_init", cfg.latent_init, cfg.latent_init != "learned",
-         "official learnable_latent_tokens crashes (NameError)"),
-        ("latent_queries", cfg.latent_queries, cfg.latent_queries == "hierarchical",
-         "the official latents are always levelled"),
+        (
+            "latent_init",
+            cfg.latent_init,
+            cfg.latent_init != "learned",
+            "official learnable_latent_tokens crashes (NameError)",
+        ),
+        (
+            "latent_queries",
+            cfg.latent_queries,
+            cfg.latent_queries == "hierarchical",
+            "the official latents are always levelled",
+        ),
         ("legacy_head", cfg.legacy_head, cfg.legacy_head, "official is_legacy: false has another decoder head"),
     ]
-    blockers += [(name, getattr(cfg, name), getattr(cfg, name) == value,
-                  f"the official pixel CNNs are fixed at {value}") for name, value in OFFICIAL_PIXEL_CNN.items()]
+    blockers += [
+        (name, getattr(cfg, name), getattr(cfg, name) == value, f"the official pixel CNNs are fixed at {value}")
+        for name, value in OFFICIAL_PIXEL_CNN.items()
+    ]
     for part in ("enc", "dec"):
         size = (getattr(cfg, f"{part}_width"), getattr(cfg, f"{part}_depth"), getattr(cfg, f"{part}_heads"))
-        blockers.append((f"{part}_width/depth/heads", size, size in OFFICIAL_VIT_SIZES.values(),
-                         f"official ViT sizes (width, depth, heads): {OFFICIAL_VIT_SIZES}"))
+        blockers.append(
+            (
+                f"{part}_width/depth/heads",
+                size,
+                size in OFFICIAL_VIT_SIZES.values(),
+                f"official ViT sizes (width, depth, heads): {OFFICIAL_VIT_SIZES}",
+            )
+        )
     official_merges = tuple(int(i / cfg.hierarchy_stages * cfg.enc_depth) - 1 for i in range(1, cfg.hierarchy_stages))
-    blockers.append(("hierarchy_stages", cfg.hierarchy_stages, official_merges == cfg.merge_blocks,
-                     f"the official float formula merges in blocks {official_merges}"))
-    blockers.append(("level_sizes", cfg.level_sizes, max(cfg.level_sizes) <= OFFICIAL_MAX_LEVEL,
-                     f"official levels hold at most {OFFICIAL_MAX_LEVEL} tokens"))
+    blockers.append(
+        (
+            "hierarchy_stages",
+            cfg.hierarchy_stages,
+            official_merges == cfg.merge_blocks,
+            f"the official float formula merges in blocks {official_merges}",
+        )
+    )
+    blockers.append(
+        (
+            "level_sizes",
+            cfg.level_sizes,
+            max(cfg.level_sizes) <= OFFICIAL_MAX_LEVEL,
+            f"official levels hold at most {OFFICIAL_MAX_LEVEL} tokens",
+        )
+    )
     for name, value, ok, why in blockers:
         if not ok:
             raise ValueError(f"tokenizer.{name}={value!r} has no official equivalent: {why}")
@@ -132,8 +183,9 @@ def tokenizer_slots(model: ResTok) -> list[Slot]:
     return slots
 
 
-def load_official_tokenizer_state(model: ResTok, official_sd: Mapping[str, torch.Tensor],
-                                  skip: Sequence[str] = TOKENIZER_SKIP) -> list[str]:
+def load_official_tokenizer_state(
+    model: ResTok, official_sd: Mapping[str, torch.Tensor], skip: Sequence[str] = TOKENIZER_SKIP
+) -> list[str]:
     """Load an official ResTok state dict into `model`, all or nothing (errors list missing / unexpected keys
     and shape mismatches). Official keys matching a glob in `skip` are ignored and returned by name."""
     return load_slots(model, official_sd, tokenizer_slots(model), "tokenizer", skip)
@@ -147,6 +199,7 @@ def export_official_tokenizer_state(model: ResTok) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------
 # Config translation (official keys under model.vq_model; code defaults where a key is absent)
 # ---------------------------------------------------------------------------------------------------------
+
 
 def _refuse(key: str, value, why: str) -> NoReturn:
     raise ValueError(f"official model.vq_model.{key}={value!r} is not supported: {why}")
@@ -197,15 +250,21 @@ def official_tokenizer_config(official: Mapping) -> TokenizerConfig:
         _refuse("learnable_dec_feat_tokens", False, "ours has learned feature queries only")
     merges = vq.get("merge_tokens", False) and vq.get("hierarchy_stages", 4) > 0
     return TokenizerConfig(
-        resolution=crop, **OFFICIAL_PIXEL_CNN, **sizes,
+        resolution=crop,
+        **OFFICIAL_PIXEL_CNN,
+        **sizes,
         level_sizes=(1, *(2**i for i in range(num_latent.bit_length() - 1))),
         hierarchy_stages=vq.get("hierarchy_stages", 4) if merges else 1,
-        codebook_size=vq["codebook_size"], code_dim=vq["token_size"], commitment_cost=vq["commitment_cost"],
+        codebook_size=vq["codebook_size"],
+        code_dim=vq["token_size"],
+        commitment_cost=vq["commitment_cost"],
         min_tokens=vq["num_min_tokens"],
         drop_prob=vq.get("drop_prob", 0.2) if vq.get("drop_latent_tokens", False) else 0.0,
-        vf_dim=OFFICIAL_VF_DIMS[use_vf] if vf_align else None, vf_align=vf_align,
+        vf_dim=OFFICIAL_VF_DIMS[use_vf] if vf_align else None,
+        vf_align=vf_align,
         rope_theta=float(vq.get("rope_base_len", 10000)),
-        residual_image_tokens=vq.get("residual_image_tokens", True), merge_op="subsample",
+        residual_image_tokens=vq.get("residual_image_tokens", True),
+        merge_op="subsample",
         latent_init="residual_pool" if vq.get("residual_latent_tokens", True) else "pool",
         latent_queries="hierarchical",
         image_queries="learned" if vq.get("learnable_dec_image_tokens", True) else "latent_maps",
@@ -218,22 +277,42 @@ def export_official_tokenizer_config(cfg: TokenizerConfig, use_vf: str = "dinov3
     names the VF model when cfg.vf_align (its width must equal cfg.vf_dim). Raises on what has no official form."""
     check_official_layout(cfg)
     if cfg.vf_align and OFFICIAL_VF_DIMS.get(use_vf) != cfg.vf_dim:
-        raise ValueError(f"tokenizer.vf_dim={cfg.vf_dim}: the official VF model {use_vf!r} has width "
-                         f"{OFFICIAL_VF_DIMS.get(use_vf)}; pass use_vf from {OFFICIAL_VF_DIMS}")
+        raise ValueError(
+            f"tokenizer.vf_dim={cfg.vf_dim}: the official VF model {use_vf!r} has width "
+            f"{OFFICIAL_VF_DIMS.get(use_vf)}; pass use_vf from {OFFICIAL_VF_DIMS}"
+        )
     names = {size: name for name, size in OFFICIAL_VIT_SIZES.items()}
     vq = dict(
-        codebook_size=cfg.codebook_size, token_size=cfg.code_dim, use_l2_norm=True,
-        commitment_cost=cfg.commitment_cost, entropy_loss_ratio=0.0,
+        codebook_size=cfg.codebook_size,
+        token_size=cfg.code_dim,
+        use_l2_norm=True,
+        commitment_cost=cfg.commitment_cost,
+        entropy_loss_ratio=0.0,
         vit_enc_model_size=names[(cfg.enc_width, cfg.enc_depth, cfg.enc_heads)],
         vit_dec_model_size=names[(cfg.dec_width, cfg.dec_depth, cfg.dec_heads)],
-        vit_enc_patch_size=16, vit_dec_patch_size=16, rope_base_len=cfg.rope_theta,
-        num_latent_tokens=cfg.num_tokens, num_min_tokens=cfg.min_tokens, test_num_latent_tokens=cfg.num_tokens,
-        merge_tokens=cfg.hierarchy_stages > 1, hierarchy_stages=cfg.hierarchy_stages, reduction_ratio=0.5,
+        vit_enc_patch_size=16,
+        vit_dec_patch_size=16,
+        rope_base_len=cfg.rope_theta,
+        num_latent_tokens=cfg.num_tokens,
+        num_min_tokens=cfg.min_tokens,
+        test_num_latent_tokens=cfg.num_tokens,
+        merge_tokens=cfg.hierarchy_stages > 1,
+        hierarchy_stages=cfg.hierarchy_stages,
+        reduction_ratio=0.5,
         residual_image_tokens=cfg.residual_image_tokens,
-        residual_latent_tokens=cfg.latent_init == "residual_pool", learnable_latent_tokens=False,
-        learnable_dec_image_tokens=cfg.image_queries == "learned", multi_quant=True, vae_encoder=True,
-        drop_latent_tokens=cfg.drop_prob > 0, drop_prob=cfg.drop_prob, latent_hierarchy=True, is_legacy=True,
-        encoder_feature_supervision=cfg.vf_align, decoder_feature_supervision=cfg.vf_align,
-        learnable_dec_feat_tokens=True, use_vf=use_vf if cfg.vf_align else None, reverse_proj=True,
+        residual_latent_tokens=cfg.latent_init == "residual_pool",
+        learnable_latent_tokens=False,
+        learnable_dec_image_tokens=cfg.image_queries == "learned",
+        multi_quant=True,
+        vae_encoder=True,
+        drop_latent_tokens=cfg.drop_prob > 0,
+        drop_prob=cfg.drop_prob,
+        latent_hierarchy=True,
+        is_legacy=True,
+        encoder_feature_supervision=cfg.vf_align,
+        decoder_feature_supervision=cfg.vf_align,
+        learnable_dec_feat_tokens=True,
+        use_vf=use_vf if cfg.vf_align else None,
+        reverse_proj=True,
     )
     return {"model": {"vq_model": vq}, "dataset": {"preprocessing": {"crop_size": cfg.resolution}}}

@@ -8,6 +8,7 @@ generator has something class-specific to get right. Nothing is downloaded.
 
 Images are rendered at `size` with 2x supersampling (box-filtered) so edges are anti-aliased.
 """
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ view: `views.npy` (V, 4) int32 view boxes (left, top, side, flip in stored px), 
 (V, P, D) fp16 teacher tokens. `manifest.json` names the format, the teacher and its weights, and the sha256 of the
 image shards' manifest it was computed from.
 """
+
 from __future__ import annotations
 
 import io
@@ -35,8 +36,10 @@ def read_features_manifest(features_dir: str | Path) -> dict:
         raise FileNotFoundError(f"{path} is missing: run cache_features first (dvc repro cache_features)")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}; "
-                         f"rerun cache_features (dvc repro cache_features)")
+        raise ValueError(
+            f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}; "
+            f"rerun cache_features (dvc repro cache_features)"
+        )
     return manifest
 
 

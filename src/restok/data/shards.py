@@ -6,6 +6,7 @@ val: the eval view), the shards with their sample counts and sha256, the class h
 with its reason. A shard is written under `*.tar.tmp` and renamed when complete; the manifest is written last,
 so a split without a manifest is unfinished and no reader takes it.
 """
+
 from __future__ import annotations
 
 import io
@@ -50,8 +51,10 @@ def store_transform(img: Image.Image, split: str, res: int, max_pixels: int | No
         side = stored_train_side(res) if split == "train" else res
         w, h = resized_size(img.size, side)
         if w * h > max_pixels:
-            raise ValueError(f"{img.size[0]}x{img.size[1]} would be resized to {w}x{h} = {w * h} pixels (short side "
-                             f"{side}), more than shard.max_image_pixels={max_pixels}: too thin; not stored")
+            raise ValueError(
+                f"{img.size[0]}x{img.size[1]} would be resized to {w}x{h} = {w * h} pixels (short side "
+                f"{side}), more than shard.max_image_pixels={max_pixels}: too thin; not stored"
+            )
     return train_stored(img, res) if split == "train" else eval_view(img, res)
 
 
@@ -63,8 +66,9 @@ class ShardsNotReady(FileNotFoundError):
 def read_manifest(shard_dir: str | Path, split: str) -> dict:
     path = Path(shard_dir) / split / MANIFEST
     if not path.is_file():
-        raise ShardsNotReady(f"{path} is missing: the shard stage has not finished for split {split!r} "
-                             f"(run `dvc repro shard`)")
+        raise ShardsNotReady(
+            f"{path} is missing: the shard stage has not finished for split {split!r} (run `dvc repro shard`)"
+        )
     return json.loads(path.read_text())
 
 
@@ -82,13 +86,16 @@ def decode_image(sample: dict) -> Image.Image:
     raise KeyError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image field")
 
 
-def iter_split(shard_dir: str | Path, split: str, paths: list[str] | None = None) -> Iterator[tuple[str, Image.Image, int]]:
+def iter_split(
+    shard_dir: str | Path, split: str, paths: list[str] | None = None
+) -> Iterator[tuple[str, Image.Image, int]]:
     """Yield (key, stored PIL image, label) in shard order."""
     manifest = read_manifest(shard_dir, split)
     for url in paths if paths is not None else shard_paths(shard_dir, manifest):
         # a plain reader of the given shards: no splitting by torchrun rank or DataLoader worker
-        for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None,
-                                     workersplitter=None):
+        for sample in wds.WebDataset(
+            url, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
+        ):
             img = decode_image(sample)
             yield f"{Path(url).stem}/{sample['__key__']}", img, int(sample["cls"])
 

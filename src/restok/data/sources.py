@@ -13,6 +13,7 @@ images are scaled to 8 bits (not clipped), transparency is composited on `shard.
 through its embedded ICC profile when it has one. A layout that cannot give both splits images (an empty class
 folder, a class too small to hold out a val image, an empty val split) is refused by name before any work.
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,10 +37,10 @@ SRGB = ImageCms.createProfile("sRGB")
 
 @dataclass(frozen=True)
 class Item:
-    key: str          # webdataset __key__: digits only (no dots)
+    key: str  # webdataset __key__: digits only (no dots)
     label: int
-    path: str = ""    # file sources: absolute path
-    index: int = -1   # builtin: sample index within its class
+    path: str = ""  # file sources: absolute path
+    index: int = -1  # builtin: sample index within its class
 
 
 class SourceError(ValueError):
@@ -48,12 +49,16 @@ class SourceError(ValueError):
 
 def _images_in(folder: Path) -> list[Path]:
     """Image files of a folder; a broken symlink is kept, so that loading it fails and the manifest lists it."""
-    return sorted(p for p in folder.iterdir() if (p.is_file() or p.is_symlink()) and not p.name.startswith(".")
-                  and p.suffix.lower() in IMAGE_EXTS)
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if (p.is_file() or p.is_symlink()) and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS
+    )
 
 
-def _ignored_in(folder: Path, read_dirs: set[str] | list[str] = (), read_files: bool = True,
-               other_dirs: str = "") -> list[dict]:
+def _ignored_in(
+    folder: Path, read_dirs: set[str] | list[str] = (), read_files: bool = True, other_dirs: str = ""
+) -> list[dict]:
     """What the listing leaves out of `folder`, each with the reason: hidden entries, folders other than
     `read_dirs` (with the number of files under them; `other_dirs` says why, default: a nested folder), and files
     of other kinds (or every file, where `read_files` is False: a folder of class folders)."""
@@ -95,16 +100,19 @@ def ignored_entries(data: Data, split: str) -> list[dict]:
     if data.source == "imagenet" and split == "val" and not _class_dirs(split_dir):
         return out + _ignored_in(split_dir)  # flat val
     present = [n for n in names if (split_dir / n).is_dir()]
-    return (out + _ignored_in(split_dir, present, read_files=False,
-                              other_dirs=f"class folder that {root / 'train'} lacks")
-            + [e for n in present for e in _ignored_in(split_dir / n)])
+    return (
+        out
+        + _ignored_in(split_dir, present, read_files=False, other_dirs=f"class folder that {root / 'train'} lacks")
+        + [e for n in present for e in _ignored_in(split_dir / n)]
+    )
 
 
 def _class_images(folder: Path) -> list[Path]:
     imgs = _images_in(folder)
     if not imgs:
-        raise SourceError(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTS))}); "
-                          f"remove it or add images")
+        raise SourceError(
+            f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTS))}); remove it or add images"
+        )
     return imgs
 
 
@@ -114,8 +122,10 @@ def _class_dirs(root: Path) -> list[Path]:
 
 def _check_classes(data: Data, names: list[str], where: Path) -> None:
     if len(names) != data.num_classes:
-        raise SourceError(f"data.num_classes={data.num_classes} but {where} has {len(names)} class folders "
-                          f"({names[:5]}{' ...' if len(names) > 5 else ''}); set data.num_classes={len(names)}")
+        raise SourceError(
+            f"data.num_classes={data.num_classes} but {where} has {len(names)} class folders "
+            f"({names[:5]}{' ...' if len(names) > 5 else ''}); set data.num_classes={len(names)}"
+        )
 
 
 def _folder_split(data: Data, split: str) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -136,8 +146,10 @@ def _folder_split(data: Data, split: str) -> tuple[list[tuple[Path, int]], list[
     for c, d in enumerate(dirs):
         imgs = _class_images(d)
         if data.val_fraction > 0 and len(imgs) < 2:
-            raise SourceError(f"class folder {d} holds {len(imgs)} image: at least 2 are needed to hold out a val "
-                              f"image (data.val_fraction={data.val_fraction})")
+            raise SourceError(
+                f"class folder {d} holds {len(imgs)} image: at least 2 are needed to hold out a val "
+                f"image (data.val_fraction={data.val_fraction})"
+            )
         # at least one val image per class (a class of 4 at 10% would get none), at least one train image
         n_val = min(max(int(round(len(imgs) * data.val_fraction)), int(data.val_fraction > 0)), len(imgs) - 1)
         order = np.random.default_rng([c, len(imgs)]).permutation(len(imgs))
@@ -159,26 +171,35 @@ def _imagenet_val_labels(data: Data, wnids: list[str]) -> dict[str, int]:
             return index[value]
         if value.isdigit() and int(value) < len(wnids):
             return int(value)
-        kind = (f"class index outside 0..{len(wnids) - 1}" if value.lstrip("+-").isdigit()
-                else "WordNet id not among the class folders of train/")
-        raise SourceError(f"data.val_labels={data.val_labels!r}, {where}: label {value!r} is a {kind} "
-                          f"({len(wnids)} classes in {Path(data.root) / 'train'})")
+        kind = (
+            f"class index outside 0..{len(wnids) - 1}"
+            if value.lstrip("+-").isdigit()
+            else "WordNet id not among the class folders of train/"
+        )
+        raise SourceError(
+            f"data.val_labels={data.val_labels!r}, {where}: label {value!r} is a {kind} "
+            f"({len(wnids)} classes in {Path(data.root) / 'train'})"
+        )
 
     labels = {}
     with open(path) as f:
         if path.suffix == ".csv":  # Kaggle LOC_val_solution.csv: ImageId,PredictionString ("n01751748 x y x y ...")
             for line, row in enumerate(csv.DictReader(f), start=2):
                 if not row.get("ImageId") or not (row.get("PredictionString") or "").split():
-                    raise SourceError(f"data.val_labels={data.val_labels!r}, line {line}: expected the columns "
-                                      f"ImageId,PredictionString, got {row}")
+                    raise SourceError(
+                        f"data.val_labels={data.val_labels!r}, line {line}: expected the columns "
+                        f"ImageId,PredictionString, got {row}"
+                    )
                 labels[row["ImageId"]] = label(row["PredictionString"].split()[0], f"line {line}")
         else:  # "<file> <wnid or class index>" per line
             for line, text in enumerate(f, start=1):
                 if text.strip():
                     parts = text.split()
                     if len(parts) < 2:
-                        raise SourceError(f"data.val_labels={data.val_labels!r}, line {line}: expected "
-                                          f"'<file> <label>', got {text.strip()!r}")
+                        raise SourceError(
+                            f"data.val_labels={data.val_labels!r}, line {line}: expected "
+                            f"'<file> <label>', got {text.strip()!r}"
+                        )
                     labels[Path(parts[0]).stem] = label(parts[1], f"line {line}")
     return labels
 
@@ -198,8 +219,10 @@ def _imagenet_split(data: Data, split: str) -> tuple[list[tuple[Path, int]], lis
     if _class_dirs(val):
         extra = [d.name for d in _class_dirs(val) if d.name not in wnids]
         if extra:
-            raise SourceError(f"{val} has class folders {extra[:5]}{' ...' if len(extra) > 5 else ''} that {train} "
-                              f"lacks ({len(extra)}); remove them or add them to train/")
+            raise SourceError(
+                f"{val} has class folders {extra[:5]}{' ...' if len(extra) > 5 else ''} that {train} "
+                f"lacks ({len(extra)}); remove them or add them to train/"
+            )
         return [(p, wnids.index(d.name)) for d in _class_dirs(val) for p in _class_images(d)], wnids
     if not data.val_labels:
         raise SourceError(f"{val} is flat: set data.val_labels to LOC_val_solution.csv or a 'file label' list")
@@ -207,8 +230,9 @@ def _imagenet_split(data: Data, split: str) -> tuple[list[tuple[Path, int]], lis
     files = _images_in(val)
     unlabeled = [p.name for p in files if p.stem not in labels]
     if unlabeled:
-        raise SourceError(f"data.val_labels={data.val_labels!r} has no label for {unlabeled[:3]} "
-                          f"({len(unlabeled)} files)")
+        raise SourceError(
+            f"data.val_labels={data.val_labels!r} has no label for {unlabeled[:3]} ({len(unlabeled)} files)"
+        )
     return [(p, labels[p.stem]) for p in files], wnids
 
 
@@ -217,15 +241,20 @@ def list_items(data: Data, split: str) -> tuple[list[Item], list[str]]:
     if data.source == "builtin":
         per_class = data.builtin.train_per_class if split == "train" else data.builtin.val_per_class
         offset = 0 if split == "train" else 1_000_000  # val images are other draws than train images
-        items = [Item(key=f"{c * per_class + i:08d}", label=c, index=offset + i)
-                 for c in range(data.num_classes) for i in range(per_class)]
+        items = [
+            Item(key=f"{c * per_class + i:08d}", label=c, index=offset + i)
+            for c in range(data.num_classes)
+            for i in range(per_class)
+        ]
         return items, builtin.class_names(data.num_classes)
     if not Path(data.root).is_dir():
         raise SourceError(f"data.root={data.root!r}: directory not found")
     files, names = (_imagenet_split if data.source == "imagenet" else _folder_split)(data, split)
     if not files:
-        raise SourceError(f"data.root={data.root!r}: the {split} split has no images"
-                          + (" (data.val_fraction is 0)" if split == "val" and data.val_fraction == 0 else ""))
+        raise SourceError(
+            f"data.root={data.root!r}: the {split} split has no images"
+            + (" (data.val_fraction is 0)" if split == "val" and data.val_fraction == 0 else "")
+        )
     return [Item(key=f"{i:08d}", label=c, path=str(p)) for i, (p, c) in enumerate(files)], names
 
 
@@ -262,8 +291,10 @@ def open_image(fp, shard: Shard) -> Image.Image:
     with Image.open(fp, formats=FORMATS) as im:
         w, h = im.size
         if w * h > shard.max_image_pixels:
-            raise ValueError(f"{w}x{h} = {w * h} pixels exceeds shard.max_image_pixels={shard.max_image_pixels} "
-                             f"(a decompression bomb or an oversized scan); not decoded")
+            raise ValueError(
+                f"{w}x{h} = {w * h} pixels exceeds shard.max_image_pixels={shard.max_image_pixels} "
+                f"(a decompression bomb or an oversized scan); not decoded"
+            )
         im.load()
         return to_rgb(im, tuple(shard.alpha_background))
 

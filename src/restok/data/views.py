@@ -11,6 +11,7 @@
   floor(res * crop_range), then the 4 corners and the centre at res, and the same of the flipped image).
 A view is (left, top, side, flip) in stored-image pixels; `apply_view` turns it into a (3, res, res) uint8 tensor.
 """
+
 from __future__ import annotations
 
 import math

@@ -12,6 +12,7 @@
   DiffAugment draws for real and fake and EMAs (decay 0.999) of the batch-mean logits updated after use.
 All in fp32. The discriminator starts at `start_step` (`active(step)`); the loop skips the D step before that.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -139,13 +140,29 @@ class DinoDiscriminator(nn.Module):
         params_key: params key naming the weights, for error messages.
     """
 
-    def __init__(self, model_name: str, weights: str | None = None, *, seed: int = 0, kernel_size: int = 9,
-                 params_key: str = "disc_weights", revision: str | None = None, sha256: str | None = None):
+    def __init__(
+        self,
+        model_name: str,
+        weights: str | None = None,
+        *,
+        seed: int = 0,
+        kernel_size: int = 9,
+        params_key: str = "disc_weights",
+        revision: str | None = None,
+        sha256: str | None = None,
+    ):
         super().__init__()
         section = params_key.rsplit(".", 1)[0] + "." if "." in params_key else ""
         backbone, self.provenance = load_timm_model(
-            model_name, weights, seed=seed, params_key=params_key, act_layer="gelu_tanh", revision=revision,
-            sha256=sha256, pin_keys=(f"{section}disc_revision", f"{section}disc_sha256"))
+            model_name,
+            weights,
+            seed=seed,
+            params_key=params_key,
+            act_layer="gelu_tanh",
+            revision=revision,
+            sha256=sha256,
+            pin_keys=(f"{section}disc_revision", f"{section}disc_sha256"),
+        )
         if len(backbone.blocks) <= max(READOUT_BLOCKS) or backbone.num_prefix_tokens != 1:
             raise ValueError(f"{params_key}: {model_name} needs >= 12 blocks and one CLS token for the DINO readouts")
         with torch.no_grad():
@@ -228,12 +245,25 @@ class GANLoss(nn.Module):
         params_key: params key naming the discriminator weights, for error messages.
     """
 
-    def __init__(self, *, disc_model: str, disc_weights: str | None, seed: int, start_step: int, lecam_weight: float,
-                 lecam_decay: float, diffaug_policy: str, diffaug_prob: float, params_key: str = "disc_weights",
-                 disc_revision: str | None = None, disc_sha256: str | None = None):
+    def __init__(
+        self,
+        *,
+        disc_model: str,
+        disc_weights: str | None,
+        seed: int,
+        start_step: int,
+        lecam_weight: float,
+        lecam_decay: float,
+        diffaug_policy: str,
+        diffaug_prob: float,
+        params_key: str = "disc_weights",
+        disc_revision: str | None = None,
+        disc_sha256: str | None = None,
+    ):
         super().__init__()
-        self.discriminator = DinoDiscriminator(disc_model, disc_weights, seed=seed, params_key=params_key,
-                                               revision=disc_revision, sha256=disc_sha256)
+        self.discriminator = DinoDiscriminator(
+            disc_model, disc_weights, seed=seed, params_key=params_key, revision=disc_revision, sha256=disc_sha256
+        )
         self.start_step, self.lecam_weight, self.lecam_decay = start_step, lecam_weight, lecam_decay
         self.policy, self.diffaug_prob = parse_diffaug_policy(diffaug_policy), diffaug_prob
         self.register_buffer("ema_real", torch.zeros(()))

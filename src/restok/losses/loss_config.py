@@ -4,6 +4,7 @@ with the DiffAugment policy parser its validation uses.
 No torch: the params loader (restok.config) imports this module, so a stage that only reads params does not
 depend on the loss code in restok.losses.recon and restok.losses.gan.
 """
+
 from __future__ import annotations
 
 import re
@@ -16,7 +17,7 @@ TRANSLATION_RATIO = 0.125
 
 
 def parse_diffaug_policy(policy: str) -> tuple[tuple[str, float], ...]:
-    """"color,translation,cutout_0.2" -> (("color", 0), ("translation", 0.125), ("cutout", 0.2))."""
+    """ "color,translation,cutout_0.2" -> (("color", 0), ("translation", 0.125), ("cutout", 0.2))."""
     groups = []
     for item in filter(None, policy.split(",")):
         name, _, ratio = item.partition("_")
@@ -38,8 +39,10 @@ def _check_sha256(name: str, value: str | None) -> None:
 
 def _check_weights_file(name: str, value: str | None) -> None:
     if value is not None and (not isinstance(value, str) or not value):
-        raise ValueError(f"{PARAMS_SECTION}.{name}={value!r}: must be null (hub cache), a file path, "
-                         f"'{PACKAGED_LPIPS}' (LPIPS only) or 'random-init'")
+        raise ValueError(
+            f"{PARAMS_SECTION}.{name}={value!r}: must be null (hub cache), a file path, "
+            f"'{PACKAGED_LPIPS}' (LPIPS only) or 'random-init'"
+        )
 
 
 @dataclass(frozen=True)

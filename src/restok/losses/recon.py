@@ -13,6 +13,7 @@ all in fp32 (autocast off). Paper weights: 1, 1, 1, 1, 1 and 0.5 from step 20,00
 - VF terms: `restok.losses.vf`; adversarial term: `restok.losses.gan`.
 A term whose weight is 0 builds no module, so an offline profile never needs the VGG or DINO weights.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -77,8 +78,14 @@ class LPIPSLoss(nn.Module):
         params_key: params key naming the weights, for error messages.
     """
 
-    def __init__(self, weights: str | None = None, *, seed: int = 0,
-                 params_key: str = f"{PARAMS_SECTION}.lpips_weights", sha256: str | None = None):
+    def __init__(
+        self,
+        weights: str | None = None,
+        *,
+        seed: int = 0,
+        params_key: str = f"{PARAMS_SECTION}.lpips_weights",
+        sha256: str | None = None,
+    ):
         super().__init__()
         packaged = weights == PACKAGED_LPIPS
         if packaged:
@@ -89,8 +96,11 @@ class LPIPSLoss(nn.Module):
             reason = "not downloaded: no network" if weights is None else "file does not exist"
             message = missing_weights_message("vgg16/lpips", [str(path)], reason, str(vgg16_cache_path()), params_key)
             raise MissingWeightsError(message)
-        digest = (verify_pinned(path, sha256, "vgg16/lpips", f"{PARAMS_SECTION}.lpips_sha256")
-                  if path is not None and not packaged else None)
+        digest = (
+            verify_pinned(path, sha256, "vgg16/lpips", f"{PARAMS_SECTION}.lpips_sha256")
+            if path is not None and not packaged
+            else None
+        )
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             torch.manual_seed(seed)
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")  # lpips' `pretrained=`
@@ -113,9 +123,13 @@ class LPIPSLoss(nn.Module):
             net.net.load_state_dict(trunk)
         self.net = freeze(net)
         heads = f"lpips {metadata.version('lpips')} weights/v0.1/vgg.pth"
-        source = (packaged_provenance("lpips-vgg16") if packaged else
-                  {"weights": f"file:{path}", "sha256": digest} if path else
-                  {"weights": f"{RANDOM_INIT}(seed={seed})"})
+        source = (
+            packaged_provenance("lpips-vgg16")
+            if packaged
+            else {"weights": f"file:{path}", "sha256": digest}
+            if path
+            else {"weights": f"{RANDOM_INIT}(seed={seed})"}
+        )
         self.provenance = {"model": "lpips-vgg16", **source, "heads": heads}
 
     def train(self, mode: bool = True) -> LPIPSLoss:
@@ -146,10 +160,16 @@ class TokenizerLoss(nn.Module):
         )
         self.gan = (
             GANLoss(
-                disc_model=cfg.disc_model, disc_weights=cfg.disc_weights, seed=cfg.init_seed,
-                start_step=cfg.gan_start_step, lecam_weight=cfg.lecam_weight, lecam_decay=cfg.lecam_decay,
-                diffaug_policy=cfg.diffaug_policy, diffaug_prob=cfg.diffaug_prob,
-                params_key=f"{PARAMS_SECTION}.disc_weights", disc_revision=cfg.disc_revision,
+                disc_model=cfg.disc_model,
+                disc_weights=cfg.disc_weights,
+                seed=cfg.init_seed,
+                start_step=cfg.gan_start_step,
+                lecam_weight=cfg.lecam_weight,
+                lecam_decay=cfg.lecam_decay,
+                diffaug_policy=cfg.diffaug_policy,
+                diffaug_prob=cfg.diffaug_prob,
+                params_key=f"{PARAMS_SECTION}.disc_weights",
+                disc_revision=cfg.disc_revision,
                 disc_sha256=cfg.disc_sha256,
             )
             if cfg.gan_weight > 0

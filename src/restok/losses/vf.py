@@ -10,6 +10,7 @@ The projections belong to the tokenizer; these functions take their outputs.
 Cosine is `F.cosine_similarity(eps=1e-8)`, whose torch 2.x semantics clamp each norm separately:
 x.y / (max(|x|, eps) * max(|y|, eps)), as docs/method.md, training-and-eval §2.5 says.
 """
+
 import torch
 import torch.nn.functional as F
 

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              dropout_p: float = 0.0) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, dropout_p: float = 0.0
+) -> torch.Tensor:
     """(B, H, Tq, d) x (B, H, Tk, d) -> (B, H, Tq, d) in the dtype the inputs come in (under autocast: the autocast
     dtype). `mask`: boolean, True = may attend, broadcastable to (B, H, Tq, Tk)."""
     cpu = q.device.type == "cpu"
@@ -40,5 +41,4 @@ def sdpa_kernels(fn: Callable[[], object]) -> list[str]:
     CUDA. A masked attention that falls back to the unfused path shows 'aten::_scaled_dot_product_attention_math'."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return sorted({e.name for e in prof.events()
-                   if e.name.startswith("aten::_") and "attention" in e.name})
+    return sorted({e.name for e in prof.events() if e.name.startswith("aten::_") and "attention" in e.name})

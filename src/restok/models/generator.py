@@ -14,6 +14,7 @@ one block per position. The layout, the mask and the RoPE tables are built once 
 Inference with a KV cache lives in `restok.sampling`; it calls `forward_cached` once per block.
 Parameter names differ from the official ones; `restok.convert.official` maps them 1:1.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -88,8 +89,10 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     """Mean cross-entropy of the fp32 logits h @ weight.T, h (B, T, D), against targets (B, T), `chunk` positions at a
     time, each under activation checkpointing: only one chunk's (B, chunk, V) logits exist at a time, in the forward
     and in the backward pass, never the whole (B, T, V) fp32 tensor (128 MiB at batch 32, 128 tokens, 8192 codes)."""
-    total = sum(checkpoint(_cross_entropy_sum, h_part, weight, t_part, use_reentrant=False)
-                for h_part, t_part in zip(h.split(chunk, dim=1), targets.split(chunk, dim=1)))
+    total = sum(
+        checkpoint(_cross_entropy_sum, h_part, weight, t_part, use_reentrant=False)
+        for h_part, t_part in zip(h.split(chunk, dim=1), targets.split(chunk, dim=1))
+    )
     return total / targets.numel()
 
 
@@ -131,9 +134,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
         self.drop = nn.Dropout(resid_dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, n, D = x.shape
         q, k, v = self.qkv(x).view(B, n, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, n, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -245,8 +254,9 @@ class HARGenerator(nn.Module):
             x = call(block, x, cos, sin, mask, None if kv is None else kv[i], pos, checkpointed=self.checkpointing)
         return self.norm(x)
 
-    def forward(self, codes: torch.Tensor, labels: torch.Tensor,
-                with_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def forward(
+        self, codes: torch.Tensor, labels: torch.Tensor, with_logits: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Teacher-forced pass. codes (B, T) long, labels (B,) long -> logits (B, T, V) fp32, mean CE loss.
 
         Position p is scored against codes[:, p] (both modes). with_logits=False (the training step) returns
@@ -259,8 +269,9 @@ class HARGenerator(nn.Module):
         logits = self.head(h).float()  # (B, T, V)
         return logits, F.cross_entropy(logits.flatten(0, 1), codes.flatten())
 
-    def forward_cached(self, codes: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor,
-                       kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward_cached(
+        self, codes: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
         """One inference pass over positions pos (n,) long; writes their keys/values into kv (one (k, v) pair of
         (B, H, cache_len, hd) per layer) and returns their logits (B, n, V) fp32. Shapes depend only on n."""
         x = self.embed(codes, labels, pos)  # (B, n, D)

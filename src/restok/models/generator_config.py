@@ -3,6 +3,7 @@
 No torch: the params loader (restok.config) imports this module, so a stage that only reads params does not
 depend on the model code in restok.models.generator.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,22 +58,29 @@ class GeneratorConfig:
         if not _is_power_of_two(self.num_tokens) or self.num_tokens < 2:
             raise ValueError(f"generator.num_tokens must be a power of two >= 2, got {self.num_tokens}")
         if not _is_power_of_two(self.ar_token_num) or self.ar_token_num >= self.num_tokens:
-            raise ValueError(f"generator.ar_token_num must be a power of two below num_tokens={self.num_tokens}, "
-                             f"got {self.ar_token_num}")
+            raise ValueError(
+                f"generator.ar_token_num must be a power of two below num_tokens={self.num_tokens}, "
+                f"got {self.ar_token_num}"
+            )
         if self.mode == "ar" and self.spe_token_num not in (None, 0):
-            raise ValueError(f"generator.spe_token_num={self.spe_token_num} but mode 'ar' has no special tokens; "
-                             "remove the key")
+            raise ValueError(
+                f"generator.spe_token_num={self.spe_token_num} but mode 'ar' has no special tokens; remove the key"
+            )
         if self.mode == "har" and self.spe_token_num is not None and self.spe_token_num < self.num_tokens // 2 - 1:
-            raise ValueError(f"generator.spe_token_num must be >= num_tokens/2 - 1 = {self.num_tokens // 2 - 1} "
-                             f"(the specials HAR uses), got {self.spe_token_num}")
+            raise ValueError(
+                f"generator.spe_token_num must be >= num_tokens/2 - 1 = {self.num_tokens // 2 - 1} "
+                f"(the specials HAR uses), got {self.spe_token_num}"
+            )
         if self.ffn_hidden is not None and self.ffn_hidden < 1:
             raise ValueError(f"generator.ffn_hidden must be >= 1 or null, got {self.ffn_hidden}")
         for name in ("class_dropout_prob", "token_dropout", "attn_dropout", "resid_dropout", "ffn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"generator.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.rope_base <= 1 or self.norm_eps <= 0 or self.init_std <= 0:
-            raise ValueError(f"generator.rope_base must be > 1 and norm_eps, init_std > 0; got {self.rope_base}, "
-                             f"{self.norm_eps}, {self.init_std}")
+            raise ValueError(
+                f"generator.rope_base must be > 1 and norm_eps, init_std > 0; got {self.rope_base}, "
+                f"{self.norm_eps}, {self.init_std}"
+            )
 
     @property
     def head_dim(self) -> int:

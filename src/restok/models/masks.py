@@ -6,6 +6,7 @@ with groups [coarsest image group, ..., finest image group, latent level 0, ...,
 (docs/method.md, restok fact 4); HAR uses it over its 9 sampling blocks (fact 9).
 Masks are boolean `allowed[q, k]` (True = may attend), the layout SDPA takes as `attn_mask`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

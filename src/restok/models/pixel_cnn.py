@@ -7,6 +7,7 @@ upsample + 3x3 conv) the resolution, so the overall factor is 2^(len(channels) -
 (128, 128, 256, 256, 512) gives 16x. GroupNorm uses 32 groups, so every channel count is a multiple of 32.
 Every 3x3 conv is stride 1 with padding 1 ("same").
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -29,8 +30,12 @@ class ResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.body = nn.Sequential(
-            _norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            _norm(out_channels), nn.SiLU(), nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            _norm(in_channels),
+            nn.SiLU(),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            _norm(out_channels),
+            nn.SiLU(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
         )
         self.carries_input = in_channels == out_channels
         self.shortcut = nn.Identity() if self.carries_input else nn.Conv2d(out_channels, out_channels, 1, bias=False)

@@ -15,6 +15,7 @@ starts where the data is); `dead_code_steps` > 0 moves each code that no input c
 forwards onto a random encoder output of the current batch. All act in training mode only and keep every rank's
 codebook identical (rank 0's choice is broadcast).
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,16 @@ class VectorQuantizer(nn.Module):
         bypass_steps: training forwards that pass the normalised input through unquantised (0: none).
     """
 
-    def __init__(self, codebook_size: int, code_dim: int, commitment_cost: float = 0.25, use_l2_norm: bool = True,
-                 init_from_data: bool = False, dead_code_steps: int = 0, bypass_steps: int = 0):
+    def __init__(
+        self,
+        codebook_size: int,
+        code_dim: int,
+        commitment_cost: float = 0.25,
+        use_l2_norm: bool = True,
+        init_from_data: bool = False,
+        dead_code_steps: int = 0,
+        bypass_steps: int = 0,
+    ):
         super().__init__()
         self.commitment_cost = commitment_cost
         self.use_l2_norm = use_l2_norm
@@ -51,8 +60,9 @@ class VectorQuantizer(nn.Module):
         self.codebook = nn.Parameter(torch.empty(codebook_size, code_dim).uniform_(-bound, bound))
         # training state, saved (and so resumed) only where the switch is on: official checkpoints keep their keys
         self.register_buffer("pending_data_init", torch.tensor(init_from_data), persistent=init_from_data)
-        self.register_buffer("unused_steps", torch.zeros(codebook_size, dtype=torch.long),
-                             persistent=dead_code_steps > 0)
+        self.register_buffer(
+            "unused_steps", torch.zeros(codebook_size, dtype=torch.long), persistent=dead_code_steps > 0
+        )
         self.register_buffer("train_forwards", torch.zeros((), dtype=torch.long), persistent=bypass_steps > 0)
         # host copies of the two flags the forward branches on, so that a training step never reads a device
         # tensor (a host sync on a GPU); refreshed from the buffers whenever a state dict is loaded
@@ -104,8 +114,11 @@ class VectorQuantizer(nn.Module):
         rows than codes)."""
         rows = self._normalise(z.detach().float().flatten(0, -2))
         k = len(self.codebook)
-        pick = (torch.randperm(len(rows), device=rows.device)[:k] if len(rows) >= k
-                else torch.randint(len(rows), (k,), device=rows.device))
+        pick = (
+            torch.randperm(len(rows), device=rows.device)[:k]
+            if len(rows) >= k
+            else torch.randint(len(rows), (k,), device=rows.device)
+        )
         return rows[pick]
 
     @torch.no_grad()

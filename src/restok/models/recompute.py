@@ -7,6 +7,7 @@ state, so the loss and the gradients equal those of the plain pass (tests/unit/t
 a training run, not of the model: it is set on the built model and never stored in a checkpoint. Its type,
 `Checkpointing`, lives in restok.models.recompute_mode (torch-free, for the params loader).
 """
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ float32 and is cast back to the input dtype, so it is safe under bf16 autocast.
 The id layouts live here too: encoder image groups (coarsest first, each offset by the token count
 before it) followed by the latent tokens on the diagonal, and the decoder's latent-then-query layout.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -45,8 +46,9 @@ def _diagonal_ids(n: int, offset: int, device: torch.device | None) -> torch.Ten
     return (torch.arange(n, device=device) + offset)[:, None].expand(n, 2)
 
 
-def encoder_rope_ids(image_grids: Sequence[tuple[int, int]], num_latent: int,
-                     device: torch.device | None = None) -> torch.Tensor:
+def encoder_rope_ids(
+    image_grids: Sequence[tuple[int, int]], num_latent: int, device: torch.device | None = None
+) -> torch.Tensor:
     """Encoder ids (T, 2) long: image grids in sequence order, then the latent tokens.
 
     Image group g with grid h x w: token (r, c) -> (r + o_g, c + o_g), o_g = tokens before g.

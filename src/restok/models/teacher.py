@@ -18,6 +18,7 @@ No DINO/CLIP/ViT weights can be had offline, so the default profile uses a real 
 architecture those weights were trained in). It is a substitute for the paper's teacher, and every record of it says
 so (`provenance["substitute_for"]`). `build_teacher` picks the class from `vf.teacher`.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -44,7 +45,7 @@ def missing_weights_message(what: str, looked_in: list[str], reason: str, expect
     """The one message every stage prints when real weights are missing (docs/tooling.md, ecosystem §8)."""
     return (
         f"restok: pretrained weights for {what} not found (looked in: {', '.join(looked_in)}; {reason}). "
-        f"Put the file at {expected} or set {params_key}=<file>; see README, \"Pretrained weights\"."
+        f'Put the file at {expected} or set {params_key}=<file>; see README, "Pretrained weights".'
     )
 
 
@@ -87,9 +88,11 @@ def read_weights_file(path: Path, params_key: str) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{params_key}={path}: refused: unpickling it would build objects other than tensors and "
-                         f"plain containers, which can run code ({first}); save the weights as a state dict of "
-                         f"tensors (safetensors, or torch.save(model.state_dict()))") from None
+        raise ValueError(
+            f"{params_key}={path}: refused: unpickling it would build objects other than tensors and "
+            f"plain containers, which can run code ({first}); save the weights as a state dict of "
+            f"tensors (safetensors, or torch.save(model.state_dict()))"
+        ) from None
     except (RuntimeError, EOFError, safetensors.SafetensorError) as err:
         raise ValueError(f"{params_key}={path}: not a readable weights file ({type(err).__name__}: {err})") from None
     if isinstance(state, dict):
@@ -103,9 +106,15 @@ def read_weights_file(path: Path, params_key: str) -> dict[str, torch.Tensor]:
 
 
 def load_timm_model(
-    name: str, weights_file: str | None = None, *, seed: int = 0, params_key: str = "weights",
-    revision: str | None = None, sha256: str | None = None, pin_keys: tuple[str, str] = ("revision", "sha256"),
-    **create_kwargs
+    name: str,
+    weights_file: str | None = None,
+    *,
+    seed: int = 0,
+    params_key: str = "weights",
+    revision: str | None = None,
+    sha256: str | None = None,
+    pin_keys: tuple[str, str] = ("revision", "sha256"),
+    **create_kwargs,
 ) -> tuple[nn.Module, dict]:
     """Build a frozen timm model with its weights; checks that the weights exist before building anything.
 
@@ -157,12 +166,26 @@ class Teacher(nn.Module):
         params_key: params key naming the weights, for error messages.
     """
 
-    def __init__(self, name: str, weights: str | None = None, *, seed: int = 0, params_key: str = "vf.weights",
-                 revision: str | None = None, sha256: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        weights: str | None = None,
+        *,
+        seed: int = 0,
+        params_key: str = "vf.weights",
+        revision: str | None = None,
+        sha256: str | None = None,
+    ):
         super().__init__()
-        self.model, self.provenance = load_timm_model(name, weights, seed=seed, params_key=params_key,
-                                                      revision=revision, sha256=sha256,
-                                                      pin_keys=("vf.revision", "vf.sha256"))
+        self.model, self.provenance = load_timm_model(
+            name,
+            weights,
+            seed=seed,
+            params_key=params_key,
+            revision=revision,
+            sha256=sha256,
+            pin_keys=("vf.revision", "vf.sha256"),
+        )
         data_cfg = resolve_data_config({}, model=self.model)
         self.register_buffer("mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1), persistent=False)
@@ -210,8 +233,14 @@ def efficientnet_lite_to_timm(state: dict, model: nn.Module) -> dict:
     flat = [f"blocks.{s}.{j}" for s, stage in enumerate(model.blocks) for j in range(len(stage))]
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    inverted = {
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
+    }
     expands = {key.split(".")[1] for key in state if key.startswith("_blocks.") and "._expand_conv." in key}
     out = {}
     for key, value in state.items():
@@ -239,8 +268,16 @@ class CnnTeacher(nn.Module):
         params_key: params key naming the weights, for error messages.
     """
 
-    def __init__(self, name: str, weights: str | None = None, *, seed: int = 0, params_key: str = "vf.weights",
-                 revision: str | None = None, sha256: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        weights: str | None = None,
+        *,
+        seed: int = 0,
+        params_key: str = "vf.weights",
+        revision: str | None = None,
+        sha256: str | None = None,
+    ):
         super().__init__()
         arch, packaged, self.stride = CNN_TEACHERS[name]
         with torch.random.fork_rng(devices=[]):
@@ -258,10 +295,15 @@ class CnnTeacher(nn.Module):
             try:
                 model.load_state_dict(efficientnet_lite_to_timm(state, model))
             except (KeyError, IndexError, RuntimeError) as err:
-                raise ValueError(f"{params_key}={path}: not an EfficientNet-Lite state dict in the "
-                                 f"efficientnet_lite_pytorch layout ({type(err).__name__}: {err})") from None
-            source = packaged_provenance(packaged) if weights is None else {"weights": f"file:{path}",
-                                                                             "sha256": sha256_file(path)}
+                raise ValueError(
+                    f"{params_key}={path}: not an EfficientNet-Lite state dict in the "
+                    f"efficientnet_lite_pytorch layout ({type(err).__name__}: {err})"
+                ) from None
+            source = (
+                packaged_provenance(packaged)
+                if weights is None
+                else {"weights": f"file:{path}", "sha256": sha256_file(path)}
+            )
         tap = next(info for info in model.feature_info if info["reduction"] == self.stride)
         last = int(tap["module"].split(".")[1])  # "blocks.4" -> the stage whose output is the tap
         self.stem = nn.Sequential(model.conv_stem, model.bn1)
@@ -272,9 +314,12 @@ class CnnTeacher(nn.Module):
         # TF-Lite EfficientNet input scaling (x - 127) / 128 on 0..255 pixels
         self.register_buffer("mean", torch.full((1, 3, 1, 1), 127 / 255), persistent=False)
         self.register_buffer("std", torch.full((1, 3, 1, 1), 128 / 255), persistent=False)
-        self.provenance = {"model": name, "architecture": f"timm {arch}, cut after {tap['module']} "
-                           f"(stride {self.stride}, {self.feat_dim} channels)", **source,
-                           "substitute_for": f"{PAPER_TEACHER} (no DINO weights offline)"}
+        self.provenance = {
+            "model": name,
+            "architecture": f"timm {arch}, cut after {tap['module']} (stride {self.stride}, {self.feat_dim} channels)",
+            **source,
+            "substitute_for": f"{PAPER_TEACHER} (no DINO weights offline)",
+        }
         freeze(self)
 
     def train(self, mode: bool = True) -> CnnTeacher:
@@ -292,8 +337,15 @@ class CnnTeacher(nn.Module):
         return patches.mean(dim=1), patches
 
 
-def build_teacher(name: str, weights: str | None = None, *, seed: int = 0, params_key: str = "vf.weights",
-                  revision: str | None = None, sha256: str | None = None):
+def build_teacher(
+    name: str,
+    weights: str | None = None,
+    *,
+    seed: int = 0,
+    params_key: str = "vf.weights",
+    revision: str | None = None,
+    sha256: str | None = None,
+):
     """The frozen VF teacher `name` (vf.teacher): a CnnTeacher for CNN_TEACHERS names, else a timm DINOv3 Teacher;
     `revision`/`sha256`: the pin of its weights (vf.revision, vf.sha256; see `load_timm_model`)."""
     cls = CnnTeacher if name in CNN_TEACHERS else Teacher

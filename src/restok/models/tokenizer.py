@@ -11,6 +11,7 @@ Codes are (B, L) in level order (coarse first); any prefix decodes on its own (t
 dropout, which trains the prefixes of the keep lengths).
 The ablation switches of TokenizerConfig select modules at build time (see vit.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,13 +32,36 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PRESETS = {
     "restok-L/128": TokenizerConfig(),
     "restok-tiny/32": TokenizerConfig(
-        resolution=64, pixel_channels=(32, 32, 64, 64), pixel_res_blocks=1, pixel_z_channels=64,
-        enc_width=128, enc_depth=4, enc_heads=2, dec_width=128, dec_depth=4, dec_heads=2,
-        level_sizes=(1, 1, 2, 4, 8, 16), codebook_size=1024, vf_dim=384),
+        resolution=64,
+        pixel_channels=(32, 32, 64, 64),
+        pixel_res_blocks=1,
+        pixel_z_channels=64,
+        enc_width=128,
+        enc_depth=4,
+        enc_heads=2,
+        dec_width=128,
+        dec_depth=4,
+        dec_heads=2,
+        level_sizes=(1, 1, 2, 4, 8, 16),
+        codebook_size=1024,
+        vf_dim=384,
+    ),
     "restok-smoke/8": TokenizerConfig(
-        resolution=32, pixel_channels=(32, 32, 32), pixel_res_blocks=1, pixel_z_channels=32,
-        enc_width=32, enc_depth=2, enc_heads=2, dec_width=32, dec_depth=2, dec_heads=2,
-        level_sizes=(1, 1, 2, 4), hierarchy_stages=2, codebook_size=64, vf_dim=16),
+        resolution=32,
+        pixel_channels=(32, 32, 32),
+        pixel_res_blocks=1,
+        pixel_z_channels=32,
+        enc_width=32,
+        enc_depth=2,
+        enc_heads=2,
+        dec_width=32,
+        dec_depth=2,
+        dec_heads=2,
+        level_sizes=(1, 1, 2, 4),
+        hierarchy_stages=2,
+        codebook_size=64,
+        vf_dim=16,
+    ),
 }
 
 
@@ -87,15 +111,22 @@ class ResTok(nn.Module):
         self.encoder = ResTokEncoder(cfg)
         self.decoder = ResTokDecoder(cfg)
         self.pixel_decoder = PixelDecoder(cfg.pixel_channels, cfg.pixel_res_blocks, cfg.pixel_z_channels)
-        self.apply(lambda m: _init_weights(m, cfg.weight_init))  # before the quantiser and VF projections, which keep their own init
+        self.apply(
+            lambda m: _init_weights(m, cfg.weight_init)
+        )  # before the quantiser and VF projections, which keep their own init
         if cfg.grey_start:
             out_conv = self.pixel_decoder.layers[-1]
             nn.init.zeros_(out_conv.weight)
             nn.init.constant_(out_conv.bias, 0.5)
-        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.commitment_cost, use_l2_norm=True,
-                                         init_from_data=cfg.codebook_init == "data",
-                                         dead_code_steps=cfg.dead_code_steps,
-                                         bypass_steps=cfg.quantizer_bypass_steps)
+        self.quantizer = VectorQuantizer(
+            cfg.codebook_size,
+            cfg.code_dim,
+            cfg.commitment_cost,
+            use_l2_norm=True,
+            init_from_data=cfg.codebook_init == "data",
+            dead_code_steps=cfg.dead_code_steps,
+            bypass_steps=cfg.quantizer_bypass_steps,
+        )
         self.vf_enc_proj = nn.Linear(cfg.enc_width, cfg.vf_dim, bias=False) if cfg.vf_align else None
         self.vf_dec_proj = nn.Linear(cfg.dec_width, cfg.vf_dim, bias=False) if cfg.vf_align else None
         cpu = torch.device("cpu")
@@ -139,7 +170,9 @@ class ResTok(nn.Module):
         return self.encoder(self.pixel_encoder((img - self.pixel_mean) / self.pixel_std))
 
     def _pixel_decode(self, feat: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=feat.device.type, enabled=False):  # fp32 pixel decoder (docs/method.md, restok §4 #17)
+        with torch.autocast(
+            device_type=feat.device.type, enabled=False
+        ):  # fp32 pixel decoder (docs/method.md, restok §4 #17)
             return self.pixel_decoder(feat.float())
 
     def encode(self, img: torch.Tensor) -> torch.Tensor:
@@ -152,8 +185,10 @@ class ResTok(nn.Module):
         batch, n = codes.shape
         n_tokens = n if n_tokens is None else n_tokens
         if not 1 <= n_tokens <= n <= self.num_tokens:
-            raise ValueError(f"decode got {n} codes and n_tokens={n_tokens}; need 1 <= n_tokens <= {n} <= "
-                             f"{self.num_tokens} (the model's token count)")
+            raise ValueError(
+                f"decode got {n} codes and n_tokens={n_tokens}; need 1 <= n_tokens <= {n} <= "
+                f"{self.num_tokens} (the model's token count)"
+            )
         vectors = F.pad(self.quantizer.lookup(codes), (0, 0, 0, self.num_tokens - n))  # (B, L, code_dim)
         n_keep = torch.full((batch,), n_tokens, dtype=torch.long, device=codes.device)
         return self._pixel_decode(self.decoder(vectors, n_keep)[0])

@@ -4,6 +4,7 @@ validates and derives (level pooling grids, merge schedule, nested-dropout keep 
 No torch: the params loader (restok.config) imports this module, so a stage that only reads params does not
 depend on the model code in restok.models.tokenizer and restok.models.vit.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,8 +21,14 @@ LatentQueries = Literal["hierarchical", "flat"]
 ImageQueries = Literal["learned", "latent_maps", "learned_grid"]
 WeightInit = Literal["official", "fan_in"]
 CodebookInit = Literal["uniform", "data"]
-_CHOICES = {"merge_op": MergeOp, "latent_init": LatentInit, "latent_queries": LatentQueries,
-            "image_queries": ImageQueries, "weight_init": WeightInit, "codebook_init": CodebookInit}
+_CHOICES = {
+    "merge_op": MergeOp,
+    "latent_init": LatentInit,
+    "latent_queries": LatentQueries,
+    "image_queries": ImageQueries,
+    "weight_init": WeightInit,
+    "codebook_init": CodebookInit,
+}
 
 
 def pool_grid(num_tokens: int) -> Grid:
@@ -131,10 +138,20 @@ class TokenizerConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"tokenizer.{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
         if not self.pixel_channels or any(c < 32 or c % 32 for c in self.pixel_channels):
-            raise ValueError(f"tokenizer.pixel_channels={self.pixel_channels}: need >= 1 stage, each a positive "
-                             "multiple of 32 (GroupNorm with 32 groups)")
-        for name in ("pixel_res_blocks", "pixel_z_channels", "enc_depth", "dec_depth", "codebook_size", "code_dim",
-                     "hierarchy_stages", "min_tokens"):
+            raise ValueError(
+                f"tokenizer.pixel_channels={self.pixel_channels}: need >= 1 stage, each a positive "
+                "multiple of 32 (GroupNorm with 32 groups)"
+            )
+        for name in (
+            "pixel_res_blocks",
+            "pixel_z_channels",
+            "enc_depth",
+            "dec_depth",
+            "codebook_size",
+            "code_dim",
+            "hierarchy_stages",
+            "min_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"tokenizer.{name}={getattr(self, name)} must be >= 1")
         if not self.rope_theta > 0:
@@ -149,21 +166,26 @@ class TokenizerConfig:
             raise ValueError(f"tokenizer.codebook_size={self.codebook_size} must be >= 2")
         factor = self.downsample
         if self.resolution < factor or self.resolution % factor:
-            raise ValueError(f"tokenizer.resolution={self.resolution} must be a multiple of the pixel CNN factor "
-                             f"{factor} (= 2^(len(pixel_channels) - 1))")
+            raise ValueError(
+                f"tokenizer.resolution={self.resolution} must be a multiple of the pixel CNN factor "
+                f"{factor} (= 2^(len(pixel_channels) - 1))"
+            )
         for part in ("enc", "dec"):
             width, heads = getattr(self, f"{part}_width"), getattr(self, f"{part}_heads")
             if heads < 1 or width % heads or (width // heads) % 4:
-                raise ValueError(f"tokenizer.{part}_width={width} / {part}_heads={heads}: the head dim must be an "
-                                 "integer divisible by 4 (2D RoPE rotates channel pairs on two axes)")
+                raise ValueError(
+                    f"tokenizer.{part}_width={width} / {part}_heads={heads}: the head dim must be an "
+                    "integer divisible by 4 (2D RoPE rotates channel pairs on two axes)"
+                )
         expected = tuple([1] + [2**i for i in range(len(self.level_sizes) - 1)])
         if self.level_sizes != expected:
             raise ValueError(f"tokenizer.level_sizes={list(self.level_sizes)}: must double, i.e. {list(expected)}")
         if self.min_tokens > self.num_tokens:
             raise ValueError(f"tokenizer.min_tokens={self.min_tokens} exceeds the {self.num_tokens} latent tokens")
         if not 0 <= self.drop_prob <= 0.5:
-            raise ValueError(f"tokenizer.drop_prob={self.drop_prob} must lie in [0, 0.5] (P(keep all) = 1 - p "
-                             "needs floor(1/p) >= 2)")
+            raise ValueError(
+                f"tokenizer.drop_prob={self.drop_prob} must lie in [0, 0.5] (P(keep all) = 1 - p needs floor(1/p) >= 2)"
+            )
         if self.commitment_cost < 0:
             raise ValueError(f"tokenizer.commitment_cost={self.commitment_cost} must be >= 0")
         if self.vf_dim is not None and self.vf_dim < 1:
@@ -171,22 +193,30 @@ class TokenizerConfig:
         if self.vf_align and self.vf_dim is None:
             raise ValueError("tokenizer.vf_align=true needs tokenizer.vf_dim (the teacher feature width)")
         if self.hierarchy_stages > 1 and self.enc_depth < self.hierarchy_stages:
-            raise ValueError(f"tokenizer.hierarchy_stages={self.hierarchy_stages} needs enc_depth >= it "
-                             f"(got {self.enc_depth}): the merging blocks would collide")
+            raise ValueError(
+                f"tokenizer.hierarchy_stages={self.hierarchy_stages} needs enc_depth >= it "
+                f"(got {self.enc_depth}): the merging blocks would collide"
+            )
         merges = self.hierarchy_stages - 1
         if self.grid[1] % 2**merges:
-            raise ValueError(f"tokenizer.hierarchy_stages={self.hierarchy_stages}: {merges} merges halve the grid "
-                             f"width {self.grid[1]}, which must be divisible by {2**merges} (width never 0)")
+            raise ValueError(
+                f"tokenizer.hierarchy_stages={self.hierarchy_stages}: {merges} merges halve the grid "
+                f"width {self.grid[1]}, which must be divisible by {2**merges} (width never 0)"
+            )
         if self.latent_queries == "flat" and self.latent_init != "learned":
-            raise ValueError(f"tokenizer.latent_queries='flat' needs latent_init='learned' (got {self.latent_init!r}):"
-                             " the flat baseline has learned latent queries, no pooling")
+            raise ValueError(
+                f"tokenizer.latent_queries='flat' needs latent_init='learned' (got {self.latent_init!r}):"
+                " the flat baseline has learned latent queries, no pooling"
+            )
         if self.image_queries == "latent_maps" and self.latent_queries == "flat":
             raise ValueError("tokenizer.image_queries='latent_maps' needs latent_queries='hierarchical'")
         if self.latent_queries == "hierarchical":
             for n, (h, w) in zip(self.level_sizes, self.pool_grids):
                 if self.grid[0] % h or self.grid[1] % w:
-                    raise ValueError(f"tokenizer.level_sizes: a level of {n} tokens pools on a {h}x{w} grid, "
-                                     f"which does not divide the {self.grid[0]}x{self.grid[1]} image grid")
+                    raise ValueError(
+                        f"tokenizer.level_sizes: a level of {n} tokens pools on a {h}x{w} grid, "
+                        f"which does not divide the {self.grid[0]}x{self.grid[1]} image grid"
+                    )
 
     @property
     def downsample(self) -> int:

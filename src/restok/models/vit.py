@@ -10,6 +10,7 @@ mask and RoPE table as a buffer.
 Encoder sequence: [image groups, coarsest first | latent levels]; a query attends a key iff
 group(query) >= group(key). Decoder sequence: [latent tokens | image queries], full attention.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from restok.models.tokenizer_config import Grid, TokenizerConfig
 # ---------------------------------------------------------------------------------------------------------
 # Model-free structure
 # ---------------------------------------------------------------------------------------------------------
+
 
 def block_stages(depth: int, merge_blocks: Sequence[int]) -> list[int]:
     """Stage (mask / RoPE layout) each block's attention uses: merges strictly before it."""
@@ -63,8 +65,10 @@ def latent_maps(tokens: torch.Tensor, pool_grids: Sequence[Grid], grid: Grid, re
     """Inverse of the pooling: tokens (B, L, D) -> (B, D, H, W), each level's cells nearest-upsampled and summed
     (averaged over levels when residual is False). The decoder's `latent_maps` image queries (§4.3)."""
     sizes = [h * w for h, w in pool_grids]
-    maps = [F.interpolate(rearrange(t, "b (h w) d -> b d h w", h=h, w=w), size=grid, mode="nearest")
-            for t, (h, w) in zip(tokens.split(sizes, dim=1), pool_grids)]
+    maps = [
+        F.interpolate(rearrange(t, "b (h w) d -> b d h w", h=h, w=w), size=grid, mode="nearest")
+        for t, (h, w) in zip(tokens.split(sizes, dim=1), pool_grids)
+    ]
     total = torch.stack(maps).sum(0)
     return total if residual else total / len(maps)
 
@@ -90,6 +94,7 @@ def legacy_head_index_map(num_tokens: int, width: int) -> tuple[torch.Tensor, to
 # Transformer block
 # ---------------------------------------------------------------------------------------------------------
 
+
 class Attention(nn.Module):
     """Multi-head attention with q/v biases (no k bias), LayerNorm qk-norm, 2D RoPE after the norm, SDPA."""
 
@@ -104,8 +109,9 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(width // heads)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
         q, k, v = rearrange(F.linear(x, self.qkv.weight, bias), "b t (n h d) -> n b h t d", n=3, h=self.heads)
         q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)  # (B, h, T, d); LN may return fp32 under autocast
@@ -131,8 +137,9 @@ class Block(nn.Module):
     blocks, else Identity) runs between attention and MLP. One module call per block, so that activation
     checkpointing and regional compilation take whole blocks."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int = 4, layer_scale_init: float = 1.0,
-                 merge: nn.Module | None = None):
+    def __init__(
+        self, width: int, heads: int, mlp_ratio: int = 4, layer_scale_init: float = 1.0, merge: nn.Module | None = None
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
@@ -150,6 +157,7 @@ class Block(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # Pieces selected by the ablation switches
 # ---------------------------------------------------------------------------------------------------------
+
 
 class PerLevelLinear(nn.Module):
     """One Linear per latent level, applied to that level's slice of (B, L, in)."""
@@ -217,6 +225,7 @@ def _level_index(level_sizes: Sequence[int]) -> torch.Tensor:
 # Encoder and decoder
 # ---------------------------------------------------------------------------------------------------------
 
+
 class ResTokEncoder(nn.Module):
     """Pixel features (B, Cz, H, W) -> pre-quantisation codes (B, L, code_dim) and the coarsest image group."""
 
@@ -226,18 +235,27 @@ class ResTokEncoder(nn.Module):
         self.merge_blocks = cfg.merge_blocks
         self.block_stage = block_stages(cfg.enc_depth, self.merge_blocks)
         self.patch_embed = nn.Conv2d(cfg.pixel_z_channels, width, 1)
-        self.latent_init = (LearnedTokens(cfg.num_tokens, width) if cfg.latent_init == "learned"
-                            else PooledLatents(cfg.pool_grids, residual=cfg.latent_init == "residual_pool"))
+        self.latent_init = (
+            LearnedTokens(cfg.num_tokens, width)
+            if cfg.latent_init == "learned"
+            else PooledLatents(cfg.pool_grids, residual=cfg.latent_init == "residual_pool")
+        )
         self.image_level_emb = nn.Parameter(torch.randn(cfg.hierarchy_stages, width) * width**-0.5)
         self.latent_level_emb = nn.Parameter(torch.randn(len(levels), width) * width**-0.5)
         self.register_buffer("level_index", _level_index(levels), persistent=False)
         self.ln_pre = nn.LayerNorm(width)
         num_image = cfg.grid[0] * cfg.grid[1]  # the k-th merge halves the coarsest group, of num_image / 2^k tokens
         self.blocks = nn.ModuleList(
-            Block(width, cfg.enc_heads, layer_scale_init=cfg.layer_scale_init,
-                  merge=MergeTokens(num_image >> self.merge_blocks.index(i), cfg.merge_op, cfg.residual_image_tokens)
-                  if i in self.merge_blocks else None)
-            for i in range(cfg.enc_depth))
+            Block(
+                width,
+                cfg.enc_heads,
+                layer_scale_init=cfg.layer_scale_init,
+                merge=MergeTokens(num_image >> self.merge_blocks.index(i), cfg.merge_op, cfg.residual_image_tokens)
+                if i in self.merge_blocks
+                else None,
+            )
+            for i in range(cfg.enc_depth)
+        )
         self.checkpointing = False  # restok.models.recompute; set by ResTok.set_checkpointing
         self.ln_post = nn.LayerNorm(width)
         self.reorder = LegacyReshape() if cfg.legacy_head else nn.Identity()
@@ -284,11 +302,13 @@ class ResTokDecoder(nn.Module):
         self.image_queries = (
             LatentMapQueries(cfg.pool_grids, cfg.grid, cfg.latent_init == "residual_pool")
             if cfg.image_queries == "latent_maps"
-            else LearnedTokens(num_queries, width, shared=cfg.image_queries == "learned"))
+            else LearnedTokens(num_queries, width, shared=cfg.image_queries == "learned")
+        )
         self.feature_queries = LearnedTokens(num_queries, width, shared=True) if cfg.vf_align else None
         self.ln_pre = nn.LayerNorm(width)
-        self.blocks = nn.ModuleList(Block(width, cfg.dec_heads, layer_scale_init=cfg.layer_scale_init)
-                                    for _ in range(cfg.dec_depth))
+        self.blocks = nn.ModuleList(
+            Block(width, cfg.dec_heads, layer_scale_init=cfg.layer_scale_init) for _ in range(cfg.dec_depth)
+        )
         self.checkpointing = False  # restok.models.recompute; set by ResTok.set_checkpointing
         self.ln_post = nn.LayerNorm(width)
         self.head = nn.Linear(width, cfg.pixel_z_channels)
@@ -296,8 +316,9 @@ class ResTokDecoder(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, code_vectors: torch.Tensor, n_keep: torch.Tensor,
-                with_features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, code_vectors: torch.Tensor, n_keep: torch.Tensor, with_features: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         num_latent = code_vectors.shape[1]
         keep = torch.arange(num_latent, device=n_keep.device) < n_keep[:, None]  # (B, L)
         q = torch.where(keep[..., None], code_vectors, self.latent_mask_token.to(code_vectors.dtype))

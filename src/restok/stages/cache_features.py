@@ -27,6 +27,7 @@ image. At ImageNet scale with ViT-L/16 at 256 px that is 1,281,167 images x V x 
 (3,000 images, EfficientNet-Lite0's 112-channel stride-16 map at 8x8, 1 view) needs about 44 MB. An empty train
 split (shard.splits without train, as in the official-l profile) caches nothing either.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -70,8 +71,7 @@ def feature_bytes(views: int, grid: int, dim: int) -> int:
 
 
 @torch.no_grad()
-def cache_shard(shard_dir: str, image_shard: str, dest: Path, teacher, p, res: int,
-                device: torch.device) -> dict:
+def cache_shard(shard_dir: str, image_shard: str, dest: Path, teacher, p, res: int, device: torch.device) -> dict:
     """Teacher features of every image of one train shard -> `dest` (written atomically); returns its entry."""
     cfg, grid = p.cache_features, (p.vf.grid, p.vf.grid)
     per_batch = max(1, cfg.batch_size // cfg.views_per_image)  # images per teacher batch
@@ -85,8 +85,14 @@ def cache_shard(shard_dir: str, image_shard: str, dest: Path, teacher, p, res: i
         cls = cls.to(torch.float16).cpu().view(len(pending), cfg.views_per_image, -1).numpy()
         patches = patches.to(torch.float16).cpu().view(len(pending), cfg.views_per_image, *patches.shape[1:]).numpy()
         for i, (key, boxes, _) in enumerate(pending):
-            sink.write({"__key__": key, FIELDS[0]: npy_bytes(boxes.astype(np.int32)),
-                        FIELDS[1]: npy_bytes(cls[i]), FIELDS[2]: npy_bytes(patches[i])})
+            sink.write(
+                {
+                    "__key__": key,
+                    FIELDS[0]: npy_bytes(boxes.astype(np.int32)),
+                    FIELDS[1]: npy_bytes(cls[i]),
+                    FIELDS[2]: npy_bytes(patches[i]),
+                }
+            )
 
     with wds.TarWriter(str(tmp), mtime=0) as sink:
         pending = []
@@ -101,29 +107,41 @@ def cache_shard(shard_dir: str, image_shard: str, dest: Path, teacher, p, res: i
         if pending:
             flush(pending, sink)
     os.replace(tmp, dest)
-    return {"path": dest.name, "image_shard": Path(image_shard).name, "samples": count,
-            "bytes": dest.stat().st_size, "sha256": sha256_file(dest)}
+    return {
+        "path": dest.name,
+        "image_shard": Path(image_shard).name,
+        "samples": count,
+        "bytes": dest.stat().st_size,
+        "sha256": sha256_file(dest),
+    }
 
 
 def imagenet_cost(views: int) -> dict:
     per_image = feature_bytes(views, IMAGENET_VIT_L["grid"], IMAGENET_VIT_L["dim"])
-    return {"images": IMAGENET_TRAIN_IMAGES, "views_per_image": views, "tokens_per_view": 1 + 16 * 16,
-            "dim": IMAGENET_VIT_L["dim"], "bytes": IMAGENET_TRAIN_IMAGES * per_image,
-            "terabytes": round(IMAGENET_TRAIN_IMAGES * per_image / 1e12, 3),
-            "formula": "1,281,167 x views x (1 + 16*16) x 1024 x 2 bytes (ViT-L/16 at 256 px, fp16)"}
+    return {
+        "images": IMAGENET_TRAIN_IMAGES,
+        "views_per_image": views,
+        "tokens_per_view": 1 + 16 * 16,
+        "dim": IMAGENET_VIT_L["dim"],
+        "bytes": IMAGENET_TRAIN_IMAGES * per_image,
+        "terabytes": round(IMAGENET_TRAIN_IMAGES * per_image / 1e12, 3),
+        "formula": "1,281,167 x views x (1 + 16*16) x 1024 x 2 bytes (ViT-L/16 at 256 px, fp16)",
+    }
 
 
 def main(argv=None):
     relaunch_if_requested("restok.stages.cache_features", argv)
-    args, p = stage_args(__doc__, PARAMS, argv, shards="data/shard", out="data/cache_features",
-                         results="results/cache_features")
+    args, p = stage_args(
+        __doc__, PARAMS, argv, shards="data/shard", out="data/cache_features", results="results/cache_features"
+    )
     vf, cfg = p.vf, p.cache_features
     image_manifest = read_manifest(args.shards, "train")
     res = image_manifest["resolution"]
     teacher = None
     if vf.mode == "cache" and image_manifest["num_samples"] > 0:
-        teacher = build_teacher(vf.teacher, vf.weights, params_key="vf.weights", revision=vf.revision,
-                                sha256=vf.sha256)  # MissingWeightsError before any work
+        teacher = build_teacher(
+            vf.teacher, vf.weights, params_key="vf.weights", revision=vf.revision, sha256=vf.sha256
+        )  # MissingWeightsError before any work
     info = dist.init_distributed(cfg.device)
     out, results = Path(args.out), Path(args.results)
     if info.is_main and out.exists():
@@ -132,17 +150,32 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
-    base = {"format": FORMAT, "teacher": vf.teacher, "mode": vf.mode, "resolution": res,
-            "image_shards_manifest_sha256": sha256_file(Path(args.shards) / "train" / MANIFEST)}
+    base = {
+        "format": FORMAT,
+        "teacher": vf.teacher,
+        "mode": vf.mode,
+        "resolution": res,
+        "image_shards_manifest_sha256": sha256_file(Path(args.shards) / "train" / MANIFEST),
+    }
     if teacher is None:
-        reason = ("vf.mode is 'online': train_tokenizer runs the teacher on each training view" if vf.mode == "online"
-                  else f"the train split is empty ({image_manifest.get('left_out', 'no images')})")
-        manifest = {**base, "cached": False, "weights": vf.weights, "reason": reason,
-                    "shards": [], "num_samples": 0, "bytes": 0}
+        reason = (
+            "vf.mode is 'online': train_tokenizer runs the teacher on each training view"
+            if vf.mode == "online"
+            else f"the train split is empty ({image_manifest.get('left_out', 'no images')})"
+        )
+        manifest = {
+            **base,
+            "cached": False,
+            "weights": vf.weights,
+            "reason": reason,
+            "shards": [],
+            "num_samples": 0,
+            "bytes": 0,
+        }
     else:
         teacher = teacher.to(info.device)
         paths = shard_paths(args.shards, image_manifest)
-        mine = paths[info.rank::info.world_size]
+        mine = paths[info.rank :: info.world_size]
         entries = []
         with progress(len(mine), "cache_features shards") as bar:
             for path in mine:
@@ -155,32 +188,56 @@ def main(argv=None):
             torch.distributed.all_gather_object(gathered, entries)
         order = {Path(path).name: i for i, path in enumerate(paths)}
         entries = sorted((e for part in gathered for e in part), key=lambda e: order[e["image_shard"]])
-        manifest = {**base, "cached": True, "weights": teacher.provenance["weights"],
-                    "provenance": teacher.provenance, "grid": vf.grid, "dim": teacher.feat_dim,
-                    "patch_tokens": vf.grid * vf.grid, "views_per_image": cfg.views_per_image, "seed": cfg.seed,
-                    "dtype": "float16", "fields": list(FIELDS), "view_layout": "left, top, side, flip (stored px)",
-                    "shards": entries, "num_samples": sum(e["samples"] for e in entries),
-                    "bytes": sum(e["bytes"] for e in entries)}
+        manifest = {
+            **base,
+            "cached": True,
+            "weights": teacher.provenance["weights"],
+            "provenance": teacher.provenance,
+            "grid": vf.grid,
+            "dim": teacher.feat_dim,
+            "patch_tokens": vf.grid * vf.grid,
+            "views_per_image": cfg.views_per_image,
+            "seed": cfg.seed,
+            "dtype": "float16",
+            "fields": list(FIELDS),
+            "view_layout": "left, top, side, flip (stored px)",
+            "shards": entries,
+            "num_samples": sum(e["samples"] for e in entries),
+            "bytes": sum(e["bytes"] for e in entries),
+        }
     seconds = time.time() - t0
     if info.is_main:
         write_json_atomic(out / MANIFEST, manifest)
         ext = imagenet_cost(cfg.views_per_image)
-        summary = {"cached": manifest["cached"], "images": manifest["num_samples"],
-                   "views_per_image": cfg.views_per_image if manifest["cached"] else 0,
-                   "bytes_on_disk": manifest["bytes"], "megabytes_on_disk": round(manifest["bytes"] / 1e6, 2),
-                   "imagenet_extrapolation": {k: v for k, v in ext.items() if k != "formula"}}
-        provenance = {"profile": p.profile, "teacher": vf.teacher, "weights": manifest["weights"], "mode": vf.mode,
-                      "seconds": round(seconds, 2), "world_size": info.world_size,
-                      "imagenet_extrapolation_formula": ext["formula"]}
+        summary = {
+            "cached": manifest["cached"],
+            "images": manifest["num_samples"],
+            "views_per_image": cfg.views_per_image if manifest["cached"] else 0,
+            "bytes_on_disk": manifest["bytes"],
+            "megabytes_on_disk": round(manifest["bytes"] / 1e6, 2),
+            "imagenet_extrapolation": {k: v for k, v in ext.items() if k != "formula"},
+        }
+        provenance = {
+            "profile": p.profile,
+            "teacher": vf.teacher,
+            "weights": manifest["weights"],
+            "mode": vf.mode,
+            "seconds": round(seconds, 2),
+            "world_size": info.world_size,
+            "imagenet_extrapolation_formula": ext["formula"],
+        }
         if manifest["cached"]:
-            provenance["views_per_second"] = round(manifest["num_samples"] * cfg.views_per_image
-                                                   / max(seconds, 1e-9), 2)
+            provenance["views_per_second"] = round(
+                manifest["num_samples"] * cfg.views_per_image / max(seconds, 1e-9), 2
+            )
             summary["grid"], summary["dim"] = vf.grid, manifest["dim"]
         results.mkdir(parents=True, exist_ok=True)
         write_results(results / "summary.json", summary, provenance, info.device)
-        console.print(f"cache_features: {summary['images']} images, {summary['megabytes_on_disk']} MB in "
-                      f"{provenance['seconds']} s (teacher {vf.teacher}, weights {manifest['weights']}); at ImageNet "
-                      f"scale with ViT-L/16 at 256 px and {cfg.views_per_image} views: {ext['terabytes']} TB")
+        console.print(
+            f"cache_features: {summary['images']} images, {summary['megabytes_on_disk']} MB in "
+            f"{provenance['seconds']} s (teacher {vf.teacher}, weights {manifest['weights']}); at ImageNet "
+            f"scale with ViT-L/16 at 256 px and {cfg.views_per_image} views: {ext['terabytes']} TB"
+        )
     print0(f"cache_features: wrote {out / MANIFEST}")
     dist.barrier()
     dist.cleanup()

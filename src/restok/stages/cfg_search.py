@@ -19,6 +19,7 @@ the hill-climb explores (e.g. 1.0 to 4.5 for the step schedule) contains every p
 its best point equals the hill-climb's result whenever FID is unimodal in the scale, and is never worse otherwise.
 One schedule per run: sweep schedules or windows with `dvc exp run -S sample.sampling.cfg_schedule=...`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,9 +73,15 @@ def plot(path: Path, fids: dict[float, float], best: float, title: str) -> None:
 
 def main(argv=None):
     relaunch_if_requested("restok.stages.cfg_search", argv)
-    args, p = stage_args(__doc__, PARAMS, argv, generator="data/train_generator/generator.pt",
-                         tokenizer="data/train_tokenizer/tokenizer.pt", reference="data/reference_stats",
-                         results="results/cfg_search")
+    args, p = stage_args(
+        __doc__,
+        PARAMS,
+        argv,
+        generator="data/train_generator/generator.pt",
+        tokenizer="data/train_tokenizer/tokenizer.pt",
+        reference="data/reference_stats",
+        results="results/cfg_search",
+    )
     cfg, search = p.sample, p.cfg_search
     info = init_distributed(cfg.device)
     extractor = build_extractor(dataclasses.replace(p.fid, device=info.device.type))
@@ -96,8 +103,18 @@ def main(argv=None):
     fids = {}
     for scale in search.scales:
         sampling = dataclasses.replace(cfg.sampling, cfg_scale=scale)
-        images, _ = sample_images(generator, tokenizer, sampling, share, search.per_class, cfg.seed,
-                                  cfg.batch_size, info.device, bf16, desc=f"cfg {scale:g}")
+        images, _ = sample_images(
+            generator,
+            tokenizer,
+            sampling,
+            share,
+            search.per_class,
+            cfg.seed,
+            cfg.batch_size,
+            info.device,
+            bf16,
+            desc=f"cfg {scale:g}",
+        )
         parts = gather_to_main(pool_features(extractor, images, p.fid.batch_size), info)
         if info.is_main:
             feats = Features(pool=torch.cat(parts), logits=torch.zeros(0, 1008), provenance=extractor.provenance)
@@ -106,19 +123,33 @@ def main(argv=None):
     if info.is_main:
         best = min(fids, key=fids.get)
         random_init = p.fid.extractor.endswith("random-init")
-        out = {"fid": {f"{s:g}": v for s, v in fids.items()}, "best_scale": best, "best_fid": fids[best],
-               "num_images_per_scale": n_images, "per_class": search.per_class,
-               "random_init_extractor": random_init}
-        run_info = {"profile": p.profile, "seed": cfg.seed, "precision": "bf16" if bf16 else "fp32",
-                    "compile": cfg.compile,
-                    "sampling": {k: v for k, v in dataclasses.asdict(cfg.sampling).items() if k != "cfg_scale"},
-                    "reference": ref["reference"], **extractor.provenance, "generator": provenance["generator"],
-                    "seconds": round(time.perf_counter() - t0, 3)}
+        out = {
+            "fid": {f"{s:g}": v for s, v in fids.items()},
+            "best_scale": best,
+            "best_fid": fids[best],
+            "num_images_per_scale": n_images,
+            "per_class": search.per_class,
+            "random_init_extractor": random_init,
+        }
+        run_info = {
+            "profile": p.profile,
+            "seed": cfg.seed,
+            "precision": "bf16" if bf16 else "fp32",
+            "compile": cfg.compile,
+            "sampling": {k: v for k, v in dataclasses.asdict(cfg.sampling).items() if k != "cfg_scale"},
+            "reference": ref["reference"],
+            **extractor.provenance,
+            "generator": provenance["generator"],
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
         write_results(results / "cfg_search.json", out, run_info, info.device)
         note = " (RANDOM-INIT Inception: not a real FID)" if random_init else ""
-        plot(results / "fid_vs_scale.png", fids, best,
-             f"{cfg.sampling.cfg_schedule} schedule, {n_images} images/scale, {extractor.provenance['extractor']}"
-             f"{note}")
+        plot(
+            results / "fid_vs_scale.png",
+            fids,
+            best,
+            f"{cfg.sampling.cfg_schedule} schedule, {n_images} images/scale, {extractor.provenance['extractor']}{note}",
+        )
         console.print(f"cfg_search: best scale {best:g} (FID {fids[best]:.4g}){note}")
     barrier()
     cleanup()

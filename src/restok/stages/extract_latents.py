@@ -19,6 +19,7 @@ both splits are, they move into `<out>/` and the sibling folder is removed. Batc
 per-position entropy per level and its conditional given the class (`per_position`,
 restok.metrics.position_entropy), throughput and the tokenizer's provenance.
 """
+
 from __future__ import annotations
 
 import json
@@ -127,18 +128,33 @@ def publish(out: Path, work: Path) -> None:
     work.rmdir()
 
 
-def encode_split(model: ResTok, shard_dir: Path, split: str, kind: str, p, split_dir: Path, source: dict,
-                 device: torch.device) -> dict:
+def encode_split(
+    model: ResTok, shard_dir: Path, split: str, kind: str, p, split_dir: Path, source: dict, device: torch.device
+) -> dict:
     """Encode one split into split_dir, resuming from progress.json when its meta (incl. `source`) matches."""
     cfg, el = model.cfg, p.extract_latents
     manifest = read_manifest(shard_dir, split)
     n, views, L = manifest["num_samples"], NUM_VIEWS[kind], cfg.num_tokens
-    meta = {"split": split, "num_images": n, "views": views, "view_kind": kind, "crop_range": el.crop_range,
-            "codebook_size": cfg.codebook_size, "level_sizes": list(cfg.level_sizes), "num_tokens": L,
-            "num_classes": manifest["num_classes"], "resolution": cfg.resolution,
-            "dtype": code_dtype(cfg.codebook_size).name, "profile": p.profile, **source}
-    codes_path, labels_path, progress_path = (split_dir / "codes.npy", split_dir / "labels.npy",
-                                              split_dir / "progress.json")
+    meta = {
+        "split": split,
+        "num_images": n,
+        "views": views,
+        "view_kind": kind,
+        "crop_range": el.crop_range,
+        "codebook_size": cfg.codebook_size,
+        "level_sizes": list(cfg.level_sizes),
+        "num_tokens": L,
+        "num_classes": manifest["num_classes"],
+        "resolution": cfg.resolution,
+        "dtype": code_dtype(cfg.codebook_size).name,
+        "profile": p.profile,
+        **source,
+    }
+    codes_path, labels_path, progress_path = (
+        split_dir / "codes.npy",
+        split_dir / "labels.npy",
+        split_dir / "progress.json",
+    )
     if (split_dir / "meta.json").is_file() and json.loads((split_dir / "meta.json").read_text()) == meta:
         return {"images_encoded": 0, "seconds": 0.0, "resumed_from": n}  # complete from an earlier run
     done = 0
@@ -150,20 +166,22 @@ def encode_split(model: ResTok, shard_dir: Path, split: str, kind: str, p, split
     resumed_from, t0 = done, time.perf_counter()
     if done < n or not n:  # an empty split (shard.splits) still gets its (0, V, L) arrays
         mode = "r+" if done else "w+"
-        codes = np.lib.format.open_memmap(str(codes_path) + ".partial", mode=mode, dtype=meta["dtype"],
-                                          shape=(n, views, L))
+        codes = np.lib.format.open_memmap(
+            str(codes_path) + ".partial", mode=mode, dtype=meta["dtype"], shape=(n, views, L)
+        )
         labels = np.lib.format.open_memmap(str(labels_path) + ".partial", mode=mode, dtype=np.int64, shape=(n,))
         batches = ViewBatches(shard_dir, split, kind, el.crop_range, el.batch_size, done)
         workers = loader_workers(8) if device.type == "cuda" else 0  # CPU: the encoder needs the cores
-        loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
-                                             pin_memory=device.type == "cuda")
+        loader = torch.utils.data.DataLoader(
+            batches, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda"
+        )
         with torch.inference_mode(), progress(n, f"extract {split} ({views} views)") as bar:
             bar.advance(done)
             for first, imgs, labs in loader:
                 b = imgs.shape[0]
                 x = imgs.to(device, non_blocking=True).flatten(0, 1).float().div_(255)  # (b * V, 3, res, res)
-                codes[first:first + b] = model.encode(x).view(b, views, L).cpu().numpy().astype(meta["dtype"])
-                labels[first:first + b] = labs.numpy()
+                codes[first : first + b] = model.encode(x).view(b, views, L).cpu().numpy().astype(meta["dtype"])
+                labels[first : first + b] = labs.numpy()
                 codes.flush()  # the data is on disk before the progress file says so
                 labels.flush()
                 write_json_atomic(progress_path, {"meta": meta, "done": first + b})
@@ -184,56 +202,83 @@ def split_summary(split_dir: Path, model: ResTok, run: dict) -> tuple[dict, dict
     sample = torch.from_numpy(codes[::step].reshape(-1, L).astype(np.int64))  # (n', L)
     labels = torch.from_numpy(np.load(split_dir / "labels.npy")[::step]).repeat_interleave(views)  # (n',)
     secs = run["seconds"]
-    return {"num_images": n, "views": views, "disk_bytes": codes.nbytes, "code_stats_sequences": sample.shape[0],
-            "codebook": codebook_stats(sample, model.cfg.level_sizes, model.cfg.codebook_size),
-            "per_position": position_entropy(sample, model.cfg.level_sizes, model.cfg.codebook_size, labels)}, {
-            "dtype": codes.dtype.name, "images_encoded_this_run": run["images_encoded"],
-            "resumed_from": run["resumed_from"], "seconds": round(secs, 2),
-            "images_per_s": round(run["images_encoded"] / secs, 2) if secs else None,
-            "views_per_s": round(run["images_encoded"] * views / secs, 2) if secs else None}
+    return {
+        "num_images": n,
+        "views": views,
+        "disk_bytes": codes.nbytes,
+        "code_stats_sequences": sample.shape[0],
+        "codebook": codebook_stats(sample, model.cfg.level_sizes, model.cfg.codebook_size),
+        "per_position": position_entropy(sample, model.cfg.level_sizes, model.cfg.codebook_size, labels),
+    }, {
+        "dtype": codes.dtype.name,
+        "images_encoded_this_run": run["images_encoded"],
+        "resumed_from": run["resumed_from"],
+        "seconds": round(secs, 2),
+        "images_per_s": round(run["images_encoded"] / secs, 2) if secs else None,
+        "views_per_s": round(run["images_encoded"] * views / secs, 2) if secs else None,
+    }
 
 
 def main(argv=None):
-    args, p = stage_args(__doc__, PARAMS, argv,
-                         helps={"shards": "output of the shard stage", "tokenizer": "the EMA tokenizer artifact"},
-                         shards="data/shard", tokenizer="data/train_tokenizer/tokenizer.pt",
-                         out="data/extract_latents", results="results/extract_latents")
+    args, p = stage_args(
+        __doc__,
+        PARAMS,
+        argv,
+        helps={"shards": "output of the shard stage", "tokenizer": "the EMA tokenizer artifact"},
+        shards="data/shard",
+        tokenizer="data/train_tokenizer/tokenizer.pt",
+        out="data/extract_latents",
+        results="results/extract_latents",
+    )
     el = p.extract_latents
     if el.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{args.params}:extract_latents.device='cuda' but no CUDA device is available; use 'auto'")
     device = torch.device("cuda" if el.device != "cpu" and torch.cuda.is_available() else "cpu")
-    torch.set_float32_matmul_precision("high")  # fp32 weights and activations; TF32 matmuls on CUDA (docs/method.md, generator §7)
+    torch.set_float32_matmul_precision(
+        "high"
+    )  # fp32 weights and activations; TF32 matmuls on CUDA (docs/method.md, generator §7)
 
     shard_dir, tok_path = Path(args.shards), Path(args.tokenizer)
     model, tok_provenance = load_tokenizer(tok_path, device)
     manifests = {split: read_manifest(shard_dir, split) for split in SPLITS}
     for split, m in manifests.items():  # cross-artifact checks before any work
         if m["resolution"] != model.cfg.resolution:
-            raise ValueError(f"{tok_path} was trained at resolution {model.cfg.resolution} but "
-                             f"{shard_dir / split / 'manifest.json'} has resolution {m['resolution']}; re-run "
-                             "shard and train_tokenizer with the same data.resolution")
+            raise ValueError(
+                f"{tok_path} was trained at resolution {model.cfg.resolution} but "
+                f"{shard_dir / split / 'manifest.json'} has resolution {m['resolution']}; re-run "
+                "shard and train_tokenizer with the same data.resolution"
+            )
     if manifests["train"]["num_classes"] != manifests["val"]["num_classes"]:
-        raise ValueError(f"{shard_dir}: train has {manifests['train']['num_classes']} classes, val has "
-                         f"{manifests['val']['num_classes']}")
+        raise ValueError(
+            f"{shard_dir}: train has {manifests['train']['num_classes']} classes, val has "
+            f"{manifests['val']['num_classes']}"
+        )
 
-    console.print(f"extract_latents: {tok_path} ({model.cfg.num_tokens} tokens, codebook {model.cfg.codebook_size}) "
-                  f"on {device}, train views {el.views}")
+    console.print(
+        f"extract_latents: {tok_path} ({model.cfg.num_tokens} tokens, codebook {model.cfg.codebook_size}) "
+        f"on {device}, train views {el.views}"
+    )
     tokenizer = {"path": str(tok_path), "sha256": sha256_file(tok_path), "provenance": tok_provenance}
     out, results = Path(args.out), Path(args.results)
     summary = {"splits": {}}
-    run_info = {"profile": p.profile, "device": str(device), "params": asdict(el), "tokenizer": tokenizer,
-                "splits": {}}
+    run_info = {"profile": p.profile, "device": str(device), "params": asdict(el), "tokenizer": tokenizer, "splits": {}}
     work, runs = work_dir(out), {}
     for split, kind in (("train", el.views), ("val", "eval")):
         if (out / split / "meta.json").is_file() and not (work / split).exists():  # a finished run's: reusable
             (work / split).parent.mkdir(parents=True, exist_ok=True)
             os.replace(out / split, work / split)
         # what the codes depend on: a resumed or finished split is reused only if all of it is unchanged
-        source = {"tokenizer": tokenizer, "shards_sha256": [s["sha256"] for s in manifests[split]["shards"]],
-                  "batch_size": el.batch_size, "device": device.type}
+        source = {
+            "tokenizer": tokenizer,
+            "shards_sha256": [s["sha256"] for s in manifests[split]["shards"]],
+            "batch_size": el.batch_size,
+            "device": device.type,
+        }
         runs[split] = encode_split(model, shard_dir, split, kind, p, work / split, source, device)
-        console.print(f"extract_latents {split}: {NUM_VIEWS[kind]} views in {runs[split]['seconds']:.1f}s"
-                      + (f" (resumed from image {runs[split]['resumed_from']})" if runs[split]["resumed_from"] else ""))
+        console.print(
+            f"extract_latents {split}: {NUM_VIEWS[kind]} views in {runs[split]['seconds']:.1f}s"
+            + (f" (resumed from image {runs[split]['resumed_from']})" if runs[split]["resumed_from"] else "")
+        )
     publish(out, work)
     for split, run in runs.items():
         summary["splits"][split], run_info["splits"][split] = split_summary(out / split, model, run)

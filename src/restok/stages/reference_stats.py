@@ -22,6 +22,7 @@ data/reference_stats/stats.npz holds
   above, `probe_per_class`, `probe_num_classes` (empty arrays when probe_per_class is 0 or the train split is empty);
 - provenance: `extractor`, `extractor_weights`, `extractor_weights_sha256`, `profile`.
 """
+
 from __future__ import annotations
 
 import time
@@ -49,8 +50,9 @@ def spread(count: int, cap: int) -> np.ndarray:
     return np.unique(np.arange(min(count, cap)) * count // min(count, cap)) if count else np.zeros(0, int)
 
 
-def probe_images(extractor, shards: str, per_class: int, batch_size: int, val_pool: torch.Tensor,
-                 val_labels: list[int]) -> dict:
+def probe_images(
+    extractor, shards: str, per_class: int, batch_size: int, val_pool: torch.Tensor, val_labels: list[int]
+) -> dict:
     """The class probe's real-image features: the train split's first `per_class` images of each class (extracted
     here), the val split's (picked from the val pass). Computed once per extractor and data, not in every score."""
     train = read_manifest(shards, "train")
@@ -61,17 +63,24 @@ def probe_images(extractor, shards: str, per_class: int, batch_size: int, val_po
         count = sum(min(per_class, n) for n in histogram)
         feats = extract(extractor, split_labels(pairs, labels), count, batch_size, "inception probe train").pool.numpy()
         keep = first_per_class(val_labels, per_class)
-    return {"probe_train_features": feats, "probe_train_labels": np.asarray(labels, np.int64),
-            "probe_val_features": val_pool[keep].numpy(), "probe_val_labels": np.asarray(val_labels, np.int64)[keep],
-            "probe_per_class": per_class, "probe_num_classes": len(histogram)}
+    return {
+        "probe_train_features": feats,
+        "probe_train_labels": np.asarray(labels, np.int64),
+        "probe_val_features": val_pool[keep].numpy(),
+        "probe_val_labels": np.asarray(val_labels, np.int64)[keep],
+        "probe_per_class": per_class,
+        "probe_num_classes": len(histogram),
+    }
 
 
 def main(argv=None):
     args, p = stage_args(__doc__, PARAMS, argv, shards="data/shard", out="data/reference_stats")
     fid = p.fid
     if fid.reference == "adm" and not Path(fid.adm_batch).is_file():
-        raise FileNotFoundError(f"fid.adm_batch={fid.adm_batch!r} does not exist (VIRTUAL_imagenet256_labeled.npz "
-                                f"from openai/guided-diffusion's evaluations)")
+        raise FileNotFoundError(
+            f"fid.adm_batch={fid.adm_batch!r} does not exist (VIRTUAL_imagenet256_labeled.npz "
+            f"from openai/guided-diffusion's evaluations)"
+        )
     extractor = build_extractor(fid)
     read_manifest(args.shards, "val")  # the val split must exist before any work
 
@@ -84,21 +93,40 @@ def main(argv=None):
     val = extract(extractor, images, count, fid.batch_size, "inception val")
     val_stats = statistics(val)
     if fid.reference == "val":
-        ref = {"mu": val_stats["mu"], "sigma": val_stats["sigma"], "reference": "val",
-               "features": val.pool[spread(len(val.pool), MAX_FEATURES)].numpy(), "count": len(val.pool)}
+        ref = {
+            "mu": val_stats["mu"],
+            "sigma": val_stats["sigma"],
+            "reference": "val",
+            "features": val.pool[spread(len(val.pool), MAX_FEATURES)].numpy(),
+            "count": len(val.pool),
+        }
     else:
         with np.load(fid.adm_batch) as adm:
             keep = spread(len(adm["arr_0"]), MAX_FEATURES)
             arr = torch.from_numpy(adm["arr_0"][keep]).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
-            ref = {"mu": adm["mu"].astype(np.float64), "sigma": adm["sigma"].astype(np.float64),
-                   "reference": f"adm:{Path(fid.adm_batch).name}", "count": len(adm["arr_0"])}
+            ref = {
+                "mu": adm["mu"].astype(np.float64),
+                "sigma": adm["sigma"].astype(np.float64),
+                "reference": f"adm:{Path(fid.adm_batch).name}",
+                "count": len(adm["arr_0"]),
+            }
         ref["features"] = extract(extractor, iter(arr), len(arr), fid.batch_size, "inception adm").pool.numpy()
     probe = probe_images(extractor, args.shards, fid.probe_per_class, fid.batch_size, val.pool, val_labels)
     provenance = {key: extractor.provenance[key] for key in PROVENANCE_KEYS}
-    write_npz_atomic(out / "stats.npz", **ref, val_mu=val_stats["mu"], val_sigma=val_stats["sigma"],
-                     val_count=len(val.pool), profile=p.profile, **probe, **provenance)
-    console.print(f"reference_stats: {ref['reference']} ({ref['count']} images, {len(ref['features'])} features kept)"
-                  f" with {provenance['extractor']} in {time.perf_counter() - t0:.1f} s -> {out / 'stats.npz'}")
+    write_npz_atomic(
+        out / "stats.npz",
+        **ref,
+        val_mu=val_stats["mu"],
+        val_sigma=val_stats["sigma"],
+        val_count=len(val.pool),
+        profile=p.profile,
+        **probe,
+        **provenance,
+    )
+    console.print(
+        f"reference_stats: {ref['reference']} ({ref['count']} images, {len(ref['features'])} features kept)"
+        f" with {provenance['extractor']} in {time.perf_counter() - t0:.1f} s -> {out / 'stats.npz'}"
+    )
 
 
 if __name__ == "__main__":

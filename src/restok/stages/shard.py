@@ -13,6 +13,7 @@ process that dies (the OOM killer, a signal) stops the stage with a message, the
 conversion, same skips; samples keep the external order, keys become digits), and the manifest lists the external
 shards it read (`sources`: sha256, counts).
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -60,9 +61,11 @@ def _pool(n: int):
 
 
 def _died(what: str, done: int, total: int, pending: str, err: BrokenProcessPool) -> RuntimeError:
-    return RuntimeError(f"{what}: a worker process died (killed by a signal, e.g. the OOM killer) after {done} of "
-                        f"{total} shards, in {pending} or a later one; the split gets no manifest. Check memory "
-                        f"(dmesg), lower shard.workers or shard.max_image_pixels, and rerun ({err})")
+    return RuntimeError(
+        f"{what}: a worker process died (killed by a signal, e.g. the OOM killer) after {done} of "
+        f"{total} shards, in {pending} or a later one; the split gets no manifest. Check memory "
+        f"(dmesg), lower shard.workers or shard.max_image_pixels, and rerun ({err})"
+    )
 
 
 def _encode_shard(job):
@@ -75,8 +78,13 @@ def _encode_shard(job):
         except Exception as e:  # any decode failure: counted and listed, never silent
             skipped.append({"path": it.path or it.key, "reason": f"{type(e).__name__}: {e}"})
             continue
-        samples.append({"__key__": it.key, cfg.image_format: encode_image(img, cfg.image_format, cfg.jpeg_quality),
-                        "cls": it.label})
+        samples.append(
+            {
+                "__key__": it.key,
+                cfg.image_format: encode_image(img, cfg.image_format, cfg.jpeg_quality),
+                "cls": it.label,
+            }
+        )
         labels.append(it.label)
     return write_shard(Path(path), samples), labels, skipped
 
@@ -87,8 +95,10 @@ def shard_local(split: str, items: list[Item], names: list[str], out: Path, p) -
         order = np.random.default_rng(cfg.shuffle_seed).permutation(len(items))
         items = [items[i] for i in order]
     n = cfg.samples_per_shard
-    jobs = [(str(out / f"{split}-{k:06d}.tar"), items[i:i + n], split, data, cfg)
-            for k, i in enumerate(range(0, len(items), n))]
+    jobs = [
+        (str(out / f"{split}-{k:06d}.tar"), items[i : i + n], split, data, cfg)
+        for k, i in enumerate(range(0, len(items), n))
+    ]
     entries, hist, skipped = [], Counter(), []
     with _pool(min(cfg.workers, job_cpus(), max(1, len(jobs)))) as pool, progress(len(jobs), f"shard {split}") as bar:
         try:
@@ -99,8 +109,12 @@ def shard_local(split: str, items: list[Item], names: list[str], out: Path, p) -
                 bar.advance(1)
         except BrokenProcessPool as e:
             raise _died(f"shard {split}", len(entries), len(jobs), jobs[len(entries)][0], e) from None
-    return {"shards": entries, "num_samples": sum(e["samples"] for e in entries),
-            "class_histogram": [hist[c] for c in range(len(names))], "skipped": skipped}
+    return {
+        "shards": entries,
+        "num_samples": sum(e["samples"] for e in entries),
+        "class_histogram": [hist[c] for c in range(len(names))],
+        "skipped": skipped,
+    }
 
 
 def _refuse_compressed(url: str, where: str) -> None:
@@ -109,8 +123,10 @@ def _refuse_compressed(url: str, where: str) -> None:
         magic = f.read(6)
     for name, sig in (("gzip", b"\x1f\x8b"), ("bzip2", b"BZh"), ("xz", b"\xfd7zXZ"), ("zstd", b"\x28\xb5\x2f\xfd")):
         if magic.startswith(sig):
-            raise ValueError(f"{where}: {url} is {name}-compressed; external shards must be plain .tar "
-                             f"(decompress it, e.g. `{name} -d`, and point the pattern at the .tar)")
+            raise ValueError(
+                f"{where}: {url} is {name}-compressed; external shards must be plain .tar "
+                f"(decompress it, e.g. `{name} -d`, and point the pattern at the .tar)"
+            )
 
 
 def _external_samples(url: str):
@@ -149,21 +165,28 @@ def _convert_external(job):
             skipped.append({"path": where, "reason": f"no integer class (cls): {type(e).__name__}: {e}"})
             continue
         if not 0 <= label < data.num_classes:
-            raise SourceError(f"data.wds.{split}: {where} has class {label}, outside 0..{data.num_classes - 1} "
-                              f"(data.num_classes={data.num_classes})")
+            raise SourceError(
+                f"data.wds.{split}: {where} has class {label}, outside 0..{data.num_classes - 1} "
+                f"(data.num_classes={data.num_classes})"
+            )
         field = next((e for e in exts if e in fields), None)
         if field is None:
             skipped.append({"path": where, "reason": f"no image field ({' '.join(exts)}); it has {sorted(fields)}"})
             continue
         try:
-            img = store_transform(open_image(io.BytesIO(fields[field]), cfg), split, data.resolution,
-                                  cfg.max_image_pixels)
+            img = store_transform(
+                open_image(io.BytesIO(fields[field]), cfg), split, data.resolution, cfg.max_image_pixels
+            )
         except Exception as e:  # any decode failure: counted and listed, never silent
             skipped.append({"path": where, "reason": f"{type(e).__name__}: {e}"})
             continue
-        samples.append({"__key__": f"{k:06d}{j:06d}", cfg.image_format: encode_image(img, cfg.image_format,
-                                                                                   cfg.jpeg_quality),
-                        "cls": label})
+        samples.append(
+            {
+                "__key__": f"{k:06d}{j:06d}",
+                cfg.image_format: encode_image(img, cfg.image_format, cfg.jpeg_quality),
+                "cls": label,
+            }
+        )
         labels.append(label)
     source = {"path": url, "samples": len(samples) + len(skipped), "sha256": sha256_file(url)}
     return write_shard(Path(path), samples), labels, skipped, source
@@ -178,8 +201,10 @@ def shard_external(split: str, pattern: str, names: list[str], out: Path, p) -> 
         _refuse_compressed(u, f"data.wds.{split}={pattern!r}")
     jobs = [(u, str(out / f"{split}-{k:06d}.tar"), k, split, p.data, p.shard) for k, u in enumerate(urls)]
     entries, sources, hist, skipped = [], [], Counter(), []
-    with _pool(min(p.shard.workers, job_cpus(), max(1, len(jobs)))) as pool, \
-            progress(len(jobs), f"shard {split} (wds)") as bar:
+    with (
+        _pool(min(p.shard.workers, job_cpus(), max(1, len(jobs)))) as pool,
+        progress(len(jobs), f"shard {split} (wds)") as bar,
+    ):
         try:
             for entry, labels, skip, source in pool.map(_convert_external, jobs):
                 entries.append(entry)
@@ -189,9 +214,13 @@ def shard_external(split: str, pattern: str, names: list[str], out: Path, p) -> 
                 bar.advance(1)
         except BrokenProcessPool as e:
             raise _died(f"shard {split} (wds)", len(entries), len(urls), urls[len(entries)], e) from None
-    return {"shards": entries, "sources": sources,
-            "num_samples": sum(e["samples"] for e in entries),
-            "class_histogram": [hist[c] for c in range(len(names))], "skipped": skipped}
+    return {
+        "shards": entries,
+        "sources": sources,
+        "num_samples": sum(e["samples"] for e in entries),
+        "class_histogram": [hist[c] for c in range(len(names))],
+        "skipped": skipped,
+    }
 
 
 def _refuse_lost_classes(split: str, body: dict, names: list[str], listed: Counter | None) -> None:
@@ -200,11 +229,13 @@ def _refuse_lost_classes(split: str, body: dict, names: list[str], listed: Count
     if not lost:
         return
     first = body["skipped"][0] if body["skipped"] else None
-    raise ValueError(f"shard {split}: class{'es' if len(lost) > 1 else ''} "
-                     f"{', '.join(repr(names[c]) for c in lost[:5])}{' ...' if len(lost) > 5 else ''} kept no image: "
-                     f"every file of {'them' if len(lost) > 1 else 'it'} was skipped"
-                     + (f" (e.g. {first['path']}: {first['reason']})" if first else "")
-                     + "; fix or remove the files, or remove the class folder")
+    raise ValueError(
+        f"shard {split}: class{'es' if len(lost) > 1 else ''} "
+        f"{', '.join(repr(names[c]) for c in lost[:5])}{' ...' if len(lost) > 5 else ''} kept no image: "
+        f"every file of {'them' if len(lost) > 1 else 'it'} was skipped"
+        + (f" (e.g. {first['path']}: {first['reason']})" if first else "")
+        + "; fix or remove the files, or remove the class folder"
+    )
 
 
 def sample_grid(shard_dir: Path, split: str, num_classes: int, per_class: int = 8) -> torch.Tensor:
@@ -236,8 +267,13 @@ def main(argv=None):
             shutil.rmtree(split_dir)  # never mix a previous run's shards with this one's
         split_dir.mkdir(parents=True)
         if split not in wanted:  # an empty split, so every reader finds a manifest that says so
-            body = {"shards": [], "num_samples": 0, "class_histogram": [0] * len(names),
-                    "skipped": [], "left_out": f"not in shard.splits {p.shard.splits}"}
+            body = {
+                "shards": [],
+                "num_samples": 0,
+                "class_histogram": [0] * len(names),
+                "skipped": [],
+                "left_out": f"not in shard.splits {p.shard.splits}",
+            }
         elif data.source == "wds":
             body = shard_external(split, getattr(data.wds, split), names, split_dir, p)
             _refuse_lost_classes(split, body, names, None)  # every class must have images in both splits
@@ -246,21 +282,38 @@ def main(argv=None):
             body = shard_local(split, items, names, split_dir, p)
             if body["num_samples"] == 0:  # no manifest: no later stage reads an empty split as done
                 first = body["skipped"][0]
-                raise ValueError(f"shard {split}: none of its {len(items)} images could be read, e.g. "
-                                 f"{first['path']}: {first['reason']}")
+                raise ValueError(
+                    f"shard {split}: none of its {len(items)} images could be read, e.g. "
+                    f"{first['path']}: {first['reason']}"
+                )
             _refuse_lost_classes(split, body, names, Counter(it.label for it in items))
         body["ignored"] = [] if split not in wanted else ignored_entries(data, split)
-        manifest = {"split": split, "source": data.source, "root": data.root, "resolution": data.resolution,
-                    "stored": ("short_side=ceil(res/0.8)" if split == "train" else "eval_view(res)"),
-                    "num_classes": len(names), "class_names": names, **body}
+        manifest = {
+            "split": split,
+            "source": data.source,
+            "root": data.root,
+            "resolution": data.resolution,
+            "stored": ("short_side=ceil(res/0.8)" if split == "train" else "eval_view(res)"),
+            "num_classes": len(names),
+            "class_names": names,
+            **body,
+        }
         write_json_atomic(split_dir / MANIFEST, manifest)
-        summary["splits"][split] = {"num_samples": body["num_samples"], "num_shards": len(body["shards"]),
-                                    "num_skipped": len(body["skipped"]), "num_ignored": len(body["ignored"]),
-                                    "class_histogram": body["class_histogram"]}
+        summary["splits"][split] = {
+            "num_samples": body["num_samples"],
+            "num_shards": len(body["shards"]),
+            "num_skipped": len(body["skipped"]),
+            "num_ignored": len(body["ignored"]),
+            "class_histogram": body["class_histogram"],
+        }
         # file names such as "a [tag].png" or "x[/b].jpg" are printed verbatim (no rich markup), one line each
-        console.print(f"shard {split}: {body['num_samples']} images in {len(body['shards'])} shards, "
-                      f"{len(body['skipped'])} skipped, {len(body['ignored'])} entries not read by kind",
-                      markup=False, highlight=False, soft_wrap=True)
+        console.print(
+            f"shard {split}: {body['num_samples']} images in {len(body['shards'])} shards, "
+            f"{len(body['skipped'])} skipped, {len(body['ignored'])} entries not read by kind",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
         for s in body["skipped"][:10]:
             console.print(f"  skipped {s['path']}: {s['reason']}", markup=False, highlight=False, soft_wrap=True)
         for s in body["ignored"][:10]:
@@ -269,8 +322,12 @@ def main(argv=None):
     results.mkdir(parents=True, exist_ok=True)
     grid = sample_grid(out, "val" if "val" in wanted else "train", data.num_classes)
     save_png(grid, results / "samples.png")
-    write_results(results / "summary.json", summary,
-                  {"profile": p.profile, "source": data.source, "seconds": round(time.time() - t0, 2)}, "cpu")
+    write_results(
+        results / "summary.json",
+        summary,
+        {"profile": p.profile, "source": data.source, "seconds": round(time.time() - t0, 2)},
+        "cpu",
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ val loss and per-level top-1 accuracy of the EMA model on all val codes, through
 With `train_generator.official` set (the official-l profile) nothing is trained: the released generator is fetched,
 imported exactly, checked against params and the latents, and evaluated on the val codes the same way.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,7 @@ from restok.launch import relaunch_if_requested
 from restok.models.generator import HARGenerator
 from restok.provenance import write_results
 from restok.train import ckpt, finite, optim
-from restok.train.dist import (all_reduce_mean, barrier, cleanup, init_distributed, is_dist, seed_everything,
-                               use_bf16)
+from restok.train.dist import all_reduce_mean, barrier, cleanup, init_distributed, is_dist, seed_everything, use_bf16
 from restok.train.ema import EMA
 from restok.train.log import CurveWriter, is_main_process, print0, progress
 from restok.train.lr import lr_at
@@ -88,14 +88,23 @@ class StepSampler:
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num)
-        index = self._perm[i * self.batch:(i + 1) * self.batch]
+        index = self._perm[i * self.batch : (i + 1) * self.batch]
         view = np.random.default_rng([self.seed, epoch, i, 1]).integers(0, self.views, self.batch)
         return index, view
 
 
 @torch.no_grad()
-def evaluate(model: HARGenerator, val: Latents, num: int, batch: int, level_sizes: list[int], device, autocast,
-             rank: int, world: int) -> dict:
+def evaluate(
+    model: HARGenerator,
+    val: Latents,
+    num: int,
+    batch: int,
+    level_sizes: list[int],
+    device,
+    autocast,
+    rank: int,
+    world: int,
+) -> dict:
     """Mean CE and per-level top-1 accuracy over the first `num` val sequences (view 0), split over ranks."""
     ce_sum = torch.zeros(val.tokens, dtype=torch.float64, device=device)  # (L,)
     hit_sum = torch.zeros(val.tokens, dtype=torch.float64, device=device)  # (L,)
@@ -111,14 +120,19 @@ def evaluate(model: HARGenerator, val: Latents, num: int, batch: int, level_size
         torch_dist.all_reduce(stats)
     ce, acc = (stats / num).cpu().numpy()  # per position
     bounds = np.cumsum([0, *level_sizes])
-    return {"loss": float(ce.mean()), "accuracy": float(acc.mean()),
-            "accuracy_per_level": {f"level_{i}": float(acc[a:b].mean())
-                                   for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))}}
+    return {
+        "loss": float(ce.mean()),
+        "accuracy": float(acc.mean()),
+        "accuracy_per_level": {
+            f"level_{i}": float(acc[a:b].mean()) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
+        },
+    }
 
 
 def sections_hash(p) -> str:
-    return hashlib.sha256(json.dumps({k: asdict(p.sections[k]) for k in list(PARAMS)[1:]}, sort_keys=True,
-                                     default=str).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps({k: asdict(p.sections[k]) for k in list(PARAMS)[1:]}, sort_keys=True, default=str).encode()
+    ).hexdigest()
 
 
 def import_generator(p, args) -> None:
@@ -127,10 +141,14 @@ def import_generator(p, args) -> None:
     codes as a trained one is."""
     tg = p.train_generator
     val = Latents(Path(args.latents), "val")
-    expected = generator_config(p.generator, val.meta["codebook_size"], val.meta["num_tokens"],
-                                val.meta["num_classes"])
-    model, provenance = import_released("generator", tg.official, "train_generator.official", expected,
-                                        f"{p.path}:generator (with the latents' codebook, tokens and classes)")
+    expected = generator_config(p.generator, val.meta["codebook_size"], val.meta["num_tokens"], val.meta["num_classes"])
+    model, provenance = import_released(
+        "generator",
+        tg.official,
+        "train_generator.official",
+        expected,
+        f"{p.path}:generator (with the latents' codebook, tokens and classes)",
+    )
     device = torch.device("cuda" if tg.loop.device != "cpu" and torch.cuda.is_available() else "cpu")
     bf16 = use_bf16(tg.loop.precision, device)
     autocast = torch.autocast(device.type, torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -141,18 +159,44 @@ def import_generator(p, args) -> None:
     CurveWriter(results / "curve.tsv", ["loss", "val_loss", "lr"]).close()  # header only: nothing was trained
     model = model.to(device)
     final = evaluate(model, val, val.num, tg.loop.batch_size, val.meta["level_sizes"], device, autocast, 0, 1)
-    save_artifact(out / "generator.pt", model.state_dict(), asdict(model.cfg),
-                       {"stage": "train_generator", "profile": p.profile, "step": None,
-                        "params_sha256": sections_hash(p), "weights": provenance["weights"], "official": provenance,
-                        "latents": {"val_meta": val.meta}})
-    metrics = {"steps": None, "final_train_loss": None, "val_loss": final["loss"], "val_accuracy": final["accuracy"],
-               "val_accuracy_per_level": final["accuracy_per_level"], "val_sequences": val.num,
-               "params_M": round(provenance["num_params"] / 1e6, 3)}
-    run_info = {"profile": p.profile, "mode": model.cfg.mode, "weights": provenance["weights"], "official": provenance,
-                "train_seconds": None, "device": device.type, "bf16": bf16, "tokenizer": val.meta["tokenizer"]}
+    save_artifact(
+        out / "generator.pt",
+        model.state_dict(),
+        asdict(model.cfg),
+        {
+            "stage": "train_generator",
+            "profile": p.profile,
+            "step": None,
+            "params_sha256": sections_hash(p),
+            "weights": provenance["weights"],
+            "official": provenance,
+            "latents": {"val_meta": val.meta},
+        },
+    )
+    metrics = {
+        "steps": None,
+        "final_train_loss": None,
+        "val_loss": final["loss"],
+        "val_accuracy": final["accuracy"],
+        "val_accuracy_per_level": final["accuracy_per_level"],
+        "val_sequences": val.num,
+        "params_M": round(provenance["num_params"] / 1e6, 3),
+    }
+    run_info = {
+        "profile": p.profile,
+        "mode": model.cfg.mode,
+        "weights": provenance["weights"],
+        "official": provenance,
+        "train_seconds": None,
+        "device": device.type,
+        "bf16": bf16,
+        "tokenizer": val.meta["tokenizer"],
+    }
     write_results(results / "metrics.json", metrics, run_info, device)
-    print0(f"train_generator: imported {provenance['weights']} (nothing trained); val loss {final['loss']:.4f}, "
-           f"accuracy {final['accuracy']:.4f} on {val.num} val sequences")
+    print0(
+        f"train_generator: imported {provenance['weights']} (nothing trained); val loss {final['loss']:.4f}, "
+        f"accuracy {final['accuracy']:.4f} on {val.num} val sequences"
+    )
 
 
 @dataclass
@@ -194,15 +238,21 @@ class Run:
 
 def main(argv=None):
     relaunch_if_requested("restok.stages.train_generator", argv)
-    args, p = stage_args(__doc__, PARAMS, argv, helps={"latents": "output of extract_latents"},
-                         latents="data/extract_latents", out="data/train_generator", results="results/train_generator")
+    args, p = stage_args(
+        __doc__,
+        PARAMS,
+        argv,
+        helps={"latents": "output of extract_latents"},
+        latents="data/extract_latents",
+        out="data/train_generator",
+        results="results/train_generator",
+    )
     if p.train_generator.official is not None:
         return import_generator(p, args)
     with ckpt.exclusive(Path(args.out) / "ckpt", is_main_process()):  # one writer of ckpt/ for the whole run
         run = setup(p, args)
         train(run)
         finish(run)
-
 
 
 def setup(p, args: argparse.Namespace) -> Run:
@@ -212,16 +262,21 @@ def setup(p, args: argparse.Namespace) -> Run:
     train, val = Latents(latents, "train"), Latents(latents, "val")
     for key in ("codebook_size", "num_tokens", "num_classes", "level_sizes"):
         if train.meta[key] != val.meta[key]:
-            raise ValueError(f"{latents}/train/meta.json has {key}={train.meta[key]} but {latents}/val/meta.json "
-                             f"has {val.meta[key]}; re-run extract_latents")
-    cfg = generator_config(p.generator, train.meta["codebook_size"], train.meta["num_tokens"],
-                           train.meta["num_classes"])
+            raise ValueError(
+                f"{latents}/train/meta.json has {key}={train.meta[key]} but {latents}/val/meta.json "
+                f"has {val.meta[key]}; re-run extract_latents"
+            )
+    cfg = generator_config(
+        p.generator, train.meta["codebook_size"], train.meta["num_tokens"], train.meta["num_classes"]
+    )
 
     info = init_distributed(loop.device)
     device, rank, world = info.device, info.rank, info.world_size
     if loop.batch_size % world:
-        raise ValueError(f"{args.params}:train_generator.loop.batch_size={loop.batch_size} must be divisible by the "
-                         f"{world} processes")
+        raise ValueError(
+            f"{args.params}:train_generator.loop.batch_size={loop.batch_size} must be divisible by the "
+            f"{world} processes"
+        )
     local = loop.batch_size // world
     bf16 = use_bf16(loop.precision, device)
     autocast = torch.autocast(device.type, torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -235,8 +290,11 @@ def setup(p, args: argparse.Namespace) -> Run:
     opt = optim.build(model, opt_cfg)
     out, results = Path(args.out), Path(args.results)
     sections = {k: asdict(p.sections[k]) for k in list(PARAMS)[1:]}
-    run_id = ckpt.fingerprint(ckpt.run_params(sections, NOT_SHAPING), "restok.stages.train_generator",
-                              {"latents": train.meta, "world_size": world})
+    run_id = ckpt.fingerprint(
+        ckpt.run_params(sections, NOT_SHAPING),
+        "restok.stages.train_generator",
+        {"latents": train.meta, "world_size": world},
+    )
     step, final_loss, state = 0, None, ckpt.resume(out / "ckpt", run_id, info.is_main)
     resume = state is not None
     prior_seconds = 0.0
@@ -248,17 +306,44 @@ def setup(p, args: argparse.Namespace) -> Run:
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if loop.compile else net
     sampler = StepSampler(train.num, train.views, loop.batch_size, loop.seed)
-    print0(f"train_generator: {cfg.mode} {sum(t.numel() for t in model.parameters()) / 1e6:.2f}M params, "
-           f"{train.num} images x {train.views} views, {device} x {world}, bf16={bf16}, steps {step}.."
-           f"{loop.max_steps}")
+    print0(
+        f"train_generator: {cfg.mode} {sum(t.numel() for t in model.parameters()) / 1e6:.2f}M params, "
+        f"{train.num} images x {train.views} views, {device} x {world}, bf16={bf16}, steps {step}.."
+        f"{loop.max_steps}"
+    )
 
     val_num = min(val.num, p.train_generator.val_batches * loop.batch_size)
     columns = ["loss", "val_loss", "lr"] if val_num else ["loss", "lr"]
-    curve = CurveWriter(results / "curve.tsv", columns, resume_step=step if resume else None,
-                        keep=out / "ckpt" / "curve.tsv") if info.is_main else None
-    return Run(p=p, args=args, cfg=cfg, info=info, train=train, val=val, model=model, net=net, ema=ema, opt=opt,
-               sampler=sampler, autocast=autocast, bf16=bf16, run_id=run_id, local=local, val_num=val_num,
-               curve=curve, step=step, start_step=step, prior_seconds=prior_seconds, final_loss=final_loss)
+    curve = (
+        CurveWriter(
+            results / "curve.tsv", columns, resume_step=step if resume else None, keep=out / "ckpt" / "curve.tsv"
+        )
+        if info.is_main
+        else None
+    )
+    return Run(
+        p=p,
+        args=args,
+        cfg=cfg,
+        info=info,
+        train=train,
+        val=val,
+        model=model,
+        net=net,
+        ema=ema,
+        opt=opt,
+        sampler=sampler,
+        autocast=autocast,
+        bf16=bf16,
+        run_id=run_id,
+        local=local,
+        val_num=val_num,
+        curve=curve,
+        step=step,
+        start_step=step,
+        prior_seconds=prior_seconds,
+        final_loss=final_loss,
+    )
 
 
 def train(run: Run) -> None:
@@ -278,8 +363,9 @@ def train(run: Run) -> None:
             for group in opt.param_groups:
                 group["lr"] = lr
             index, view = run.sampler(run.step)
-            codes, labels = run.train.batch(index[rank * local:(rank + 1) * local],
-                                            view[rank * local:(rank + 1) * local], device)
+            codes, labels = run.train.batch(
+                index[rank * local : (rank + 1) * local], view[rank * local : (rank + 1) * local], device
+            )
             with run.autocast:
                 _, loss = run.net(codes, labels, with_logits=False)  # chunked CE: no (B, L, V) fp32 logits
             opt.zero_grad(set_to_none=True)
@@ -302,8 +388,9 @@ def train(run: Run) -> None:
                 run.final_loss = all_reduce_mean(loss_sum / loss_steps).item()
                 row = {"loss": run.final_loss, "lr": lr}
                 if run.val_num:
-                    row["val_loss"] = evaluate(run.ema.model, run.val, run.val_num, local, level_sizes, device,
-                                               run.autocast, rank, world)["loss"]
+                    row["val_loss"] = evaluate(
+                        run.ema.model, run.val, run.val_num, local, level_sizes, device, run.autocast, rank, world
+                    )["loss"]
                 if run.curve:
                     run.curve.write(step, **row)
                 print0(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items()))
@@ -311,9 +398,17 @@ def train(run: Run) -> None:
                 t0 = time.perf_counter()
             if step % loop.ckpt_every_steps == 0 or step == loop.max_steps:
                 run.seconds_this_run += time.perf_counter() - t0
-                state = ckpt.capture(step, model, {"generator": opt}, run.ema, data={"step": step},
-                                     config=asdict(run.cfg), fingerprint=run.run_id, train_loss=run.final_loss,
-                                     train_seconds=run.prior_seconds + run.seconds_this_run)
+                state = ckpt.capture(
+                    step,
+                    model,
+                    {"generator": opt},
+                    run.ema,
+                    data={"step": step},
+                    config=asdict(run.cfg),
+                    fingerprint=run.run_id,
+                    train_loss=run.final_loss,
+                    train_seconds=run.prior_seconds + run.seconds_this_run,
+                )
                 if run.info.is_main:
                     ckpt.save(run.ckpt_dir, state, step, keep=loop.keep_ckpts)
                 barrier()
@@ -324,24 +419,51 @@ def finish(run: Run) -> None:
     """Evaluate the EMA on every val sequence, write generator.pt and metrics.json."""
     p, loop, cfg, step = run.p, run.p.train_generator.loop, run.cfg, run.step
     train, val, device, results = run.train, run.val, run.device, Path(run.args.results)
-    final = evaluate(run.ema.model, val, val.num, run.local, train.meta["level_sizes"], device, run.autocast,
-                     run.info.rank, run.info.world_size)
+    final = evaluate(
+        run.ema.model,
+        val,
+        val.num,
+        run.local,
+        train.meta["level_sizes"],
+        device,
+        run.autocast,
+        run.info.rank,
+        run.info.world_size,
+    )
     if run.info.is_main:
         run.curve.close()
-        provenance = {"stage": "train_generator", "profile": p.profile, "step": step, "params_sha256": sections_hash(p),
-                      "weights": "ema", "latents": {"train_meta": train.meta, "val_num_images": val.num}}
+        provenance = {
+            "stage": "train_generator",
+            "profile": p.profile,
+            "step": step,
+            "params_sha256": sections_hash(p),
+            "weights": "ema",
+            "latents": {"train_meta": train.meta, "val_num_images": val.num},
+        }
         save_artifact(Path(run.args.out) / "generator.pt", run.ema.model.state_dict(), asdict(cfg), provenance)
         train_secs = run.seconds_this_run
         sequences = (step - run.start_step) * loop.batch_size
-        metrics = {"steps": step, "final_train_loss": run.final_loss, "val_loss": final["loss"],
-                   "val_accuracy": final["accuracy"], "val_accuracy_per_level": final["accuracy_per_level"],
-                   "val_sequences": val.num,
-                   "params_M": round(sum(t.numel() for t in run.model.parameters()) / 1e6, 3)}
-        run_info = {"profile": p.profile, "mode": cfg.mode,
-                    "sequences_per_s": round(sequences / train_secs, 2) if train_secs else None,
-                    "train_seconds": round(run.prior_seconds + train_secs, 2), "steps_this_run": step - run.start_step,
-                    "world_size": run.info.world_size, "device": device.type, "bf16": run.bf16,
-                    "compile": loop.compile, "tokenizer": train.meta["tokenizer"]}
+        metrics = {
+            "steps": step,
+            "final_train_loss": run.final_loss,
+            "val_loss": final["loss"],
+            "val_accuracy": final["accuracy"],
+            "val_accuracy_per_level": final["accuracy_per_level"],
+            "val_sequences": val.num,
+            "params_M": round(sum(t.numel() for t in run.model.parameters()) / 1e6, 3),
+        }
+        run_info = {
+            "profile": p.profile,
+            "mode": cfg.mode,
+            "sequences_per_s": round(sequences / train_secs, 2) if train_secs else None,
+            "train_seconds": round(run.prior_seconds + train_secs, 2),
+            "steps_this_run": step - run.start_step,
+            "world_size": run.info.world_size,
+            "device": device.type,
+            "bf16": run.bf16,
+            "compile": loop.compile,
+            "tokenizer": train.meta["tokenizer"],
+        }
         results.mkdir(parents=True, exist_ok=True)
         write_results(results / "metrics.json", metrics, run_info, device)
     barrier()

@@ -26,6 +26,7 @@ With `train_tokenizer.official` set (the official-l profile) nothing is trained:
 (hub cache or local file), imported exactly (restok.convert), checked against params and evaluated the same way;
 its provenance replaces the training record (curve.tsv keeps only its header).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,11 @@ from restok.train.lr import lr_at
 PARAMS = {"profile": str, "vf": Vf, "tokenizer": TokenizerParams, "train_tokenizer": TrainTokenizer}
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
 # params that change what is logged or evaluated, not the trained weights: they do not stop a resume
-NOT_SHAPING = (*(f"train_tokenizer.{k}" for k in ckpt.LOGGING_KNOBS), "train_tokenizer.eval_images",
-               "train_tokenizer.baseline_train_images")
+NOT_SHAPING = (
+    *(f"train_tokenizer.{k}" for k in ckpt.LOGGING_KNOBS),
+    "train_tokenizer.eval_images",
+    "train_tokenizer.baseline_train_images",
+)
 EXPORT_EMA = "export_ema.pt"  # in ckpt/ (kept across resumes): the EMA weights of train_tokenizer.export_step
 
 
@@ -90,8 +94,10 @@ class ViewDataset(Dataset):
             self.features = [TarIndex(Path(features_dir) / name) for name in names]
             for img, feat in zip(self.images, self.features):
                 if img.keys != feat.keys:
-                    raise ValueError(f"{feat.path} holds {len(feat.keys)} samples that do not match the "
-                                     f"{len(img.keys)} of {img.path}; rerun cache_features (dvc repro cache_features)")
+                    raise ValueError(
+                        f"{feat.path} holds {len(feat.keys)} samples that do not match the "
+                        f"{len(img.keys)} of {img.path}; rerun cache_features (dvc repro cache_features)"
+                    )
         self.records = [(s, key) for s, index in enumerate(self.images) for key in index.keys]
 
     def __len__(self) -> int:
@@ -166,16 +172,27 @@ def vf_setup(p, shards: str, features: str) -> VFSource:
         dim = teacher_dim(vf.teacher)  # the width only; weights are loaded below when the teacher runs
         return VFSource(need=need, cached=False, dim=dim, reason="online teacher" if need else "off (weight 0)")
     image_sha = sha256_file(Path(shards) / "train" / MANIFEST)
-    facts = {"cached": (manifest["cached"], True), "teacher": (manifest["teacher"], vf.teacher),
-             "grid": (manifest.get("grid"), vf.grid), "image_shards_manifest_sha256":
-             (manifest["image_shards_manifest_sha256"], image_sha)}
+    facts = {
+        "cached": (manifest["cached"], True),
+        "teacher": (manifest["teacher"], vf.teacher),
+        "grid": (manifest.get("grid"), vf.grid),
+        "image_shards_manifest_sha256": (manifest["image_shards_manifest_sha256"], image_sha),
+    }
     for name, (found, expected) in facts.items():
         if found != expected:
-            raise ValueError(f"{manifest_path} says {name}={found!r} but {p.path} / {shards} give {expected!r}; "
-                             f"rerun cache_features (dvc repro cache_features)")
-    return VFSource(need=True, cached=True, dim=manifest["dim"], reason="cached teacher features",
-                    views=manifest["views_per_image"], provenance=manifest["provenance"],
-                    manifest_sha256=sha256_file(manifest_path))
+            raise ValueError(
+                f"{manifest_path} says {name}={found!r} but {p.path} / {shards} give {expected!r}; "
+                f"rerun cache_features (dvc repro cache_features)"
+            )
+    return VFSource(
+        need=True,
+        cached=True,
+        dim=manifest["dim"],
+        reason="cached teacher features",
+        views=manifest["views_per_image"],
+        provenance=manifest["provenance"],
+        manifest_sha256=sha256_file(manifest_path),
+    )
 
 
 def params_hash(p) -> str:
@@ -195,15 +212,18 @@ def class_mean_images(shards: str, res: int, num_classes: int, limit: int | None
         if limit is not None and counts.sum() >= limit:
             break
         if not 0 <= label < num_classes:
-            raise ValueError(f"{shards}/train: sample {key} has label {label}, outside the {num_classes} classes of "
-                             f"the train manifest")
+            raise ValueError(
+                f"{shards}/train: sample {key} has label {label}, outside the {num_classes} classes of "
+                f"the train manifest"
+            )
         sums[label] += to_uint8_tensor(eval_view(img, res)).double() / 255
         counts[label] += 1
     if counts.sum() == 0:
         return None
     seen = counts > 0
-    class_means = torch.where(seen[:, None, None, None], sums / counts.clamp(min=1)[:, None, None, None],
-                              sums[seen].sum(0) / counts.sum())  # a class absent from the prefix: global mean
+    class_means = torch.where(
+        seen[:, None, None, None], sums / counts.clamp(min=1)[:, None, None, None], sums[seen].sum(0) / counts.sum()
+    )  # a class absent from the prefix: global mean
     return class_means.float(), (sums.sum(0) / counts.sum()).float()[None], int(counts.sum())
 
 
@@ -213,8 +233,9 @@ def trained_prefixes(cfg) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate(model: ResTok, shards: str, n: int, device: torch.device, batch: int, baseline_images: int | None,
-             show: int = 8):
+def evaluate(
+    model: ResTok, shards: str, n: int, device: torch.device, batch: int, baseline_images: int | None, show: int = 8
+):
     """EMA model in fp32 on the first `n` val images (docs/method.md, training-and-eval §5.1): PSNR/SSIM after clamping and 8-bit rounding,
     codebook usage, PSNR of each trained token prefix (the others are listed as untrained), and two baselines on
     the same images: the mean train image of the image's class and the mean train image; and the recon.png tiles."""
@@ -253,13 +274,18 @@ def evaluate(model: ResTok, shards: str, n: int, device: torch.device, batch: in
     stats = codebook_stats(torch.cat(codes_all), model.level_sizes, model.cfg.codebook_size)
     trained = trained_prefixes(model.cfg)
     has = baseline is not None
-    metrics = {"eval_images": count, "psnr": sums["psnr"] / count, "ssim": sums["ssim"] / count,
-               "class_mean_image_psnr": sums["class_mean"] / count if has else None,
-               "global_mean_image_psnr": sums["global_mean"] / count if has else None,
-               "psnr_above_class_mean_db": (sums["psnr"] - sums["class_mean"]) / count if has else None,
-               "baseline_train_images": baseline[2] if has else 0,
-               "psnr_by_prefix": {str(k): sums[k] / count for k in prefixes if k in trained},
-               "untrained_prefixes": [k for k in prefixes if k not in trained], "codebook": stats}
+    metrics = {
+        "eval_images": count,
+        "psnr": sums["psnr"] / count,
+        "ssim": sums["ssim"] / count,
+        "class_mean_image_psnr": sums["class_mean"] / count if has else None,
+        "global_mean_image_psnr": sums["global_mean"] / count if has else None,
+        "psnr_above_class_mean_db": (sums["psnr"] - sums["class_mean"]) / count if has else None,
+        "baseline_train_images": baseline[2] if has else 0,
+        "psnr_by_prefix": {str(k): sums[k] / count for k in prefixes if k in trained},
+        "untrained_prefixes": [k for k in prefixes if k not in trained],
+        "codebook": stats,
+    }
     rows = ["original", *[f"{k} tokens" + ("" if k in trained else " (untrained)") for k in prefixes]]
     return metrics, torch.cat(tiles), rows
 
@@ -309,15 +335,21 @@ class Run:
 
 def main(argv=None):
     relaunch_if_requested("restok.stages.train_tokenizer", argv)
-    args, p = stage_args(__doc__, PARAMS, argv, shards="data/shard", features="data/cache_features",
-                         out="data/train_tokenizer", results="results/train_tokenizer")
+    args, p = stage_args(
+        __doc__,
+        PARAMS,
+        argv,
+        shards="data/shard",
+        features="data/cache_features",
+        out="data/train_tokenizer",
+        results="results/train_tokenizer",
+    )
     if p.train_tokenizer.official is not None:
         return import_tokenizer(p, args)
     with ckpt.exclusive(Path(args.out) / "ckpt", is_main_process()):  # one writer of ckpt/ for the whole run
         run = setup(p, args)
         train(run)
         finish(run)
-
 
 
 def setup(p, args: argparse.Namespace) -> Run:
@@ -328,25 +360,38 @@ def setup(p, args: argparse.Namespace) -> Run:
     vfs = vf_setup(p, args.shards, args.features)
     cfg = tokenizer_config(p.tokenizer, res, vfs.dim)
     if vfs.need and cfg.grid != (p.vf.grid, p.vf.grid):
-        raise ValueError(f"{p.path}: vf.grid={p.vf.grid} but the tokenizer's image-token grid is {cfg.grid[0]} "
-                         f"(data resolution {res} from {args.shards}/train/{MANIFEST}); set vf.grid={cfg.grid[0]}")
+        raise ValueError(
+            f"{p.path}: vf.grid={p.vf.grid} but the tokenizer's image-token grid is {cfg.grid[0]} "
+            f"(data resolution {res} from {args.shards}/train/{MANIFEST}); set vf.grid={cfg.grid[0]}"
+        )
     loss_cfg = tt.loss if cfg.vf_align else dataclasses.replace(tt.loss, vf_enc_weight=0.0, vf_dec_weight=0.0)
-    teacher = (build_teacher(p.vf.teacher, p.vf.weights, revision=p.vf.revision, sha256=p.vf.sha256)
-               if vfs.need and not vfs.cached else None)
+    teacher = (
+        build_teacher(p.vf.teacher, p.vf.weights, revision=p.vf.revision, sha256=p.vf.sha256)
+        if vfs.need and not vfs.cached
+        else None
+    )
     dist.seed_everything(loop.seed)
     loss_fn = TokenizerLoss(loss_cfg)  # LPIPS / discriminator weights checked here, before any work
 
     info = dist.init_distributed(loop.device)
     device = info.device
     if loop.batch_size % info.world_size:
-        raise ValueError(f"{p.path}: train_tokenizer.loop.batch_size={loop.batch_size} is not divisible by the "
-                         f"{info.world_size} processes")
+        raise ValueError(
+            f"{p.path}: train_tokenizer.loop.batch_size={loop.batch_size} is not divisible by the "
+            f"{info.world_size} processes"
+        )
     local_bs = loop.batch_size // info.world_size
     out, results, ckpt_dir = Path(args.out), Path(args.results), Path(args.out) / "ckpt"
     sections = {k: dataclasses.asdict(p.sections[k]) for k in list(PARAMS)[1:]}
-    run_id = ckpt.fingerprint(ckpt.run_params(sections, NOT_SHAPING), "restok.stages.train_tokenizer",
-                              {"features_manifest_sha256": vfs.manifest_sha256,
-                               "image_shards": image_manifest["shards"], "world_size": info.world_size})
+    run_id = ckpt.fingerprint(
+        ckpt.run_params(sections, NOT_SHAPING),
+        "restok.stages.train_tokenizer",
+        {
+            "features_manifest_sha256": vfs.manifest_sha256,
+            "image_shards": image_manifest["shards"],
+            "world_size": info.world_size,
+        },
+    )
 
     dist.seed_everything(loop.seed)  # the same init on every rank
     model = ResTok(cfg).to(device)
@@ -356,8 +401,9 @@ def setup(p, args: argparse.Namespace) -> Run:
     teacher = teacher.to(device) if teacher is not None else None
     opts = {"tokenizer": optim.build(model, opt_cfg)}
     if loss_fn.gan is not None:
-        opts["discriminator"] = optim.adamw(loss_fn.gan.discriminator, tt.disc_lr, opt_cfg.weight_decay,
-                                            tuple(opt_cfg.betas))
+        opts["discriminator"] = optim.adamw(
+            loss_fn.gan.discriminator, tt.disc_lr, opt_cfg.weight_decay, tuple(opt_cfg.betas)
+        )
     dist.seed_everything(loop.seed, info.rank)
     step, resumed, prior_seconds = 0, None, 0.0
     state = ckpt.resume(ckpt_dir, run_id, info.is_main)
@@ -374,27 +420,60 @@ def setup(p, args: argparse.Namespace) -> Run:
 
     dataset = ViewDataset(args.shards, image_manifest, args.features if vfs.cached else None, vfs.views)
     sampler = EpochSampler(len(dataset), info.rank, info.world_size, loop.seed, step * local_bs)
-    loader = iter(DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=loader_workers(loop.workers),
-                             collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
-                             generator=torch.Generator().manual_seed(loop.seed)))  # not the global RNG: resume
+    loader = iter(
+        DataLoader(
+            dataset,
+            batch_size=local_bs,
+            sampler=sampler,
+            num_workers=loader_workers(loop.workers),
+            collate_fn=collate,
+            pin_memory=device.type == "cuda",
+            drop_last=True,
+            generator=torch.Generator().manual_seed(loop.seed),
+        )
+    )  # not the global RNG: resume
     if loop.compile:
         model.compile_regions()  # after the EMA copy: evaluation runs the plain EMA model
     net = model
     if info.world_size > 1:
         unused = cfg.vf_align and not (loss_cfg.vf_enc_weight > 0 and loss_cfg.vf_dec_weight > 0)
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=unused)
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused
+        )
     bf16 = dist.use_bf16(loop.precision, device)
     disc_params = [q for q in loss_fn.gan.discriminator.parameters() if q.requires_grad] if loss_fn.gan else []
     columns = ["loss", *loss_terms(loss_cfg), *(["d_loss"] if loss_fn.gan else []), "lr"]
     curve = CurveWriter(results / "curve.tsv", columns, resumed, keep=ckpt_dir / "curve.tsv") if info.is_main else None
-    print0(f"train_tokenizer: {sum(q.numel() for q in model.parameters()) / 1e6:.2f}M params, device {device}, "
-           f"world {info.world_size}, bf16 {bf16}, optimizer {opt_cfg.algorithm}, VF {vfs.reason}, "
-           + (f"resumed from step {resumed}" if resumed is not None else "fresh start"))
-    return Run(p=p, args=args, cfg=cfg, vfs=vfs, info=info, model=model, net=net, ema=ema, opts=opts,
-               loss_fn=loss_fn, teacher=teacher, loader=loader, run_id=run_id, bf16=bf16, columns=columns,
-               curve=curve, local_bs=local_bs, step=step, resumed=resumed, prior_seconds=prior_seconds,
-               disc_params=disc_params, start_step=step, logged=step)
+    print0(
+        f"train_tokenizer: {sum(q.numel() for q in model.parameters()) / 1e6:.2f}M params, device {device}, "
+        f"world {info.world_size}, bf16 {bf16}, optimizer {opt_cfg.algorithm}, VF {vfs.reason}, "
+        + (f"resumed from step {resumed}" if resumed is not None else "fresh start")
+    )
+    return Run(
+        p=p,
+        args=args,
+        cfg=cfg,
+        vfs=vfs,
+        info=info,
+        model=model,
+        net=net,
+        ema=ema,
+        opts=opts,
+        loss_fn=loss_fn,
+        teacher=teacher,
+        loader=loader,
+        run_id=run_id,
+        bf16=bf16,
+        columns=columns,
+        curve=curve,
+        local_bs=local_bs,
+        step=step,
+        resumed=resumed,
+        prior_seconds=prior_seconds,
+        disc_params=disc_params,
+        start_step=step,
+        logged=step,
+    )
 
 
 def train(run: Run, deadline: float | None = None, steps: int | None = None) -> None:
@@ -417,20 +496,38 @@ def train(run: Run, deadline: float | None = None, steps: int | None = None) -> 
             t_patches = t_patches.to(device, non_blocking=True).float() if run.vfs.need else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.bf16):
                 o = run.net(x)
-            loss, logs = loss_fn(x, o.recon, o.quant_loss, step=run.step, teacher_cls=t_cls,
-                                 teacher_patches=t_patches,
-                                 enc_tokens_proj=o.enc_cls_feat[:, None] if o.enc_cls_feat is not None else None,
-                                 dec_feat_proj=o.dec_patch_feat)
-            lr = lr_at(run.step, opt_cfg.lr, opt_cfg.warmup_steps, loop.max_steps, end_lr=opt_cfg.end_lr,
-                       schedule=opt_cfg.schedule)
+            loss, logs = loss_fn(
+                x,
+                o.recon,
+                o.quant_loss,
+                step=run.step,
+                teacher_cls=t_cls,
+                teacher_patches=t_patches,
+                enc_tokens_proj=o.enc_cls_feat[:, None] if o.enc_cls_feat is not None else None,
+                dec_feat_proj=o.dec_patch_feat,
+            )
+            lr = lr_at(
+                run.step,
+                opt_cfg.lr,
+                opt_cfg.warmup_steps,
+                loop.max_steps,
+                end_lr=opt_cfg.end_lr,
+                schedule=opt_cfg.schedule,
+            )
             grad_norm = apply_step(run.opts["tokenizer"], loss, model.parameters(), lr, opt_cfg.grad_clip)
             values = [loss.detach(), *(logs[c] for c in run.columns[1:-1] if c != "d_loss")]
             if loss_fn.gan is not None:
                 d_loss = torch.zeros((), device=device)
                 if loss_fn.gan.active(run.step):
                     d_loss, _ = loss_fn.gan.discriminator_loss(x, o.recon.detach())
-                    apply_step(run.opts["discriminator"], d_loss, run.disc_params, disc_lr(run.step, tt, loop),
-                               opt_cfg.grad_clip, average_grads=True)
+                    apply_step(
+                        run.opts["discriminator"],
+                        d_loss,
+                        run.disc_params,
+                        disc_lr(run.step, tt, loop),
+                        opt_cfg.grad_clip,
+                        average_grads=True,
+                    )
                 values.append(d_loss.detach())
             run.ema.update(model)
             run.step += 1
@@ -448,13 +545,22 @@ def train(run: Run, deadline: float | None = None, steps: int | None = None) -> 
                 bar.advance(run.step - run.logged, **dict(zip(run.columns, mean)))
                 run.logged = run.step
             if run.step == tt.export_step and run.step < loop.max_steps and run.info.is_main:  # before the ckpt
-                save_torch_atomic({k: v.detach().cpu() for k, v in run.ema.model.state_dict().items()},
-                                  run.ckpt_dir / EXPORT_EMA)
+                save_torch_atomic(
+                    {k: v.detach().cpu() for k, v in run.ema.model.state_dict().items()}, run.ckpt_dir / EXPORT_EMA
+                )
             if run.step % loop.ckpt_every_steps == 0 or run.step == loop.max_steps:
                 extra = {"gan": loss_fn.gan.state_dict()} if loss_fn.gan is not None else {}
                 seconds = run.prior_seconds + run.seconds_this_run + time.time() - t_start
-                state = ckpt.capture(run.step, model, run.opts, run.ema, data={"samples_per_rank": run.step * run.local_bs},
-                                     fingerprint=run.run_id, train_seconds=seconds, **extra)
+                state = ckpt.capture(
+                    run.step,
+                    model,
+                    run.opts,
+                    run.ema,
+                    data={"samples_per_rank": run.step * run.local_bs},
+                    fingerprint=run.run_id,
+                    train_seconds=seconds,
+                    **extra,
+                )
                 if run.info.is_main:
                     ckpt.save(run.ckpt_dir, state, run.step, keep=loop.keep_ckpts)
                 dist.barrier()
@@ -471,33 +577,57 @@ def finish(run: Run) -> dict | None:
     metrics = None
     if run.info.is_main:
         ema_step = run.step if tt.export_step is None else tt.export_step
-        if ema_step < run.step:  # the EMA of `export_step` is what is evaluated and exported (docs/method.md, restok §4 #6: 750k of 1M)
+        if (
+            ema_step < run.step
+        ):  # the EMA of `export_step` is what is evaluated and exported (docs/method.md, restok §4 #6: 750k of 1M)
             run.ema.model.load_state_dict(ckpt.load(run.ckpt_dir / EXPORT_EMA))
-        metrics, tiles, rows = evaluate(run.ema.model, run.args.shards, tt.eval_images, run.device, run.local_bs,
-                                        tt.baseline_train_images)
+        metrics, tiles, rows = evaluate(
+            run.ema.model, run.args.shards, tt.eval_images, run.device, run.local_bs, tt.baseline_train_images
+        )
         save_png(tiles, results / "recon.png", nrow=len(tiles) // len(rows))
         teacher_info = run.vfs.provenance or (run.teacher.provenance if run.teacher is not None else None)
         losses = loss_report(run.loss_fn.cfg, cfg, run.vfs, run.loss_fn, loop.max_steps)
-        provenance = {"params_hash": params_hash(p), "step": run.step, "ema_step": ema_step, "profile": p.profile,
-                      "teacher": teacher_info, "losses": losses, "features_manifest_sha256": run.vfs.manifest_sha256}
+        provenance = {
+            "params_hash": params_hash(p),
+            "step": run.step,
+            "ema_step": ema_step,
+            "profile": p.profile,
+            "teacher": teacher_info,
+            "losses": losses,
+            "features_manifest_sha256": run.vfs.manifest_sha256,
+        }
         state_dict = {k: v.detach().cpu() for k, v in run.ema.model.state_dict().items()}
         out.mkdir(parents=True, exist_ok=True)
         save_artifact(out / "tokenizer.pt", state_dict, dataclasses.asdict(cfg), provenance)
         trained = run.step - run.start_step
-        metrics.update({
-            "step": run.step, "ema_step": ema_step,
-            "num_params_millions": round(sum(q.numel() for q in run.model.parameters()) / 1e6, 3)})
+        metrics.update(
+            {
+                "step": run.step,
+                "ema_step": ema_step,
+                "num_params_millions": round(sum(q.numel() for q in run.model.parameters()) / 1e6, 3),
+            }
+        )
         run_info = {
-            "profile": p.profile, "teacher": teacher_info, "losses": losses,
-            "train_seconds": round(train_seconds, 2), "steps_this_run": trained,
+            "profile": p.profile,
+            "teacher": teacher_info,
+            "losses": losses,
+            "train_seconds": round(train_seconds, 2),
+            "steps_this_run": trained,
             "train_images_per_second": round(trained * loop.batch_size / max(run.seconds_this_run, 1e-9), 2),
-            "world_size": run.info.world_size, "device": str(run.device), "bf16": run.bf16,
-            "optimizer": tt.optim.algorithm, "resumed_from_step": run.resumed, "recon_png_rows": rows}
+            "world_size": run.info.world_size,
+            "device": str(run.device),
+            "bf16": run.bf16,
+            "optimizer": tt.optim.algorithm,
+            "resumed_from_step": run.resumed,
+            "recon_png_rows": rows,
+        }
         write_results(results / "metrics.json", metrics, run_info, run.device)
-        console.print(f"train_tokenizer: EMA PSNR {metrics['psnr']:.2f} dB ({metrics['psnr_above_class_mean_db']:+.2f}"
-                      f" dB above the class-mean image), SSIM {metrics['ssim']:.3f}, "
-                      f"{run_info['train_images_per_second']} img/s, "
-                      f"{train_seconds:.1f} s")
+        console.print(
+            f"train_tokenizer: EMA PSNR {metrics['psnr']:.2f} dB ({metrics['psnr_above_class_mean_db']:+.2f}"
+            f" dB above the class-mean image), SSIM {metrics['ssim']:.3f}, "
+            f"{run_info['train_images_per_second']} img/s, "
+            f"{train_seconds:.1f} s"
+        )
     dist.barrier()
     dist.cleanup()
     return metrics
@@ -509,31 +639,51 @@ def import_tokenizer(p, args) -> None:
     tt = p.train_tokenizer
     res = read_manifest(args.shards, "val")["resolution"]
     expected = tokenizer_config(dataclasses.replace(p.tokenizer, vf_align=False), res, None)
-    model, provenance = import_released("tokenizer", tt.official, "train_tokenizer.official", expected,
-                                        f"{p.path}:tokenizer (with the val shards' resolution {res})")
+    model, provenance = import_released(
+        "tokenizer",
+        tt.official,
+        "train_tokenizer.official",
+        expected,
+        f"{p.path}:tokenizer (with the val shards' resolution {res})",
+    )
     device = torch.device("cuda" if tt.loop.device != "cpu" and torch.cuda.is_available() else "cpu")
     out, results = Path(args.out), Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     for stale in (out / "tokenizer.pt", *(results / n for n in ("metrics.json", "provenance.json", "recon.png"))):
         stale.unlink(missing_ok=True)
     CurveWriter(results / "curve.tsv", ["loss", *loss_terms(tt.loss), "lr"]).close()  # header only: nothing trained
-    metrics, tiles, rows = evaluate(model.to(device), args.shards, tt.eval_images, device, tt.loop.batch_size,
-                                    tt.baseline_train_images)
+    metrics, tiles, rows = evaluate(
+        model.to(device), args.shards, tt.eval_images, device, tt.loop.batch_size, tt.baseline_train_images
+    )
     save_png(tiles, results / "recon.png", nrow=len(tiles) // len(rows))
-    provenance_out = {"params_hash": params_hash(p), "step": None, "profile": p.profile, "teacher": None,
-                      "losses": None, "features_manifest_sha256": None, "official": provenance}
+    provenance_out = {
+        "params_hash": params_hash(p),
+        "step": None,
+        "profile": p.profile,
+        "teacher": None,
+        "losses": None,
+        "features_manifest_sha256": None,
+        "official": provenance,
+    }
     out.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_artifact(out / "tokenizer.pt", state_dict, dataclasses.asdict(model.cfg), provenance_out)
-    metrics.update({
-        "step": None,
-        "num_params_millions": round(provenance["num_params"] / 1e6, 3)})
-    run_info = {"profile": p.profile, "weights": provenance["weights"], "official": provenance, "teacher": None,
-                "losses": "none: released checkpoint, not trained here", "train_seconds": None,
-                "device": str(device), "recon_png_rows": rows}
+    metrics.update({"step": None, "num_params_millions": round(provenance["num_params"] / 1e6, 3)})
+    run_info = {
+        "profile": p.profile,
+        "weights": provenance["weights"],
+        "official": provenance,
+        "teacher": None,
+        "losses": "none: released checkpoint, not trained here",
+        "train_seconds": None,
+        "device": str(device),
+        "recon_png_rows": rows,
+    }
     write_results(results / "metrics.json", metrics, run_info, device)
-    console.print(f"train_tokenizer: imported {provenance['weights']} (nothing trained); PSNR {metrics['psnr']:.2f} "
-                  f"dB on {metrics['eval_images']} val images")
+    console.print(
+        f"train_tokenizer: imported {provenance['weights']} (nothing trained); PSNR {metrics['psnr']:.2f} "
+        f"dB on {metrics['eval_images']} val images"
+    )
 
 
 def loss_terms(loss_cfg) -> list[str]:
@@ -552,8 +702,11 @@ def loss_report(loss_cfg, cfg, vfs: VFSource, loss_fn: TokenizerLoss, max_steps:
     report = {"mse": "on (weight 1)", "vq": f"on (weight 1, commitment {cfg.commitment_cost})"}
     lpips = built.get("lpips", {})
     sha = f", sha256 {lpips['sha256']}" if "sha256" in lpips else ""
-    report["lpips"] = (f"on (weight {loss_cfg.lpips_weight}, {lpips['weights']}{sha}, heads {lpips['heads']})"
-                       if loss_cfg.lpips_weight > 0 else "off (weight 0)")
+    report["lpips"] = (
+        f"on (weight {loss_cfg.lpips_weight}, {lpips['weights']}{sha}, heads {lpips['heads']})"
+        if loss_cfg.lpips_weight > 0
+        else "off (weight 0)"
+    )
     source = "cached" if vfs.cached else "online"
     for name in ("vf_enc", "vf_dec"):
         weight = getattr(loss_cfg, f"{name}_weight")
@@ -563,13 +716,16 @@ def loss_report(loss_cfg, cfg, vfs: VFSource, loss_fn: TokenizerLoss, max_steps:
     elif loss_cfg.gan_start_step >= max_steps:
         report["gan"] = f"off (gan_start_step {loss_cfg.gan_start_step} >= max_steps {max_steps})"
     else:
-        report["gan"] = (f"on from step {loss_cfg.gan_start_step} (weight {loss_cfg.gan_weight}, "
-                         f"{built['discriminator']['model']} {built['discriminator']['weights']})")
+        report["gan"] = (
+            f"on from step {loss_cfg.gan_start_step} (weight {loss_cfg.gan_weight}, "
+            f"{built['discriminator']['model']} {built['discriminator']['weights']})"
+        )
     return report
 
 
-def apply_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, lr: float, clip: float,
-               average_grads: bool = False) -> torch.Tensor:
+def apply_step(
+    opt: torch.optim.Optimizer, loss: torch.Tensor, params, lr: float, clip: float, average_grads: bool = False
+) -> torch.Tensor:
     """zero_grad, backward, (average gradients over ranks), clip the global norm, set the LR, step; returns the
     global gradient norm before clipping (a device tensor)."""
     opt.zero_grad(set_to_none=True)

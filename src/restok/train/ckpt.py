@@ -36,6 +36,7 @@ Loop usage (both training stages):
     if info.is_main: ckpt.save(ckpt_dir, state, step, keep=3)
     dist.barrier()
 """
+
 from __future__ import annotations
 
 import datetime
@@ -97,14 +98,23 @@ def exclusive(ckpt_dir: str | Path, take: bool = True) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown (not written yet)"
-            raise CheckpointDirLocked(f"{ckpt_dir} is in use by another training run: {holder} (lock {path}). Two "
-                                      f"writers would delete and move aside each other's checkpoints; wait for it "
-                                      f"or stop it, then rerun") from None
+            raise CheckpointDirLocked(
+                f"{ckpt_dir} is in use by another training run: {holder} (lock {path}). Two "
+                f"writers would delete and move aside each other's checkpoints; wait for it "
+                f"or stop it, then rerun"
+            ) from None
         job = os.environ.get("SLURM_JOB_ID")
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (f"host {socket.gethostname()}, pid {os.getpid()}" + (f", SLURM job {job}" if job else "")
-                       + f", since {stamp}\n").encode(), 0)
+        os.pwrite(
+            fd,
+            (
+                f"host {socket.gethostname()}, pid {os.getpid()}"
+                + (f", SLURM job {job}" if job else "")
+                + f", since {stamp}\n"
+            ).encode(),
+            0,
+        )
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -117,8 +127,12 @@ def rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "numpy": {
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
         "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
     }
 
@@ -128,14 +142,27 @@ def set_rng_state(state: dict) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["gauss"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["gauss"],
+        )
+    )
     py_state = state["python"]
     random.setstate((py_state["version"], tuple(py_state["state"].tolist()), py_state["gauss"]))
 
 
-def capture(step: int, model: nn.Module, optimizers: dict[str, torch.optim.Optimizer], ema: EMA | None = None,
-            data: dict | None = None, **extra) -> dict:
+def capture(
+    step: int,
+    model: nn.Module,
+    optimizers: dict[str, torch.optim.Optimizer],
+    ema: EMA | None = None,
+    data: dict | None = None,
+    **extra,
+) -> dict:
     """The resume state at `step` (the number of finished optimiser steps). Collective under torchrun.
 
     Args:
@@ -161,8 +188,9 @@ def capture(step: int, model: nn.Module, optimizers: dict[str, torch.optim.Optim
     }
 
 
-def restore(state: dict, model: nn.Module, optimizers: dict[str, torch.optim.Optimizer],
-            ema: EMA | None = None) -> tuple[int, dict]:
+def restore(
+    state: dict, model: nn.Module, optimizers: dict[str, torch.optim.Optimizer], ema: EMA | None = None
+) -> tuple[int, dict]:
     """Load `state` (from `capture`) into the given objects; returns (step, data position).
 
     Each rank restores its own RNG stream when the checkpoint was written by as many processes as run now; with a
@@ -194,9 +222,11 @@ def save(ckpt_dir: str | Path, state: dict, step: int, keep: int = 2) -> Path:
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        message = (f"cannot write checkpoint {path}: {e.strerror} ({errno.errorcode[e.errno]}); "
-                   f"free space in {ckpt_dir} (or lower loop.keep_ckpts) and rerun: the run resumes from the last "
-                   f"checkpoint")
+        message = (
+            f"cannot write checkpoint {path}: {e.strerror} ({errno.errorcode[e.errno]}); "
+            f"free space in {ckpt_dir} (or lower loop.keep_ckpts) and rerun: the run resumes from the last "
+            f"checkpoint"
+        )
         stop_without_restart(message)
         raise OSError(e.errno, message) from e
     for old in _checkpoints(ckpt_dir)[:-keep]:
@@ -210,8 +240,13 @@ def save(ckpt_dir: str | Path, state: dict, step: int, keep: int = 2) -> Path:
 # memory, not what it computes (resume is exact across checkpoint intervals, tests/stage/test_stage_train_*.py;
 # activation checkpointing gives the same values and gradients, tests/unit/test_speed.py): a run that ran out of
 # memory resumes with checkpointing on
-LOGGING_KNOBS = ("loop.ckpt_every_steps", "loop.keep_ckpts", "loop.log_every_steps", "loop.workers",
-                 "loop.checkpointing")
+LOGGING_KNOBS = (
+    "loop.ckpt_every_steps",
+    "loop.keep_ckpts",
+    "loop.log_every_steps",
+    "loop.workers",
+    "loop.checkpointing",
+)
 
 
 def run_params(sections: dict, ignore: Iterable[str]) -> dict:
@@ -246,10 +281,13 @@ def fingerprint(params: dict, module: str, inputs: dict) -> dict[str, str]:
         {"params", "code", "inputs", "environment"} -> short hashes; "environment" covers the Python minor version
         (not its patch release) and the torch, torchvision and numpy versions.
     """
-    env = {"python": "{}.{}".format(*sys.version_info[:2]), "torch": torch.__version__, "numpy": np.__version__,
-           "torchvision": importlib.metadata.version("torchvision")}
-    return {"params": _sha(params), "code": code_sha256(module)[:16], "inputs": _sha(inputs),
-            "environment": _sha(env)}
+    env = {
+        "python": "{}.{}".format(*sys.version_info[:2]),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "torchvision": importlib.metadata.version("torchvision"),
+    }
+    return {"params": _sha(params), "code": code_sha256(module)[:16], "inputs": _sha(inputs), "environment": _sha(env)}
 
 
 def resume(ckpt_dir: str | Path, run: dict[str, str], is_main: bool = True) -> dict | None:
@@ -306,14 +344,18 @@ def _choose(ckpt_dir: Path, run: dict[str, str]) -> Path | None:
         except Exception as e:
             if not _bad_content(e):  # I/O or memory: stop here, nothing moved
                 raise
-            aside = _move_aside(ckpt_dir, [path], "corrupt", f"{path} cannot be read ({type(e).__name__}: {e})",
-                                aside)
+            aside = _move_aside(ckpt_dir, [path], "corrupt", f"{path} cannot be read ({type(e).__name__}: {e})", aside)
             continue
         if found == run:
             return path
         differs = sorted(k for k in run if not isinstance(found, dict) or found.get(k) != run[k])
-        _move_aside(ckpt_dir, _checkpoints(ckpt_dir), "other-run",
-                    f"{ckpt_dir} holds checkpoints of another run ({', '.join(differs)} differ)", aside)
+        _move_aside(
+            ckpt_dir,
+            _checkpoints(ckpt_dir),
+            "other-run",
+            f"{ckpt_dir} holds checkpoints of another run ({', '.join(differs)} differ)",
+            aside,
+        )
         return None
     return None
 
@@ -327,8 +369,11 @@ def _move_aside(ckpt_dir: Path, paths: list[Path], why: str, message: str, dest:
     dest.mkdir(parents=True, exist_ok=True)
     for path in paths:
         os.replace(path, dest / path.name)
-    print(f"{message}; moved {len(paths)} file(s) to {dest}, training does not resume from them", file=sys.stderr,
-          flush=True)
+    print(
+        f"{message}; moved {len(paths)} file(s) to {dest}, training does not resume from them",
+        file=sys.stderr,
+        flush=True,
+    )
     for old in sorted(p for p in aside.iterdir() if p.is_dir())[:-KEEP_ASIDE]:  # names sort by time
         shutil.rmtree(old)
         print(f"deleted {old}: ckpt/aside/ keeps the newest {KEEP_ASIDE} sets", file=sys.stderr, flush=True)

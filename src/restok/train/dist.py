@@ -9,6 +9,7 @@ With `torchrun --max-restarts=N`, export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: i
 otherwise reuse the agent's TCPStore and read the previous attempt's addresses, which ends in "Gloo connectFullMesh
 failed ... Connection refused" or a hang (pytorch/pytorch#135712, NCCL too; docs/tooling.md, ecosystem §6).
 """
+
 from __future__ import annotations
 
 import os
@@ -56,8 +57,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     if world_size > 1:  # every rank says where it runs: a multi-node job's log shows that each node took part
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-        print(f"restok: rank {rank} of {world_size} (local rank {local_rank}) on {node}, device {dev}, "
-              f"{torch.get_num_threads()} CPU threads", flush=True)
+        print(
+            f"restok: rank {rank} of {world_size} (local rank {local_rank}) on {node}, device {dev}, "
+            f"{torch.get_num_threads()} CPU threads",
+            flush=True,
+        )
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, is_main=rank == 0)
 
 
@@ -68,8 +72,9 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     emulated."""
     if precision != "auto":
         return precision == "bf16"
-    return device.type == "cuda" or (device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported()
-                                                               or torch.cpu._is_amx_tile_supported()))
+    return device.type == "cuda" or (
+        device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    )
 
 
 def is_dist() -> bool:

@@ -6,6 +6,7 @@ After every optimiser step, with k counting EMA updates (k = 1 for the first):
 Frozen parameters and buffers (BatchNorm statistics, ...) are copied, not averaged. Evaluation, previews, code
 extraction and the final artifacts use `ema.model`.
 """
+
 from __future__ import annotations
 
 import copy

@@ -10,6 +10,7 @@ losses are reduced, and before every checkpoint or export, where it also checks 
 raises NonFiniteLoss naming the step and every part. The checkpoints written before stay as they were and none holds
 a non-finite weight. Collective under torchrun: every rank calls `check` at the same steps.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,7 +58,9 @@ class FiniteGuard:
         """Raise NonFiniteLoss if a recorded value, or one of `params` (the weights about to be saved), is not finite.
         One host read (and one all_gather under torchrun)."""
         flags = [torch.isfinite(q).all() for q in params]
-        weights_bad = ~torch.stack(flags).all() if flags else torch.zeros((), dtype=torch.bool, device=self.first.device)
+        weights_bad = (
+            ~torch.stack(flags).all() if flags else torch.zeros((), dtype=torch.bool, device=self.first.device)
+        )
         mine = torch.cat([self.first, weights_bad.to(torch.float64).view(1)])
         rows = [mine]
         if is_dist():
@@ -68,9 +71,13 @@ class FiniteGuard:
         if len(bad):
             row = bad[bad[:, 0].argmin()].tolist()
             parts = ", ".join(f"{name} {value:.4g}" for name, value in zip(self.names, row[1:-1]))
-            raise NonFiniteLoss(f"{self.stage}: non-finite loss at step {int(row[0])} ({parts}); training stopped "
-                                f"before logging or saving it: the checkpoints written before are unchanged. Lower "
-                                f"the learning rate (optim.lr, optim.warmup_steps) or check the data")
+            raise NonFiniteLoss(
+                f"{self.stage}: non-finite loss at step {int(row[0])} ({parts}); training stopped "
+                f"before logging or saving it: the checkpoints written before are unchanged. Lower "
+                f"the learning rate (optim.lr, optim.warmup_steps) or check the data"
+            )
         if table[:, -1].any():
-            raise NonFiniteLoss(f"{self.stage}: non-finite weights at step {step}, before saving them; training "
-                                f"stopped: the checkpoints written before are unchanged")
+            raise NonFiniteLoss(
+                f"{self.stage}: non-finite weights at step {step}, before saving them; training "
+                f"stopped: the checkpoints written before are unchanged"
+            )

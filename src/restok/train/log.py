@@ -6,6 +6,7 @@ no wrapping at the 80 columns rich assumes outside a terminal. Progress bars are
 terminal; in Snakemake `log:` files and SLURM output they become one plain line per interval, without escape
 codes. `CurveWriter` appends rows to `results/<stage>/curve.tsv`, the file DVC `plots:` reads.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,11 +45,15 @@ class Ticker:
         before, self.done = self.done, self.done + n
         text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
         self.bar.update(self.task, advance=n, fields=text)
-        if self.bar.disable and is_main_process() and (self.done // self.every > before // self.every
-                                                       or self.done >= self.total > before):
+        if (
+            self.bar.disable
+            and is_main_process()
+            and (self.done // self.every > before // self.every or self.done >= self.total > before)
+        ):
             rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            console.print(f"{self.desc}: {self.done}/{self.total} ({rate:.3g}/s) {text}".rstrip(),
-                          highlight=False, markup=False)
+            console.print(
+                f"{self.desc}: {self.done}/{self.total} ({rate:.3g}/s) {text}".rstrip(), highlight=False, markup=False
+            )
 
 
 @contextmanager
@@ -61,9 +66,16 @@ def progress(total: int, desc: str, every: int | None = None) -> Iterator[Ticker
         every: items between plain lines when not interactive (default: about 20 lines in total).
     """
     every = every or max(1, total // 20)
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), TextColumn("{task.fields[fields]}"), console=console,
-                   disable=not console.is_interactive or not is_main_process())
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[fields]}"),
+        console=console,
+        disable=not console.is_interactive or not is_main_process(),
+    )
     with bar:
         yield Ticker(bar, total, desc, every)
 
@@ -81,8 +93,9 @@ class CurveWriter:
             `keep`.
     """
 
-    def __init__(self, path: str | Path, columns: Sequence[str], resume_step: int | None = None,
-                 keep: str | Path | None = None):
+    def __init__(
+        self, path: str | Path, columns: Sequence[str], resume_step: int | None = None, keep: str | Path | None = None
+    ):
         self.path = Path(path)
         self.columns = list(columns)
         header = "\t".join(["step", *self.columns])
@@ -102,8 +115,10 @@ class CurveWriter:
         if lines == [""]:
             return []
         if lines[0] != header:
-            raise ValueError(f"{source} has header {lines[0]!r} but this run writes {header!r}; "
-                             f"delete the file to start the curve afresh")
+            raise ValueError(
+                f"{source} has header {lines[0]!r} but this run writes {header!r}; "
+                f"delete the file to start the curve afresh"
+            )
         n_fields = len(self.columns) + 1
         kept = []
         for line in lines[1:-1]:

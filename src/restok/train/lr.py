@@ -7,6 +7,7 @@ this rule; "linear" decays in a straight line from base to end instead; "constan
 then stays at base.
 Set it on the optimiser each step, nanoGPT style: `for g in opt.param_groups: g["lr"] = lr_at(step, ...)`.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,9 @@ import math
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-def lr_at(step: int, base_lr: float, warmup_steps: int, max_steps: int, schedule: str = "cosine",
-          end_lr: float = 0.0) -> float:
+def lr_at(
+    step: int, base_lr: float, warmup_steps: int, max_steps: int, schedule: str = "cosine", end_lr: float = 0.0
+) -> float:
     """Learning rate at optimiser step `step` (0-based: the first step gets 0 when warmup_steps > 0)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not allowed; use one of {SCHEDULES}")

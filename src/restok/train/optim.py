@@ -14,6 +14,7 @@ The official rule (`utils/train_utils.create_optimizer`) matches substrings of t
 our names differ (key tables: restok.convert.tokenizer, restok.convert.official), so OUR_NO_DECAY_KEYWORDS names the
 same parameters in our spelling; the test checks both rules give the same groups through the key tables.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -21,8 +22,19 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-NO_DECAY_KEYWORDS = ("ln", "bias", "latent_tokens", "mask_token", "embedding", "norm", "gamma", "embed",
-                     "mask_latent_token", "rope", "freqs_cis")
+NO_DECAY_KEYWORDS = (
+    "ln",
+    "bias",
+    "latent_tokens",
+    "mask_token",
+    "embedding",
+    "norm",
+    "gamma",
+    "embed",
+    "mask_latent_token",
+    "rope",
+    "freqs_cis",
+)
 # Our spelling of parameters the official names exempt: {our substring: the official name it stands for}.
 OUR_NO_DECAY_KEYWORDS = {
     "level_emb": "encoder.level_embedding, (en|de)coder.latent_token_level_embedding",
@@ -40,14 +52,17 @@ def spec_no_decay(name: str) -> bool:
     return any(keyword in name for keyword in (*NO_DECAY_KEYWORDS, *OUR_NO_DECAY_KEYWORDS))
 
 
-def param_groups(model: nn.Module, weight_decay: float,
-                 no_decay_names: Callable[[str], bool] = spec_no_decay) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, no_decay_names: Callable[[str], bool] = spec_no_decay
+) -> list[dict]:
     """Two AdamW groups, [decay, no_decay], each with `param_names` (kept in the optimizer's state_dict).
 
     A parameter goes to the no-decay group if it has ndim < 2 or `no_decay_names(name)` is True.
     """
-    groups = {True: {"params": [], "param_names": [], "weight_decay": weight_decay},
-              False: {"params": [], "param_names": [], "weight_decay": 0.0}}
+    groups = {
+        True: {"params": [], "param_names": [], "weight_decay": weight_decay},
+        False: {"params": [], "param_names": [], "weight_decay": 0.0},
+    }
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -140,8 +155,11 @@ def build(model: nn.Module, cfg) -> torch.optim.Optimizer | Optimizers:
 
     def part(group: dict, matrices: bool) -> dict:
         keep = [i for i, q in enumerate(group["params"]) if (q.ndim == 2) == matrices]
-        return {**group, "params": [group["params"][i] for i in keep],
-                "param_names": [group["param_names"][i] for i in keep]}
+        return {
+            **group,
+            "params": [group["params"][i] for i in keep],
+            "param_names": [group["param_names"][i] for i in keep],
+        }
 
     matrices = part(decay, True)
     if not matrices["params"]:
@@ -150,8 +168,13 @@ def build(model: nn.Module, cfg) -> torch.optim.Optimizer | Optimizers:
     return Optimizers(adamw=_adamw(rest, cfg.lr, tuple(cfg.betas)), muon=Muon([matrices], cfg.lr, cfg.weight_decay))
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
-          no_decay_names: Callable[[str], bool] = spec_no_decay) -> torch.optim.AdamW:
+def adamw(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    no_decay_names: Callable[[str], bool] = spec_no_decay,
+) -> torch.optim.AdamW:
     """AdamW over `param_groups(model, ...)`: fused kernels on CUDA, foreach on CPU. eps is PyTorch's default.
 
     Args:
