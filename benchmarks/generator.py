@@ -9,7 +9,7 @@ sampling = generator only, 9 passes, CFG 3.75 with the step schedule, top-p 0.95
 plain eager path and, with --compile, the fast path (torch.compile of the training model and of the cached
 inference pass), and prints the ratios fast / eager and against the official numbers on one H100 80GB (bf16,
 eager): 286 training sequences/s at batch 32 (11.2 GiB peak, about 9 % of the bf16 peak) and 177 sampled images/s
-at batch 50 (162 in fp32). Targets on that GPU (issue 16): >= 4x training throughput and 5x sampling throughput.
+at batch 50 (162 in fp32). Targets on that GPU: >= 4x training throughput and 5x sampling throughput.
 
 Each path also lists the attention kernels of one profiled training step and sampling call
 (restok.models.attention.sdpa_kernels: fused, or the `_math` fallback), and how often inductor declined a CUDA graph.
@@ -35,7 +35,7 @@ from restok.sampling import SamplingConfig, allocate_kv_cache, compile_sampling,
 from restok.train.optim import adamw
 
 OFFICIAL_H100 = {"train_seq_per_s": 286.0, "train_peak_gib": 11.2, "sample_img_per_s": {"bf16": 177.0, "fp32": 162.0}}
-TARGETS = {"train": 4.0, "sample": 5.0}  # issue 16
+TARGETS = {"train": 4.0, "sample": 5.0}  # the speed targets on that GPU
 PEAK_FLOPS = {
     "H100": {"bf16": 989.4e12, "fp32": 494.7e12},
     "H200": {"bf16": 989.4e12, "fp32": 494.7e12},

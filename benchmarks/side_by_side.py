@@ -1,4 +1,4 @@
-"""Our benchmarks and the official code's on the same CUDA machine, one after the other, and the issue's ratios.
+"""Our benchmarks and the official code's on the same CUDA machine, one after the other, and the ratios against our targets.
 
     python benchmarks/side_by_side.py --official official/          # one CUDA GPU; writes benchmarks/results/side_by_side/
 
@@ -15,7 +15,7 @@ parts run as separate processes, so each starts with empty GPU memory:
 
 Each part writes `<part>.json` into --out; the table at the end is read from whatever JSON files are there, so
 `--parts` can split the run over several calls (e.g. `--parts official`, then `--parts tokenizer,generator`). The
-ratios are ours / official on this machine, each against the issue's target: tokenizer training 3x, generator
+ratios are ours / official on this machine, each against its target: tokenizer training 3x, generator
 training 4x, sampling 5x. Without CUDA the script stops before running anything.
 """
 
@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL_COMMIT = "e0059cbae1858a9da66e4ba32d4db686a5db4996"
 HARNESS = "bench-official/bench_official.py"  # in shared/, beside the checkout or inside it
-TARGETS = {"tokenizer train": 3.0, "generator train": 4.0, "sampling": 5.0}  # the issue's table
+TARGETS = {"tokenizer train": 3.0, "generator train": 4.0, "sampling": 5.0}  # our targets (ours / official)
 
 
 def commands(official: Path, harness: Path, out: Path) -> dict[str, list[str]]:

@@ -3,7 +3,7 @@
 A job gets the CPUs its rule requests (params `resources.<stage>.cpus`): Snakemake runs the rule with that many
 threads and exports them as OMP_NUM_THREADS; SLURM sets SLURM_CPUS_PER_TASK and the process's CPU affinity. Left
 to its default, torch starts one intra-op thread per core of the machine, so two jobs side by side on one node
-each run as many threads as there are cores and thrash (issue 15: two train_tokenizer runs on 2 cores did about
+each run as many threads as there are cores and thrash (measured: two train_tokenizer runs on 2 cores did about
 3x less work together than one alone). `limit_threads()` runs once per stage process, from `restok.stages`
 (every `python -m restok.stages.<stage>` imports that package first); the launcher passes the job's count to its
 torchrun workers as RESTOK_CPUS, and each worker takes its share.

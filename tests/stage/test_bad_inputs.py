@@ -1,4 +1,4 @@
-"""Bad inputs a user's image folder or params may hold (issue 15): each is converted correctly, refused with an
+"""Bad inputs a user's image folder or params may hold: each is converted correctly, refused with an
 error naming the file or key, or skipped and listed in the manifest; never lost silently.
 
     python -m pytest -q tests/stage/test_bad_inputs.py

@@ -1,4 +1,4 @@
-"""Resume never resurrects stale state (issue 14): one rule for both training stages, in restok.train.ckpt.
+"""Resume never resurrects stale state: one rule for both training stages, in restok.train.ckpt.
 
     python -m pytest -q tests/stage/test_resume.py
 

@@ -23,7 +23,7 @@ LEARNED = {
     "rFID_paired": 5.0,
     "gFID_untrained_generator": 120.0,
 }
-# the committed collapsed run of issue 13: class means beat the tokenizer, constant coarse levels, gFID ~ rFID
+# a committed run that collapsed: class means beat the tokenizer, constant coarse levels, gFID ~ rFID
 COLLAPSED = {
     **LEARNED,
     "PSNR_dB": 16.3,
@@ -50,7 +50,7 @@ def test_a_run_that_learned_passes_every_check():
     assert (untrained["baseline"], untrained["threshold"]) == (120.0, 60.0)
 
 
-def test_the_collapsed_run_fails_what_issue_13_found():
+def test_the_collapsed_run_fails_what_was_found():
     result = by_name(checks.evaluate(Checks(), COLLAPSED))
     failed = {name for name, c in result.items() if not c["pass"]}
     assert failed == {

@@ -1,4 +1,4 @@
-"""restok.cpus: each job keeps to the CPUs it requested (issue 15).
+"""restok.cpus: each job keeps to the CPUs it requested.
 
     python -m pytest -q tests/unit/test_cpus.py
 

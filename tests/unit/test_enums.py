@@ -1,4 +1,4 @@
-"""Enum-like model and sampling params are enums in the schema (issue 15): a typo such as `merge_op: avgpol` is
+"""Enum-like model and sampling params are enums in the schema: a typo such as `merge_op: avgpol` is
 refused by Snakemake's `validate` (workflow/rules/common.smk, before any job reaches SLURM) and by `restok
 validate`, each naming the key, before anything runs.
 

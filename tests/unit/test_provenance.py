@@ -1,4 +1,4 @@
-"""Metrics files hold numbers only; provenance (with the environment) sits beside them (issue 14).
+"""Metrics files hold numbers only; provenance (with the environment) sits beside them.
 
     python -m pytest -q tests/unit/test_provenance.py
 
