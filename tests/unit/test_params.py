@@ -139,24 +139,16 @@ def test_duplicate_keys_are_refused_naming_file_key_and_lines(tmp_path, after, l
     assert f"{path}:{key}: duplicate key (lines {first} and {second})" in str(e.value), str(e.value)
 
 
+def _run_shard(params: str, out) -> subprocess.CompletedProcess:
+    """The shard stage on `params`, writing under `out` (which must stay absent when params are refused)."""
+    cmd = ["--params", params, "--out", str(out / "data"), "--results", str(out / "results")]
+    return subprocess.run([sys.executable, "-m", "restok.stages.shard", *cmd], capture_output=True, text=True)
+
+
 def test_stage_refuses_bad_params_before_writing_anything(tmp_path):
     path = _write(tmp_path, lambda t: t["shard"].__setitem__("samples_per_shard", 0))
     out = tmp_path / "out"
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "restok.stages.shard",
-            "--params",
-            path,
-            "--out",
-            str(out / "data"),
-            "--results",
-            str(out / "results"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    p = _run_shard(path, out)
     assert p.returncode != 0 and "shard.samples_per_shard" in p.stderr
     assert not out.exists()
 
@@ -166,21 +158,7 @@ def test_stage_refuses_a_bad_section_it_does_not_read_before_writing_anything(tm
     still runs first: a bad generator value stops it, naming the key."""
     path = _write(tmp_path, lambda t: t["generator"].__setitem__("mode", "diffusion"))
     out = tmp_path / "out"
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "restok.stages.shard",
-            "--params",
-            path,
-            "--out",
-            str(out / "data"),
-            "--results",
-            str(out / "results"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    p = _run_shard(path, out)
     assert p.returncode != 0 and "generator.mode" in p.stderr and "'diffusion'" in p.stderr, p.stderr[-2000:]
     assert not out.exists()
 

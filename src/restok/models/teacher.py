@@ -33,7 +33,6 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
 from timm.data import resolve_data_config
 
-from restok.hashing import sha256_file
 from restok.weights import MissingWeightsError, packaged_file, verify_pinned
 from restok.weights import provenance as packaged_provenance
 
@@ -290,7 +289,8 @@ class CnnTeacher(nn.Module):
             if not path.is_file():
                 message = missing_weights_message(name, [str(path)], "file does not exist", str(path), params_key)
                 raise MissingWeightsError(message)
-            verify_pinned(path, sha256, name, "vf.sha256")  # the packaged file is pinned already; a user's if set
+            if weights is not None or sha256 is not None:  # the packaged file is checked already by packaged_file
+                digest = verify_pinned(path, sha256, name, "vf.sha256")
             state = torch.load(path, map_location="cpu", weights_only=True)
             try:
                 model.load_state_dict(efficientnet_lite_to_timm(state, model))
@@ -299,11 +299,7 @@ class CnnTeacher(nn.Module):
                     f"{params_key}={path}: not an EfficientNet-Lite state dict in the "
                     f"efficientnet_lite_pytorch layout ({type(err).__name__}: {err})"
                 ) from None
-            source = (
-                packaged_provenance(packaged)
-                if weights is None
-                else {"weights": f"file:{path}", "sha256": sha256_file(path)}
-            )
+            source = packaged_provenance(packaged) if weights is None else {"weights": f"file:{path}", "sha256": digest}
         tap = next(info for info in model.feature_info if info["reduction"] == self.stride)
         last = int(tap["module"].split(".")[1])  # "blocks.4" -> the stage whose output is the tap
         self.stem = nn.Sequential(model.conv_stem, model.bn1)
