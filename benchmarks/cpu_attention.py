@@ -62,7 +62,7 @@ def tokenizer_step(p, batch: int):
             o.quant_loss,
             step=i,
             teacher_cls=t_cls,
-            teacher_patches=t_patches,
+            teacher_patches=t_patches if t_patches is None else t_patches[: len(o.dec_patch_feat)],
             enc_tokens_proj=o.enc_cls_feat[:, None] if o.enc_cls_feat is not None else None,
             dec_feat_proj=o.dec_patch_feat,
         )

@@ -7,8 +7,8 @@ The step is the stage's (restok.stages.train_tokenizer.setup / train, on the pip
 features). Forward and backward of each model part are timed by module hooks: a forward pre-hook and hook around the
 part's forward, a backward pre-hook and hook around the gradient through it (on a CPU the work runs in the calling
 thread, so the wall clock between two hooks is the part's). The decoder ViT's share is split into the image queries
-and the feature queries of VF alignment (the second half of its rows; a decoder pass costs the same per row, so the
-split is by rows). The rest of the step is timed around its calls: data loading (next batch), loss, backward not
+and the feature queries of VF alignment (a decoder pass runs B image rows and B x `tokenizer.vf_dec_fraction` feature
+rows, each at the same cost, so the split is by rows). The rest of the step is timed around its calls: data loading (next batch), loss, backward not
 inside a part (loss terms, quantiser straight-through), optimiser step (with clipping), EMA update, logging and
 checkpointing. To time the pixel encoder's backward, its input (the normalised image) is made to require a gradient,
 which adds that one gradient (3 channels) to its backward. CUDA runs are synchronised at every hook, which slows them: read CUDA shares as rough.
@@ -167,13 +167,13 @@ def instrument(run, clock: Clock) -> dict:
 
 def table(totals: dict, total: float, steps: int, run, timed: dict) -> list[tuple[str, float, float]]:
     rows = []
-    dec_feat = run.cfg.vf_align and run.vfs.need
+    feat_share = run.cfg.vf_dec_fraction / (1 + run.cfg.vf_dec_fraction) if run.cfg.vf_align else 0.0
     for label in PARTS:
         for phase in ("forward", "backward"):
             seconds = totals.get(f"{label} {phase}", 0.0)
-            if label == "ViT decoder" and dec_feat:  # half its rows are the VF feature queries
-                rows.append((f"{label} {phase}, image queries", seconds / 2))
-                rows.append((f"{label} {phase}, VF feature queries", seconds / 2))
+            if label == "ViT decoder" and feat_share:
+                rows.append((f"{label} {phase}, image queries", seconds * (1 - feat_share)))
+                rows.append((f"{label} {phase}, VF feature queries", seconds * feat_share))
             else:
                 rows.append((f"{label} {phase}", seconds))
     for name in ("loss forward", "data loading", "optimiser step", "zero grad", "EMA update"):

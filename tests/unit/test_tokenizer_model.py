@@ -62,6 +62,22 @@ def test_forward_shapes_train_mode():
 
 
 @torch.no_grad()
+def test_vf_dec_fraction_runs_feature_queries_for_the_leading_images_only(eval_model):
+    """The switch only drops feature rows: reconstructions and the kept rows' features are unchanged."""
+    x = _images(4)
+    full = eval_model(x)
+    part = ResTok(dataclasses.replace(TINY, vf_dec_fraction=0.25))
+    part.load_state_dict(eval_model.state_dict())
+    out = part.eval()(x)
+    assert out.dec_patch_feat.shape == (1, 64, 16) and full.dec_patch_feat.shape == (4, 64, 16)
+    torch.testing.assert_close(out.recon, full.recon, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.dec_patch_feat, full.dec_patch_feat[:1], rtol=1e-5, atol=1e-5)
+    assert ResTok(dataclasses.replace(TINY, vf_dec_fraction=0.01))(x).dec_patch_feat.shape[0] == 1  # at least one
+    with pytest.raises(ValueError, match="vf_dec_fraction"):
+        dataclasses.replace(TINY, vf_dec_fraction=0.0)
+
+
+@torch.no_grad()
 def test_eval_forward_matches_encode_then_decode(eval_model):
     model = eval_model
     x = _images()

@@ -74,7 +74,7 @@ class TokenizerOut:
     quant_loss: torch.Tensor  # () fp32 = commitment + codebook
     vq_losses: dict[str, torch.Tensor]  # "commitment", "codebook"
     enc_cls_feat: torch.Tensor | None  # (B, vf_dim): projected mean of the coarsest image group
-    dec_patch_feat: torch.Tensor | None  # (B, N, vf_dim): projected decoder feature branch
+    dec_patch_feat: torch.Tensor | None  # (F, N, vf_dim): projected decoder feature branch of the first F images
     n_keep: torch.Tensor  # (B,) long: nested-dropout keep length used per sample
 
 
@@ -204,7 +204,8 @@ class ResTok(nn.Module):
         z, coarsest = self._encode(img)  # (B, L, code_dim), (B, n, D)
         z_q, codes, vq_losses = self.quantizer(z)
         n_keep = self.draw_keep(img.shape[0]) if n_keep is None else n_keep
-        feat, features = self.decoder(z_q, n_keep, with_features=self.cfg.vf_align)
+        feature_rows = max(1, round(self.cfg.vf_dec_fraction * img.shape[0])) if self.cfg.vf_align else 0
+        feat, features = self.decoder(z_q, n_keep, feature_rows)
         return TokenizerOut(
             recon=self._pixel_decode(feat),
             codes=codes,

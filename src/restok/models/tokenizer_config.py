@@ -74,6 +74,9 @@ class TokenizerConfig:
         codebook_size, code_dim, commitment_cost: the quantiser.
         min_tokens: shortest nested-dropout keep length; drop_prob: 1 - P(keep all) (0 = no nested dropout).
         vf_dim: teacher feature width (None = none); vf_align: VF projections and the decoder feature branch.
+        vf_dec_fraction: share of each batch (the leading rows, at least one image) whose decoder pass also runs
+            the feature queries of VF alignment (1.0 = official: every image); the rest skip that half of the
+            decoder's rows.
         rope_theta: RoPE base.
         residual_image_tokens: merged-away groups keep their residual (else they stay unchanged).
         merge_op: "subsample" (official: keep even tokens) | "avgpool" (the paper's wording: mean of pairs).
@@ -116,6 +119,7 @@ class TokenizerConfig:
     drop_prob: float = 0.2
     vf_dim: int | None = 1024
     vf_align: bool = True
+    vf_dec_fraction: float = 1.0
     rope_theta: float = 10000.0
     residual_image_tokens: bool = True
     merge_op: MergeOp = "subsample"
@@ -156,6 +160,8 @@ class TokenizerConfig:
                 raise ValueError(f"tokenizer.{name}={getattr(self, name)} must be >= 1")
         if not self.rope_theta > 0:
             raise ValueError(f"tokenizer.rope_theta={self.rope_theta} must be > 0 (the RoPE base)")
+        if not 0 < self.vf_dec_fraction <= 1:
+            raise ValueError(f"tokenizer.vf_dec_fraction={self.vf_dec_fraction} must lie in (0, 1]")
         if not self.layer_scale_init > 0:
             raise ValueError(f"tokenizer.layer_scale_init={self.layer_scale_init} must be > 0")
         if self.quantizer_bypass_steps < 0:

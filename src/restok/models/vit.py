@@ -317,22 +317,23 @@ class ResTokDecoder(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def forward(
-        self, code_vectors: torch.Tensor, n_keep: torch.Tensor, with_features: bool = False
+        self, code_vectors: torch.Tensor, n_keep: torch.Tensor, feature_rows: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        num_latent = code_vectors.shape[1]
+        """-> image-query outputs (B, C, h, w) and, for the first `feature_rows` images, the feature queries' outputs
+        (feature_rows, N, D) of VF alignment (None when 0): one pass on B + feature_rows rows, the feature rows reading
+        the same latent tokens as their images'."""
+        batch, num_latent = code_vectors.shape[:2]
         keep = torch.arange(num_latent, device=n_keep.device) < n_keep[:, None]  # (B, L)
         q = torch.where(keep[..., None], code_vectors, self.latent_mask_token.to(code_vectors.dtype))
         latents = self.embed(q)  # (B, L, D)
         queries = self.image_queries(latents)  # (B, N, D)
-        if with_features:  # one pass on 2B rows: [image queries ; feature queries], same latent tokens
-            queries = torch.cat([queries, self.feature_queries(queries)])
-            latents = torch.cat([latents, latents])
+        if feature_rows:
+            queries = torch.cat([queries, self.feature_queries(queries[:feature_rows])])
+            latents = torch.cat([latents, latents[:feature_rows]])
         latents = latents + self.latent_level_emb[self.level_index]
-        x = self.ln_pre(torch.cat([latents, queries], dim=1))  # (B or 2B, L + N, D)
+        x = self.ln_pre(torch.cat([latents, queries], dim=1))  # (B + feature_rows, L + N, D)
         for block in self.blocks:
             x = call(block, x, self.cos, self.sin, checkpointed=self.checkpointing)
-        out, features = x[:, num_latent:], None
-        if with_features:
-            out, features = out.chunk(2)
-        out = self.head(self.ln_post(out))  # (B, N, Cz)
+        out = self.head(self.ln_post(x[:batch, num_latent:]))  # (B, N, Cz)
+        features = x[batch:, num_latent:] if feature_rows else None
         return rearrange(out, "b (h w) c -> b c h w", h=self.grid[0]), features

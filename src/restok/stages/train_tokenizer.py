@@ -502,7 +502,7 @@ def train(run: Run, deadline: float | None = None, steps: int | None = None) -> 
                 o.quant_loss,
                 step=run.step,
                 teacher_cls=t_cls,
-                teacher_patches=t_patches,
+                teacher_patches=t_patches if t_patches is None else t_patches[: len(o.dec_patch_feat)],
                 enc_tokens_proj=o.enc_cls_feat[:, None] if o.enc_cls_feat is not None else None,
                 dec_feat_proj=o.dec_patch_feat,
             )
