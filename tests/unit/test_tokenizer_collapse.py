@@ -5,8 +5,9 @@ criterion is known to bite.
 
 Run: .venv/bin/python -m pytest tests/unit/test_tokenizer_collapse.py -q
 
-The recipe is the default profile's model (tokenizer section, including its switches), its optimiser (AdamW with
-the groups, LR, betas, weight decay and clip of docs/method.md, training-and-eval §3.2) and the MSE + VQ objective, without VF alignment (no teacher here).
+The recipe is the default profile's model (tokenizer section, including its switches), its optimiser as the stage
+builds it (`optim.algorithm` with the groups, LR, betas, weight decay and clip of the profile) and the MSE + VQ
+objective, without VF alignment (no teacher here).
 The old default collapsed to the mean image: every prefix decoded to the same blur (docs/experiments.md, "a tokenizer
 that learns"). Distinct codes alone did not catch that (they passed on the collapsed recipe); the reconstruction gain
 over the mean image does.
@@ -16,6 +17,7 @@ import dataclasses
 
 import torch
 
+from restok.config.engine import build
 from restok.config.profiles import profile_tree
 from restok.config.sections import SECTIONS
 from restok.config.tokenizer import tokenizer_config
@@ -37,7 +39,8 @@ def _train(**overrides) -> tuple[torch.Tensor, float, tuple[int, ...]]:
     level sizes) after STEPS steps of the default recipe with `overrides` on the tokenizer section."""
     tree = profile_tree("default")
     section = dataclasses.replace(SECTIONS["tokenizer"](**tree["tokenizer"]), vf_align=False, **overrides)
-    res, opt_cfg = tree["data"]["resolution"], tree["train_tokenizer"]["optim"]
+    res = tree["data"]["resolution"]
+    opt_cfg = build(SECTIONS["train_tokenizer"], tree["train_tokenizer"], "train_tokenizer").optim
     cfg = tokenizer_config(section, res, None)
     images = (
         torch.stack(
@@ -52,15 +55,15 @@ def _train(**overrides) -> tuple[torch.Tensor, float, tuple[int, ...]]:
             SECTIONS["train_tokenizer"]().loss, lpips_weight=0.0, vf_enc_weight=0.0, vf_dec_weight=0.0, gan_weight=0.0
         )
     )
-    opt = optim.adamw(model, opt_cfg["lr"], opt_cfg["weight_decay"], tuple(opt_cfg["betas"]))
+    opt = optim.build(model, opt_cfg)
     for step in range(STEPS):
         out = model(images)
         loss, _ = loss_fn(images, out.recon, out.quant_loss, step=step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, opt_cfg["lr"], WARMUP, STEPS, end_lr=opt_cfg["end_lr"])
+            group["lr"] = lr_at(step, opt_cfg.lr, WARMUP, STEPS, end_lr=opt_cfg.end_lr)
         opt.step()
     model.eval()
     with torch.no_grad():
